@@ -1,0 +1,134 @@
+"""Architecture support as data: one table per architecture.
+
+Each table names a decoder layer's tensors and says how each output tensor of a block is built
+from one layer (a copied layer) or from two (a layer-parallel pair; METHOD.md section 2):
+
+- `norm`:  the layer's norm weight; copied for one layer, ones for a pair (folded into `rows`).
+- `rows`:  source matrices concatenated along the OUTPUT dimension, part by part and layer by
+           layer ([q_a, q_b, k_a, k_b, v_a, v_b]); for a pair each layer's norm weight `fold`
+           is multiplied into the columns first, in float32.
+- `cols`:  concatenated along the INPUT dimension (o_proj, down_proj): the matmul sums both halves.
+- `sum`:   added (biases after a `cols` matrix: Attn_a + Attn_b carries both biases).
+- `stack`: one row per layer (per-head q/k norms: each half keeps its own weight).
+
+A new architecture is a new table here, not new branches in the export code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import LPError
+
+LAYER_PREFIX = "model.layers.{}."
+INPUT_NORM = "input_layernorm.weight"
+POST_NORM = "post_attention_layernorm.weight"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one output tensor of a block is built from the source layers' tensors."""
+
+    out: str  # name inside the exported block, relative to "model.layers.{block}."
+    kind: str  # norm | rows | cols | sum | stack
+    parts: tuple[str, ...]  # source tensor names, relative to "model.layers.{layer}."
+    fold: str | None = None  # norm folded into the columns of `rows` (pairs only)
+    when: str | None = None  # LPConfig flag that must be true for the tensor to exist
+
+
+_Q, _K, _V = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
+
+# The pre-norm Llama family (Llama, Mistral, Qwen2, Qwen3) shares one layer layout; the flags of each
+# architecture's table switch the optional tensors on.
+LLAMA_FAMILY_RULES = (
+    Rule(INPUT_NORM, "norm", (INPUT_NORM,)),
+    Rule("self_attn.qkv_proj.weight", "rows", (f"{_Q}.weight", f"{_K}.weight", f"{_V}.weight"), fold=INPUT_NORM),
+    Rule("self_attn.qkv_proj.bias", "rows", (f"{_Q}.bias", f"{_K}.bias", f"{_V}.bias"), when="attention_bias"),
+    Rule("self_attn.q_norm.weight", "stack", ("self_attn.q_norm.weight",), when="qk_norm"),
+    Rule("self_attn.k_norm.weight", "stack", ("self_attn.k_norm.weight",), when="qk_norm"),
+    Rule("self_attn.o_proj.weight", "cols", ("self_attn.o_proj.weight",)),
+    Rule("self_attn.o_proj.bias", "sum", ("self_attn.o_proj.bias",), when="attention_out_bias"),
+    Rule(POST_NORM, "norm", (POST_NORM,)),
+    Rule("mlp.gate_up_proj.weight", "rows", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), fold=POST_NORM),
+    Rule("mlp.gate_up_proj.bias", "rows", ("mlp.gate_proj.bias", "mlp.up_proj.bias"), when="mlp_bias"),
+    Rule("mlp.down_proj.weight", "cols", ("mlp.down_proj.weight",)),
+    Rule("mlp.down_proj.bias", "sum", ("mlp.down_proj.bias",), when="mlp_bias"),
+)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What lpconvert knows about one Hugging Face architecture."""
+
+    name: str
+    model_type: str
+    hf_class: str
+    rules: tuple[Rule, ...]
+    # LPConfig flags: True/False, or the source config field that holds the value.
+    attention_bias: bool | str = False  # q/k/v biases
+    attention_out_bias: bool | str = False  # o_proj bias
+    mlp_bias: bool | str = False
+    qk_norm: bool = False
+    # Source config fields that an exported config needs (checked before anything is written).
+    required_fields: tuple[str, ...] = field(
+        default=("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "vocab_size", "rms_norm_eps")
+    )
+
+    def flags(self, config) -> dict[str, bool]:
+        def read(value):
+            return bool(getattr(config, value, False)) if isinstance(value, str) else value
+
+        return {
+            "attention_bias": read(self.attention_bias),
+            "attention_out_bias": read(self.attention_out_bias),
+            "mlp_bias": read(self.mlp_bias),
+            "qk_norm": self.qk_norm,
+        }
+
+    def active_rules(self, config) -> tuple[Rule, ...]:
+        flags = self.flags(config)
+        return tuple(rule for rule in self.rules if rule.when is None or flags[rule.when])
+
+    def layer_tensor_names(self, config) -> list[str]:
+        """Every source tensor name of one decoder layer (relative to its prefix)."""
+        names: list[str] = []
+        for rule in self.active_rules(config):
+            names += [p for p in rule.parts if p not in names]
+        return names
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.model_type: arch
+    for arch in (
+        Architecture("Llama", "llama", "LlamaForCausalLM", LLAMA_FAMILY_RULES,
+                     attention_bias="attention_bias", attention_out_bias="attention_bias", mlp_bias="mlp_bias"),
+        Architecture("Mistral", "mistral", "MistralForCausalLM", LLAMA_FAMILY_RULES),
+        Architecture("Qwen2", "qwen2", "Qwen2ForCausalLM", LLAMA_FAMILY_RULES, attention_bias=True),
+        Architecture("Qwen3", "qwen3", "Qwen3ForCausalLM", LLAMA_FAMILY_RULES,
+                     attention_bias="attention_bias", attention_out_bias="attention_bias", qk_norm=True),
+    )
+}
+
+SUPPORTED = ", ".join(f"{a.name} ({a.model_type})" for a in ARCHITECTURES.values())
+
+
+def unsupported_reason(config) -> str | None:
+    """Why lpconvert cannot convert this config, or None when it can."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return f"architecture '{model_type}' is not supported; supported: {SUPPORTED}"
+    arch = ARCHITECTURES[model_type]
+    missing = [f for f in arch.required_fields if getattr(config, f, None) is None]
+    if missing:
+        return f"config.json lacks {', '.join(missing)}, which {arch.name} needs"
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
+        return f"activation '{config.hidden_act}' is not supported"
+    return None
+
+
+def architecture_for(config) -> Architecture:
+    reason = unsupported_reason(config)
+    if reason:
+        raise LPError(reason, "convert a Llama, Mistral, Qwen2 or Qwen3 causal LM")
+    return ARCHITECTURES[config.model_type]

@@ -1,0 +1,419 @@
+"""Export: a source checkpoint + a plan -> a layer-parallel checkpoint that loads anywhere.
+
+Each pair becomes one wide block (archs.py says how each tensor is combined), every other layer is
+copied unchanged, and the model file that runs it (lpconvert/modeling/) is copied beside the weights.
+Tensors are read one at a time and written straight into their shard: memory is bounded by one
+output tensor, and everything goes to a temporary folder renamed to OUT only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .archs import LAYER_PREFIX, Architecture, Rule, architecture_for
+from .checkpoint import (
+    OutputTensor,
+    TensorInfo,
+    TensorStore,
+    atomic_output_dir,
+    check_output_path,
+    plan_shards,
+    shard_file_names,
+    write_index,
+    write_shard,
+)
+from .errors import LPError
+from .formats import Plan, check_fingerprint, fingerprint
+
+MODELING_DIR = Path(__file__).parent / "modeling"
+MODELING_FILES = ("configuration_lpconvert.py", "modeling_lpconvert.py")
+AUTO_MAP = {
+    "AutoConfig": "configuration_lpconvert.LPConfig",
+    "AutoModel": "modeling_lpconvert.LPModel",
+    "AutoModelForCausalLM": "modeling_lpconvert.LPForCausalLM",
+}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+PLAN_FILE = "lpconvert-plan.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Non-weight buffers some old checkpoints saved; they are recomputed by the model.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, like the Hub); '500MiB' in binary units."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+             "B": 1}
+    clean = text.strip().upper()
+    for unit in sorted(units, key=len, reverse=True):
+        if clean.endswith(unit):
+            number = clean[: -len(unit)].strip()
+            try:
+                value = int(float(number) * units[unit])
+            except ValueError:
+                break
+            if value > 0:
+                return value
+            break
+    raise LPError(f"size '{text}' is not understood", "write it like 5GB, 500MB or 2GiB")
+
+
+def source_fingerprint(config, store: TensorStore) -> dict:
+    return fingerprint(config, {name: info.shape for name, info in store.infos().items()})
+
+
+def weights_dtype(store: TensorStore) -> torch.dtype:
+    """The dtype most of the source's floating-point weights have."""
+    counts = Counter(info.dtype for info in store.infos().values() if info.dtype.is_floating_point)
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def resolve_dtype(name: str, store: TensorStore) -> torch.dtype:
+    if name == "auto":
+        return weights_dtype(store)
+    if name not in DTYPES:
+        raise LPError(f"--dtype '{name}' does not exist", f"use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Block tensors
+
+
+class BlockBuilder:
+    """Builds the output tensors of one block from its source layers, following the arch table."""
+
+    def __init__(self, store: TensorStore, layers: list[int], dtype: torch.dtype):
+        self.store = store
+        self.layers = layers
+        self.dtype = dtype
+
+    def name(self, layer: int, part: str) -> str:
+        return LAYER_PREFIX.format(layer) + part
+
+    def info(self, layer: int, part: str) -> TensorInfo:
+        name = self.name(layer, part)
+        if name not in self.store.infos():
+            raise LPError(f"the checkpoint has no tensor {name}", "the checkpoint is incomplete; re-download it")
+        return self.store.infos()[name]
+
+    def read(self, layer: int, part: str, check_finite: bool = False) -> torch.Tensor:
+        tensor = self.store.read(self.name(layer, part))
+        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise LPError(f"tensor {self.name(layer, part)} (layer {layer}) contains NaN or Inf",
+                          "the source weights are corrupt; they cannot be combined into a pair")
+        return tensor
+
+    @property
+    def paired(self) -> bool:
+        return len(self.layers) > 1
+
+    def shape(self, rule: Rule) -> tuple[int, ...]:
+        first = self.info(self.layers[0], rule.parts[0]).shape
+        h = len(self.layers)
+        if rule.kind == "rows":
+            rows = sum(self.info(layer, part).shape[0] for part in rule.parts for layer in self.layers)
+            return (rows, *first[1:])
+        if rule.kind == "cols":
+            return (first[0], first[1] * h)
+        if rule.kind == "stack":
+            return (h, 1, first[-1])
+        return first  # norm, sum
+
+    def pieces(self, rule: Rule) -> Iterator[torch.Tensor]:
+        """The output tensor's bytes in row-major order, as a few pieces (rows are never concatenated)."""
+        check = self.paired
+        if rule.kind == "norm":
+            weight = self.read(self.layers[0], rule.parts[0])
+            # A pair's norm weights are folded into the projections that read them: the norm itself is unit.
+            yield torch.ones_like(weight, dtype=self.dtype) if self.paired else weight.to(self.dtype)
+        elif rule.kind == "rows":
+            for part in rule.parts:
+                for layer in self.layers:
+                    matrix = self.read(layer, part, check)
+                    if self.paired and rule.fold:
+                        norm = self.read(layer, rule.fold, check)
+                        matrix = matrix.float() * norm.float()[None, :]  # W diag(g), in float32
+                    yield matrix.to(self.dtype)
+        elif rule.kind == "cols":
+            halves = [self.read(layer, rule.parts[0], check).to(self.dtype) for layer in self.layers]
+            yield torch.cat(halves, dim=1) if self.paired else halves[0]
+        elif rule.kind == "sum":
+            total = sum(self.read(layer, rule.parts[0], check).float() for layer in self.layers)
+            yield total.to(self.dtype)
+        elif rule.kind == "stack":
+            yield torch.stack([self.read(layer, rule.parts[0], check) for layer in self.layers]).to(self.dtype)
+        else:
+            raise ValueError(f"unknown rule kind {rule.kind}")
+
+
+def block_output_tensors(arch: Architecture, config, store: TensorStore, block: int, layers: list[int],
+                         dtype: torch.dtype) -> list[OutputTensor]:
+    builder = BlockBuilder(store, layers, dtype)
+    tensors = []
+    for rule in arch.active_rules(config):
+        shape = builder.shape(rule)
+        tensors.append(OutputTensor(
+            name=LAYER_PREFIX.format(block) + rule.out,
+            info=TensorInfo(tuple(shape), dtype),
+            build=lambda rule=rule: builder.pieces(rule),
+        ))
+    return tensors
+
+
+def _copied_tensor(store: TensorStore, name: str, dtype: torch.dtype) -> OutputTensor:
+    info = store.infos()[name]
+    target = dtype if info.dtype.is_floating_point else info.dtype
+    return OutputTensor(name, TensorInfo(info.shape, target), lambda: iter([store.read(name).to(target)]))
+
+
+def check_layer_tensors(arch: Architecture, config, store: TensorStore, num_layers: int) -> None:
+    """Refuse tensors the table does not know: silently dropping weights would corrupt the model."""
+    known = {LAYER_PREFIX.format(layer) + part for layer in range(num_layers)
+             for part in arch.layer_tensor_names(config)}
+    for name in store.infos():
+        if name.startswith("model.layers.") and name not in known and not name.endswith(IGNORED_SUFFIXES):
+            raise LPError(f"tensor {name} is not part of a {arch.name} layer as lpconvert knows it",
+                          "this checkpoint variant is not supported")
+
+
+def all_output_tensors(arch: Architecture, config, store: TensorStore, blocks: list[list[int]],
+                       dtype: torch.dtype) -> list[OutputTensor]:
+    """Every tensor of the exported checkpoint, in file order: embeddings, blocks, final norm, head."""
+    tensors = [_copied_tensor(store, "model.embed_tokens.weight", dtype)]
+    for block, layers in enumerate(blocks):
+        tensors += block_output_tensors(arch, config, store, block, layers, dtype)
+    tensors.append(_copied_tensor(store, "model.norm.weight", dtype))
+    if not getattr(config, "tie_word_embeddings", False):
+        if "lm_head.weight" not in store.infos():
+            raise LPError("the checkpoint has no lm_head.weight and its embeddings are not tied",
+                          "the checkpoint is incomplete; re-download it")
+        tensors.append(_copied_tensor(store, "lm_head.weight", dtype))
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Config, card, side files
+
+
+def layer_types_of(config) -> list[str]:
+    """Attention type of each source layer (full or sliding window)."""
+    num_layers = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    sliding = getattr(config, "sliding_window", None)
+    return ["sliding_attention" if sliding else "full_attention"] * num_layers
+
+
+def block_layer_types(config, blocks: list[list[int]]) -> list[str]:
+    types = layer_types_of(config)
+    out = []
+    for layers in blocks:
+        kinds = {types[layer] for layer in layers}
+        if len(kinds) > 1:
+            a, b = layers
+            raise LPError(f"layers {a} ({types[a]}) and {b} ({types[b]}) use different attention types",
+                          "pair layers of the same attention type")
+        out.append(kinds.pop())
+    return out
+
+
+_DROPPED_CONFIG_FIELDS = ("architectures", "auto_map", "model_type", "transformers_version", "_name_or_path",
+                          "torch_dtype", "dtype", "layer_types", "num_hidden_layers", "use_sliding_window",
+                          "max_window_layers", "rope_scaling", "rope_theta", "quantization_config",
+                          "attention_bias", "mlp_bias", "_commit_hash")
+
+
+def rope_parameters_of(config) -> dict:
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    scaling = dict(getattr(config, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    scaling["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    return scaling
+
+
+def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, source_name: str) -> dict:
+    blocks = plan.blocks()
+    types = block_layer_types(config, blocks)
+    base = {k: v for k, v in config.to_dict().items() if k not in _DROPPED_CONFIG_FIELDS}
+    num_heads = config.num_attention_heads
+    return {
+        **base,
+        "architectures": ["LPForCausalLM"],
+        "model_type": "lpconvert",
+        "auto_map": AUTO_MAP,
+        "num_hidden_layers": len(blocks),
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or num_heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+        "hidden_act": getattr(config, "hidden_act", "silu"),
+        "rope_parameters": rope_parameters_of(config),
+        "sliding_window": getattr(config, "sliding_window", None) if "sliding_attention" in types else None,
+        "layer_types": types,
+        "lp_blocks": blocks,
+        **arch.flags(config),
+        "dtype": str(dtype).removeprefix("torch."),
+        "lp_source": {
+            "name": source_name,
+            "model_type": config.model_type,
+            "architecture": (getattr(config, "architectures", None) or [arch.hf_class])[0],
+            "num_hidden_layers": config.num_hidden_layers,
+            "fingerprint": plan.source,
+        },
+        "lpconvert_version": __version__,
+    }
+
+
+def model_card(source_name: str, plan: Plan, config: dict) -> str:
+    pairs = ", ".join(f"({p}, {p + 1})" for p in plan.pairs) or "none"
+    return f"""---
+base_model: {json.dumps(source_name)}
+library_name: transformers
+pipeline_tag: text-generation
+tags:
+- lpconvert
+- layer-parallel
+lpconvert:
+  pairs: {json.dumps([[p, p + 1] for p in plan.pairs])}
+  effective_depth: {plan.effective_depth}
+  source_layers: {plan.num_layers}
+  strategy: {json.dumps(plan.strategy)}
+---
+
+# Layer-parallel {source_name}
+
+Converted by lpconvert {__version__} without retraining: {len(plan.pairs)} pairs of consecutive layers
+run side by side, so the model runs {plan.effective_depth} blocks instead of {plan.num_layers}.
+
+- Pairs (layer a, layer b): {pairs}
+- Strategy: {plan.strategy}{f" (metric: {plan.metric})" if plan.metric else ""}
+- Weights dtype: {config["dtype"]}
+
+Each pair is one wide block computing
+
+    h = x + Attn_a(N1_a(x)) + Attn_b(N1_b(x))
+    y = h + Mlp_a(N2_a(h))  + Mlp_b(N2_b(h))
+
+with the norm weights folded into the projections. The modeling code in this folder
+(`modeling_lpconvert.py`) is the same file for every lpconvert export; it needs only torch and
+transformers.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained("PATH")
+```
+
+The plan that produced it is in `{PLAN_FILE}`.
+"""
+
+
+def write_generation_config(source, folder: Path) -> None:
+    src = Path(source.path) / "generation_config.json"
+    if src.is_file():
+        shutil.copy2(src, folder / src.name)
+        return
+    from transformers import GenerationConfig
+
+    GenerationConfig.from_model_config(source.config).save_pretrained(folder)
+
+
+def copy_tokenizer(source, folder: Path) -> list[str]:
+    if source.tokenizer_path is None:
+        return []
+    copied = []
+    for name in TOKENIZER_FILES:
+        path = Path(source.tokenizer_path) / name
+        if path.is_file():
+            shutil.copy2(path, folder / name)
+            copied.append(name)
+    return copied
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+@dataclass
+class ExportReport:
+    out: str
+    dry_run: bool
+    source: str
+    num_layers: int
+    effective_depth: int
+    pairs: list[list[int]]
+    blocks: list[list[int]]
+    dtype: str
+    shards: list[dict]
+    total_bytes: int
+    seconds: float = 0.0
+    tokenizer_files: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
+           copy_tokenizer_files: bool = True, overwrite: bool = False, dry_run: bool = False,
+           on_tensor: Callable[[OutputTensor], None] | None = None) -> ExportReport:
+    """Write the layer-parallel checkpoint of `source` under `plan` to `out` (atomically)."""
+    started = time.perf_counter()
+    config, store = source.config, source.store
+    arch = architecture_for(config)
+    check_fingerprint(plan.source, source_fingerprint(config, store), "the plan")
+    check_layer_tensors(arch, config, store, config.num_hidden_layers)
+    target_dtype = resolve_dtype(dtype, store)
+    blocks = plan.blocks()
+    lp_config = lp_config_dict(arch, config, plan, target_dtype, source.name)
+    tensors = all_output_tensors(arch, config, store, blocks, target_dtype)
+    shards = plan_shards(tensors, parse_size(max_shard_size))
+    names = shard_file_names(len(shards))
+    report = ExportReport(
+        out=str(out), dry_run=dry_run, source=source.name, num_layers=plan.num_layers,
+        effective_depth=plan.effective_depth, pairs=[[p, p + 1] for p in plan.pairs], blocks=blocks,
+        dtype=lp_config["dtype"],
+        shards=[{"file": n, "tensors": len(s), "bytes": sum(t.info.nbytes for t in s)} for n, s in zip(names, shards)],
+        total_bytes=sum(t.info.nbytes for t in tensors),
+    )
+    if dry_run:
+        check_output_path(Path(out), overwrite)
+        return report
+
+    metadata = {"format": "pt", "producer": "lpconvert", "lpconvert_version": __version__}
+    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
+        for shard, name in zip(shards, names, strict=True):
+            write_shard(tmp / name, shard, metadata, on_tensor=on_tensor)
+        if len(shards) > 1:
+            write_index(tmp, shards, names, {"producer": "lpconvert"})
+        (tmp / "config.json").write_text(json.dumps(lp_config, indent=2, sort_keys=True) + "\n")
+        for file in MODELING_FILES:
+            shutil.copy2(MODELING_DIR / file, tmp / file)
+        write_generation_config(source, tmp)
+        if copy_tokenizer_files:
+            report.tokenizer_files = copy_tokenizer(source, tmp)
+        plan.save(tmp / PLAN_FILE)
+        (tmp / "README.md").write_text(model_card(source.name, plan, lp_config))
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def plan_for_pairs(source, pairs: list[int], allow_edge_layers: bool = False) -> Plan:
+    """A manual plan (`--pairs`) for this source."""
+    from .formats import validate_pairs
+
+    config = source.config
+    ordered = validate_pairs(pairs, config.num_hidden_layers, allow_edge_layers)
+    return Plan(source=source_fingerprint(config, source.store), pairs=ordered, strategy="manual")

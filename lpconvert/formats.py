@@ -1,0 +1,197 @@
+"""The small versioned JSON files that join the stages, and the model fingerprint they carry.
+
+A plan says which consecutive layers run as layer-parallel pairs. It names the model it was made
+for by a fingerprint (architecture, layer count, hashes of the shape-defining config fields and of
+the weight index), so export refuses a plan made for another model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import LPError
+
+PLAN_KIND = "lpconvert-plan"
+PLAN_SCHEMA_VERSION = 1
+
+# Config fields that define the shapes a plan depends on; dtype, paths and runtime flags are left
+# out so the same model loaded from GGUF, from a folder or cast to bfloat16 keeps its fingerprint.
+_FINGERPRINT_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                       "tie_word_embeddings")
+
+
+def _sha256_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def fingerprint(config, tensor_shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Identify a source model by what a plan depends on: its architecture and tensor shapes."""
+    fields = {name: getattr(config, name, None) for name in _FINGERPRINT_FIELDS}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    index = sorted((name, list(shape)) for name, shape in tensor_shapes.items()
+                   if not (tied and name == "lm_head.weight") and not name.endswith("rotary_emb.inv_freq"))
+    return {
+        "architecture": fields["model_type"],
+        "num_layers": fields["num_hidden_layers"],
+        "config_sha256": _sha256_json(fields),
+        "weights_sha256": _sha256_json(index),
+    }
+
+
+def check_fingerprint(expected: dict, actual: dict, what: str) -> None:
+    keys = ("architecture", "num_layers", "config_sha256", "weights_sha256")
+    if any(expected.get(k) != actual.get(k) for k in keys):
+        raise LPError(
+            f"{what} was made for another model ({expected.get('architecture')}, "
+            f"{expected.get('num_layers')} layers) than this one ({actual['architecture']}, "
+            f"{actual['num_layers']} layers, or different shapes)",
+            "re-run the earlier stage on this model",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Pairs
+
+
+def validate_pairs(firsts: list[int], num_layers: int, allow_edge_layers: bool = False) -> list[int]:
+    """Check pair starts (12 means layers 12 and 13) and return them sorted."""
+    for first in firsts:
+        if isinstance(first, bool) or not isinstance(first, int):
+            raise LPError(f"pair start {first!r} is not a layer index", "give integers like --pairs 12,14")
+        if first < 0 or first + 1 >= num_layers:
+            raise LPError(f"pair ({first}, {first + 1}) is out of range for a model of {num_layers} layers",
+                          f"use pair starts between 0 and {num_layers - 2}")
+    ordered = sorted(firsts)
+    for a, b in zip(ordered, ordered[1:]):
+        if b - a < 2:
+            raise LPError(f"pairs ({a}, {a + 1}) and ({b}, {b + 1}) overlap", "each layer can be in one pair only")
+    if len(ordered) > num_layers // 2:
+        raise LPError(f"{len(ordered)} pairs do not fit in {num_layers} layers", f"use at most {num_layers // 2}")
+    edges = [f for f in ordered if f == 0 or f + 1 == num_layers - 1]
+    if edges and not allow_edge_layers:
+        edge = edges[0]
+        raise LPError(f"pair ({edge}, {edge + 1}) includes the first or last layer, which tolerate pairing worst",
+                      "drop it or pass --allow-edge-layers")
+    return ordered
+
+
+def parse_pairs(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise LPError(f"--pairs '{text}' is not a comma-separated list of layer indices",
+                      "write e.g. --pairs 12,14,16 (12 pairs layers 12 and 13)") from None
+
+
+def blocks_for(pairs: list[int], num_layers: int) -> list[list[int]]:
+    """Source layers of each block: [[0], [1], [2, 3], [4], ...]."""
+    starts = set(pairs)
+    blocks, layer = [], 0
+    while layer < num_layers:
+        if layer in starts:
+            blocks.append([layer, layer + 1])
+            layer += 2
+        else:
+            blocks.append([layer])
+            layer += 1
+    return blocks
+
+
+def layer_strip(pairs: list[int], num_layers: int) -> str:
+    """One line showing the stack: '·' a copied layer, '╔╝' the two layers of a pair."""
+    starts = set(pairs)
+    cells = []
+    for layer in range(num_layers):
+        if layer in starts:
+            cells.append("╔")
+        elif layer - 1 in starts:
+            cells.append("╝")
+        else:
+            cells.append("·")
+    return "".join(cells)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plan file
+
+
+@dataclass
+class Plan:
+    source: dict  # fingerprint
+    pairs: list[int]  # first layer of each pair
+    strategy: str = "manual"
+    metric: str | None = None
+    target: dict | None = None
+    calibration: dict | None = None
+    details: dict = field(default_factory=dict)  # strategy-specific: measured losses, search trace...
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.source["num_layers"])
+
+    @property
+    def effective_depth(self) -> int:
+        return self.num_layers - len(self.pairs)
+
+    def blocks(self) -> list[list[int]]:
+        return blocks_for(self.pairs, self.num_layers)
+
+    def to_json(self) -> dict:
+        return {
+            "schema_version": PLAN_SCHEMA_VERSION,
+            "kind": PLAN_KIND,
+            "source": self.source,
+            "pairs": [[p, p + 1] for p in self.pairs],
+            "effective_depth": self.effective_depth,
+            "strategy": self.strategy,
+            "metric": self.metric,
+            "target": self.target,
+            "calibration": self.calibration,
+            "details": self.details,
+            "created_by": f"lpconvert {__version__}",
+        }
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+def load_json_file(path: Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise LPError(f"{what} file {path} does not exist", f"give the path of a {what} JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LPError(f"{what} file {path} is not valid JSON ({exc})", f"regenerate the {what}") from None
+    if not isinstance(data, dict):
+        raise LPError(f"{what} file {path} does not hold a JSON object", f"regenerate the {what}")
+    return data
+
+
+def load_plan(path: Path) -> Plan:
+    data = load_json_file(path, "plan")
+    if data.get("kind") != PLAN_KIND:
+        raise LPError(f"{path} is not an lpconvert plan (kind is {data.get('kind')!r})",
+                      "pass a file written by `lpconvert plan` or `lpconvert export --pairs`")
+    if data.get("schema_version") != PLAN_SCHEMA_VERSION:
+        raise LPError(f"plan {path} has schema_version {data.get('schema_version')!r}; this lpconvert reads "
+                      f"{PLAN_SCHEMA_VERSION}", "regenerate the plan with this version of lpconvert")
+    try:
+        raw_pairs = [(int(a), int(b)) for a, b in data["pairs"]]
+        source = dict(data["source"])
+        int(source["num_layers"])
+    except (KeyError, TypeError, ValueError):
+        raise LPError(f"plan {path} lacks valid 'pairs' or 'source' fields", "regenerate the plan") from None
+    for a, b in raw_pairs:
+        if b != a + 1:
+            raise LPError(f"plan pair ({a}, {b}) is not two consecutive layers", "a pair is [i, i+1]")
+    pairs = [a for a, _ in raw_pairs]
+    return Plan(source=source, pairs=pairs, strategy=data.get("strategy", "manual"), metric=data.get("metric"),
+                target=data.get("target"), calibration=data.get("calibration"), details=data.get("details") or {})
+

@@ -1,0 +1,417 @@
+"""A layer-parallel decoder-only LM: the model behind every checkpoint lpconvert exports.
+
+This file is copied, unchanged, into every exported checkpoint; it imports only torch and public
+transformers APIs, and every model-specific value lives in config.json. Load it with
+
+    AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+
+The model is a pre-norm Llama-family decoder (Llama, Mistral, Qwen2, Qwen3 checkpoints convert to
+it). What is different is the *block*: a block holds one source layer, or a layer-parallel pair of
+two consecutive source layers a and b that read the same input and whose updates are summed:
+
+    h = x + Attn_a(N1_a(x)) + Attn_b(N1_b(x))
+    y = h + Mlp_a(N2_a(h))  + Mlp_b(N2_b(h))
+
+With each layer's norm weight folded into the columns of the projections that read it, a pair is a
+plain decoder layer with twice the heads, twice the KV heads and twice the MLP width: q/k/v and
+gate/up rows of a then b, o_proj and down_proj columns of a then b, unit-weight norms. Query head j
+uses KV head j // (n_q / n_kv), so a's queries meet a's keys and b's queries meet b's keys.
+
+Every block runs one q/k/v GEMM (`qkv_proj`) and one gate/up GEMM (`gate_up_proj`): fewer, larger
+kernels, which is where layer parallelism gets its speed.
+"""
+
+import inspect
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_lpconvert import LPConfig
+
+# transformers 5.x renamed the cache keyword from `past_key_values` to `cache` (and the mask
+# builders' `input_embeds` to `inputs_embeds`). Read the installed names once, at import.
+_OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_MASK_PARAMS = inspect.signature(create_causal_mask).parameters
+_MASK_CACHE_KW = "cache" if "cache" in _MASK_PARAMS else "past_key_values"
+_MASK_EMBEDS_KW = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input_embeds"
+
+
+def _pick_cache(cache, past_key_values):
+    return cache if cache is not None else past_key_values
+
+
+class LPRMSNorm(nn.Module):
+    """RMSNorm over the last dimension; `weight` has one row per half for per-head q/k norms."""
+
+    def __init__(self, shape, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(shape))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class LPHeadRMSNorm(LPRMSNorm):
+    """Per-head RMSNorm of q or k (Qwen3). Each half of a pair keeps its own weight: (halves, head_dim)."""
+
+    def __init__(self, halves: int, head_dim: int, eps: float):
+        super().__init__((halves, 1, head_dim), eps)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        # states: (batch, seq, halves * heads, head_dim) -> (batch, seq, halves, heads, head_dim)
+        batch, seq, heads, head_dim = states.shape
+        halves = self.weight.shape[0]
+        normed = super().forward(states.view(batch, seq, halves, heads // halves, head_dim))
+        return normed.view(batch, seq, heads, head_dim)
+
+
+class LPRotaryEmbedding(nn.Module):
+    """Rotary tables, shared by every block: both halves of a pair use the same positions."""
+
+    def __init__(self, config: LPConfig):
+        super().__init__()
+        self.config = config
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.rope_type = config.rope_parameters.get("rope_type", "default")
+        init_fn = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: LPConfig, device=None, **kwargs):
+        base = config.rope_parameters["rope_theta"]
+        dim = int(config.head_dim * config.rope_parameters.get("partial_rotary_factor", 1.0))
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+        positions = position_ids[:, None, :].float()
+        device_type = x.device.type if x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):  # rotary angles in float32
+            freqs = (inv_freq.float() @ positions.float()).transpose(1, 2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim); kv head i serves queries i*n_rep.."""
+    batch, kv_heads, seq, dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, kv_heads, n_rep, seq, dim)
+    return hidden_states.reshape(batch, kv_heads * n_rep, seq, dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask[:, :, :, : key_states.shape[-2]]
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+class LPAttention(nn.Module):
+    """Attention of one block: `halves` source layers' heads side by side, one fused q/k/v GEMM."""
+
+    def __init__(self, config: LPConfig, block_idx: int):
+        super().__init__()
+        halves = len(config.lp_blocks[block_idx])
+        self.config = config
+        self.layer_idx = block_idx  # the cache and the mask builders index blocks
+        self.head_dim = config.head_dim
+        self.num_heads = halves * config.num_attention_heads
+        self.num_kv_heads = halves * config.num_key_value_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        is_sliding = config.layer_types[block_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if is_sliding else None
+
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = LPHeadRMSNorm(halves, self.head_dim, config.rms_norm_eps)
+            self.k_norm = LPHeadRMSNorm(halves, self.head_dim, config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, seq, _ = hidden_states.shape
+        query, key, value = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        query = query.view(batch, seq, self.num_heads, self.head_dim)
+        key = key.view(batch, seq, self.num_kv_heads, self.head_dim)
+        value = value.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.config.qk_norm:
+            query, key = self.q_norm(query), self.k_norm(key)
+        query, key = query.transpose(1, 2), key.transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, _ = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(batch, seq, -1).contiguous())
+
+
+class LPMLP(nn.Module):
+    """Gated MLP of one block; a pair's gate and up rows sit in one GEMM: [gate_a, gate_b, up_a, up_b]."""
+
+    def __init__(self, config: LPConfig, block_idx: int):
+        super().__init__()
+        width = len(config.lp_blocks[block_idx]) * config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * width, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+class LPDecoderBlock(nn.Module):
+    """One source layer, or a layer-parallel pair as one wide pre-norm layer."""
+
+    def __init__(self, config: LPConfig, block_idx: int):
+        super().__init__()
+        self.attention_type = config.layer_types[block_idx]
+        self.self_attn = LPAttention(config, block_idx)
+        self.mlp = LPMLP(config, block_idx)
+        self.input_layernorm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, attention_mask, position_embeddings, cache=None, **kwargs):
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class LPPreTrainedModel(PreTrainedModel):
+    config_class = LPConfig
+    config: LPConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["LPDecoderBlock"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+    # Weight init (for models built without a checkpoint) is transformers' default: it recognises
+    # nn.Linear, nn.Embedding, *RMSNorm and *RotaryEmbedding modules by type and class name.
+
+
+class LPModel(LPPreTrainedModel):
+    def __init__(self, config: LPConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(LPDecoderBlock(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LPRotaryEmbedding(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def _attention_masks(self, inputs_embeds, attention_mask, cache, position_ids) -> dict:
+        """One mask per attention type present (full, sliding), built by transformers for the backend in use."""
+        if isinstance(attention_mask, dict):  # already prepared by the caller (e.g. generate)
+            return attention_mask
+        mask_kwargs = {
+            "config": self.config,
+            _MASK_EMBEDS_KW: inputs_embeds,
+            "attention_mask": attention_mask,
+            _MASK_CACHE_KW: cache,
+            "position_ids": position_ids,
+        }
+        if "cache_position" in _MASK_PARAMS:  # transformers releases before the cache-position removal
+            past = cache.get_seq_length() if cache is not None else 0
+            mask_kwargs["cache_position"] = torch.arange(
+                past, past + inputs_embeds.shape[1], device=inputs_embeds.device
+            )
+        masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+        if "sliding_attention" in self.config.layer_types:
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        cache = _pick_cache(cache, past_key_values)
+        kwargs.pop("cache_position", None)  # positions come from the cache length
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+
+        masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        for block in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = block(
+                hidden_states,
+                attention_mask=masks[block.attention_type],
+                position_embeddings=position_embeddings,
+                cache=cache,
+                position_ids=position_ids,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            **{_OUTPUT_CACHE_FIELD: cache if use_cache else None},
+        )
+
+
+class LPForCausalLM(LPPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LPConfig):
+        super().__init__(config)
+        self.model = LPModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=_pick_cache(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        result = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{_OUTPUT_CACHE_FIELD: getattr(outputs, _OUTPUT_CACHE_FIELD)},
+        )
+        return result if return_dict is not False else result.to_tuple()
+
+
+__all__ = ["LPForCausalLM", "LPModel", "LPPreTrainedModel"]

@@ -1,0 +1,59 @@
+"""An independent reference for layer-parallel models, built from the ORIGINAL transformers layers.
+
+It shares no code with the export: no folding, no concatenation. Each pair is evaluated literally
+by the two-branch formula of METHOD.md section 1:
+
+    h = x + Attn_a(N1_a(x)) + Attn_b(N1_b(x))
+    y = h + Mlp_a(N2_a(h))  + Mlp_b(N2_b(h))
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _mask(seq: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+    q = torch.arange(seq)[:, None]
+    k = torch.arange(seq)[None, :]
+    allowed = k <= q
+    if window is not None:
+        allowed &= (q - k) < window
+    mask = torch.zeros(seq, seq, dtype=dtype)
+    mask[~allowed] = torch.finfo(dtype).min
+    return mask[None, None]
+
+
+@torch.no_grad()
+def reference_logits(model, input_ids: torch.Tensor, pairs: list[int]) -> torch.Tensor:
+    """Logits of `model` (a transformers Llama-family model, eager attention) with `pairs` run in parallel."""
+    model.config._attn_implementation = "eager"
+    inner = model.model
+    config = model.config
+    seq = input_ids.shape[1]
+    position_ids = torch.arange(seq)[None]
+    x = inner.embed_tokens(input_ids)
+    position_embeddings = inner.rotary_emb(x, position_ids)
+    types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+
+    def attn(layer, index, hidden):
+        sliding = types[index] == "sliding_attention" or (getattr(config, "layer_types", None) is None and window)
+        mask = _mask(seq, window if sliding else None, hidden.dtype)
+        out = layer.self_attn(hidden_states=hidden, position_embeddings=position_embeddings,
+                              attention_mask=mask, position_ids=position_ids)
+        return out[0]
+
+    starts = set(pairs)
+    i = 0
+    while i < config.num_hidden_layers:
+        a = inner.layers[i]
+        if i in starts:
+            b = inner.layers[i + 1]
+            h = x + attn(a, i, a.input_layernorm(x)) + attn(b, i + 1, b.input_layernorm(x))
+            x = h + a.mlp(a.post_attention_layernorm(h)) + b.mlp(b.post_attention_layernorm(h))
+            i += 2
+        else:
+            h = x + attn(a, i, a.input_layernorm(x))
+            x = h + a.mlp(a.post_attention_layernorm(h))
+            i += 1
+    return model.lm_head(inner.norm(x))
