@@ -368,8 +368,11 @@ class ExportReport:
 
 def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
            copy_tokenizer_files: bool = True, overwrite: bool = False, dry_run: bool = False,
-           on_tensor: Callable[[OutputTensor], None] | None = None) -> ExportReport:
-    """Write the layer-parallel checkpoint of `source` under `plan` to `out` (atomically)."""
+           progress: Callable[[int, int], None] | None = None) -> ExportReport:
+    """Write the layer-parallel checkpoint of `source` under `plan` to `out` (atomically).
+
+    `progress(bytes_written, total_bytes)` is called after each tensor.
+    """
     started = time.perf_counter()
     config, store = source.config, source.store
     arch = architecture_for(config)
@@ -393,6 +396,14 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         return report
 
     metadata = {"format": "pt", "producer": "lpconvert", "lpconvert_version": __version__}
+    written = 0
+
+    def on_tensor(tensor: OutputTensor) -> None:
+        nonlocal written
+        written += tensor.info.nbytes
+        if progress:
+            progress(written, report.total_bytes)
+
     with atomic_output_dir(Path(out), overwrite=overwrite) as tmp:
         for shard, name in zip(shards, names, strict=True):
             write_shard(tmp / name, shard, metadata, on_tensor=on_tensor)

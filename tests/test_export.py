@@ -1,0 +1,267 @@
+"""Export: exactness against an independent reference, decoding with caches, the files written,
+streaming and atomic writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from reference import reference_logits
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM
+
+from lpconvert.errors import LPError
+from lpconvert.export import export, plan_for_pairs
+from lpconvert.sources import resolve_model
+
+PAIR_SETS = {"llama": [1, 3], "llama-bias": [2], "mistral": [1, 3], "qwen2": [1, 3], "qwen3": [2]}
+
+
+def _load(folder: Path, dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=dtype).eval()
+
+
+def _export(tiny_dir: Path, out: Path, pairs: list[int], **kwargs):
+    source = resolve_model(str(tiny_dir))
+    return export(source, plan_for_pairs(source, pairs), out, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_models, tmp_path_factory):
+    """Each tiny architecture exported with its pair set, once per module."""
+    root = tmp_path_factory.mktemp("exported")
+    folders = {}
+    for arch, folder in tiny_models.items():
+        folders[arch] = root / arch
+        _export(folder, folders[arch], PAIR_SETS[arch], max_shard_size="100KB")
+    return folders
+
+
+def _ids(batch=2, seq=24, seed=0):
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", list(PAIR_SETS))
+def test_empty_plan_equals_source(arch, tiny_models, tmp_path):
+    _export(tiny_models[arch], tmp_path / "out", [])
+    source = resolve_model(str(tiny_models[arch])).load_model()
+    ids = _ids()
+    with torch.no_grad():
+        diff = (_load(tmp_path / "out")(ids).logits - source(ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("arch", list(PAIR_SETS))
+def test_pairs_match_two_branch_reference(arch, tiny_models, exported):
+    source = resolve_model(str(tiny_models[arch])).load_model()
+    ids = _ids()
+    with torch.no_grad():
+        got = _load(exported[arch])(ids).logits
+    want = reference_logits(source, ids, PAIR_SETS[arch])
+    relative = ((got - want).norm() / want.norm()).item()
+    assert relative <= 1e-5
+    # And the pairs really change the model: the reference is not the sequential model.
+    with torch.no_grad():
+        assert (source(ids).logits - want).abs().max() > 1e-3
+
+
+def test_block_layout_and_config(exported):
+    config = json.loads((exported["qwen2"] / "config.json").read_text())
+    assert config["lp_blocks"] == [[0], [1, 2], [3, 4], [5]]
+    assert config["num_hidden_layers"] == 4
+    assert config["architectures"] == ["LPForCausalLM"]
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert config["lp_source"]["model_type"] == "qwen2" and config["lp_source"]["num_hidden_layers"] == 6
+    assert config["attention_bias"] is True and config["attention_out_bias"] is False
+    model = _load(exported["qwen2"])
+    wide = model.model.layers[1].self_attn
+    assert (wide.num_heads, wide.num_kv_heads) == (8, 4)
+    assert model.model.layers[1].mlp.down_proj.in_features == 2 * 96
+    assert torch.equal(model.model.layers[1].input_layernorm.weight, torch.ones(64))
+
+
+def test_files_written(exported, tiny_models):
+    folder = exported["llama"]
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "generation_config.json", "configuration_lpconvert.py", "modeling_lpconvert.py",
+            "README.md", "lpconvert-plan.json", "model.safetensors.index.json"} <= names
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and all(s in names for s in shards)
+    with safe_open(folder / shards[0], "pt") as f:
+        assert f.metadata()["producer"] == "lpconvert"
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "base_model:" in card and "layer-parallel" in card
+    plan = json.loads((folder / "lpconvert-plan.json").read_text())
+    assert plan["pairs"] == [[1, 2], [3, 4]] and plan["schema_version"] == 1
+    # The shipped modeling code is the same static file for every export.
+    for other in exported.values():
+        assert (other / "modeling_lpconvert.py").read_bytes() == (folder / "modeling_lpconvert.py").read_bytes()
+    assert not any(n.startswith(".") for n in os.listdir(folder.parent)), "temporary folder left behind"
+
+
+def test_tied_embeddings_stay_tied(exported):
+    weight_names = set(json.loads((exported["llama"] / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "lm_head.weight" not in weight_names
+    model = _load(exported["llama"])
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+def test_cached_greedy_decoding_matches_full_forward(arch, exported):
+    model = _load(exported[arch])
+    prompt = _ids(batch=1, seq=5, seed=1)
+    generated = model.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(32):  # recompute every step with a full forward pass, no cache
+            next_token = model(tokens, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert torch.equal(generated, tokens)
+    static = model.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0,
+                            cache_implementation="static")
+    assert torch.equal(static, tokens)
+
+
+def test_padded_batch_matches_single_sequences(exported):
+    model = _load(exported["qwen3"])
+    short, long = _ids(1, 6, seed=2), _ids(1, 10, seed=3)
+    batch = torch.zeros(2, 10, dtype=torch.long)
+    mask = torch.zeros(2, 10, dtype=torch.long)
+    batch[0, 4:], mask[0, 4:] = short[0], 1  # left padding
+    batch[1], mask[1] = long[0], 1
+    together = model.generate(batch, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    alone = model.generate(short, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(together[0, 10:], alone[0, 6:])
+
+
+def test_hidden_states_and_loss(exported, tiny_models, tmp_path):
+    _export(tiny_models["mistral"], tmp_path / "copy", [])
+    model, source = _load(tmp_path / "copy"), resolve_model(str(tiny_models["mistral"])).load_model()
+    ids = _ids()
+    with torch.no_grad():
+        mine, theirs = model(ids, labels=ids, output_hidden_states=True), source(ids, labels=ids)
+    assert len(mine.hidden_states) == 7
+    assert abs(mine.loss.item() - theirs.loss.item()) < 1e-5
+
+
+def test_compiled_static_forward_matches_eager(exported):
+    model = _load(exported["llama"])
+    prompt = _ids(batch=1, seq=6, seed=4)
+    eager = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                           return_dict_in_generate=True, cache_implementation="static")
+    model.forward = torch.compile(model.forward, fullgraph=True)
+    compiled = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True, cache_implementation="static")
+    assert torch.equal(eager.sequences, compiled.sequences)
+    for a, b in zip(eager.logits, compiled.logits):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_loads_where_lpconvert_cannot_be_imported(exported):
+    script = f"""
+import sys
+sys.modules["lpconvert"] = None  # any import of lpconvert now fails
+import torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({str(exported["qwen3"])!r}, trust_remote_code=True)
+out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
+assert out.shape == (1, 7)
+try:
+    import lpconvert
+except ImportError:
+    print("standalone ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "standalone ok" in result.stdout
+
+
+def test_bfloat16_export(tiny_models, tmp_path):
+    report = _export(tiny_models["qwen2"], tmp_path / "bf16", [1], dtype="bfloat16")
+    assert report.dtype == "bfloat16"
+    with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
+        assert all(f.get_slice(n).get_dtype() == "BF16" for n in f.keys())
+    model = _load(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert model.generate(_ids(1, 4), max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 8)
+
+
+def test_refuses_existing_output_and_overwrites_on_request(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(LPError, match="already exists"):
+        _export(tiny_models["llama"], out, [2])
+    assert (out / "keep.txt").exists()
+    _export(tiny_models["llama"], out, [2], overwrite=True)
+    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+
+
+def test_failure_midway_leaves_nothing(tiny_models, tmp_path):
+    source = resolve_model(str(tiny_models["llama"]))
+    plan = plan_for_pairs(source, [2])
+    real_read = source.store.read
+
+    def failing_read(name):
+        if name.startswith("model.layers.3."):
+            raise OSError(5, "simulated read error")
+        return real_read(name)
+
+    source.store.read = failing_read
+    with pytest.raises(OSError):
+        export(source, plan, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_in_paired_weights_is_reported(tiny_models, tmp_path):
+    source = resolve_model(str(tiny_models["llama"]))
+    real_read = source.store.read
+
+    def read_with_nan(name):
+        tensor = real_read(name)
+        if name == "model.layers.3.mlp.up_proj.weight":
+            tensor = tensor.clone()
+            tensor[0, 0] = float("nan")
+        return tensor
+
+    source.store.read = read_with_nan
+    with pytest.raises(LPError, match=r"model.layers.3.mlp.up_proj.weight \(layer 3\) contains NaN"):
+        export(source, plan_for_pairs(source, [2]), tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_writes_nothing(tiny_models, tmp_path):
+    report = _export(tiny_models["mistral"], tmp_path / "out", [1, 3], dry_run=True, max_shard_size="100KB")
+    assert report.dry_run and len(report.shards) > 1 and report.effective_depth == 4
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_pairs_match_reference(smollm2_dir, tmp_path):
+    source = resolve_model(str(smollm2_dir))
+    pairs = [10, 14, 20]
+    export(source, plan_for_pairs(source, pairs), tmp_path / "lp")
+    ids = _ids(batch=1, seq=48, seed=5) * 300  # spread over the 49k vocabulary
+    with torch.no_grad():
+        got = _load(tmp_path / "lp")(ids).logits
+    want = reference_logits(source.load_model(), ids, pairs)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_generates_coherent_text(tmp_path):
+    source = resolve_model("smollm2-135m")
+    export(source, plan_for_pairs(source, [12, 16]), tmp_path / "lp", dtype="bfloat16")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "lp")
+    model = _load(tmp_path / "lp", dtype=torch.bfloat16)
+    prompt = tokenizer("The capital of France is", return_tensors="pt")
+    out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(out[0], skip_special_tokens=True)
+    assert "Paris" in text, text
