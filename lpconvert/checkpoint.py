@@ -107,8 +107,21 @@ class SafetensorsFile:
         return buffer.view(info.dtype).reshape(info.shape)
 
 
+@dataclass(frozen=True)
+class FileSlice:
+    """Bytes of a source file that go to the output unchanged: copied in the kernel, never through Python."""
+
+    path: Path
+    start: int
+    length: int
+
+
 class TensorStore:
     """Named tensors of a source checkpoint, read one at a time."""
+
+    def slice(self, name: str) -> FileSlice | None:
+        """Where the tensor's bytes lie on disk, when they do (so an unchanged copy needs no read)."""
+        return None
 
     def infos(self) -> Mapping[str, TensorInfo]:
         raise NotImplementedError
@@ -166,6 +179,11 @@ class SafetensorsStore(TensorStore):
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
 
+    def slice(self, name: str) -> FileSlice:
+        file = self._where[name]
+        _, begin, end = file.entries[name]
+        return FileSlice(file.path, begin, end - begin)
+
 
 class MemoryStore(TensorStore):
     """Tensors already in memory (a GGUF or .bin source, or a model built in memory)."""
@@ -190,12 +208,13 @@ class OutputTensor:
     """A tensor of the exported checkpoint: known shape and dtype, built only when written.
 
     `build` yields pieces whose bytes, concatenated, are the tensor in row-major order (a
-    concatenation along dim 0 never needs to be materialised).
+    concatenation along dim 0 never needs to be materialised): tensors, or FileSlices of bytes
+    that are copied unchanged.
     """
 
     name: str
     info: TensorInfo
-    build: Callable[[], Iterator[torch.Tensor]]
+    build: Callable[[], Iterator[torch.Tensor | FileSlice]]
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:
@@ -232,20 +251,51 @@ def _header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
 def write_shard(path: Path, tensors: list[OutputTensor], metadata: dict[str, str],
                 on_tensor: Callable[[OutputTensor], None] | None = None) -> None:
     """Write one shard header-first, then each tensor's pieces as they are built."""
-    with open(path, "wb") as f:
+    # Unbuffered, so kernel-side copies (copy_file_range) and Python writes share one file offset.
+    with open(path, "wb", buffering=0) as f:
         f.write(_header_bytes(tensors, metadata))
         for t in tensors:
             written = 0
             for piece in t.build():
+                if isinstance(piece, FileSlice):
+                    written += _copy_slice(piece, f)
+                    continue
                 if piece.dtype != t.info.dtype:
                     raise RuntimeError(f"{t.name}: built {piece.dtype}, planned {t.info.dtype}")
                 data = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(data)
-                written += data.nbytes
+                written += _write_all(f, memoryview(data))
             if written != t.info.nbytes:
                 raise RuntimeError(f"{t.name}: built {written} bytes, planned {t.info.nbytes}")
             if on_tensor:
                 on_tensor(t)
+
+
+def _write_all(f, data: memoryview) -> int:
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:])
+    return done
+
+
+def _copy_slice(piece: FileSlice, out) -> int:
+    with open(piece.path, "rb", buffering=0) as src:
+        done = 0
+        try:
+            while done < piece.length:
+                n = os.copy_file_range(src.fileno(), out.fileno(), piece.length - done, piece.start + done)
+                if n == 0:
+                    raise LPError(f"{piece.path.name} ended early (truncated?)", "re-download the checkpoint")
+                done += n
+        except OSError as exc:
+            if exc.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP: copy through Python
+                raise
+            src.seek(piece.start + done)
+            while done < piece.length:
+                chunk = src.read(min(64 << 20, piece.length - done))
+                if not chunk:
+                    raise LPError(f"{piece.path.name} ended early (truncated?)", "re-download the checkpoint") from None
+                done += _write_all(out, memoryview(chunk))
+        return done
 
 
 def write_index(folder: Path, shards: list[list[OutputTensor]], names: list[str], metadata: dict) -> None:

@@ -21,6 +21,7 @@ import torch
 from . import __version__
 from .archs import LAYER_PREFIX, Architecture, Rule, architecture_for
 from .checkpoint import (
+    FileSlice,
     OutputTensor,
     TensorInfo,
     TensorStore,
@@ -108,10 +109,18 @@ class BlockBuilder:
 
     def read(self, layer: int, part: str, check_finite: bool = False) -> torch.Tensor:
         tensor = self.store.read(self.name(layer, part))
-        if check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if check_finite and tensor.is_floating_point() and not _all_finite(tensor):
             raise LPError(f"tensor {self.name(layer, part)} (layer {layer}) contains NaN or Inf",
                           "the source weights are corrupt; they cannot be combined into a pair")
         return tensor
+
+    def unchanged(self, layer: int, part: str) -> torch.Tensor | FileSlice:
+        """A tensor copied as it is: its file bytes when the dtype is kept, else a cast copy."""
+        if self.info(layer, part).dtype == self.dtype:
+            piece = self.store.slice(self.name(layer, part))
+            if piece is not None:
+                return piece
+        return self.read(layer, part).to(self.dtype)
 
     @property
     def paired(self) -> bool:
@@ -129,31 +138,36 @@ class BlockBuilder:
             return (h, 1, first[-1])
         return first  # norm, sum
 
-    def pieces(self, rule: Rule) -> Iterator[torch.Tensor]:
+    def pieces(self, rule: Rule) -> Iterator[torch.Tensor | FileSlice]:
         """The output tensor's bytes in row-major order, as a few pieces (rows are never concatenated)."""
-        check = self.paired
+        if not self.paired:  # a copied layer: every tensor keeps its bytes (fused rows are consecutive)
+            yield from (self.unchanged(self.layers[0], part) for part in rule.parts)
+            return
         if rule.kind == "norm":
-            weight = self.read(self.layers[0], rule.parts[0])
             # A pair's norm weights are folded into the projections that read them: the norm itself is unit.
-            yield torch.ones_like(weight, dtype=self.dtype) if self.paired else weight.to(self.dtype)
+            yield torch.ones(self.info(self.layers[0], rule.parts[0]).shape, dtype=self.dtype)
         elif rule.kind == "rows":
             for part in rule.parts:
                 for layer in self.layers:
-                    matrix = self.read(layer, part, check)
-                    if self.paired and rule.fold:
-                        norm = self.read(layer, rule.fold, check)
-                        matrix = matrix.float() * norm.float()[None, :]  # W diag(g), in float32
+                    matrix = self.read(layer, part, check_finite=True)
+                    if rule.fold:
+                        norm = self.read(layer, rule.fold, check_finite=True)
+                        matrix = matrix.float().mul_(norm.float()[None, :])  # W diag(g), in float32
                     yield matrix.to(self.dtype)
         elif rule.kind == "cols":
-            halves = [self.read(layer, rule.parts[0], check).to(self.dtype) for layer in self.layers]
-            yield torch.cat(halves, dim=1) if self.paired else halves[0]
+            yield torch.cat([self.read(layer, rule.parts[0], True).to(self.dtype) for layer in self.layers], dim=1)
         elif rule.kind == "sum":
-            total = sum(self.read(layer, rule.parts[0], check).float() for layer in self.layers)
-            yield total.to(self.dtype)
+            yield sum(self.read(layer, rule.parts[0], True).float() for layer in self.layers).to(self.dtype)
         elif rule.kind == "stack":
-            yield torch.stack([self.read(layer, rule.parts[0], check) for layer in self.layers]).to(self.dtype)
+            yield torch.stack([self.read(layer, rule.parts[0], True) for layer in self.layers]).to(self.dtype)
         else:
             raise ValueError(f"unknown rule kind {rule.kind}")
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    # min and max are NaN when any element is, and +-inf when one is; 20x faster than isfinite().all()
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) and torch.isfinite(high))
 
 
 def block_output_tensors(arch: Architecture, config, store: TensorStore, block: int, layers: list[int],
@@ -173,7 +187,12 @@ def block_output_tensors(arch: Architecture, config, store: TensorStore, block: 
 def _copied_tensor(store: TensorStore, name: str, dtype: torch.dtype) -> OutputTensor:
     info = store.infos()[name]
     target = dtype if info.dtype.is_floating_point else info.dtype
-    return OutputTensor(name, TensorInfo(info.shape, target), lambda: iter([store.read(name).to(target)]))
+
+    def build():
+        piece = store.slice(name) if info.dtype == target else None
+        yield piece if piece is not None else store.read(name).to(target)
+
+    return OutputTensor(name, TensorInfo(info.shape, target), build)
 
 
 def check_layer_tensors(arch: Architecture, config, store: TensorStore, num_layers: int) -> None:

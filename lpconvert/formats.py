@@ -71,8 +71,6 @@ def validate_pairs(firsts: list[int], num_layers: int, allow_edge_layers: bool =
     for a, b in zip(ordered, ordered[1:]):
         if b - a < 2:
             raise LPError(f"pairs ({a}, {a + 1}) and ({b}, {b + 1}) overlap", "each layer can be in one pair only")
-    if len(ordered) > num_layers // 2:
-        raise LPError(f"{len(ordered)} pairs do not fit in {num_layers} layers", f"use at most {num_layers // 2}")
     edges = [f for f in ordered if f == 0 or f + 1 == num_layers - 1]
     if edges and not allow_edge_layers:
         edge = edges[0]
