@@ -22,6 +22,7 @@ from . import __version__
 from .archs import LAYER_PREFIX, Architecture, Rule, architecture_for
 from .checkpoint import (
     FileSlice,
+    MemoryStore,
     OutputTensor,
     TensorInfo,
     TensorStore,
@@ -152,7 +153,8 @@ class BlockBuilder:
                     matrix = self.read(layer, part, check_finite=True)
                     if rule.fold:
                         norm = self.read(layer, rule.fold, check_finite=True)
-                        matrix = matrix.float().mul_(norm.float()[None, :])  # W diag(g), in float32
+                        # W diag(g) in float32; out of place: a float32 source tensor may be the caller's own memory
+                        matrix = matrix.float() * norm.float()[None, :]
                     yield matrix.to(self.dtype)
         elif rule.kind == "cols":
             yield torch.cat([self.read(layer, rule.parts[0], True).to(self.dtype) for layer in self.layers], dim=1)
@@ -447,3 +449,34 @@ def plan_for_pairs(source, pairs: list[int], allow_edge_layers: bool = False) ->
     config = source.config
     ordered = validate_pairs(pairs, config.num_hidden_layers, allow_edge_layers)
     return Plan(source=source_fingerprint(config, source.store), pairs=ordered, strategy="manual")
+
+
+def convert_in_memory(model, pairs: list[int], *, dtype: torch.dtype | None = None, name: str = "in-memory"):
+    """The layer-parallel model of a loaded transformers model, built without touching disk.
+
+    Same tensors as `export` writes (same table, same folding), loaded into lpconvert's own copy of
+    the shipped modeling file. Used to benchmark random-weight models built on a GPU.
+    """
+    from .formats import validate_pairs
+    from .modeling.configuration_lpconvert import LPConfig
+    from .modeling.modeling_lpconvert import LPForCausalLM
+
+    config = model.config
+    store = MemoryStore({k: v.detach() for k, v in model.state_dict().items()})
+    arch = architecture_for(config)
+    plan = Plan(source=source_fingerprint(config, store),
+                pairs=validate_pairs(pairs, config.num_hidden_layers, allow_edge_layers=True))
+    dtype = dtype or weights_dtype(store)
+    lp_config = LPConfig.from_dict(lp_config_dict(arch, config, plan, dtype, name))
+    lp_config._attn_implementation = config._attn_implementation
+    device = next(model.parameters()).device
+    state = {t.name: torch.cat([p.reshape(-1) for p in t.build()]).view(t.info.shape)
+             for t in all_output_tensors(arch, config, store, plan.blocks(), dtype)}
+    with torch.device(device):
+        lp_model = LPForCausalLM(lp_config).to(dtype)
+    missing, unexpected = lp_model.load_state_dict(state, strict=False, assign=True)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"in-memory conversion mismatch: missing {missing}, unexpected {unexpected}")
+    if getattr(lp_config, "tie_word_embeddings", False):
+        lp_model.lm_head.weight = lp_model.model.embed_tokens.weight
+    return lp_model.eval()

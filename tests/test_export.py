@@ -265,3 +265,20 @@ def test_smollm2_bfloat16_generates_coherent_text(tmp_path):
     out = model.generate(**prompt, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(out[0], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_in_memory_conversion_matches_reference_and_leaves_source_intact(arch):
+    from conftest import make_tiny_model
+
+    from lpconvert.export import convert_in_memory
+
+    model = make_tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lp_model = convert_in_memory(model, [1, 3])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ids = _ids()
+    with torch.no_grad():
+        got = lp_model(ids).logits
+    want = reference_logits(model, ids, [1, 3])
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5

@@ -1,0 +1,212 @@
+"""GPU check: correctness of the layer-parallel model on a GPU, and decode speed at real shapes.
+
+Builds random-weight Llama models directly on the device (no model files), converts them in memory
+with lpconvert's own tables and modeling file, and reports:
+  1. exactness in float32 (a narrow 4-layer model at the real width): converted logits vs the
+     two-branch reference built from the original layers, cached greedy decode vs full forward,
+     static-cache + compiled generate vs eager;
+  2. bfloat16 logits of the full-size model vs the reference (bf16 tolerance);
+  3. decode tokens/s of the source (plain transformers) and of the converted model at several pair
+     counts, eager (dynamic cache) and with a static cache (transformers compiles the decode step).
+Results are printed as they come and written to --out as JSON; measurements stop when the time
+budget runs out so a partial run still reports.
+
+    python scripts/gpu_check.py --shape llama2-7b --out /tmp/gpu.json
+    python scripts/gpu_check.py --shape tiny --device cpu     # smoke test of the script itself
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from reference import reference_logits  # noqa: E402
+
+from lpconvert.export import convert_in_memory  # noqa: E402
+
+SHAPES = {
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=20, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}
+RESULTS: dict = {"checks": {}, "decode": []}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def random_llama(shape: dict, dtype: torch.dtype, device: str, num_layers: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(shape)
+    if num_layers:
+        fields["num_hidden_layers"] = num_layers
+    config = LlamaConfig(**fields, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    with torch.no_grad():  # non-trivial norm weights, so folding them is really tested
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def middle_pairs(num_layers: int, count: int) -> list[int]:
+    first = (num_layers - 2 * count) // 2
+    return [first + 2 * k for k in range(count)]
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def check_exactness(shape: dict, device: str) -> None:
+    model = random_llama(shape, torch.float32, device, num_layers=4)
+    lp = convert_in_memory(model, [1], dtype=torch.float32)
+    ids = torch.randint(0, shape["vocab_size"], (2, 64), device=device)
+    with torch.no_grad():
+        got = lp(ids).logits
+    want = reference_logits(model, ids, [1])
+    rel = ((got - want).norm() / want.norm()).item()
+    prompt = ids[:1, :8]
+    cached = lp.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(32):
+            tokens = torch.cat([tokens, lp(tokens, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    static = lp.generate(prompt, max_new_tokens=32, do_sample=False, pad_token_id=0, cache_implementation="static")
+    RESULTS["checks"]["fp32_rel_error_vs_reference"] = rel
+    RESULTS["checks"]["fp32_cached_decode_equals_full_forward"] = bool(torch.equal(cached, tokens))
+    RESULTS["checks"]["fp32_static_cache_equals_full_forward"] = bool(torch.equal(static, tokens))
+    log(f"fp32 4-layer: rel error {rel:.2e}; cached decode == full forward: {torch.equal(cached, tokens)}; "
+        f"static cache == full forward: {torch.equal(static, tokens)}")
+
+
+def check_bf16(model, lp, pairs, device) -> None:
+    ids = torch.randint(0, model.config.vocab_size, (1, 128), device=device)
+    with torch.no_grad():
+        got = lp(ids).logits.float()
+    attn = model.config._attn_implementation
+    want = reference_logits(model, ids, pairs).float()
+    model.config._attn_implementation = attn
+    rel = ((got - want).norm() / want.norm()).item()
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    RESULTS["checks"][f"bf16_{len(pairs)}pairs_rel_error_vs_reference"] = rel
+    RESULTS["checks"][f"bf16_{len(pairs)}pairs_argmax_agreement"] = agree
+    log(f"bf16 full size, {len(pairs)} pairs: rel error {rel:.2e}, argmax agreement {agree:.3f}")
+
+
+def decode_tokens_per_second(model, batch: int, new_tokens: int, static: bool, repeats: int, device: str) -> dict:
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 32), device=device)
+    kwargs = dict(do_sample=False, pad_token_id=0, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    if static:
+        kwargs["cache_implementation"] = "static"
+
+    def run(n):
+        sync(device)
+        started = time.perf_counter()
+        model.generate(prompt, **{**kwargs, "min_new_tokens": n, "max_new_tokens": n})
+        sync(device)
+        return time.perf_counter() - started
+
+    compile_started = time.perf_counter()
+    run(new_tokens)  # warm-up (compiles the static-cache decode step)
+    run(new_tokens)
+    warmup = time.perf_counter() - compile_started
+    rates = []
+    for _ in range(repeats):
+        prefill = run(1)
+        total = run(new_tokens + 1)
+        rates.append(new_tokens * batch / (total - prefill))
+    return {"tokens_per_s": statistics.median(rates), "spread": [min(rates), max(rates)], "warmup_s": warmup}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=SHAPES, default="llama2-7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--pairs", default="7,0,4,8", help="pair counts to measure, in this order")
+    parser.add_argument("--static-pairs", default="0,7", help="pair counts measured with a static cache")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--budget-s", type=float, default=420, help="stop measuring after this many seconds")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    import transformers
+
+    device = args.device
+    RESULTS["env"] = {"torch": torch.__version__, "transformers": transformers.__version__, "shape": args.shape,
+                      "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                      "date": time.strftime("%Y-%m-%d %H:%M")}
+    log(json.dumps(RESULTS["env"]))
+    shape = SHAPES[args.shape]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+
+    def save():
+        args.out.write_text(json.dumps(RESULTS, indent=2))
+
+    check_exactness(shape, device)
+    save()
+    source = random_llama(shape, dtype, device)
+    layers = shape["num_hidden_layers"]
+    counts = [int(c) for c in args.pairs.split(",")]
+    static_counts = {int(c) for c in args.static_pairs.split(",")}
+    # Most important first, grouped by model so each is converted once: source, then the pair counts
+    # in the order given; per model: batch 1 static, batch 1 eager, larger batches static.
+    batches = [int(b) for b in args.batches.split(",")]
+    plan = []  # (label, pair count or None for the source, static?, batch)
+    for count in [None, *counts]:
+        label = "source" if count is None else f"lp-{count}"
+        if count is None or count in static_counts:
+            plan.append((label, count, True, batches[0]))
+        plan.append((label, count, False, batches[0]))
+        if count is None or count in static_counts:
+            plan += [(label, count, True, b) for b in batches[1:]]
+    current_label, current = None, None
+    checked_bf16 = False
+    for label, count, static, batch in plan:
+        if time.perf_counter() - started > args.budget_s:
+            log(f"time budget reached; skipping {label} batch {batch} static={static}")
+            continue
+        if label != current_label:
+            if current is not None and current is not source:
+                del current
+                torch.cuda.empty_cache() if device == "cuda" else None
+            current = source if count is None else convert_in_memory(source, middle_pairs(layers, count))
+            current_label = label
+            if count and not checked_bf16:
+                check_bf16(source, current, middle_pairs(layers, count), device)
+                checked_bf16 = True
+        try:
+            result = decode_tokens_per_second(current, batch, args.new_tokens, static, args.repeats, device)
+        except Exception as exc:  # report and go on: one failing mode must not hide the others
+            result = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        row = {"model": label, "pairs": count, "effective_depth": layers - (count or 0), "batch": batch,
+               "cache": "static+compiled" if static else "dynamic (eager)", **result}
+        RESULTS["decode"].append(row)
+        log(json.dumps(row))
+        save()
+    RESULTS["seconds"] = time.perf_counter() - started
+    save()
+    log(f"done in {RESULTS['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
