@@ -146,7 +146,7 @@ class BlockBuilder:
             return
         if rule.kind == "norm":
             # A pair's norm weights are folded into the projections that read them: the norm itself is unit.
-            yield torch.ones(self.info(self.layers[0], rule.parts[0]).shape, dtype=self.dtype)
+            yield torch.ones_like(self.read(self.layers[0], rule.parts[0]), dtype=self.dtype)
         elif rule.kind == "rows":
             for part in rule.parts:
                 for layer in self.layers:
@@ -354,7 +354,12 @@ def write_generation_config(source, folder: Path) -> None:
 
 def copy_tokenizer(source, folder: Path) -> list[str]:
     if source.tokenizer_path is None:
-        return []
+        if source.kind != "gguf":
+            return []
+        # A GGUF carries its tokenizer inside; write it out in the usual files.
+        before = set(folder.iterdir())
+        source.load_tokenizer().save_pretrained(folder)
+        return sorted(p.name for p in set(folder.iterdir()) - before)
     copied = []
     for name in TOKENIZER_FILES:
         path = Path(source.tokenizer_path) / name
@@ -409,7 +414,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         out=str(out), dry_run=dry_run, source=source.name, num_layers=plan.num_layers,
         effective_depth=plan.effective_depth, pairs=[[p, p + 1] for p in plan.pairs], blocks=blocks,
         dtype=lp_config["dtype"],
-        shards=[{"file": n, "tensors": len(s), "bytes": sum(t.info.nbytes for t in s)} for n, s in zip(names, shards)],
+        shards=[{"file": n, "tensors": len(s), "bytes": sum(t.info.nbytes for t in s)} for n, s in zip(names, shards, strict=False)],
         total_bytes=sum(t.info.nbytes for t in tensors),
     )
     if dry_run:

@@ -68,7 +68,7 @@ def validate_pairs(firsts: list[int], num_layers: int, allow_edge_layers: bool =
             raise LPError(f"pair ({first}, {first + 1}) is out of range for a model of {num_layers} layers",
                           f"use pair starts between 0 and {num_layers - 2}")
     ordered = sorted(firsts)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in zip(ordered, ordered[1:], strict=False):
         if b - a < 2:
             raise LPError(f"pairs ({a}, {a + 1}) and ({b}, {b + 1}) overlap", "each layer can be in one pair only")
     edges = [f for f in ordered if f == 0 or f + 1 == num_layers - 1]

@@ -24,7 +24,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lpconvert.checkpoint import OutputTensor, TensorInfo, plan_shards, shard_file_names, write_index, write_shard  # noqa: E402
+from lpconvert.checkpoint import (  # noqa: E402
+    OutputTensor,
+    TensorInfo,
+    plan_shards,
+    shard_file_names,
+    write_index,
+    write_shard,
+)
 
 SHAPES = {
     "1gb": dict(hidden_size=1280, intermediate_size=3584, num_hidden_layers=20, num_attention_heads=10,
@@ -58,7 +65,7 @@ def random_checkpoint(folder: Path, shape: dict, dtype=torch.bfloat16) -> None:
     shards = plan_shards(tensors, 2 * 10**9)
     names = shard_file_names(len(shards))
     folder.mkdir(parents=True)
-    for shard, name in zip(shards, names):
+    for shard, name in zip(shards, names, strict=False):
         write_shard(folder / name, shard, {"format": "pt"})
     if len(shards) > 1:
         write_index(folder, shards, names, {})

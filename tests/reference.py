@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 
-def _mask(seq: int, window: int | None, dtype: torch.dtype) -> torch.Tensor:
-    q = torch.arange(seq)[:, None]
-    k = torch.arange(seq)[None, :]
+def _mask(seq: int, window: int | None, dtype: torch.dtype, device) -> torch.Tensor:
+    q = torch.arange(seq, device=device)[:, None]
+    k = torch.arange(seq, device=device)[None, :]
     allowed = k <= q
     if window is not None:
         allowed &= (q - k) < window
-    mask = torch.zeros(seq, seq, dtype=dtype)
+    mask = torch.zeros(seq, seq, dtype=dtype, device=device)
     mask[~allowed] = torch.finfo(dtype).min
     return mask[None, None]
 
@@ -30,7 +30,7 @@ def reference_logits(model, input_ids: torch.Tensor, pairs: list[int]) -> torch.
     inner = model.model
     config = model.config
     seq = input_ids.shape[1]
-    position_ids = torch.arange(seq)[None]
+    position_ids = torch.arange(seq, device=input_ids.device)[None]
     x = inner.embed_tokens(input_ids)
     position_embeddings = inner.rotary_emb(x, position_ids)
     types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
@@ -38,7 +38,7 @@ def reference_logits(model, input_ids: torch.Tensor, pairs: list[int]) -> torch.
 
     def attn(layer, index, hidden):
         sliding = types[index] == "sliding_attention" or (getattr(config, "layer_types", None) is None and window)
-        mask = _mask(seq, window if sliding else None, hidden.dtype)
+        mask = _mask(seq, window if sliding else None, hidden.dtype, hidden.device)
         out = layer.self_attn(hidden_states=hidden, position_embeddings=position_embeddings,
                               attention_mask=mask, position_ids=position_ids)
         return out[0]

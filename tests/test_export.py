@@ -159,7 +159,7 @@ def test_compiled_static_forward_matches_eager(exported):
     compiled = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
                               return_dict_in_generate=True, cache_implementation="static")
     assert torch.equal(eager.sequences, compiled.sequences)
-    for a, b in zip(eager.logits, compiled.logits):
+    for a, b in zip(eager.logits, compiled.logits, strict=False):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 

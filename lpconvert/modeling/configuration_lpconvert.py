@@ -41,6 +41,9 @@ class LPConfig(PretrainedConfig):
         layer_types=None,
         lp_blocks=None,
         tie_word_embeddings=False,
+        pad_token_id=None,
+        bos_token_id=None,
+        eos_token_id=None,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -64,7 +67,8 @@ class LPConfig(PretrainedConfig):
         self.num_hidden_layers = len(self.lp_blocks)
         self.layer_types = layer_types or ["full_attention"] * self.num_hidden_layers
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
-        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
+                         bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
 
 
 __all__ = ["LPConfig"]

