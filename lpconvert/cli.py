@@ -23,7 +23,8 @@ from .errors import LPError
 app = typer.Typer(
     name="lpconvert",
     help="Turn a pretrained Hugging Face causal LM into a faster layer-parallel checkpoint, without retraining.\n\n"
-    "Pipeline: [bold]inspect[/] a model, [bold]export[/] it with chosen pairs of consecutive layers run side by side.",
+    "Pipeline: [bold]inspect[/] a model, [bold]score[/] its layers and pairs on calibration text, [bold]export[/] it "
+    "with chosen pairs of consecutive layers run side by side.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     add_completion=False,
@@ -109,6 +110,119 @@ def inspect(model: ModelArg, trust_remote_code: TrustOpt = False, as_json: JsonO
         _print_json(info)
     else:
         out.print(render_description(info))
+
+
+# ----------------------------------------------------------------------------------------------
+# score
+
+
+@app.command()
+@stage
+def score(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.",
+                                         rich_help_panel="Output")] = Path("scores.json"),
+    calib: Annotated[str, typer.Option(help="Calibration text: wiki, news, a .txt/.jsonl/.json file or folder, "
+                                             "or a datasets name.", rich_help_panel="Calibration")] = "wiki",
+    text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.json files and datasets.",
+                                            rich_help_panel="Calibration")] = "text",
+    tokens: Annotated[int, typer.Option(help="Calibration tokens.", rich_help_panel="Calibration")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.", rich_help_panel="Calibration")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for drawing windows.", rich_help_panel="Calibration")] = 0,
+    metrics: Annotated[str, typer.Option(
+        help="Comma-separated: angular_distance, block_influence, pair_error, loss.",
+        rich_help_panel="Metrics")] = "angular_distance,block_influence,pair_error",
+    measure_loss: Annotated[bool, typer.Option(
+        "--measure-loss", help="Also measure the calibration loss with each single pair in parallel (slow, decisive).",
+        rich_help_panel="Metrics")] = False,
+    loss_tokens: Annotated[int, typer.Option(help="Token budget of --measure-loss.",
+                                             rich_help_panel="Metrics")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Runtime")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Runtime")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel="Runtime")] = "float32",
+    device_map: Annotated[str | None, typer.Option(
+        help="'auto' spreads a model too large for one device (accelerate).", rich_help_panel="Runtime",
+        show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw the scores into this PNG.", rich_help_panel="Output",
+                                              show_default=False)] = None,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure how much each layer and each candidate pair matters, on calibration text."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
+
+    from .score import ScoreSettings, compute_scores, parse_metrics, plot_scores
+
+    settings = ScoreSettings(calib=calib, text_field=text_field, tokens=tokens, seq_len=seq_len, seed=seed,
+                             batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
+                             metrics=parse_metrics(metrics), measure_loss=measure_loss, loss_tokens=loss_tokens)
+    if batch_size <= 0 or seq_len < 2:
+        raise LPError("--batch-size must be positive and --seq-len at least 2", "e.g. --batch-size 4 --seq-len 512")
+    _check_writable_file(output)
+    source = _load_source(model, trust_remote_code)
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, disable=as_json, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done)
+
+        scores = compute_scores(source, settings, progress)
+    _write_json_atomically(output, scores)
+    if plot is not None:
+        plot_scores(scores, plot)
+    if as_json:
+        _print_json({k: scores[k] for k in ("model", "calibration", "base", "safest_pairs", "agreement_with_loss",
+                                            "timings")} | {"output": str(output)})
+        return
+    out.print(_scores_table(scores))
+    out.print(f"scores written to [bold]{output}[/]" + (f", plot to [bold]{plot}[/]" if plot else ""))
+
+
+def _scores_table(scores: dict) -> Table:
+    measured = "loss_increase" in scores["pairs"][0]
+    base = scores["base"]
+    table = Table(title=f"{scores['model']['name']}: calibration loss {base['loss']:.3f} "
+                        f"(perplexity {base['perplexity']:.2f}) on {base['tokens']} tokens of "
+                        f"{scores['calibration']['source']}")
+    table.add_column("pair", justify="right")
+    table.add_column("angular dist.", justify="right")
+    if "pair_rel_l2" in scores["pairs"][0]:
+        table.add_column("pair error (rel. L2)", justify="right")
+        table.add_column("pair cosine", justify="right")
+    if measured:
+        table.add_column("loss increase", justify="right")
+    for row in scores["pairs"]:
+        cells = [f"({row['first']}, {row['first'] + 1})", f"{row['angular_distance']:.3f}"]
+        if "pair_rel_l2" in row:
+            cells += [f"{row['pair_rel_l2']:.3f}", f"{row['pair_cosine']:.3f}"]
+        if measured:
+            cells.append(f"{100 * row['loss_increase']:+.1f}%")
+        table.add_row(*cells)
+    safest = "; ".join(f"{m}: {', '.join(map(str, firsts))}" for m, firsts in scores["safest_pairs"].items())
+    table.caption = f"safest pair starts by metric: {safest}"
+    if scores.get("agreement_with_loss"):
+        table.caption += "\nSpearman with measured loss (middle pairs): " + ", ".join(
+            f"{m} {rho:+.2f}" for m, rho in scores["agreement_with_loss"].items())
+    table.caption += f"\ntime: {scores['timings']['total_seconds']:.0f} s"
+    return table
+
+
+def _check_writable_file(path: Path) -> None:
+    if path.exists() and path.is_dir():
+        raise LPError(f"output {path} is a folder", "give a file path such as scores.json")
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise LPError(f"the folder of {path} does not exist", f"create {parent} first")
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -193,3 +193,33 @@ def load_plan(path: Path) -> Plan:
     return Plan(source=source, pairs=pairs, strategy=data.get("strategy", "manual"), metric=data.get("metric"),
                 target=data.get("target"), calibration=data.get("calibration"), details=data.get("details") or {})
 
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores file
+
+SCORES_KIND = "lpconvert-scores"
+SCORES_SCHEMA_VERSION = 1
+# Per-pair metrics and which direction is safer to pair: "low" means a smaller value is safer.
+PAIR_METRICS = {
+    "loss_increase": "low",  # measured: relative calibration loss increase with only that pair parallel
+    "pair_rel_l2": "low",  # ||parallel - sequential|| / ||sequential - input|| on captured hidden states
+    "pair_cosine": "high",  # cosine between the parallel and sequential outputs' updates
+    "angular_distance": "low",  # arccos(cos(x_i, x_{i+2})) / pi across the two layers
+}
+
+
+def load_scores(path: Path, expected_source: dict | None = None) -> dict:
+    """Read a scores file; refuse another kind, another schema, or (if given) another model."""
+    data = load_json_file(path, "scores")
+    if data.get("kind") != SCORES_KIND:
+        raise LPError(f"{path} is not an lpconvert scores file (kind is {data.get('kind')!r})",
+                      "pass a file written by `lpconvert score`")
+    if data.get("schema_version") != SCORES_SCHEMA_VERSION:
+        raise LPError(f"scores {path} have schema_version {data.get('schema_version')!r}; this lpconvert reads "
+                      f"{SCORES_SCHEMA_VERSION}", "re-run `lpconvert score` with this version")
+    if not isinstance(data.get("pairs"), list) or not isinstance(data.get("source"), dict):
+        raise LPError(f"scores {path} lack 'pairs' or 'source'", "re-run `lpconvert score`")
+    if expected_source is not None:
+        check_fingerprint(data["source"], expected_source, f"scores {path}")
+    return data

@@ -68,8 +68,11 @@ class ModelSource:
     weight_files: list[Path] = field(default_factory=list, repr=False)
     _gguf_model: Any = field(default=None, repr=False)
 
-    def load_model(self, dtype: torch.dtype | None = None, device: str = "cpu"):
-        """The full model in eval mode (float32 unless `dtype` says otherwise)."""
+    def load_model(self, dtype: torch.dtype | None = None, device: str = "cpu", device_map: str | None = None):
+        """The full model in eval mode (float32 unless `dtype` says otherwise).
+
+        `device_map` (e.g. "auto", through accelerate) spreads a model too large for one device.
+        """
         dtype = dtype or torch.float32
         if self.kind == "gguf":
             if self._gguf_model is None or self._gguf_model.dtype != dtype:
@@ -86,11 +89,11 @@ class ModelSource:
             try:
                 with _quiet_transformers():
                     model = AutoModelForCausalLM.from_pretrained(
-                        self.path, dtype=dtype, trust_remote_code=self.trust_remote_code)
+                        self.path, dtype=dtype, trust_remote_code=self.trust_remote_code, device_map=device_map)
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise LPError(f"could not load the model in {self.path}: {_first_line(exc)}",
                               "check that the folder holds a complete causal LM checkpoint") from None
-        return model.to(device).eval()
+        return (model if device_map else model.to(device)).eval()
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer

@@ -91,7 +91,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=SHAPES, default="1gb")
     parser.add_argument("--pairs", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the random source here and reuse it on the next run (else a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -102,8 +103,9 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lp-bench-"))
     source, copy, out = work / "source", work / "copy", work / "out"
     try:
-        print(f"building a random {args.shape} checkpoint in {source} ...", flush=True)
-        random_checkpoint(source, shape)
+        if not (source / "config.json").exists():
+            print(f"building a random {args.shape} checkpoint in {source} ...", flush=True)
+            random_checkpoint(source, shape)
         size = sum(p.stat().st_size for p in source.iterdir())
         cp_times, export_times, rss = [], [], []
         for _ in range(args.repeats):
@@ -120,7 +122,8 @@ def main() -> None:
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
         }
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        for path in ((copy, out) if args.workdir else (work,)):
+            shutil.rmtree(path, ignore_errors=True)
     print(f"| shape | checkpoint | cp -r | export ({args.pairs} pairs) | ratio | peak RSS |")
     print("|---|---|---|---|---|---|")
     print(f"| {args.shape} | {size / 1e9:.2f} GB | {result['cp_seconds']:.2f} s | {result['export_seconds']:.2f} s "

@@ -282,3 +282,13 @@ def test_in_memory_conversion_matches_reference_and_leaves_source_intact(arch):
         got = lp_model(ids).logits
     want = reference_logits(model, ids, [1, 3])
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16bit_fold_fast_path_equals_float32_fold(dtype):
+    from lpconvert.export import fold_norm
+
+    g = torch.Generator().manual_seed(0)
+    matrix = (torch.randn(512, 256, generator=g) * torch.logspace(-4, 2, 256)[None, :]).to(dtype)
+    norm = (3 * torch.randn(256, generator=g)).to(dtype)
+    assert torch.equal(fold_norm(matrix, norm, dtype), (matrix.float() * norm.float()[None, :]).to(dtype))

@@ -1,0 +1,352 @@
+"""Score: how much each layer and each candidate pair matters, measured on calibration text.
+
+One pass over the calibration windows runs the model layer by layer (runner.LayerRunner) and
+accumulates, per window, statistics of the residual stream (nothing is kept across windows):
+
+- per layer i: angular distance arccos(cos(x_i, x_{i+1})) / pi over all tokens and over the last
+  token (Gromov et al.), and block influence 1 - cos(x_i, x_{i+1}) (ShortGPT);
+- per candidate pair (i, i+1): the angular distance across both layers, and the LP pair error:
+  the captured input of layer i goes through the two layers sequentially and in parallel, and we
+  compare the two updates: relative L2 ||par - seq|| / ||seq - x_i|| and the cosine between them.
+
+`measure_loss` adds the ground truth: the calibration loss of the whole model with only that pair
+run in parallel, for every pair, on its own token budget. The stream before each layer is captured
+once, so a candidate pair at layer i only runs layers i..L.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .archs import architecture_for
+from .errors import LPError
+from .export import source_fingerprint
+from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION
+from .runner import LayerRunner, batches
+
+CHEAP_METRICS = ("angular_distance", "block_influence", "pair_error")
+ALL_METRICS = (*CHEAP_METRICS, "loss")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ScoreSettings:
+    calib: str = "wiki"
+    text_field: str = "text"
+    tokens: int = 16384
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "float32"
+    device_map: str | None = None
+    metrics: tuple[str, ...] = CHEAP_METRICS
+    measure_loss: bool = False
+    loss_tokens: int = 4096
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise LPError(f"--device '{name}' does not exist", "use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LPError("--device cuda was asked but this machine has no CUDA GPU", "use --device cpu or auto")
+    return name
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise LPError(f"--dtype '{name}' does not exist", f"use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def parse_metrics(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in names if m not in ALL_METRICS]
+    if unknown or not names:
+        raise LPError(f"unknown metric {unknown[0] if unknown else text!r}", f"choose from {', '.join(ALL_METRICS)}")
+    return names
+
+
+# ----------------------------------------------------------------------------------------------
+# Accumulators: sums over windows, so memory does not grow with the calibration set
+
+
+class Sums:
+    def __init__(self, size: int):
+        self.values: dict[str, torch.Tensor] = {}
+        self.size = size
+
+    def add(self, name: str, index: int, value: torch.Tensor | float) -> None:
+        if name not in self.values:
+            self.values[name] = torch.zeros(self.size, dtype=torch.float64)
+        self.values[name][index] += float(value)
+
+    def get(self, name: str, index: int) -> float:
+        return float(self.values[name][index])
+
+
+def _angular(cos: torch.Tensor) -> torch.Tensor:
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
+
+
+def _token_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.cosine_similarity(a.float(), b.float(), dim=-1)
+
+
+def _capture_cheap_metrics(runner: LayerRunner, input_ids: torch.Tensor, settings: ScoreSettings,
+                           tick: Callable[[], None]) -> tuple[Sums, Sums, float, int]:
+    """One pass: layer and pair statistics summed over windows, and the base calibration NLL."""
+    num_layers = runner.num_layers
+    layers, pairs = Sums(num_layers), Sums(num_layers - 1)
+    want_pairs = "pair_error" in settings.metrics
+    nll_total, nll_count = 0.0, 0
+    for ids in batches(input_ids, settings.batch_size):
+        before_prev, x = None, runner.embed(ids)
+        for i in range(num_layers):
+            y = runner.layer(i, x)
+            cos = _token_cos(x, y)
+            layers.add("angular_distance", i, _angular(cos).sum())
+            layers.add("angular_distance_last", i, _angular(cos[:, -1]).sum())
+            layers.add("block_influence", i, (1 - cos).sum())
+            layers.add("tokens", i, cos.numel())
+            layers.add("windows", i, cos.shape[0])
+            if before_prev is not None:
+                p = i - 1  # the pair (i-1, i): its input is before_prev, its sequential output is y
+                cos2 = _token_cos(before_prev, y)
+                pairs.add("angular_distance", p, _angular(cos2).sum())
+                pairs.add("tokens", p, cos2.numel())
+                if want_pairs:
+                    sequential = (y - before_prev).float()
+                    parallel = (runner.pair(p, before_prev) - before_prev).float()
+                    pairs.add("diff_sq", p, (parallel - sequential).pow(2).sum())
+                    pairs.add("update_sq", p, sequential.pow(2).sum())
+                    pairs.add("cosine", p, F.cosine_similarity(parallel, sequential, dim=-1).sum())
+            before_prev, x = x, y
+        total, count = runner.nll(x, ids)
+        nll_total, nll_count = nll_total + total, nll_count + count
+        tick()
+    return layers, pairs, nll_total, nll_count
+
+
+def _measure_pair_losses(runner: LayerRunner, input_ids: torch.Tensor, settings: ScoreSettings,
+                         tick: Callable[[], None]) -> tuple[float, list[float]]:
+    """Base loss and the loss with each single pair in parallel, on `input_ids` (the loss budget)."""
+    num_layers = runner.num_layers
+    windows = list(batches(input_ids, settings.batch_size))
+    # The stream before every layer, for every window of the budget (the budget keeps this small).
+    streams: list[list[torch.Tensor]] = []
+    base_total = base_count = 0
+    for ids in windows:
+        x, per_layer = runner.embed(ids), []
+        for i in range(num_layers):
+            per_layer.append(x)
+            x = runner.layer(i, x)
+        total, count = runner.nll(x, ids)
+        base_total, base_count = base_total + total, base_count + count
+        streams.append(per_layer)
+    tick()
+    losses = []
+    for p in range(num_layers - 1):
+        total = count = 0
+        for ids, per_layer in zip(windows, streams, strict=True):
+            x = runner.run(runner.pair(p, per_layer[p]), start=p + 2)
+            t, c = runner.nll(x, ids)
+            total, count = total + t, count + c
+        losses.append(total / count)
+        tick()
+    return base_total / base_count, losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Rankings and agreement
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Average ranks (1-based), ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = _ranks(a), _ranks(b)
+    mean_a, mean_b = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - mean_a) * (y - mean_b) for x, y in zip(ra, rb, strict=True))
+    var_a = sum((x - mean_a) ** 2 for x in ra)
+    var_b = sum((y - mean_b) ** 2 for y in rb)
+    return cov / math.sqrt(var_a * var_b) if var_a and var_b else float("nan")
+
+
+def safest_pairs(pairs: list[dict], metric: str, count: int = 5) -> list[int]:
+    """Pair starts ordered from safest, by one metric (PAIR_METRICS says which direction is safe)."""
+    rows = [p for p in pairs if p.get(metric) is not None]
+    sign = 1 if PAIR_METRICS[metric] == "low" else -1
+    return [p["first"] for p in sorted(rows, key=lambda p: sign * p[metric])][:count]
+
+
+def metric_agreement(pairs: list[dict], edges: bool = False) -> dict[str, float]:
+    """Spearman correlation of each cheap pair metric (oriented so higher = riskier) with the measured
+    loss increase; the first and last pairs are left out unless `edges` (they dominate any ranking)."""
+    rows = [p for p in pairs if p.get("loss_increase") is not None
+            and (edges or 0 < p["first"] < len(pairs) - 1)]
+    out = {}
+    for metric, direction in PAIR_METRICS.items():
+        if metric == "loss_increase" or any(p.get(metric) is None for p in rows) or len(rows) < 3:
+            continue
+        sign = 1 if direction == "low" else -1
+        out[metric] = spearman([sign * p[metric] for p in rows], [p["loss_increase"] for p in rows])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Score every layer and candidate pair of `source` on calibration text; returns the scores JSON."""
+    from .texts import resolve_text, tokenize_windows
+
+    started = time.perf_counter()
+    architecture_for(source.config)
+    if settings.tokens <= 0 or settings.loss_tokens <= 0:
+        raise LPError("--tokens and --loss-tokens must be positive", "e.g. --tokens 16384")
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype)
+    text = resolve_text(settings.calib, text_field=settings.text_field)
+    tokenizer = source.load_tokenizer()
+    windows = tokenize_windows(tokenizer, text, seq_len=settings.seq_len, num_tokens=settings.tokens,
+                               seed=settings.seed, split="calib")
+    model = source.load_model(dtype=dtype, device=device, device_map=settings.device_map)
+    runner = LayerRunner(model, settings.seq_len)
+    num_layers = runner.num_layers
+    n_batches = math.ceil(windows.input_ids.shape[0] / settings.batch_size)
+    done = {"n": 0}
+
+    def tick_for(label: str, total: int):
+        done["n"] = 0
+
+        def tick():
+            done["n"] += 1
+            if progress:
+                progress(label, done["n"], total)
+
+        return tick
+
+    timings = {"load_seconds": time.perf_counter() - started}
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        layer_sums, pair_sums, nll_total, nll_count = _capture_cheap_metrics(
+            runner, windows.input_ids, settings, tick_for("Scoring layers and pairs", n_batches))
+        timings["metrics_seconds"] = time.perf_counter() - t0
+        loss_result = None
+        if settings.measure_loss or "loss" in settings.metrics:
+            t0 = time.perf_counter()
+            n_loss = math.ceil(settings.loss_tokens / settings.seq_len)
+            loss_ids = windows.input_ids[:n_loss]
+            loss_result = _measure_pair_losses(runner, loss_ids, settings,
+                                               tick_for("Measuring the loss of each pair", num_layers))
+            timings["loss_seconds"] = time.perf_counter() - t0
+
+    base_loss = nll_total / nll_count
+    layers = []
+    for i in range(num_layers):
+        tokens, windows_seen = layer_sums.get("tokens", i), layer_sums.get("windows", i)
+        layers.append({
+            "layer": i,
+            "angular_distance": layer_sums.get("angular_distance", i) / tokens,
+            "angular_distance_last": layer_sums.get("angular_distance_last", i) / windows_seen,
+            "block_influence": layer_sums.get("block_influence", i) / tokens,
+        })
+    pairs = []
+    for p in range(num_layers - 1):
+        row = {"first": p, "angular_distance": pair_sums.get("angular_distance", p) / pair_sums.get("tokens", p)}
+        if "pair_error" in settings.metrics:
+            row["pair_rel_l2"] = math.sqrt(pair_sums.get("diff_sq", p) / pair_sums.get("update_sq", p))
+            row["pair_cosine"] = pair_sums.get("cosine", p) / pair_sums.get("tokens", p)
+        pairs.append(row)
+
+    base = {"loss": base_loss, "perplexity": math.exp(base_loss), "tokens": nll_count}
+    loss_provenance = None
+    if loss_result is not None:
+        subset_loss, losses = loss_result
+        base["loss_subset"] = subset_loss
+        for row, loss in zip(pairs, losses, strict=True):
+            row.update(loss=loss, perplexity=math.exp(loss), loss_increase=loss / subset_loss - 1)
+        loss_provenance = {"windows": int(loss_ids.shape[0]), "tokens": int(loss_ids.numel()),
+                           "note": "the first windows of the calibration set"}
+    metrics_used = list(dict.fromkeys([*settings.metrics, *(["loss"] if loss_result else [])]))
+    result = {
+        "schema_version": SCORES_SCHEMA_VERSION,
+        "kind": SCORES_KIND,
+        "source": source_fingerprint(source.config, source.store),
+        "model": {"name": source.name, "num_layers": num_layers, "architecture": source.config.model_type},
+        "calibration": windows.provenance,
+        "loss_calibration": loss_provenance,
+        "base": base,
+        "layers": layers,
+        "pairs": pairs,
+        "metrics": metrics_used,
+        "safest_pairs": {m: safest_pairs(pairs, m) for m in PAIR_METRICS if m in pairs[0]},
+        "agreement_with_loss": metric_agreement(pairs) if loss_result else None,
+        "settings": {**asdict(settings), "metrics": list(settings.metrics), "device": device},
+        "timings": {**timings, "total_seconds": time.perf_counter() - started},
+        "created_by": f"lpconvert {__version__}",
+    }
+    return result
+
+
+def plot_scores(scores: dict, path) -> None:
+    """Per-layer importance and per-pair cost in one picture."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise LPError("--plot needs matplotlib", "pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers, pairs = scores["layers"], scores["pairs"]
+    panels = 3 if "loss_increase" in pairs[0] else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 3.2 * panels), sharex=True)
+    ax = axes[0]
+    xs = [row["layer"] for row in layers]
+    ax.bar(xs, [row["block_influence"] for row in layers], color="#4c72b0", label="block influence (1 - cos)")
+    ax.plot(xs, [row["angular_distance"] for row in layers], "o-", color="#dd8452", label="angular distance")
+    ax.set_ylabel("per layer")
+    ax.legend(loc="upper center")
+    ax.set_title(f"{scores['model']['name']}: layer and pair importance "
+                 f"({scores['calibration']['tokens']} tokens of {scores['calibration']['source']})")
+    ax = axes[1]
+    px = [row["first"] + 0.5 for row in pairs]
+    if "pair_rel_l2" in pairs[0]:
+        ax.plot(px, [row["pair_rel_l2"] for row in pairs], "o-", color="#c44e52", label="pair error (relative L2)")
+        ax.plot(px, [1 - row["pair_cosine"] for row in pairs], "s--", color="#8172b3", label="1 - pair cosine")
+    ax.plot(px, [row["angular_distance"] for row in pairs], "^:", color="#55a868", label="angular distance (2 layers)")
+    ax.set_yscale("log")
+    ax.set_ylabel("per pair (i, i+1)")
+    ax.legend(loc="upper center")
+    if panels == 3:
+        ax = axes[2]
+        ax.bar(px, [100 * row["loss_increase"] for row in pairs], color="#937860")
+        ax.set_yscale("symlog", linthresh=1.0)  # a few pairs cost 100x more than the rest
+        ax.set_ylabel("loss increase, % (measured)")
+    axes[-1].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
