@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -30,6 +31,14 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+# The dtypes a user may ask for by name (--dtype).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_from_name(name: str, extra: tuple[str, ...] = ()) -> torch.dtype:
+    if name not in DTYPES:
+        raise LPError(f"--dtype '{name}' does not exist", f"use one of {', '.join((*extra, *DTYPES))}")
+    return DTYPES[name]
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -134,6 +143,14 @@ class TensorStore:
 
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.infos().values())
+
+    def main_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype holding most of the weights (by element count)."""
+        counts: dict[torch.dtype, int] = {}
+        for info in self.infos().values():
+            if info.dtype.is_floating_point:
+                counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
+        return max(counts, key=counts.get) if counts else None
 
 
 class SafetensorsStore(TensorStore):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from . import archs
@@ -54,11 +53,8 @@ def describe_model(source: ModelSource) -> dict[str, Any]:
 
 def weights_dtype(source: ModelSource) -> str | None:
     """The floating dtype holding most of the weights, like "float32" or "bfloat16"."""
-    counts: Counter[str] = Counter()
-    for info in source.store.infos().values():
-        if info.dtype.is_floating_point:
-            counts[str(info.dtype).removeprefix("torch.")] += _numel(info.shape)
-    return counts.most_common(1)[0][0] if counts else None
+    dtype = source.store.main_dtype()
+    return str(dtype).removeprefix("torch.") if dtype else None
 
 
 def parameter_count(source: ModelSource) -> int:

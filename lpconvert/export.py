@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from .checkpoint import (
     TensorStore,
     atomic_output_dir,
     check_output_path,
+    dtype_from_name,
     plan_shards,
     shard_file_names,
     write_index,
@@ -46,7 +46,6 @@ AUTO_MAP = {
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 PLAN_FILE = "lpconvert-plan.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Non-weight buffers some old checkpoints saved; they are recomputed by the model.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -73,18 +72,10 @@ def source_fingerprint(config, store: TensorStore) -> dict:
     return fingerprint(config, {name: info.shape for name, info in store.infos().items()})
 
 
-def weights_dtype(store: TensorStore) -> torch.dtype:
-    """The dtype most of the source's floating-point weights have."""
-    counts = Counter(info.dtype for info in store.infos().values() if info.dtype.is_floating_point)
-    return counts.most_common(1)[0][0] if counts else torch.float32
-
-
 def resolve_dtype(name: str, store: TensorStore) -> torch.dtype:
     if name == "auto":
-        return weights_dtype(store)
-    if name not in DTYPES:
-        raise LPError(f"--dtype '{name}' does not exist", f"use one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+        return store.main_dtype() or torch.float32
+    return dtype_from_name(name, extra=("auto",))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,7 +473,7 @@ def convert_in_memory(model, pairs: list[int], *, dtype: torch.dtype | None = No
     arch = architecture_for(config)
     plan = Plan(source=source_fingerprint(config, store),
                 pairs=validate_pairs(pairs, config.num_hidden_layers, allow_edge_layers=True))
-    dtype = dtype or weights_dtype(store)
+    dtype = dtype or store.main_dtype() or torch.float32
     lp_config = LPConfig.from_dict(lp_config_dict(arch, config, plan, dtype, name))
     lp_config._attn_implementation = config._attn_implementation
     device = next(model.parameters()).device

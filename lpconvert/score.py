@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .archs import architecture_for
+from .checkpoint import dtype_from_name
 from .errors import LPError
 from .export import source_fingerprint
 from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION
@@ -33,7 +34,6 @@ from .runner import LayerRunner, batches
 
 CHEAP_METRICS = ("angular_distance", "block_influence", "pair_error")
 ALL_METRICS = (*CHEAP_METRICS, "loss")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -60,12 +60,6 @@ def resolve_device(name: str) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LPError("--device cuda was asked but this machine has no CUDA GPU", "use --device cpu or auto")
     return name
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise LPError(f"--dtype '{name}' does not exist", f"use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -228,7 +222,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
     if settings.tokens <= 0 or settings.loss_tokens <= 0:
         raise LPError("--tokens and --loss-tokens must be positive", "e.g. --tokens 16384")
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype)
+    dtype = dtype_from_name(settings.dtype)
     text = resolve_text(settings.calib, text_field=settings.text_field)
     tokenizer = source.load_tokenizer()
     windows = tokenize_windows(tokenizer, text, seq_len=settings.seq_len, num_tokens=settings.tokens,

@@ -48,14 +48,30 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
+def make_tiny_tokenizer(vocab_size: int = 128):
+    """A character-level BPE tokenizer of `vocab_size` tokens, trained on the built-in news text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lpconvert.texts import resolve_text
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False)
+    tokenizer.train_from_iterator([resolve_text("news").text[:100_000]], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
-    """Folder of each tiny random checkpoint, saved with save_pretrained (safetensors)."""
+    """Folder of each tiny random checkpoint, saved with save_pretrained (safetensors), with a tokenizer."""
     root = tmp_path_factory.mktemp("tiny")
+    tokenizer = make_tiny_tokenizer(TINY["vocab_size"])
     folders = {}
     for i, arch in enumerate(TINY_ARCHS):
         folder = root / arch
         make_tiny_model(arch, seed=i).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
         folders[arch] = folder
     return folders
 

@@ -187,13 +187,14 @@ def test_missing_and_wrong_paths(tmp_path, tiny_models):
 
 
 def test_tokenizer_path(tmp_path, tiny_models):
-    assert resolve_model(str(tiny_models["llama"])).tokenizer_path is None
-    folder = tmp_path / "m"
-    shutil.copytree(tiny_models["llama"], folder)
-    (folder / "tokenizer_config.json").write_text("{}")
-    assert resolve_model(str(folder)).tokenizer_path == folder
+    assert resolve_model(str(tiny_models["llama"])).tokenizer_path == tiny_models["llama"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_models["llama"] / name, bare / name)
+    assert resolve_model(str(bare)).tokenizer_path is None
     with raises("has no tokenizer files"):
-        resolve_model(str(tiny_models["llama"])).load_tokenizer()
+        resolve_model(str(bare)).load_tokenizer()
 
 
 # ----------------------------------------------------------------------------------------------
