@@ -10,13 +10,16 @@ tensor after tensor, so no shard is ever held in memory.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
+import queue
 import shutil
 import signal
 import struct
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,14 +109,20 @@ class SafetensorsFile:
                 raise self._corrupt(f"tensor {name} runs past the end of the file (truncated?)")
             self.entries[name] = (info, data_start + begin, data_start + end)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The tensor, or only its rows start..stop (rows are contiguous bytes in the file)."""
         info, begin, end = self.entries[name]
-        buffer = torch.empty(end - begin, dtype=torch.uint8)
+        rows = info.shape[0] if info.shape else 1
+        stop = rows if stop is None else min(stop, rows)
+        row_bytes = (end - begin) // rows if rows else 0
+        count = (stop - start) * row_bytes
+        buffer = torch.empty(count, dtype=torch.uint8)
         with open(self.path, "rb") as f:
-            f.seek(begin)
-            if f.readinto(buffer.numpy()) != end - begin:
+            f.seek(begin + start * row_bytes)
+            if f.readinto(buffer.numpy()) != count:
                 raise self._corrupt(f"tensor {name} is truncated")
-        return buffer.view(info.dtype).reshape(info.shape)
+        shape = info.shape if (start, stop) == (0, rows) else (stop - start, *info.shape[1:])
+        return buffer.view(info.dtype).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,10 @@ class TensorStore:
 
     def read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows start..stop of a tensor, without reading the rest where the store allows it."""
+        return self.read(name)[start:stop]
 
     def __contains__(self, name: str) -> bool:
         return name in self.infos()
@@ -195,6 +208,9 @@ class SafetensorsStore(TensorStore):
 
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._where[name].read(name, start, stop)
 
     def slice(self, name: str) -> FileSlice:
         file = self._where[name]
@@ -267,24 +283,82 @@ def _header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
 
 def write_shard(path: Path, tensors: list[OutputTensor], metadata: dict[str, str],
                 on_tensor: Callable[[OutputTensor], None] | None = None) -> None:
-    """Write one shard header-first, then each tensor's pieces as they are built."""
+    """Write one shard header-first, then each tensor's pieces as they are built.
+
+    A writer thread takes the pieces in order, so reading and folding the next piece overlaps with
+    writing this one; the queue is short, so memory stays at a few pieces.
+    """
     # Unbuffered, so kernel-side copies (copy_file_range) and Python writes share one file offset.
-    with open(path, "wb", buffering=0) as f:
-        f.write(_header_bytes(tensors, metadata))
+    with open(path, "wb", buffering=0) as f, _OrderedWriter(f) as writer:
+        writer.put(_header_bytes(tensors, metadata))
         for t in tensors:
             written = 0
             for piece in t.build():
                 if isinstance(piece, FileSlice):
-                    written += _copy_slice(piece, f)
-                    continue
-                if piece.dtype != t.info.dtype:
-                    raise RuntimeError(f"{t.name}: built {piece.dtype}, planned {t.info.dtype}")
-                data = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-                written += _write_all(f, memoryview(data))
+                    written += piece.length
+                else:
+                    if piece.dtype != t.info.dtype:
+                        raise RuntimeError(f"{t.name}: built {piece.dtype}, planned {t.info.dtype}")
+                    written += piece.numel() * piece.element_size()
+                writer.put(piece)
             if written != t.info.nbytes:
                 raise RuntimeError(f"{t.name}: built {written} bytes, planned {t.info.nbytes}")
             if on_tensor:
-                on_tensor(t)
+                writer.put(functools.partial(on_tensor, t))
+
+
+class _OrderedWriter:
+    """Writes pieces (bytes, tensors, FileSlices; callables are progress callbacks) on a thread, in order."""
+
+    def __init__(self, f, depth: int = 3):
+        self.f = f
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def put(self, piece) -> None:
+        while self.thread.is_alive():
+            try:
+                self.queue.put(piece, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+        self._raise()
+
+    def _run(self) -> None:
+        try:
+            while (piece := self.queue.get()) is not None:
+                if self.error is None:
+                    self._write(piece)
+        except BaseException as exc:  # re-raised in the main thread
+            self.error = exc
+            while self.queue.get() is not None:  # drain so the producer never blocks
+                pass
+
+    def _write(self, piece) -> None:
+        if isinstance(piece, FileSlice):
+            _copy_slice(piece, self.f)
+        elif isinstance(piece, bytes):
+            _write_all(self.f, memoryview(piece))
+        elif callable(piece):
+            piece()
+        else:
+            _write_all(self.f, memoryview(piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+        self.thread.join()
+        if exc_type is None:
+            self._raise()
 
 
 def _write_all(f, data: memoryview) -> int:

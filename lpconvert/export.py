@@ -101,18 +101,27 @@ class BlockBuilder:
 
     def read(self, layer: int, part: str, check_finite: bool = False) -> torch.Tensor:
         tensor = self.store.read(self.name(layer, part))
-        if check_finite and tensor.is_floating_point() and not _all_finite(tensor):
-            raise LPError(f"tensor {self.name(layer, part)} (layer {layer}) contains NaN or Inf",
-                          "the source weights are corrupt; they cannot be combined into a pair")
+        if check_finite:
+            self._check_finite(tensor, layer, part)
         return tensor
 
-    def unchanged(self, layer: int, part: str) -> torch.Tensor | FileSlice:
-        """A tensor copied as it is: its file bytes when the dtype is kept, else a cast copy."""
-        if self.info(layer, part).dtype == self.dtype:
-            piece = self.store.slice(self.name(layer, part))
-            if piece is not None:
-                return piece
-        return self.read(layer, part).to(self.dtype)
+    def row_chunks(self, layer: int, part: str) -> Iterator[torch.Tensor]:
+        """The tensor in blocks of rows of about CHUNK_BYTES each, NaN/Inf-checked (pairs only)."""
+        info = self.info(layer, part)
+        for start, stop in row_blocks(info):
+            chunk = self.store.read_rows(self.name(layer, part), start, stop)
+            self._check_finite(chunk, layer, part)
+            yield chunk
+
+    def _check_finite(self, tensor: torch.Tensor, layer: int, part: str) -> None:
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise LPError(f"tensor {self.name(layer, part)} (layer {layer}) contains NaN or Inf",
+                          "the source weights are corrupt; they cannot be combined into a pair")
+
+    def unchanged(self, layer: int, part: str) -> Iterator[torch.Tensor | FileSlice]:
+        """A tensor copied as it is: its file bytes when the dtype is kept, else cast block by block."""
+        name = self.name(layer, part)
+        yield from copy_pieces(self.store, name, self.info(layer, part), self.dtype)
 
     @property
     def paired(self) -> bool:
@@ -131,9 +140,10 @@ class BlockBuilder:
         return first  # norm, sum
 
     def pieces(self, rule: Rule) -> Iterator[torch.Tensor | FileSlice]:
-        """The output tensor's bytes in row-major order, as a few pieces (rows are never concatenated)."""
+        """The output tensor's bytes in row-major order, in pieces of at most about CHUNK_BYTES."""
         if not self.paired:  # a copied layer: every tensor keeps its bytes (fused rows are consecutive)
-            yield from (self.unchanged(self.layers[0], part) for part in rule.parts)
+            for part in rule.parts:
+                yield from self.unchanged(self.layers[0], part)
             return
         if rule.kind == "norm":
             # A pair's norm weights are folded into the projections that read them: the norm itself is unit.
@@ -141,18 +151,44 @@ class BlockBuilder:
         elif rule.kind == "rows":
             for part in rule.parts:
                 for layer in self.layers:
-                    matrix = self.read(layer, part, check_finite=True)
-                    if rule.fold:
-                        matrix = fold_norm(matrix, self.read(layer, rule.fold, check_finite=True), self.dtype)
-                    yield matrix.to(self.dtype)
+                    norm = self.read(layer, rule.fold, check_finite=True) if rule.fold else None
+                    for chunk in self.row_chunks(layer, part):
+                        yield fold_norm(chunk, norm, self.dtype) if norm is not None else chunk.to(self.dtype)
         elif rule.kind == "cols":
-            yield torch.cat([self.read(layer, rule.parts[0], True).to(self.dtype) for layer in self.layers], dim=1)
+            # Row r of the output is [row r of a, row r of b]: built block of rows by block of rows.
+            halves = [self.row_chunks(layer, rule.parts[0]) for layer in self.layers]
+            for chunks in zip(*halves, strict=True):
+                yield torch.cat([c.to(self.dtype) for c in chunks], dim=1)
         elif rule.kind == "sum":
             yield sum(self.read(layer, rule.parts[0], True).float() for layer in self.layers).to(self.dtype)
         elif rule.kind == "stack":
             yield torch.stack([self.read(layer, rule.parts[0], True) for layer in self.layers]).to(self.dtype)
         else:
             raise ValueError(f"unknown rule kind {rule.kind}")
+
+
+CHUNK_BYTES = 64 << 20  # the unit of reading, folding and writing: bounds memory whatever the model size
+
+
+def row_blocks(info: TensorInfo) -> Iterator[tuple[int, int]]:
+    rows = info.shape[0] if info.shape else 1
+    row_bytes = max(1, info.nbytes // max(rows, 1))
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def copy_pieces(store: TensorStore, name: str, info: TensorInfo, dtype: torch.dtype
+                ) -> Iterator[torch.Tensor | FileSlice]:
+    """An unchanged tensor: its file bytes when the dtype is kept (copied in the kernel), else cast by blocks."""
+    if info.dtype == dtype:
+        piece = store.slice(name)
+        if piece is not None:
+            yield piece
+            return
+    for start, stop in row_blocks(info):
+        block = store.read_rows(name, start, stop)
+        yield block.to(dtype) if info.shape else block.reshape(info.shape).to(dtype)
 
 
 def fold_norm(matrix: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -191,12 +227,7 @@ def block_output_tensors(arch: Architecture, config, store: TensorStore, block: 
 def _copied_tensor(store: TensorStore, name: str, dtype: torch.dtype) -> OutputTensor:
     info = store.infos()[name]
     target = dtype if info.dtype.is_floating_point else info.dtype
-
-    def build():
-        piece = store.slice(name) if info.dtype == target else None
-        yield piece if piece is not None else store.read(name).to(target)
-
-    return OutputTensor(name, TensorInfo(info.shape, target), build)
+    return OutputTensor(name, TensorInfo(info.shape, target), lambda: copy_pieces(store, name, info, target))
 
 
 def check_layer_tensors(arch: Architecture, config, store: TensorStore, num_layers: int) -> None:

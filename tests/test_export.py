@@ -205,14 +205,14 @@ def test_refuses_existing_output_and_overwrites_on_request(tiny_models, tmp_path
 def test_failure_midway_leaves_nothing(tiny_models, tmp_path):
     source = resolve_model(str(tiny_models["llama"]))
     plan = plan_for_pairs(source, [2])
-    real_read = source.store.read
+    real_read_rows = source.store.read_rows
 
-    def failing_read(name):
+    def failing_read_rows(name, start, stop):
         if name.startswith("model.layers.3."):
             raise OSError(5, "simulated read error")
-        return real_read(name)
+        return real_read_rows(name, start, stop)
 
-    source.store.read = failing_read
+    source.store.read_rows = failing_read_rows
     with pytest.raises(OSError):
         export(source, plan, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
@@ -220,19 +220,28 @@ def test_failure_midway_leaves_nothing(tiny_models, tmp_path):
 
 def test_nan_in_paired_weights_is_reported(tiny_models, tmp_path):
     source = resolve_model(str(tiny_models["llama"]))
-    real_read = source.store.read
+    real_read_rows = source.store.read_rows
 
-    def read_with_nan(name):
-        tensor = real_read(name)
+    def read_with_nan(name, start, stop):
+        tensor = real_read_rows(name, start, stop)
         if name == "model.layers.3.mlp.up_proj.weight":
             tensor = tensor.clone()
             tensor[0, 0] = float("nan")
         return tensor
 
-    source.store.read = read_with_nan
+    source.store.read_rows = read_with_nan
     with pytest.raises(LPError, match=r"model.layers.3.mlp.up_proj.weight \(layer 3\) contains NaN"):
         export(source, plan_for_pairs(source, [2]), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_small_chunks_give_the_same_checkpoint(tiny_models, tmp_path, monkeypatch):
+    import lpconvert.export as export_module
+
+    _export(tiny_models["qwen3"], tmp_path / "big", [1, 3], dtype="bfloat16")
+    monkeypatch.setattr(export_module, "CHUNK_BYTES", 1000)  # many row blocks per tensor
+    _export(tiny_models["qwen3"], tmp_path / "small", [1, 3], dtype="bfloat16")
+    assert (tmp_path / "big" / "model.safetensors").read_bytes() == (tmp_path / "small" / "model.safetensors").read_bytes()
 
 
 def test_dry_run_writes_nothing(tiny_models, tmp_path):
