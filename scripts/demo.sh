@@ -10,11 +10,15 @@ echo "== 1. inspect the built-in SmolLM2 (converted once from its GGUF into the 
 $LP inspect smollm2-135m
 
 echo
-echo "== 2. export with three middle pairs: 30 layers -> 27 blocks (bfloat16)"
+echo "== 2. score layers and pairs on 4k tokens of the Wikipedia sample (the default is 16k)"
+$LP score smollm2-135m --calib wiki --tokens 4096 -o "$OUT/scores.json" --plot "$OUT/scores.png"
+
+echo
+echo "== 3. export with three middle pairs: 30 layers -> 27 blocks (bfloat16)"
 $LP export smollm2-135m --pairs 10,14,20 --dtype bfloat16 -o "$OUT/smollm2-lp27" --overwrite
 
 echo
-echo "== 3. load the export with plain transformers (trust_remote_code) and generate"
+echo "== 4. load the export with plain transformers (trust_remote_code) and generate"
 .venv/bin/python - "$OUT/smollm2-lp27" <<'PY'
 import sys
 import torch

@@ -301,3 +301,31 @@ def test_16bit_fold_fast_path_equals_float32_fold(dtype):
     matrix = (torch.randn(512, 256, generator=g) * torch.logspace(-4, 2, 256)[None, :]).to(dtype)
     norm = (3 * torch.randn(256, generator=g)).to(dtype)
     assert torch.equal(fold_norm(matrix, norm, dtype), (matrix.float() * norm.float()[None, :]).to(dtype))
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_interrupted_export_leaves_nothing(signal_name, tiny_models, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    script = f"""
+import time
+import lpconvert.export as ex
+from lpconvert.sources import resolve_model
+ex.CHUNK_BYTES = 256  # many small pieces ...
+source = resolve_model({str(tiny_models["llama"])!r})
+real = source.store.read_rows
+source.store.read_rows = lambda *a: (time.sleep(0.02), real(*a))[1]  # ... each slow to read
+ex.export(source, ex.plan_for_pairs(source, [1, 3]), ex.Path({str(out)!r}))
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.lpconvert-tmp-") for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None, "export did not start writing"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(getattr(signal, signal_name))
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == [], "an interrupted export left files behind"
