@@ -226,6 +226,86 @@ def _write_json_atomically(path: Path, data: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# eval
+
+
+@app.command(name="eval")
+@stage
+def eval_command(
+    source_model: Annotated[str, typer.Argument(metavar="SOURCE", help="The original model.", show_default=False)],
+    converted_model: Annotated[str, typer.Argument(metavar="CONVERTED", help="The folder written by export.",
+                                                   show_default=False)],
+    text: Annotated[str, typer.Option(help="Evaluation text: wiki, news, a file or folder, or a datasets name.",
+                                      rich_help_panel="Text")] = "wiki",
+    split: Annotated[str, typer.Option(help="heldout: the windows calibration never uses; all: every window "
+                                            "(for a text never used to calibrate).", rich_help_panel="Text")] = "heldout",
+    text_field: Annotated[str, typer.Option(help="Field holding the text in .jsonl/.json files and datasets.",
+                                            rich_help_panel="Text")] = "text",
+    tokens: Annotated[int, typer.Option(help="Evaluation tokens.", rich_help_panel="Text")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.", rich_help_panel="Text")] = 512,
+    prompt: Annotated[str, typer.Option(help="Prompt of the side-by-side generation.",
+                                        rich_help_panel="Text")] = "The capital of France is",
+    max_ppl_increase: Annotated[str | None, typer.Option(
+        help="Gate: fail (exit 1) when perplexity rises more than this, e.g. 10%.", rich_help_panel="Gate",
+        show_default=False)] = None,
+    min_agreement: Annotated[float | None, typer.Option(
+        help="Gate: fail (exit 1) when greedy next-token agreement is below this, e.g. 0.85.",
+        rich_help_panel="Gate", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Runtime")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Runtime")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel="Runtime")] = "float32",
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare a converted model with its source on held-out text: perplexity, agreement, KL, generations.
+    With --max-ppl-increase / --min-agreement it is a gate: exit 1 when a bound is broken."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from .evaluate import EvalSettings, evaluate, parse_percent
+
+    if split not in ("heldout", "all"):
+        raise LPError(f"--split '{split}' does not exist", "use heldout or all")
+    settings = EvalSettings(text=text, split=split, text_field=text_field, tokens=tokens, seq_len=seq_len,
+                            batch_size=batch_size, device=device, dtype=dtype, prompt=prompt,
+                            max_ppl_increase=parse_percent(max_ppl_increase) if max_ppl_increase else None,
+                            min_agreement=min_agreement)
+    source = _load_source(source_model, trust_remote_code)
+    converted = _load_source(converted_model, trust_remote_code)
+    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, disable=as_json, transient=True) as bar:
+        task = bar.add_task("Evaluating both models", total=None)
+        report = evaluate(source, converted, settings, lambda done, total: bar.update(task, completed=done,
+                                                                                      total=total))
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(_eval_table(report))
+    if not report["passed"]:
+        err.print(f"[bold red]gate failed:[/] {'; '.join(report['failures'])}", highlight=False)
+        raise typer.Exit(1)
+
+
+def _eval_table(report: dict) -> Table:
+    text = report["text"]
+    table = Table(title=f"{report['converted']} ({report['converted_depth']} blocks) vs {report['source']} "
+                        f"({report['source_depth']} layers) on {report['tokens']} tokens of {text['source']} "
+                        f"({text['split']})")
+    table.add_column("figure")
+    table.add_column("source", justify="right")
+    table.add_column("converted", justify="right")
+    table.add_row("perplexity", f"{report['perplexity_source']:.3f}", f"{report['perplexity_converted']:.3f}")
+    table.add_row("perplexity increase", "", f"{100 * report['perplexity_increase']:+.2f}%")
+    table.add_row("next-token agreement", "", f"{report['agreement']:.3f}")
+    table.add_row("KL(source || converted), nats/token", "", f"{report['kl_divergence']:.4f}")
+    generation = report["generation"]
+    table.add_row(f"generation: {generation['prompt']!r}", " ".join(generation["source"].split()),
+                  " ".join(generation["converted"].split()))
+    gate = [f"{k}={v}" for k, v in report["gate"].items() if v is not None]
+    table.caption = ("gate: " + ", ".join(gate) + (" passed" if report["passed"] else " FAILED")) if gate else None
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
 # export
 
 
@@ -309,6 +389,168 @@ def _run_export_with_progress(run_export, source, plan, output, quiet: bool, **k
         task = bar.add_task("Writing weights", total=None)
         return run_export(source, plan, output, progress=lambda done, total: bar.update(task, completed=done,
                                                                                          total=total), **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# plan
+
+
+@app.command()
+@stage
+def plan(
+    scores: Annotated[Path, typer.Argument(help="Scores JSON from `lpconvert score`.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the plan JSON.",
+                                                rich_help_panel="Output", show_default=False)] = None,
+    pairs: Annotated[int | None, typer.Option("--pairs", help="Target: this many pairs.", rich_help_panel="Target",
+                                              show_default=False)] = None,
+    depth: Annotated[int | None, typer.Option("--depth", help="Target: this effective depth (layers - pairs).",
+                                              rich_help_panel="Target", show_default=False)] = None,
+    speedup: Annotated[float | None, typer.Option(
+        "--speedup", help="Target: this decode speedup, ESTIMATED by a cost model (time ∝ layers - 0.55·pairs).",
+        rich_help_panel="Target", show_default=False)] = None,
+    max_loss_increase: Annotated[str | None, typer.Option(
+        "--max-loss-increase", help="Target: the most pairs whose measured calibration loss stays within X% of the "
+        "source's, e.g. 5%.", rich_help_panel="Target", show_default=False)] = None,
+    strategy: Annotated[str | None, typer.Option(
+        "--strategy", help="contiguous (the paper's rule), greedy (best pairs by --metric) or search (measure the "
+        "model with all pairs at every step). Default: search with --model, else greedy.",
+        rich_help_panel="Strategy", show_default=False)] = None,
+    metric: Annotated[str | None, typer.Option(
+        "--metric", help="Per-pair metric of the scores used to rank pairs: loss_increase, pair_rel_l2, pair_cosine "
+        "or angular_distance. Default: loss_increase when the scores have it, else pair_rel_l2.",
+        rich_help_panel="Strategy", show_default=False)] = None,
+    allow_edge_layers: Annotated[bool, typer.Option(
+        "--allow-edge-layers", help="Allow pairing the first or last layer (most damaging).",
+        rich_help_panel="Strategy")] = False,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="The scored model; lets the planner measure pair sets (needed by search).",
+        rich_help_panel="Measuring", show_default=False)] = None,
+    objective: Annotated[str, typer.Option(
+        help="What measuring minimises: kl (divergence from the source's next-token distribution, resists "
+        "overfitting) or loss (calibration NLL, the paper's perplexity sweep).", rich_help_panel="Measuring")] = "kl",
+    candidates: Annotated[int, typer.Option(help="Search: pool of pairs pre-ranked by --metric.",
+                                            rich_help_panel="Measuring")] = 10,
+    beam: Annotated[int, typer.Option(help="Search: sets kept at each step.", rich_help_panel="Measuring")] = 1,
+    verify: Annotated[int, typer.Option(
+        help="Search: best sets of each step re-measured on the calibration text's held-out split before one is "
+        "kept (0: off).", rich_help_panel="Measuring")] = 3,
+    calib: Annotated[str, typer.Option(help="Calibration text: wiki, a .txt/.jsonl/.json file or folder, or a "
+                                            "datasets name.", rich_help_panel="Calibration")] = "wiki",
+    tokens: Annotated[int, typer.Option(help="Calibration tokens per measurement.",
+                                        rich_help_panel="Calibration")] = 8192,
+    heldout_tokens: Annotated[int, typer.Option(help="Held-out tokens for --verify.",
+                                                rich_help_panel="Calibration")] = 8192,
+    seq_len: Annotated[int, typer.Option(help="Tokens per window.", rich_help_panel="Calibration")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for drawing windows.", rich_help_panel="Calibration")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Runtime")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Runtime")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.",
+                                       rich_help_panel="Runtime")] = "auto",
+    plot: Annotated[Path | None, typer.Option(help="Also draw calibration perplexity against effective depth "
+                                                   "(the quality/depth front) into this PNG.",
+                                              rich_help_panel="Output", show_default=False)] = None,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose which consecutive layers to pair, for a target depth, speedup or loss budget."""
+    from .formats import PAIR_METRICS, layer_strip, load_scores
+    from .plan import OBJECTIVES, STRATEGIES, build_calibrator, make_plan, pairs_for_target, parse_target
+
+    target = parse_target(pairs, depth, speedup, max_loss_increase)
+    if output is None and not as_json:
+        raise LPError("give -o plan.json (or --json to print the plan)", "e.g. lpconvert plan scores.json -o plan.json")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise LPError(f"--strategy {strategy} does not exist", f"use one of {', '.join(STRATEGIES)}")
+    if metric is not None and metric not in PAIR_METRICS:
+        raise LPError(f"--metric {metric} is not a per-pair metric", f"use one of {', '.join(PAIR_METRICS)}")
+    if objective not in OBJECTIVES:
+        raise LPError(f"--objective {objective} does not exist", f"use one of {', '.join(OBJECTIVES)}")
+    if strategy == "search" and model is None:
+        raise LPError("--strategy search measures the model at every step and needs --model",
+                      "pass --model MODEL, or use --strategy greedy")
+    for name, value in (("--candidates", candidates), ("--beam", beam), ("--batch-size", batch_size)):
+        if value < 1:
+            raise LPError(f"{name} must be at least 1, got {value}", f"e.g. {name} 4")
+    if verify < 0 or heldout_tokens < 0:
+        raise LPError("--verify and --heldout-tokens cannot be negative", "use 0 to switch the check off")
+    for path in (output, plot):
+        if path is not None:
+            _check_writable_file(path)
+
+    source = _load_source(model, trust_remote_code) if model is not None else None
+    expected = None
+    if source is not None:
+        from .export import source_fingerprint
+
+        expected = source_fingerprint(source.config, source.store)
+    scores_data = load_scores(scores, expected)
+    num_layers = int(scores_data["source"]["num_layers"])
+    pairs_for_target(target, num_layers, allow_edge_layers)  # refuse an impossible target before measuring
+
+    with err.status("Planning...") as status:
+        def progress(message: str) -> None:
+            status.update(f"Planning: {message}...")
+
+        calibrator = None
+        if source is not None:
+            calibrator = build_calibrator(source, calib=calib, tokens=tokens, seq_len=seq_len, seed=seed,
+                                          heldout_tokens=heldout_tokens if verify else 0, objective=objective,
+                                          batch_size=batch_size, device=device, dtype=dtype, progress=progress)
+        result = make_plan(scores_data, target=target, strategy=strategy, metric=metric, calibrator=calibrator,
+                           allow_edge_layers=allow_edge_layers, candidates=candidates, beam=beam, verify=verify,
+                           source=expected, scores_path=f"scores {scores}", progress=progress)
+    data = result.to_json()
+    if output is not None:
+        _write_json_atomically(output, data)
+    if plot is not None:
+        from .plan import plot_front
+
+        plot_front(result, scores_data, plot)
+    if as_json:
+        _print_json(data)
+        return
+    out.print(_plan_table(result, model or scores_data.get("model", {}).get("name", "?"), layer_strip))
+    written = [f"plan written to [bold]{output}[/]"] if output is not None else []
+    if plot is not None:
+        written.append(f"plot to [bold]{plot}[/]")
+    if written:
+        out.print(", ".join(written))
+
+
+def _plan_table(result, name: str, layer_strip) -> Table:
+    d = result.details
+    table = Table(title=f"Plan: {result.strategy}", show_header=False)
+    table.add_row("source", f"{name} ({result.source.get('architecture')}, {result.num_layers} layers)")
+    how = result.strategy + (f", ranked by {result.metric}" if result.metric else "")
+    if d.get("objective"):
+        how += f", measured by {d['objective']}"
+    if "search" in d:
+        s = d["search"]
+        how += f" (pool {s['candidates']}, beam {s['beam']}, held-out check of {s['verify']})"
+    table.add_row("strategy", how)
+    target = result.target or {}
+    table.add_row("target", f"{target.get('kind', '').replace('_', ' ')} {target.get('value')}")
+    table.add_row("pairs", ", ".join(f"({p}, {p + 1})" for p in result.pairs))
+    table.add_row("layer stack", layer_strip(result.pairs, result.num_layers))
+    table.add_row("effective depth", f"{result.effective_depth} blocks (from {result.num_layers})")
+    table.add_row("speedup", f"{d['estimated_speedup']:.2f}x (estimate: decode time ∝ layers − 0.55·pairs)")
+    if "calibration" in d:
+        c, base = d["calibration"], d["source_calibration"]
+        table.add_row("calibration", f"perplexity {base['perplexity']:.2f} → {c['perplexity']:.2f} "
+                                     f"(loss {100 * c['loss_increase']:+.1f}%), KL {c['kl']:.4f}")
+    if "heldout" in d:
+        h = d["heldout"]
+        table.add_row("held-out check", f"perplexity {h['source_perplexity']:.2f} → {h['perplexity']:.2f} "
+                                        f"(loss {100 * h['loss_increase']:+.1f}%)")
+    if "summed_single_pair_loss_increase" in d:
+        table.add_row("single-pair losses", f"{100 * d['summed_single_pair_loss_increase']:+.1f}% summed "
+                                            "(pairs interact: an estimate)")
+    cost = d.get("cost", {})
+    if cost.get("set_evaluations"):
+        table.add_row("cost", f"{cost['set_evaluations']} sets measured ({cost['heldout_evaluations']} on held-out), "
+                              f"{cost['forward_passes']:.1f} forward passes of {cost['calibration_tokens']} tokens")
+    table.add_row("time", f"{d['planning_seconds']:.1f} s")
+    return table
 
 
 def main() -> None:

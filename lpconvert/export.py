@@ -399,7 +399,25 @@ def copy_tokenizer(source, folder: Path) -> list[str]:
         if path.is_file():
             shutil.copy2(path, folder / name)
             copied.append(name)
+    _pin_tokenizer_class(source, folder)
     return copied
+
+
+def _pin_tokenizer_class(source, folder: Path) -> None:
+    """Name the tokenizer class the source resolves to in tokenizer_config.json.
+
+    transformers picks a tokenizer class from config.json's model_type when it knows it; the
+    export's model_type ("lpconvert") is unknown to it, so without this the same files could load
+    as a different class than the source's (e.g. a generic backend instead of Qwen2Tokenizer).
+    """
+    config_path = folder / "tokenizer_config.json"
+    if not config_path.is_file():
+        return
+    tokenizer_config = json.loads(config_path.read_text())
+    resolved = type(source.load_tokenizer()).__name__
+    if tokenizer_config.get("tokenizer_class") != resolved:
+        tokenizer_config["tokenizer_class"] = resolved
+        config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------

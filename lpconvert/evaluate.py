@@ -1,0 +1,146 @@
+"""Evaluate: how much quality a converted model lost against its source, on held-out text.
+
+Both models read the same windows of text. Reported: perplexity of each and the relative increase,
+greedy next-token agreement (how often both pick the same next token), the mean KL divergence
+KL(P_source || P_converted) of the next-token distributions, and a short greedy generation of each.
+Bounds (`max_ppl_increase`, `min_agreement`) turn it into a gate for CI.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__
+from .checkpoint import dtype_from_name
+from .errors import LPError
+from .runner import batches
+from .score import resolve_device
+
+
+@dataclass
+class EvalSettings:
+    text: str = "wiki"
+    split: str = "heldout"  # held-out windows of a calibration source; "all" for a text never used to calibrate
+    text_field: str = "text"
+    tokens: int = 16384
+    seq_len: int = 512
+    seed: int = 0
+    batch_size: int = 4
+    device: str = "auto"
+    dtype: str = "float32"
+    prompt: str = "The capital of France is"
+    new_tokens: int = 24
+    max_ppl_increase: float | None = None  # a fraction: 0.10 for 10%
+    min_agreement: float | None = None
+
+
+def parse_percent(text: str) -> float:
+    """'10%' -> 0.10, '0.1' -> 0.1."""
+    clean = text.strip()
+    try:
+        return float(clean[:-1]) / 100 if clean.endswith("%") else float(clean)
+    except ValueError:
+        raise LPError(f"'{text}' is not a percentage", "write it like 10% or 0.10") from None
+
+
+def check_same_tokenizer(source, converted) -> None:
+    """Two models can only be compared token by token if they share a vocabulary."""
+    a, b = source.config.vocab_size, converted.config.vocab_size
+    if a != b:
+        raise LPError(f"the models have different vocabulary sizes ({a} and {b})",
+                      "compare a converted model with the model it was converted from")
+    if source.tokenizer_path and converted.tokenizer_path:
+        if source.load_tokenizer().get_vocab() != converted.load_tokenizer().get_vocab():
+            raise LPError("the models have different tokenizers",
+                          "compare a converted model with the model it was converted from")
+
+
+def _token_stats(source_logits: torch.Tensor, converted_logits: torch.Tensor, input_ids: torch.Tensor) -> dict:
+    targets = input_ids[:, 1:].reshape(-1).to(source_logits.device)
+    src = F.log_softmax(source_logits[:, :-1].float(), dim=-1).reshape(-1, source_logits.shape[-1])
+    conv = F.log_softmax(converted_logits[:, :-1].float(), dim=-1).reshape(-1, converted_logits.shape[-1])
+    kl = (src.exp() * (src - conv)).sum(-1)
+    return {
+        "nll_source": float(-src.gather(1, targets[:, None]).sum().double()),
+        "nll_converted": float(-conv.gather(1, targets[:, None]).sum().double()),
+        "agree": int((src.argmax(-1) == conv.argmax(-1)).sum()),
+        "kl": float(kl.sum().double()),
+        "tokens": targets.numel(),
+    }
+
+
+def _generate(model, tokenizer, prompt: str, new_tokens: int, device: str) -> str:
+    encoded = tokenizer(prompt, return_tensors="pt").to(device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(**encoded, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
+    return tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate(source, converted, settings: EvalSettings,
+             progress: Callable[[int, int], None] | None = None) -> dict:
+    """Compare `converted` with `source` on held-out text; returns the report (with `passed`)."""
+    from .texts import resolve_text, tokenize_windows
+
+    started = time.perf_counter()
+    check_same_tokenizer(source, converted)
+    device = resolve_device(settings.device)
+    dtype = dtype_from_name(settings.dtype)
+    tokenizer = source.load_tokenizer()
+    windows = tokenize_windows(tokenizer, resolve_text(settings.text, text_field=settings.text_field),
+                               seq_len=settings.seq_len, num_tokens=settings.tokens, seed=settings.seed,
+                               split=settings.split)
+    source_model = source.load_model(dtype=dtype, device=device)
+    converted_model = converted.load_model(dtype=dtype, device=device)
+    totals = {"nll_source": 0.0, "nll_converted": 0.0, "agree": 0, "kl": 0.0, "tokens": 0}
+    chunks = list(batches(windows.input_ids, settings.batch_size))
+    with torch.inference_mode():
+        for done, ids in enumerate(chunks, start=1):
+            ids = ids.to(device)
+            stats = _token_stats(source_model(ids).logits, converted_model(ids).logits, ids)
+            for key, value in stats.items():
+                totals[key] += value
+            if progress:
+                progress(done, len(chunks))
+        generations = {
+            "prompt": settings.prompt,
+            "source": _generate(source_model, tokenizer, settings.prompt, settings.new_tokens, device),
+            "converted": _generate(converted_model, tokenizer, settings.prompt, settings.new_tokens, device),
+        }
+    n = totals["tokens"]
+    ppl_source = math.exp(totals["nll_source"] / n)
+    ppl_converted = math.exp(totals["nll_converted"] / n)
+    figures = {
+        "perplexity_source": ppl_source,
+        "perplexity_converted": ppl_converted,
+        "perplexity_increase": ppl_converted / ppl_source - 1,
+        "agreement": totals["agree"] / n,
+        "kl_divergence": totals["kl"] / n,
+        "tokens": n,
+    }
+    failures = []
+    if settings.max_ppl_increase is not None and figures["perplexity_increase"] > settings.max_ppl_increase:
+        failures.append(f"perplexity increase {100 * figures['perplexity_increase']:.1f}% exceeds "
+                        f"{100 * settings.max_ppl_increase:.1f}%")
+    if settings.min_agreement is not None and figures["agreement"] < settings.min_agreement:
+        failures.append(f"agreement {figures['agreement']:.3f} is below {settings.min_agreement:.3f}")
+    return {
+        "source": source.name,
+        "converted": converted.name,
+        "converted_depth": getattr(converted.config, "num_hidden_layers", None),
+        "source_depth": source.config.num_hidden_layers,
+        "text": windows.provenance,
+        **figures,
+        "generation": generations,
+        "gate": {"max_ppl_increase": settings.max_ppl_increase, "min_agreement": settings.min_agreement},
+        "passed": not failures,
+        "failures": failures,
+        "settings": {**asdict(settings), "device": device},
+        "seconds": time.perf_counter() - started,
+        "created_by": f"lpconvert {__version__}",
+    }

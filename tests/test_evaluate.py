@@ -1,0 +1,65 @@
+"""Eval: the figures, the gate's exit codes, and refusal of models with different vocabularies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lpconvert.cli import app
+from lpconvert.evaluate import parse_percent
+
+TEXT = ["--text", "news", "--split", "all", "--tokens", "512", "--seq-len", "64", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval") / "lp"
+    result = CliRunner().invoke(app, ["export", str(tiny_models["qwen2"]), "--pairs", "1,3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def run_eval(*args):
+    return CliRunner().invoke(app, ["eval", *map(str, args), *TEXT])
+
+
+def test_report_fields(tiny_models, converted):
+    result = run_eval(tiny_models["qwen2"], converted, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["converted_depth"] == 4 and report["source_depth"] == 6
+    assert report["tokens"] == 8 * 63 and 0 <= report["agreement"] <= 1 and report["kl_divergence"] > 0
+    assert report["perplexity_increase"] == pytest.approx(
+        report["perplexity_converted"] / report["perplexity_source"] - 1)
+    assert report["passed"] and report["generation"]["converted"]
+
+
+def test_identical_model_has_zero_kl(tiny_models, tmp_path):
+    CliRunner().invoke(app, ["export", str(tiny_models["qwen2"]), "--pairs", "none", "-o", str(tmp_path / "copy")])
+    report = json.loads(run_eval(tiny_models["qwen2"], tmp_path / "copy", "--json").stdout)
+    assert report["agreement"] == 1.0 and report["kl_divergence"] < 1e-6 and abs(report["perplexity_increase"]) < 1e-6
+
+
+def test_gate_fails_with_exit_1_naming_the_figure(tiny_models, converted):
+    result = run_eval(tiny_models["qwen2"], converted, "--max-ppl-increase", "0%", "--min-agreement", "1.01")
+    assert result.exit_code == 1
+    assert "perplexity increase" in result.stderr and "agreement" in result.stderr
+    loose = run_eval(tiny_models["qwen2"], converted, "--max-ppl-increase", "1000%", "--min-agreement", "0")
+    assert loose.exit_code == 0, loose.output
+
+
+def test_different_vocabularies_are_refused(tiny_models, converted, tmp_path):
+    from conftest import TINY, make_tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "other"
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": 96})).save_pretrained(other)
+    make_tiny_tokenizer(96).save_pretrained(other)
+    result = run_eval(other, converted)
+    assert result.exit_code == 2 and "different vocabulary sizes" in result.stderr
+
+
+def test_parse_percent():
+    assert parse_percent("10%") == pytest.approx(0.1) and parse_percent("0.25") == 0.25
