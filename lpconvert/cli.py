@@ -306,6 +306,95 @@ def _eval_table(report: dict) -> Table:
 
 
 # ----------------------------------------------------------------------------------------------
+# bench
+
+
+@app.command()
+@stage
+def bench(
+    model: Annotated[str | None, typer.Argument(help="The model to time (e.g. a converted folder).",
+                                                show_default=False)] = None,
+    baseline: Annotated[str | None, typer.Option(help="Also time this model (e.g. the source) in the same process "
+                                                      "and print the speedup.", show_default=False)] = None,
+    random_weights: Annotated[str | None, typer.Option(
+        help="Instead of MODEL: build a source with random weights at this shape on the device "
+             "(llama2-7b, llama3-8b, llama3.2-3b, qwen2.5-0.5b-shape, tiny) and convert it in memory.",
+        rich_help_panel="Random weights", show_default=False)] = None,
+    pair_counts: Annotated[str, typer.Option(help="With --random-weights: pair counts to convert with, placed in "
+                                                  "the middle of the stack.", rich_help_panel="Random weights")] = "0,7",
+    batch_size: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8.", rich_help_panel="Workload")] = "1",
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens.", rich_help_panel="Workload")] = 128,
+    new_tokens: Annotated[int, typer.Option(help="Generated tokens.", rich_help_panel="Workload")] = 128,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs.", rich_help_panel="Workload")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed runs (median reported).", rich_help_panel="Workload")] = 3,
+    compile_: Annotated[bool, typer.Option("--compile", help="Static cache, compiled decode step.",
+                                           rich_help_panel="Runtime")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Runtime")] = "auto",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel="Runtime")] = "bfloat16",
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prefill and decode tokens/s with transformers generate, eager or compiled; with a baseline, the speedup."""
+    from .bench import BenchSettings, measure, middle_pairs, random_source_model, settings_json, speedups
+    from .checkpoint import dtype_from_name
+    from .score import resolve_device
+
+    if (model is None) == (random_weights is None):
+        raise LPError("give MODEL or --random-weights SHAPE (one of them)", "e.g. lpconvert bench out/ --baseline src/")
+    try:
+        batches = tuple(int(b) for b in batch_size.split(","))
+        counts = [int(c) for c in pair_counts.split(",")]
+    except ValueError:
+        raise LPError("--batch-size and --pair-counts take comma-separated integers", "e.g. --batch-size 1,8") from None
+    if min(batches) < 1 or min(prompt_len, new_tokens, repeats) < 1 or warmup < 0:
+        raise LPError("batch sizes, lengths and repeats must be positive", "e.g. --batch-size 1 --repeats 3")
+    settings = BenchSettings(batch_sizes=batches, prompt_len=prompt_len, new_tokens=new_tokens, warmup=warmup,
+                             repeats=repeats, compile=compile_, device=device, dtype=dtype)
+    run_device, run_dtype = resolve_device(device), dtype_from_name(dtype)
+    rows: list[dict] = []
+    with err.status("Benchmarking...") as status:
+        def note(text: str) -> None:
+            status.update(f"Benchmarking {text}...")
+
+        if random_weights is not None:
+            from .export import convert_in_memory
+
+            source = random_source_model(random_weights, run_dtype, run_device)
+            plans = [(count, middle_pairs(source.config.num_hidden_layers, count)) for count in counts]
+            rows += measure(source, settings, run_device, "source", note)
+            for count, pairs in plans:
+                converted = convert_in_memory(source, pairs, name=f"{random_weights} random")
+                rows += measure(converted, settings, run_device, f"lp-{count}", note)
+                del converted
+            reference = "source"
+        else:
+            target = _load_source(model, trust_remote_code).load_model(dtype=run_dtype, device=run_device)
+            if baseline is not None:
+                base_model = _load_source(baseline, trust_remote_code).load_model(dtype=run_dtype, device=run_device)
+                rows += measure(base_model, settings, run_device, "baseline", note)
+                del base_model
+            rows += measure(target, settings, run_device, "model", note)
+            reference = "baseline"
+    report = {"rows": rows, "speedups": speedups(rows, reference), "settings": settings_json(settings),
+              "device": run_device, "random_weights": random_weights, "model": model, "baseline": baseline}
+    if run_device.startswith("cuda"):
+        report["gpu"] = __import__("torch").cuda.get_device_name()
+    if as_json:
+        _print_json(report)
+        return
+    table = Table(title=f"tokens/s on {report.get('gpu', run_device)} ({dtype}, prompt {prompt_len}, "
+                        f"{new_tokens} new tokens, median of {repeats})")
+    for column in ("model", "batch", "mode", "decode tok/s", "prefill tok/s", "decode speedup"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    gains = {(g["model"], g["batch"], g["mode"]): g["decode"] for g in report["speedups"]}
+    for row in rows:
+        gain = gains.get((row["model"], row["batch"], row["mode"]))
+        table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['decode_tokens_per_s']:.1f}",
+                      f"{row['prefill_tokens_per_s']:.0f}", f"{gain:.2f}x" if gain else "")
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------------------------
 # export
 
 

@@ -1,0 +1,154 @@
+"""Bench: prefill and decode tokens/s in the runtime users run (transformers `generate`).
+
+Modes: eager (the default dynamic cache) and `compile` (a static cache; transformers compiles the
+decode step itself on CUDA, and on the CPU we wrap the forward in torch.compile). Decode speed is
+measured as the difference between a generation of N+1 tokens and one of 1 token, so prefill
+does not count; each figure is the median of `repeats` runs after `warmup` runs.
+
+`random_weights_models` builds a source model with random weights at a real shape directly on the
+device and converts it in memory: how a GPU machine without model files is measured.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .errors import LPError
+
+# Real shapes (Llama-family), for --random-weights.
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+    "llama3.2-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                        num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+    "qwen2.5-0.5b-shape": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=12, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+}
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = (1,)
+    prompt_len: int = 128
+    new_tokens: int = 128
+    warmup: int = 1
+    repeats: int = 3
+    compile: bool = False
+    device: str = "auto"
+    dtype: str = "bfloat16"
+
+
+def middle_pairs(num_layers: int, count: int) -> list[int]:
+    """`count` pairs in the middle of the stack (the region that tolerates pairing best)."""
+    if count < 0 or 2 * count > num_layers - 2:
+        raise LPError(f"{count} pairs do not fit in the middle of {num_layers} layers",
+                      f"use at most {(num_layers - 2) // 2}")
+    first = (num_layers - 2 * count) // 2
+    return [first + 2 * k for k in range(count)]
+
+
+def random_source_model(shape: str, dtype: torch.dtype, device: str):
+    """A transformers Llama model of random weights at a real shape, built on the device."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if shape not in SHAPES:
+        raise LPError(f"unknown shape '{shape}'", f"use one of {', '.join(SHAPES)}")
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    with torch.no_grad():  # non-trivial norm weights, so folding them matters
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _prepare(model, settings: BenchSettings, device: str):
+    """Return generate kwargs for the mode; on the CPU --compile wraps the forward ourselves."""
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    if settings.compile:
+        kwargs["cache_implementation"] = "static"
+        if not device.startswith("cuda") and not getattr(model, "_lp_compiled", False):
+            model.forward = torch.compile(model.forward, fullgraph=True)
+            model._lp_compiled = True
+    return kwargs
+
+
+def measure(model, settings: BenchSettings, device: str, label: str,
+            progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Prefill and decode tokens/s of one model, one row per batch size."""
+    kwargs = _prepare(model, settings, device)
+    rows = []
+    vocab = model.config.vocab_size
+    for batch in settings.batch_sizes:
+        if progress:
+            progress(f"{label}, batch {batch}")
+        prompt = torch.randint(0, vocab, (batch, settings.prompt_len), device=device,
+                               generator=torch.Generator(device=device).manual_seed(0))
+        mask = torch.ones_like(prompt)
+
+        for _ in range(settings.warmup):
+            _time_generate(model, prompt, mask, settings.new_tokens + 1, kwargs, device)
+            _time_generate(model, prompt, mask, 1, kwargs, device)
+            _time_prefill(model, prompt, mask, device)
+        decode, prefills = [], []
+        for _ in range(settings.repeats):
+            first = _time_generate(model, prompt, mask, 1, kwargs, device)
+            full = _time_generate(model, prompt, mask, settings.new_tokens + 1, kwargs, device)
+            decode.append(settings.new_tokens * batch / max(full - first, 1e-9))
+            prefills.append(settings.prompt_len * batch / _time_prefill(model, prompt, mask, device))
+        rows.append({
+            "model": label, "batch": batch, "mode": "compile" if settings.compile else "eager",
+            "decode_tokens_per_s": statistics.median(decode), "decode_spread": [min(decode), max(decode)],
+            "prefill_tokens_per_s": statistics.median(prefills), "prefill_spread": [min(prefills), max(prefills)],
+        })
+    return rows
+
+
+def _time_generate(model, prompt, mask, new_tokens: int, kwargs: dict, device: str) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    model.generate(prompt, attention_mask=mask, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kwargs)
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def _time_prefill(model, prompt, mask, device: str) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        model(prompt, attention_mask=mask, use_cache=False, logits_to_keep=1)
+    _sync(device)
+    return time.perf_counter() - started
+
+
+def speedups(rows: list[dict], baseline: str) -> list[dict]:
+    """Each model's decode and prefill speed relative to the baseline's, per batch size and mode."""
+    base = {(r["batch"], r["mode"]): r for r in rows if r["model"] == baseline}
+    out = []
+    for row in rows:
+        ref = base.get((row["batch"], row["mode"]))
+        if row["model"] != baseline and ref:
+            out.append({"model": row["model"], "baseline": baseline, "batch": row["batch"], "mode": row["mode"],
+                        "decode": row["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
+                        "prefill": row["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]})
+    return out
+
+
+def settings_json(settings: BenchSettings) -> dict:
+    return {**asdict(settings), "batch_sizes": list(settings.batch_sizes)}

@@ -1,0 +1,55 @@
+"""Bench: the JSON a CI job reads, on the CPU with tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from lpconvert.bench import middle_pairs
+from lpconvert.cli import app
+from lpconvert.errors import LPError
+
+FAST = ["--device", "cpu", "--dtype", "float32", "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1",
+        "--warmup", "0", "--json"]
+
+
+def test_random_weights_json():
+    result = CliRunner().invoke(app, ["bench", "--random-weights", "tiny", "--pair-counts", "0,2", *FAST])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [r["model"] for r in report["rows"]] == ["source", "lp-0", "lp-2"]
+    row = report["rows"][0]
+    assert {"batch", "mode", "decode_tokens_per_s", "decode_spread", "prefill_tokens_per_s"} <= set(row)
+    assert row["decode_tokens_per_s"] > 0 and row["mode"] == "eager"
+    assert [s["model"] for s in report["speedups"]] == ["lp-0", "lp-2"]
+
+
+def test_model_with_baseline(tiny_models, tmp_path):
+    CliRunner().invoke(app, ["export", str(tiny_models["llama"]), "--pairs", "2", "-o", str(tmp_path / "lp")])
+    result = CliRunner().invoke(app, ["bench", str(tmp_path / "lp"), "--baseline", str(tiny_models["llama"]),
+                                      "--batch-size", "1,2", *FAST])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert [(r["model"], r["batch"]) for r in report["rows"]] == [("baseline", 1), ("baseline", 2), ("model", 1),
+                                                                   ("model", 2)]
+    assert len(report["speedups"]) == 2 and report["speedups"][0]["decode"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give MODEL or --random-weights"),
+    (["--random-weights", "gpt5"], "unknown shape"),
+    (["--random-weights", "tiny", "--pair-counts", "9"], "do not fit"),
+    (["--random-weights", "tiny", "--batch-size", "x"], "comma-separated integers"),
+])
+def test_bad_input(args, message):
+    result = CliRunner().invoke(app, ["bench", *args, "--device", "cpu"])
+    assert result.exit_code == 2 and message in result.stderr
+
+
+def test_middle_pairs():
+    assert middle_pairs(32, 7) == [9, 11, 13, 15, 17, 19, 21]
+    assert middle_pairs(32, 0) == []
+    with pytest.raises(LPError):
+        middle_pairs(8, 4)
