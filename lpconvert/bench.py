@@ -84,7 +84,7 @@ def _prepare(model, settings: BenchSettings, device: str):
     if settings.compile:
         kwargs["cache_implementation"] = "static"
         if not device.startswith("cuda") and not getattr(model, "_lp_compiled", False):
-            model.forward = torch.compile(model.forward, fullgraph=True)
+            model.forward = torch.compile(model.forward)
             model._lp_compiled = True
     return kwargs
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,16 +30,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from reference import reference_logits  # noqa: E402
 
+from lpconvert.bench import SHAPES, BenchSettings, measure, middle_pairs, random_source_model  # noqa: E402
 from lpconvert.export import convert_in_memory  # noqa: E402
 
-SHAPES = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=20, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, vocab_size=32000),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-}
 RESULTS: dict = {"checks": {}, "decode": []}
 
 
@@ -48,35 +40,23 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def random_llama(shape: dict, dtype: torch.dtype, device: str, num_layers: int | None = None):
+def narrow_model(shape_name: str, device: str, num_layers: int = 4):
+    """The real width with only a few layers, in float32: exactness needs no depth."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    fields = dict(shape)
-    if num_layers:
-        fields["num_hidden_layers"] = num_layers
-    config = LlamaConfig(**fields, max_position_embeddings=4096)
+    config = LlamaConfig(**{**SHAPES[shape_name], "num_hidden_layers": num_layers}, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    with torch.no_grad():  # non-trivial norm weights, so folding them is really tested
-        for name, p in model.named_parameters():
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
     return model.eval()
 
 
-def middle_pairs(num_layers: int, count: int) -> list[int]:
-    first = (num_layers - 2 * count) // 2
-    return [first + 2 * k for k in range(count)]
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def check_exactness(shape: dict, device: str) -> None:
-    model = random_llama(shape, torch.float32, device, num_layers=4)
+def check_exactness(shape_name: str, shape: dict, device: str) -> None:
+    model = narrow_model(shape_name, device)
     lp = convert_in_memory(model, [1], dtype=torch.float32)
     ids = torch.randint(0, shape["vocab_size"], (2, 64), device=device)
     with torch.no_grad():
@@ -98,42 +78,27 @@ def check_exactness(shape: dict, device: str) -> None:
 
 
 def check_bf16(model, lp, pairs, device) -> None:
+    """bf16 logits of the converted model vs the two-branch reference, next to the noise floor of bf16
+    itself (the same source model run with two attention backends)."""
     ids = torch.randint(0, model.config.vocab_size, (1, 128), device=device)
+    attn = model.config._attn_implementation
     with torch.no_grad():
         got = lp(ids).logits.float()
-    attn = model.config._attn_implementation
-    want = reference_logits(model, ids, pairs).float()
+        source_sdpa = model(ids).logits.float()
+    want = reference_logits(model, ids, pairs).float()  # eager attention
+    source_eager = reference_logits(model, ids, []).float()
     model.config._attn_implementation = attn
-    rel = ((got - want).norm() / want.norm()).item()
-    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
-    RESULTS["checks"][f"bf16_{len(pairs)}pairs_rel_error_vs_reference"] = rel
-    RESULTS["checks"][f"bf16_{len(pairs)}pairs_argmax_agreement"] = agree
-    log(f"bf16 full size, {len(pairs)} pairs: rel error {rel:.2e}, argmax agreement {agree:.3f}")
 
+    def compare(a, b):
+        return ((a - b).norm() / b.norm()).item(), (a.argmax(-1) == b.argmax(-1)).float().mean().item()
 
-def decode_tokens_per_second(model, batch: int, new_tokens: int, static: bool, repeats: int, device: str) -> dict:
-    prompt = torch.randint(0, model.config.vocab_size, (batch, 32), device=device)
-    kwargs = dict(do_sample=False, pad_token_id=0, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
-    if static:
-        kwargs["cache_implementation"] = "static"
-
-    def run(n):
-        sync(device)
-        started = time.perf_counter()
-        model.generate(prompt, **{**kwargs, "min_new_tokens": n, "max_new_tokens": n})
-        sync(device)
-        return time.perf_counter() - started
-
-    compile_started = time.perf_counter()
-    run(new_tokens)  # warm-up (compiles the static-cache decode step)
-    run(new_tokens)
-    warmup = time.perf_counter() - compile_started
-    rates = []
-    for _ in range(repeats):
-        prefill = run(1)
-        total = run(new_tokens + 1)
-        rates.append(new_tokens * batch / (total - prefill))
-    return {"tokens_per_s": statistics.median(rates), "spread": [min(rates), max(rates)], "warmup_s": warmup}
+    rel, agree = compare(got, want)
+    floor_rel, floor_agree = compare(source_sdpa, source_eager)
+    RESULTS["checks"][f"bf16_{len(pairs)}pairs_vs_reference"] = {"rel_error": rel, "argmax_agreement": agree}
+    RESULTS["checks"]["bf16_noise_floor_source_sdpa_vs_eager"] = {"rel_error": floor_rel,
+                                                                  "argmax_agreement": floor_agree}
+    log(f"bf16 full size, {len(pairs)} pairs vs reference: rel error {rel:.2e}, argmax agreement {agree:.3f}; "
+        f"noise floor (source sdpa vs eager): {floor_rel:.2e}, {floor_agree:.3f}")
 
 
 def main() -> None:
@@ -162,9 +127,9 @@ def main() -> None:
     def save():
         args.out.write_text(json.dumps(RESULTS, indent=2))
 
-    check_exactness(shape, device)
+    check_exactness(args.shape, shape, device)
     save()
-    source = random_llama(shape, dtype, device)
+    source = random_source_model(args.shape, dtype, device)
     layers = shape["num_hidden_layers"]
     counts = [int(c) for c in args.pairs.split(",")]
     static_counts = {int(c) for c in args.static_pairs.split(",")}
@@ -194,12 +159,13 @@ def main() -> None:
             if count and not checked_bf16:
                 check_bf16(source, current, middle_pairs(layers, count), device)
                 checked_bf16 = True
+        settings = BenchSettings(batch_sizes=(batch,), prompt_len=32, new_tokens=args.new_tokens, warmup=1,
+                                 repeats=args.repeats, compile=static)
         try:
-            result = decode_tokens_per_second(current, batch, args.new_tokens, static, args.repeats, device)
+            row = measure(current, settings, device, label)[0]
         except Exception as exc:  # report and go on: one failing mode must not hide the others
-            result = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        row = {"model": label, "pairs": count, "effective_depth": layers - (count or 0), "batch": batch,
-               "cache": "static+compiled" if static else "dynamic (eager)", **result}
+            row = {"model": label, "batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+        row.update(pairs=count, effective_depth=layers - (count or 0))
         RESULTS["decode"].append(row)
         log(json.dumps(row))
         save()
