@@ -240,6 +240,29 @@ def check_layer_tensors(arch: Architecture, config, store: TensorStore, num_laye
                           "this checkpoint variant is not supported")
 
 
+def check_config_matches_weights(config, store: TensorStore) -> None:
+    """The shapes config.json promises must be the tensors' shapes (a config with missing fields gets
+    transformers' defaults, e.g. hidden_size 4096, which would write a broken model)."""
+    infos = store.infos()
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    expected = {
+        "model.embed_tokens.weight": (config.vocab_size, config.hidden_size),
+        LAYER_PREFIX.format(0) + "self_attn.q_proj.weight": (heads * head_dim, config.hidden_size),
+        LAYER_PREFIX.format(0) + "self_attn.k_proj.weight": (kv_heads * head_dim, config.hidden_size),
+        LAYER_PREFIX.format(0) + "mlp.gate_proj.weight": (config.intermediate_size, config.hidden_size),
+    }
+    for name, shape in expected.items():
+        if name in infos and tuple(infos[name].shape) != shape:
+            raise LPError(f"config.json does not match the weights: {name} is {tuple(infos[name].shape)} but the "
+                          f"config implies {shape}", "use the config.json that came with these weights")
+    last = LAYER_PREFIX.format(config.num_hidden_layers - 1) + "input_layernorm.weight"
+    extra = LAYER_PREFIX.format(config.num_hidden_layers) + "input_layernorm.weight"
+    if last not in infos or extra in infos:
+        raise LPError(f"config.json does not match the weights: num_hidden_layers is {config.num_hidden_layers} but "
+                      "the checkpoint holds a different number of layers", "use the config.json of these weights")
+
+
 def all_output_tensors(arch: Architecture, config, store: TensorStore, blocks: list[list[int]],
                        dtype: torch.dtype) -> list[OutputTensor]:
     """Every tensor of the exported checkpoint, in file order: embeddings, blocks, final norm, head."""
@@ -454,6 +477,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
     config, store = source.config, source.store
     arch = architecture_for(config)
     check_fingerprint(plan.source, source_fingerprint(config, store), "the plan")
+    check_config_matches_weights(config, store)
     check_layer_tensors(arch, config, store, config.num_hidden_layers)
     target_dtype = resolve_dtype(dtype, store)
     blocks = plan.blocks()

@@ -289,7 +289,11 @@ def _load_dataset(source: str, split: str, column: str) -> str:
     name, _, config = source.partition(":")
     try:
         import datasets  # lazy: heavy, and only this path needs it
+        from huggingface_hub.utils import logging as hub_logging
 
+        # Their network warnings would print beside our one-line error; the error says it all.
+        datasets.logging.set_verbosity_error()
+        hub_logging.set_verbosity_error()
         rows = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # offline, not found, bad config or split: all the same to the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
