@@ -395,6 +395,45 @@ def bench(
 
 
 # ----------------------------------------------------------------------------------------------
+# convert
+
+
+@app.command()
+@stage
+def convert(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the converted model and its reports.",
+                                         show_default=False)],
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe with the settings of every stage "
+                                                     "(see configs/).", show_default=False)] = None,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep OUT even when the gate fails.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output folder.")] = False,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """score -> plan -> export -> eval in one step, for CI. Exit 0: converted and passed the gate;
+    1: the gate failed (nothing written unless --keep-failed); 2: bad input."""
+    from .convert import convert as run_convert
+    from .convert import load_recipe
+
+    settings = load_recipe(recipe)
+    source = _load_source(model, trust_remote_code)
+    with err.status("Converting...") as status:
+        # A failed gate raises GateFailed, an LPError with exit code 1, and leaves nothing at OUT.
+        summary = run_convert(source, output, settings, overwrite=overwrite, keep_failed=keep_failed,
+                              progress=lambda text: status.update(f"Converting: {text}..."))
+    if as_json:
+        _print_json(summary)
+    else:
+        out.print(_eval_table(summary["eval"]))
+        out.print(f"converted model in [bold]{output}[/]: {len(summary['pairs'])} pairs, "
+                  f"{summary['effective_depth']} blocks (recipe, scores, plan and eval report alongside)")
+    if not summary["passed"]:
+        err.print(f"[bold red]gate failed[/] (kept because of --keep-failed): {'; '.join(summary['eval']['failures'])}")
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
 # export
 
 
@@ -566,6 +605,9 @@ def plan(
         if path is not None:
             _check_writable_file(path)
 
+    import time
+
+    started = time.perf_counter()
     source = _load_source(model, trust_remote_code) if model is not None else None
     expected = None
     if source is not None:
@@ -587,7 +629,7 @@ def plan(
                                           batch_size=batch_size, device=device, dtype=dtype, progress=progress)
         result = make_plan(scores_data, target=target, strategy=strategy, metric=metric, calibrator=calibrator,
                            allow_edge_layers=allow_edge_layers, candidates=candidates, beam=beam, verify=verify,
-                           source=expected, scores_path=f"scores {scores}", progress=progress)
+                           source=expected, scores_path=f"scores {scores}", progress=progress, started=started)
     data = result.to_json()
     if output is not None:
         _write_json_atomically(output, data)
