@@ -143,6 +143,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
         (tmp / "lpconvert-scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         say("evaluating the converted model against the source")
         report = evaluate(source, resolve_model(str(tmp)), EvalSettings(**eval_settings))
+        report["converted"] = str(out)  # not the temporary folder it was evaluated in
         (tmp / "lpconvert-eval.json").write_text(json.dumps(report, indent=2) + "\n")
         if not report["passed"] and not keep_failed:
             raise GateFailed(f"the converted model failed the gate: {'; '.join(report['failures'])}",

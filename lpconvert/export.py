@@ -391,7 +391,7 @@ transformers.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("PATH")
+tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)  # config.json has auto_map
 ```
 
 The plan that produced it is in `{PLAN_FILE}`.

@@ -100,8 +100,11 @@ class ModelSource:
 
         with _quiet_transformers():
             if self.tokenizer_path is not None:
+                # Passing the config of an lpconvert export keeps transformers from asking to run its
+                # modeling code just to pick a tokenizer class.
+                extra = {"config": self.config} if self.kind == LP_MODEL_TYPE else {}
                 return AutoTokenizer.from_pretrained(self.tokenizer_path,
-                                                     trust_remote_code=self.trust_remote_code)
+                                                     trust_remote_code=self.trust_remote_code, **extra)
             if self.gguf_file is not None:
                 return AutoTokenizer.from_pretrained(self.path, gguf_file=self.gguf_file)
         raise LPError(f"{self.name} has no tokenizer files (tokenizer.json, tokenizer_config.json ...)",

@@ -25,7 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 path = sys.argv[1]
-tokenizer = AutoTokenizer.from_pretrained(path)
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.bfloat16)
 messages = [{"role": "user", "content": "What is the capital of France?"}]
 prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
@@ -33,3 +33,7 @@ out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
 print(f"{type(model).__name__} with {model.config.num_hidden_layers} blocks:",
       repr(tokenizer.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)))
 PY
+
+echo
+echo "== 5. one-shot convert for CI: score -> plan -> export -> eval with the recipe configs/smollm2-135m.yaml"
+$LP convert smollm2-135m -o "$OUT/smollm2-converted" --recipe configs/smollm2-135m.yaml --overwrite
