@@ -1,0 +1,213 @@
+"""Quality/depth front: held-out perplexity of each planning strategy on SmolLM2-135M.
+
+Plans pairs for SmolLM2 (30 layers) with each strategy at each effective depth, choosing only on
+Wikipedia text (`wiki` calibration windows and their held-out split), and reports the perplexity
+of the paired model on the `news` text, which no strategy sees:
+
+    .venv/bin/python scripts/quality_front.py                      # all 147 news windows (75k tokens)
+    .venv/bin/python scripts/quality_front.py --news-every 3       # every third window (faster)
+    .venv/bin/python scripts/quality_front.py --depths 25 --strategies search --tokens 16384
+
+Strategies run as `lpconvert plan` runs them (lpconvert.plan.make_plan), with the CLI's defaults
+unless options here say otherwise; the contiguous rule is the paper's: a perplexity (loss) sweep
+over every contiguous run, on the scores' calibration tokens. The scores (single-pair calibration
+loss on --score-tokens tokens) come from lpconvert.score.compute_scores, cached in --scores.
+Planning time counts what `lpconvert plan` would do after scoring: loading the model, tokenising,
+measuring. Target (issue 5): at 25 layers the default strategy's increase over the source is at most
+75% of the contiguous rule's, in at most 10 minutes of planning on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lpconvert.export import source_fingerprint  # noqa: E402
+from lpconvert.plan import (  # noqa: E402
+    DEFAULT_CANDIDATES,
+    DEFAULT_VERIFY,
+    Calibrator,
+    Target,
+    build_calibrator,
+    make_plan,
+)
+from lpconvert.sources import resolve_model  # noqa: E402
+from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def get_scores(source, path: Path | None, tokens: int, calib: str) -> tuple[dict, float]:
+    """The scores file (with measured single-pair loss), computed once and cached in `path`."""
+    fingerprint = source_fingerprint(source.config, source.store)
+    if path is not None and path.exists():
+        scores = json.loads(path.read_text())
+        if scores.get("source") == fingerprint and scores.get("pairs") and "loss_increase" in scores["pairs"][0]:
+            log(f"scores from {path}")
+            return scores, float(scores.get("timings", {}).get("total_seconds", math.nan))
+    from lpconvert.score import ScoreSettings, compute_scores
+
+    log(f"scoring: single-pair calibration loss on {tokens} {calib} tokens")
+    started = time.perf_counter()
+    settings = ScoreSettings(calib=calib, tokens=tokens, measure_loss=True, loss_tokens=tokens, device="cpu")
+    scores = compute_scores(source, settings)
+    seconds = time.perf_counter() - started
+    if path is not None:
+        path.write_text(json.dumps(scores, indent=1) + "\n")
+    return scores, seconds
+
+
+def plan_one(source, scores: dict, strategy: str, depth: int, args) -> dict:
+    """Plan as `lpconvert plan` does, timing everything after the scores."""
+    started = time.perf_counter()
+    cpu_started = time.process_time()
+    calibrator = None
+    if strategy in ("contiguous", "search"):
+        contiguous = strategy == "contiguous"
+        calibrator = build_calibrator(
+            source, calib=args.calib, tokens=args.score_tokens if contiguous else args.tokens,
+            seq_len=args.seq_len, seed=args.seed, heldout_tokens=0 if contiguous else args.heldout_tokens,
+            objective="loss" if contiguous else args.objective, batch_size=args.batch_size, device="cpu",
+            dtype="float32")
+    plan = make_plan(scores, target=Target("depth", depth), strategy=strategy, calibrator=calibrator,
+                     candidates=args.candidates, beam=args.beam, verify=args.verify,
+                     source=scores["source"], started=started)
+    seconds = time.perf_counter() - started
+    details = plan.details
+    cost = details.get("cost", {})
+    row = {
+        "strategy": strategy, "depth": depth, "pairs": plan.pairs,
+        "planning_seconds": round(seconds, 1), "planning_cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "set_evaluations": cost.get("set_evaluations", 0), "forward_passes": cost.get("forward_passes", 0),
+        "calibration_tokens": cost.get("calibration_tokens", 0), "heldout_tokens": cost.get("heldout_tokens", 0),
+        "tokens_processed": cost.get("tokens_processed", 0),
+        "calibration_perplexity": details.get("calibration", {}).get("perplexity"),
+        "settings": ({"objective": details.get("objective"), **details.get("search", {})}
+                     if calibrator is not None else {"metric": plan.metric}),
+    }
+    if strategy == "search":
+        row["trace"] = [{"step": s["step"], "kept": s["kept"], "forward_passes": s["forward_passes"]}
+                        for s in details.get("trace", [])]
+    del calibrator
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--depths", default="27,25,23")
+    parser.add_argument("--strategies", default="contiguous,greedy,search")
+    parser.add_argument("--calib", default="wiki")
+    parser.add_argument("--eval-text", default="news")
+    parser.add_argument("--news-every", type=int, default=1, help="Evaluate every n-th window of the news text.")
+    parser.add_argument("--score-tokens", type=int, default=4096)
+    parser.add_argument("--scores", type=Path, default=Path("/tmp/lpconvert-quality-scores.json"))
+    # Search settings (default: the CLI's).
+    parser.add_argument("--tokens", type=int, default=None)
+    parser.add_argument("--heldout-tokens", type=int, default=None)
+    parser.add_argument("--objective", default="kl")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
+    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--verify", type=int, default=DEFAULT_VERIFY)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--extra-sets", default="", help="More pair sets to evaluate, e.g. '7,13,17,20,25;9,11'.")
+    parser.add_argument("--out", type=Path, default=None, help="Write the JSON here too.")
+    args = parser.parse_args()
+    from lpconvert.cli import plan as plan_command  # the CLI's defaults are the reference settings
+
+    defaults = {p.name: p.default for p in __import__("inspect").signature(plan_command).parameters.values()}
+    cli_default = {name: getattr(defaults[name], "default", defaults[name]) for name in ("tokens", "heldout_tokens")}
+    args.tokens = args.tokens or cli_default["tokens"]
+    args.heldout_tokens = cli_default["heldout_tokens"] if args.heldout_tokens is None else args.heldout_tokens
+    torch.set_grad_enabled(False)
+    started = time.perf_counter()
+
+    source = resolve_model(args.model)
+    scores, score_seconds = get_scores(source, args.scores, args.score_tokens, args.calib)
+    num_layers = int(scores["source"]["num_layers"])
+
+    rows = []
+    for depth in [int(d) for d in args.depths.split(",")]:
+        for strategy in args.strategies.split(","):
+            log(f"planning: {strategy} at depth {depth}")
+            row = plan_one(source, scores, strategy, depth, args)
+            log(f"  -> {row['pairs']} in {row['planning_seconds']} s, {row['forward_passes']} forward passes")
+            rows.append(row)
+
+    log(f"evaluating on {args.eval_text}")
+    model = source.load_model(dtype=torch.float32, device="cpu")
+    tokenizer = source.load_tokenizer()
+    windows = tokenize_windows(tokenizer, resolve_text(args.eval_text), seq_len=args.seq_len, num_tokens=None,
+                               seed=0, split="all")
+    ids = windows.input_ids[::args.news_every]
+    evaluator = Calibrator(model, ids, objective="loss", batch_size=args.batch_size)
+    extra = [tuple(int(p) for p in s.split(",")) for s in args.extra_sets.split(";") if s.strip()]
+    sets = list(dict.fromkeys([tuple(r["pairs"]) for r in rows] + extra))
+    measured = {m.pairs: m for m in evaluator.measure(sets)}
+    source_ppl = evaluator.base["calib"].perplexity
+    for row in rows:
+        m = measured[tuple(row["pairs"])]
+        row["heldout_perplexity"] = round(m.perplexity, 3)
+        row["heldout_kl"] = round(m.kl, 5)
+        row["increase"] = round(m.perplexity - source_ppl, 3)
+    contiguous = {r["depth"]: r["increase"] for r in rows if r["strategy"] == "contiguous"}
+    for row in rows:
+        if row["depth"] in contiguous and contiguous[row["depth"]] > 0:
+            row["increase_vs_contiguous"] = round(row["increase"] / contiguous[row["depth"]], 3)
+
+    result = {
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(["python", *sys.argv]),
+        "model": args.model, "num_layers": num_layers,
+        "calibration": args.calib, "score_tokens": args.score_tokens, "scoring_seconds": round(score_seconds, 1),
+        "evaluation": {"text": args.eval_text, "windows": int(ids.shape[0]), "tokens": int(ids.numel()),
+                       "every": args.news_every, "source_perplexity": round(source_ppl, 3)},
+        "search_settings": {"tokens": args.tokens, "heldout_tokens": args.heldout_tokens, "objective": args.objective,
+                            "candidates": args.candidates, "beam": args.beam, "verify": args.verify},
+        "rows": rows,
+        "extra_sets": [{"pairs": list(s), "heldout_perplexity": round(measured[s].perplexity, 3)} for s in extra],
+        "torch_threads": torch.get_num_threads(),
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(markdown(result))
+    print(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+def markdown(result: dict) -> str:
+    ev = result["evaluation"]
+    lines = [f"Held-out perplexity on `{ev['text']}` ({ev['windows']} windows, {ev['tokens']} tokens); source "
+             f"{ev['source_perplexity']:.2f}. Scores: single-pair loss on {result['score_tokens']} "
+             f"`{result['calibration']}` tokens ({result['scoring_seconds']:.0f} s, not in planning time).", "",
+             "| depth | strategy | pairs | held-out ppl | increase | vs contiguous | calib. ppl | sets measured | "
+             "forward passes | calib. + held-out tokens | planning time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        ratio = r.get("increase_vs_contiguous")
+        calib_ppl = r.get("calibration_perplexity")
+        tokens = f"{r['calibration_tokens']} + {r['heldout_tokens']}" if r["calibration_tokens"] else "scores only"
+        lines.append(f"| {r['depth']} | {r['strategy']} | {','.join(map(str, r['pairs']))} | "
+                     f"{r['heldout_perplexity']:.2f} | +{r['increase']:.2f} | "
+                     f"{'' if ratio is None else f'{100 * ratio:.0f}%'} | "
+                     f"{'' if calib_ppl is None else f'{calib_ppl:.2f}'} | {r['set_evaluations']} | "
+                     f"{r['forward_passes']} | {tokens} | {r['planning_seconds']:.0f} s |")
+    for extra in result.get("extra_sets", []):
+        lines.append(f"| | (extra) | {','.join(map(str, extra['pairs']))} | {extra['heldout_perplexity']:.2f} | "
+                     "| | | | | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,387 @@
+"""The plan stage: targets, strategies, measuring pair sets, the plan file and the command line.
+
+Scores files are written by hand here (the score stage is tested on its own), with the fingerprint
+of the tiny model they claim to describe.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lpconvert.cli import app
+from lpconvert.errors import LPError
+from lpconvert.export import source_fingerprint
+from lpconvert.formats import load_plan, validate_pairs
+from lpconvert.plan import (
+    ALPHA,
+    Calibrator,
+    Target,
+    contiguous_runs,
+    estimated_speedup,
+    make_plan,
+    max_pairs,
+    pairs_for_target,
+    parse_target,
+    plan_search,
+    room,
+)
+from lpconvert.runner import LayerRunner
+from lpconvert.sources import resolve_model
+
+runner = CliRunner()
+
+# Tiny models have 6 layers: pair starts 0..4; without the edge layers only 1..3 (2 pairs at most).
+REL_L2 = [0.9, 0.3, 0.2, 0.1, 0.8]
+LOSS_INCREASE = [5.0, 0.04, 0.02, 0.03, 0.5]
+TEXT = " ".join(
+    f"The {a} {b} of the {c} {d} across the valley, while {e} people watched from the old stone bridge."
+    for a, b, c, d, e in zip(["quick", "slow", "tall", "small", "green", "bright", "quiet"] * 12,
+                             ["river", "wind", "train", "song", "light", "storm"] * 14,
+                             ["north", "south", "east", "west", "inner"] * 17,
+                             ["hills", "fields", "towns", "woods"] * 21,
+                             ["many", "few", "some", "old", "young", "tired", "happy"] * 12, strict=False))
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def write_scores(path, model_dir, *, loss=True, rel_l2=REL_L2, loss_increase=LOSS_INCREASE, source=None):
+    src = resolve_model(str(model_dir))
+    base = 4.0
+    pairs = []
+    for i, value in enumerate(rel_l2):
+        entry = {"first": i, "angular_distance": 0.1 + 0.05 * i, "pair_rel_l2": value, "pair_cosine": 1 - value}
+        if loss:
+            entry.update(loss=base * (1 + loss_increase[i]), perplexity=math.exp(base * (1 + loss_increase[i])),
+                         loss_increase=loss_increase[i])
+        pairs.append(entry)
+    data = {
+        "schema_version": 1, "kind": "lpconvert-scores",
+        "source": source or source_fingerprint(src.config, src.store),
+        "model": {"name": str(model_dir), "num_layers": 6},
+        "calibration": {"source": "wiki", "kind": "builtin", "split": "calib", "seq_len": 32, "seed": 0,
+                        "windows": 8, "tokens": 256},
+        "base": {"loss": base, "perplexity": math.exp(base)},
+        "layers": [{"layer": i, "angular_distance": 0.1} for i in range(6)],
+        "pairs": pairs,
+        "metrics": ["angular_distance", "pair_error"] + (["loss"] if loss else []),
+        "created_by": "hand-written test scores",
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenized_model(tiny_models, tmp_path_factory):
+    """The tiny llama with a character tokenizer (ids < 128), and a calibration text file."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tok") / "llama"
+    shutil.copytree(tiny_models["llama"], folder)
+    chars = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"()-\n"
+    vocab = {"[UNK]": 0} | {c: i + 1 for i, c in enumerate(chars)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(folder)
+    text = folder.parent / "calib.txt"
+    text.write_text(TEXT)
+    return folder, text
+
+
+def random_calibrator(model_dir, objective="kl", windows=6, heldout=3, seq_len=16):
+    model = resolve_model(str(model_dir)).load_model()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (windows + heldout, seq_len), generator=g)
+    return Calibrator(model, ids[:windows], heldout_ids=ids[windows:], objective=objective, batch_size=4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Targets
+
+
+def test_targets_resolve_to_pair_counts():
+    assert max_pairs(30, False) == 14 and max_pairs(30, True) == 15 and max_pairs(6, False) == 2
+    assert pairs_for_target(Target("pairs", 5), 30, False) == 5
+    assert pairs_for_target(Target("depth", 25), 30, False) == 5
+    assert pairs_for_target(Target("max_loss_increase", 0.05), 30, False) is None
+    # Speedup: the fewest pairs whose estimate reaches it, by time ∝ L - ALPHA * K.
+    k = pairs_for_target(Target("speedup", 1.1), 30, False)
+    assert estimated_speedup(30, k) >= 1.1 > estimated_speedup(30, k - 1)
+    assert estimated_speedup(32, 12) == pytest.approx(32 / (32 - 12 * ALPHA))
+    assert parse_target(max_loss_increase="5%") == Target("max_loss_increase", 0.05)
+
+
+@pytest.mark.parametrize("target, message", [
+    (Target("pairs", 3), "at most 2 non-overlapping pairs"),
+    (Target("depth", 3), "at most 2 non-overlapping pairs"),
+    (Target("depth", 6), "not below"),
+    (Target("speedup", 1.5), "at most 2 non-overlapping pairs"),
+])
+def test_impossible_targets_name_the_maximum(target, message):
+    with pytest.raises(LPError, match=message):
+        pairs_for_target(target, 6, False)
+    assert pairs_for_target(Target("pairs", 3), 6, True) == 3
+
+
+def test_exactly_one_target():
+    with pytest.raises(LPError, match="exactly one target"):
+        parse_target(pairs=2, depth=4)
+    with pytest.raises(LPError, match="exactly one target"):
+        parse_target()
+    with pytest.raises(LPError, match="above 1"):
+        parse_target(speedup=0.9)
+
+
+def test_room_and_runs():
+    assert room([], 6, False) == 2 and room([2], 6, False) == 0 and room([1], 6, False) == 1
+    assert contiguous_runs(2, 6, False) == [(1, 3)]
+    assert contiguous_runs(2, 6, True) == [(0, 2), (1, 3), (2, 4)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Strategies from the scores alone
+
+
+def _plan(scores_path, target, **kwargs):
+    from lpconvert.formats import load_scores
+
+    return make_plan(load_scores(scores_path), target=target, **kwargs)
+
+
+def test_greedy_by_metric_and_default_metric(tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    by_loss = _plan(scores, Target("pairs", 1))
+    assert by_loss.strategy == "greedy" and by_loss.metric == "loss_increase" and by_loss.pairs == [2]
+    # Two pairs: the best pair (2) would leave no room for a second one, so greedy takes 1 and 3.
+    assert _plan(scores, Target("depth", 4)).pairs == [1, 3]
+    assert _plan(scores, Target("pairs", 1), metric="pair_rel_l2").pairs == [3]
+    assert _plan(scores, Target("pairs", 1), metric="pair_cosine").pairs == [3]  # "high" is better
+    edges = _plan(scores, Target("pairs", 3), metric="pair_rel_l2", allow_edge_layers=True)
+    assert edges.pairs == [0, 2, 4]
+    no_loss = write_scores(tmp_path / "n.json", tiny_models["llama"], loss=False)
+    assert _plan(no_loss, Target("pairs", 1)).metric == "pair_rel_l2"
+
+
+def test_contiguous_from_metric(tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    plan = _plan(scores, Target("pairs", 2), strategy="contiguous", allow_edge_layers=True, metric="pair_rel_l2")
+    assert plan.pairs == [1, 3]  # 0.3 + 0.1 beats (0, 2) and (2, 4)
+    assert _plan(scores, Target("pairs", 1), strategy="contiguous").pairs == [2]
+
+
+def test_max_loss_increase_from_single_pair_losses(tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    assert _plan(scores, Target("max_loss_increase", 0.08)).pairs == [1, 3]  # 4% + 3% fits 8%
+    small = _plan(scores, Target("max_loss_increase", 0.05))
+    assert small.pairs == [2] and small.details["summed_single_pair_loss_increase"] == pytest.approx(0.02)
+    assert _plan(scores, Target("max_loss_increase", 0.05), strategy="contiguous").pairs == [2]
+    with pytest.raises(LPError, match="no set of pairs"):
+        _plan(scores, Target("max_loss_increase", 0.01))
+    no_loss = write_scores(tmp_path / "n.json", tiny_models["llama"], loss=False)
+    with pytest.raises(LPError, match="needs measured losses"):
+        _plan(no_loss, Target("max_loss_increase", 0.05))
+
+
+def test_plan_details_and_speedup_estimate(tiny_models, tmp_path):
+    plan = _plan(write_scores(tmp_path / "s.json", tiny_models["llama"]), Target("speedup", 1.2))
+    d = plan.details
+    assert len(plan.pairs) == 2 and d["effective_depth"] == 4
+    assert d["estimated_speedup"] >= 1.2 and "estimate" in d["speedup_note"]
+    assert plan.to_json()["target"] == {"kind": "speedup", "value": 1.2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama-bias", "mistral", "qwen2", "qwen3"])
+def test_measure_branches_match_full_runs(arch, tiny_models):
+    cal = random_calibrator(tiny_models[arch])
+    ids = cal.splits["calib"]
+    direct = LayerRunner(cal.runner.model, seq_len=ids.shape[1])
+    sets = [(1, 3), (1,), (3,), (2,), ()]
+    for base in [(), (1,)]:
+        measured = cal.measure(sets, base=base)
+        for m in measured:
+            with torch.no_grad():
+                total, count = direct.nll(direct.run(direct.embed(ids), pairs=m.pairs), ids)
+            assert m.loss == pytest.approx(total / count, rel=1e-5)
+            assert m.kl >= -1e-6
+    assert measured[-1].kl == pytest.approx(0, abs=1e-6) and measured[-1].loss == pytest.approx(cal.base["calib"].loss)
+    assert cal.evaluations == 2 * len(sets)
+    # The branches re-run only the layers after their first difference from the base.
+    assert cal.forward_passes < 1 + 2 * len(sets)
+
+
+def test_streams_kept_between_steps_change_nothing(tiny_models):
+    cached, fresh = random_calibrator(tiny_models["qwen2"], windows=5), random_calibrator(tiny_models["qwen2"], windows=5)
+    fresh.cache_limit = 0
+    steps = [((), [(1,), (2,), (3,)]), ((3,), [(1, 3), (3,)]), ((1, 3), [(1, 3)]), ((2,), [(0, 2), (2, 4)]),
+             ((), [(1, 3)])]
+    for base, sets in steps:
+        for split in ("calib", "heldout"):
+            a, b = cached.measure(sets, base=base, split=split), fresh.measure(sets, base=base, split=split)
+            assert [v for m in a for v in (m.loss, m.kl)] == pytest.approx([v for m in b for v in (m.loss, m.kl)], rel=1e-6)
+    assert cached.layer_windows < fresh.layer_windows  # streams below the new pair were reused
+    assert fresh._cache_bytes == 0
+
+
+@pytest.mark.parametrize("objective", ["kl", "loss"])
+def test_search_grows_a_valid_set(objective, tiny_models, tmp_path):
+    cal = random_calibrator(tiny_models["qwen3"], objective=objective)
+    choice = plan_search(cal, [1, 2, 3, 0, 4], 2, num_layers=6, allow_edge_layers=False, candidates=3, verify=2)
+    assert validate_pairs(choice.pairs, 6) == [1, 3]  # the only two pairs that fit
+    assert [step["step"] for step in choice.trace] == [1, 2]
+    first = choice.trace[0]["evaluated"]
+    assert {tuple(e["pairs"]) for e in first} == {(1,), (3,)}  # (2,) would leave no room for a second pair
+    assert any("heldout" in e for e in first) and cal.heldout_evaluations >= 1
+    wide = plan_search(cal, [2, 1, 3, 0, 4], 3, num_layers=6, allow_edge_layers=True, candidates=5, beam=2)
+    assert len(wide.pairs) == 3 and len(wide.front) == 3
+
+
+def test_search_respects_loss_budget(tiny_models):
+    cal = random_calibrator(tiny_models["mistral"], objective="loss")
+    singles = {m.pairs[0]: m.loss for m in cal.measure([(p,) for p in range(5)])}
+    base = cal.base["calib"].loss
+    budget = (min(singles[p] for p in (1, 2, 3)) / base - 1) + 1e-9
+    choice = plan_search(cal, [1, 2, 3], None, num_layers=6, allow_edge_layers=False, loss_budget=budget, verify=0)
+    assert len(choice.pairs) >= 1 and choice.measured.loss <= base * (1 + budget)
+
+
+def test_make_plan_search_records_cost_and_trace(tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    from lpconvert.formats import load_scores
+
+    cal = random_calibrator(tiny_models["llama"])
+    plan = make_plan(load_scores(scores), target=Target("depth", 4), calibrator=cal)
+    assert plan.strategy == "search" and len(plan.pairs) == 2
+    d = plan.details
+    assert d["cost"]["set_evaluations"] > 0 and d["cost"]["forward_passes"] > 0 and d["trace"]
+    assert d["calibration"]["perplexity"] > 0 and "heldout" in d and d["objective"] == "kl"
+    contiguous = make_plan(load_scores(scores), target=Target("pairs", 2), strategy="contiguous", calibrator=cal,
+                           allow_edge_layers=True)
+    assert len(contiguous.details["trace"][0]["evaluated"]) == 3  # every run of 2 pairs measured
+    assert contiguous.pairs in ([0, 2], [1, 3], [2, 4])
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_greedy_plan_file_table_and_export(tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    result = invoke("plan", scores, "--depth", "4", "-o", tmp_path / "plan.json")
+    assert result.exit_code == 0, result.output
+    assert "·╔╝╔╝·" in result.stdout and "estimate" in result.stdout
+    plan = load_plan(tmp_path / "plan.json")
+    assert plan.pairs == [1, 3] and plan.strategy == "greedy" and plan.metric == "loss_increase"
+    exported = invoke("export", tiny_models["llama"], "--plan", tmp_path / "plan.json", "-o", tmp_path / "lp",
+                      "--dry-run", "--json")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads(exported.stdout)["pairs"] == [[1, 2], [3, 4]]
+
+
+def test_cli_json_and_plot(tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    result = invoke("plan", scores, "--pairs", "1", "--strategy", "contiguous", "--json", "--plot", tmp_path / "f.png")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["kind"] == "lpconvert-plan" and data["pairs"] == [[2, 3]] and data["strategy"] == "contiguous"
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_search_with_model(tokenized_model, tmp_path):
+    folder, text = tokenized_model
+    scores = write_scores(tmp_path / "s.json", folder)
+    result = invoke("plan", scores, "--model", folder, "--calib", text, "--tokens", "256", "--seq-len", "32",
+                    "--heldout-tokens", "128", "--depth", "4", "-o", tmp_path / "plan.json", "--plot",
+                    tmp_path / "front.png")
+    assert result.exit_code == 0, result.output
+    plan = load_plan(tmp_path / "plan.json")
+    assert plan.strategy == "search" and plan.pairs == [1, 3]
+    assert plan.calibration["source"] == str(text) and plan.calibration["tokens"] == 256
+    assert plan.calibration["heldout"]["split"] == "heldout" and plan.calibration["objective"] == "kl"
+    assert plan.details["cost"]["set_evaluations"] >= 2 and len(plan.details["trace"]) == 2
+    assert (tmp_path / "front.png").stat().st_size > 1000
+    speedup = invoke("plan", scores, "--model", folder, "--calib", text, "--tokens", "256", "--seq-len", "32",
+                     "--speedup", "1.05", "--strategy", "contiguous", "--objective", "loss", "--json")
+    assert speedup.exit_code == 0, speedup.output
+    data = json.loads(speedup.stdout)
+    assert len(data["pairs"]) == 1 and data["details"]["objective"] == "loss"
+    assert data["details"]["estimated_speedup"] >= 1.05
+
+
+def test_cli_max_loss_increase_search(tokenized_model, tmp_path):
+    folder, text = tokenized_model
+    scores = write_scores(tmp_path / "s.json", folder)
+    result = invoke("plan", scores, "--model", folder, "--calib", text, "--tokens", "256", "--seq-len", "32",
+                    "--max-loss-increase", "1000%", "--verify", "0", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert len(data["pairs"]) == 2 and data["details"]["calibration"]["loss_increase"] <= 10
+
+
+def test_cli_refuses_scores_of_another_model(tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["qwen2"])
+    result = invoke("plan", scores, "--model", tiny_models["llama"], "--pairs", "1", "-o", tmp_path / "p.json")
+    assert result.exit_code == 2 and "made for another model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
+
+
+BAD_PLANS = {
+    "two targets": (["--pairs", "1", "--depth", "4"], "exactly one target"),
+    "no target": ([], "exactly one target"),
+    "too many pairs": (["--pairs", "3"], "at most 2 non-overlapping pairs"),
+    "too shallow": (["--depth", "2"], "at most 2 non-overlapping pairs"),
+    "speedup": (["--speedup", "3"], "at most 2 non-overlapping pairs"),
+    "strategy": (["--pairs", "1", "--strategy", "random"], "--strategy random does not exist"),
+    "metric": (["--pairs", "1", "--metric", "vibes"], "--metric vibes is not a per-pair metric"),
+    "objective": (["--pairs", "1", "--objective", "bleu"], "--objective bleu does not exist"),
+    "search without model": (["--pairs", "1", "--strategy", "search"], "needs --model"),
+    "percentage": (["--max-loss-increase", "lots"], "not a percentage"),
+    "no output": (["--pairs", "1", "--no-output"], "give -o plan.json"),
+    "beam": (["--pairs", "1", "--beam", "0"], "--beam must be at least 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PLANS))
+def test_bad_plan_input(case, tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    args, message = BAD_PLANS[case]
+    output = [] if "--no-output" in args else ["-o", tmp_path / "p.json"]
+    args = [a for a in args if a != "--no-output"]
+    result = invoke("plan", scores, *args, *output)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_bad_scores_files(tiny_models, tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"kind": "lpconvert-plan"}))
+    for path, message in [(tmp_path / "missing.json", "does not exist"), (tmp_path / "plan.json", "not an lpconvert scores")]:
+        result = invoke("plan", path, "--pairs", "1", "-o", tmp_path / "p.json")
+        assert result.exit_code == 2 and message in result.stderr
+    no_loss = write_scores(tmp_path / "n.json", tiny_models["llama"], loss=False)
+    result = invoke("plan", no_loss, "--max-loss-increase", "5%", "-o", tmp_path / "p.json")
+    assert result.exit_code == 2 and "needs measured losses" in result.stderr
+
+
+def test_plan_help_does_not_import_heavy_libraries():
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from lpconvert.cli import app; "
+            "r = CliRunner().invoke(app, ['plan', '--help']); assert r.exit_code == 0, r.output; "
+            "assert '--max-loss-increase' in r.output; "
+            "heavy = [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules]; assert not heavy, heavy")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
