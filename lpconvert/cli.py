@@ -261,13 +261,14 @@ def eval_command(
     With --max-ppl-increase / --min-agreement it is a gate: exit 1 when a bound is broken."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from .evaluate import EvalSettings, evaluate, parse_percent
+    from .evaluate import EvalSettings, evaluate
+    from .formats import parse_percent
 
     if split not in ("heldout", "all"):
         raise LPError(f"--split '{split}' does not exist", "use heldout or all")
     settings = EvalSettings(text=text, split=split, text_field=text_field, tokens=tokens, seq_len=seq_len,
                             batch_size=batch_size, device=device, dtype=dtype, prompt=prompt,
-                            max_ppl_increase=parse_percent(max_ppl_increase) if max_ppl_increase else None,
+                            max_ppl_increase=parse_percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None,
                             min_agreement=min_agreement)
     source = _load_source(source_model, trust_remote_code)
     converted = _load_source(converted_model, trust_remote_code)

@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .errors import LPError
+from .formats import parse_percent
 
 EXIT_GATE_FAILED = 1
 
@@ -96,7 +97,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
             progress: Callable[[str], None] | None = None) -> dict:
     """Run the whole pipeline; returns a summary. Raises GateFailed (exit 1) when the gate fails."""
     from .checkpoint import atomic_output_dir, check_output_path
-    from .evaluate import EvalSettings, evaluate, parse_percent
+    from .evaluate import EvalSettings, evaluate
     from .export import export
     from .plan import build_calibrator, make_plan, parse_target
     from .score import ScoreSettings, compute_scores
@@ -111,7 +112,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     score_settings["metrics"] = tuple(score_settings["metrics"])
     plan_settings, eval_settings = dict(recipe["plan"]), dict(recipe["eval"])
     if isinstance(eval_settings.get("max_ppl_increase"), str):
-        eval_settings["max_ppl_increase"] = parse_percent(eval_settings["max_ppl_increase"])
+        eval_settings["max_ppl_increase"] = parse_percent(eval_settings["max_ppl_increase"], "eval.max_ppl_increase")
     ((target_kind, target_value),) = plan_settings["target"].items()
     target = parse_target(**{target_kind: target_value})
 

@@ -36,17 +36,8 @@ class EvalSettings:
     dtype: str = "float32"
     prompt: str = "The capital of France is"
     new_tokens: int = 24
-    max_ppl_increase: float | None = None  # a fraction: 0.10 for 10%
+    max_ppl_increase: float | None = None  # a fraction: 0.10 for 10% (formats.parse_percent reads '10%')
     min_agreement: float | None = None
-
-
-def parse_percent(text: str) -> float:
-    """'10%' -> 0.10, '0.1' -> 0.1."""
-    clean = text.strip()
-    try:
-        return float(clean[:-1]) / 100 if clean.endswith("%") else float(clean)
-    except ValueError:
-        raise LPError(f"'{text}' is not a percentage", "write it like 10% or 0.10") from None
 
 
 def check_same_tokenizer(source, converted) -> None:

@@ -87,6 +87,18 @@ def parse_pairs(text: str) -> list[int]:
                       "write e.g. --pairs 12,14,16 (12 pairs layers 12 and 13)") from None
 
 
+def parse_percent(text: str | float, option: str) -> float:
+    """'5%' or '5' -> 0.05: every percentage option reads the same way, with or without the sign."""
+    clean = str(text).strip().rstrip("%").strip()
+    try:
+        value = float(clean)
+    except ValueError:
+        raise LPError(f"{option} '{text}' is not a percentage", f"write e.g. {option} 5%") from None
+    if value != value or value < 0 or value == float("inf"):
+        raise LPError(f"{option} must be a positive percentage, got '{text}'", f"write e.g. {option} 5%")
+    return value / 100
+
+
 def blocks_for(pairs: list[int], num_layers: int) -> list[list[int]]:
     """Source layers of each block: [[0], [1], [2, 3], [4], ...]."""
     starts = set(pairs)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .errors import LPError
-from .formats import PAIR_METRICS, Plan, validate_pairs
+from .formats import PAIR_METRICS, Plan, parse_percent, validate_pairs
 
 # Cost model for the speedup estimate: decode time per token is proportional to L - ALPHA * pairs,
 # i.e. each pair saves ALPHA of one layer's time. Fitted to METHOD.md section 3's H200 measurement of
@@ -73,19 +73,6 @@ class Target:
         return f"calibration loss within {100 * self.value:g}% of the source's"
 
 
-def parse_percent(text: str) -> float:
-    """'5%' or '5' -> 0.05 (a relative increase)."""
-    clean = str(text).strip().rstrip("%").strip()
-    try:
-        value = float(clean)
-    except ValueError:
-        raise LPError(f"--max-loss-increase '{text}' is not a percentage", "write e.g. --max-loss-increase 5%") from None
-    if not math.isfinite(value) or value <= 0:
-        raise LPError(f"--max-loss-increase must be a positive percentage, got '{text}'",
-                      "write e.g. --max-loss-increase 5%")
-    return value / 100
-
-
 def parse_target(pairs: int | None = None, depth: int | None = None, speedup: float | None = None,
                  max_loss_increase: str | float | None = None) -> Target:
     given = [name for name, value in (("--pairs", pairs), ("--depth", depth), ("--speedup", speedup),
@@ -104,7 +91,8 @@ def parse_target(pairs: int | None = None, depth: int | None = None, speedup: fl
         if not math.isfinite(speedup) or speedup <= 1:
             raise LPError(f"--speedup must be above 1, got {speedup:g}", "e.g. --speedup 1.1")
         return Target("speedup", float(speedup))
-    value = parse_percent(max_loss_increase) if isinstance(max_loss_increase, str) else float(max_loss_increase)
+    value = parse_percent(max_loss_increase, "--max-loss-increase") if isinstance(max_loss_increase, str) \
+        else float(max_loss_increase)
     if not math.isfinite(value) or value <= 0:
         raise LPError("--max-loss-increase must be positive", "e.g. --max-loss-increase 5%")
     return Target("max_loss_increase", value)
@@ -425,6 +413,7 @@ def build_calibrator(source, *, calib: str = "wiki", tokens: int = 16384, seq_le
                      device: str = "auto", dtype: str = "auto", progress: Progress = None) -> Calibrator:
     """Load the model and tokenise calibration windows (and held-out windows of the same text)."""
 
+    from .score import resolve_device
     from .texts import resolve_text, tokenize_windows
 
     device = resolve_device(device)
@@ -456,18 +445,6 @@ def build_calibrator(source, *, calib: str = "wiki", tokens: int = 16384, seq_le
     return Calibrator(model, windows.input_ids, heldout_ids=None if heldout is None else heldout.input_ids,
                       objective=objective, batch_size=batch_size, provenance=windows.provenance,
                       heldout_provenance=None if heldout is None else heldout.provenance, progress=progress)
-
-
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LPError(f"--device {device} is not available (no CUDA device)", "use --device cpu")
-    if device != "cpu" and not device.startswith(("cuda", "mps")):
-        raise LPError(f"--device {device} is not understood", "use auto, cpu or cuda")
-    return device
 
 
 COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")

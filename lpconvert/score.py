@@ -55,7 +55,7 @@ class ScoreSettings:
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
         raise LPError(f"--device '{name}' does not exist", "use auto, cpu or cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise LPError("--device cuda was asked but this machine has no CUDA GPU", "use --device cpu or auto")

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lpconvert.cli import app
-from lpconvert.evaluate import parse_percent
+from lpconvert.formats import parse_percent
 
 TEXT = ["--text", "news", "--split", "all", "--tokens", "512", "--seq-len", "64", "--device", "cpu"]
 
@@ -62,4 +62,4 @@ def test_different_vocabularies_are_refused(tiny_models, converted, tmp_path):
 
 
 def test_parse_percent():
-    assert parse_percent("10%") == pytest.approx(0.1) and parse_percent("0.25") == 0.25
+    assert parse_percent("10%", "--x") == pytest.approx(0.1) and parse_percent("25", "--x") == pytest.approx(0.25)
