@@ -22,7 +22,7 @@ EXIT_GATE_FAILED = 1
 # Every key a recipe may hold, per section, with its default.
 PLAN_DEFAULTS = {
     "strategy": None, "metric": None, "target": {"max_loss_increase": "5%"}, "objective": "kl", "candidates": 10, "beam": 1,
-    "verify": 3, "allow_edge_layers": False, "calib": "wiki", "tokens": 16384, "seq_len": 512, "seed": 0,
+    "verify": 3, "allow_edge_layers": False, "calib": "wiki", "tokens": 16384, "heldout_tokens": 8192, "seq_len": 512, "seed": 0,
     "batch_size": 4, "device": "auto", "dtype": "auto", "use_model": True,
 }
 EXPORT_DEFAULTS = {"dtype": "auto", "max_shard_size": "5GB", "copy_tokenizer": True}
@@ -124,6 +124,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
         say("loading calibration text for planning")
         calibrator = build_calibrator(source, calib=plan_settings["calib"], tokens=plan_settings["tokens"],
                                       seq_len=plan_settings["seq_len"], seed=plan_settings["seed"],
+                                      heldout_tokens=plan_settings["heldout_tokens"],
                                       objective=plan_settings["objective"], batch_size=plan_settings["batch_size"],
                                       device=plan_settings["device"], dtype=plan_settings["dtype"])
     say("planning")
