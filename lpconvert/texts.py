@@ -292,8 +292,9 @@ def _load_dataset(source: str, split: str, column: str) -> str:
         from huggingface_hub.utils import logging as hub_logging
 
         # Their network warnings would print beside our one-line error; the error says it all.
-        datasets.logging.set_verbosity_error()
         hub_logging.set_verbosity_error()
+        if hasattr(datasets, "logging"):
+            datasets.logging.set_verbosity_error()
         rows = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # offline, not found, bad config or split: all the same to the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
