@@ -565,10 +565,13 @@ def plan(
         "kept (0: off).", rich_help_panel="Measuring")] = 3,
     calib: Annotated[str, typer.Option(help="Calibration text: wiki, a .txt/.jsonl/.json file or folder, or a "
                                             "datasets name.", rich_help_panel="Calibration")] = "wiki",
-    tokens: Annotated[int, typer.Option(help="Calibration tokens per measurement.",
-                                        rich_help_panel="Calibration")] = 8192,
-    heldout_tokens: Annotated[int, typer.Option(help="Held-out tokens for --verify.",
-                                                rich_help_panel="Calibration")] = 8192,
+    tokens: Annotated[int, typer.Option(
+        help="Calibration tokens every candidate set is measured on (the search's screening).",
+        rich_help_panel="Calibration")] = 4096,
+    heldout_tokens: Annotated[int, typer.Option(
+        help="Held-out tokens (same text, windows calibration never uses) the --verify best sets of each search "
+        "step are re-measured on; they then count with the calibration tokens.",
+        rich_help_panel="Calibration")] = 8192,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.", rich_help_panel="Calibration")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for drawing windows.", rich_help_panel="Calibration")] = 0,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Runtime")] = 4,

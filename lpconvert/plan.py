@@ -408,7 +408,7 @@ class Calibrator:
         return min(diff) if diff else self.num_layers
 
 
-def build_calibrator(source, *, calib: str = "wiki", tokens: int = 16384, seq_len: int = 512, seed: int = 0,
+def build_calibrator(source, *, calib: str = "wiki", tokens: int = 4096, seq_len: int = 512, seed: int = 0,
                      heldout_tokens: int = 8192, objective: str = "kl", batch_size: int = 4,
                      device: str = "auto", dtype: str = "auto", progress: Progress = None) -> Calibrator:
     """Load the model and tokenise calibration windows (and held-out windows of the same text)."""
@@ -871,6 +871,9 @@ def plot_front(plan: Plan, scores: dict, path) -> None:
                edgecolors="black", zorder=5, label=f"plan: {plan.strategy}, depth {plan.effective_depth}")
     if source_ppl:
         ax.axhline(source_ppl, color="gray", linewidth=0.8, linestyle=":", label=f"source ({source_ppl:.2f})")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("effective depth (blocks)")
     ax.set_ylabel("calibration perplexity")
     ax.set_yscale("log")

@@ -80,7 +80,7 @@ def plan_one(source, scores: dict, strategy: str, depth: int, args) -> dict:
             dtype="float32")
     plan = make_plan(scores, target=Target("depth", depth), strategy=strategy, calibrator=calibrator,
                      candidates=args.candidates, beam=args.beam, verify=args.verify,
-                     source=scores["source"], started=started)
+                     source=scores["source"], started=started, progress=lambda m: log(f"  {m}"))
     seconds = time.perf_counter() - started
     details = plan.details
     cost = details.get("cost", {})
