@@ -558,8 +558,10 @@ def plan(
         help="What measuring minimises: kl (divergence from the source's next-token distribution, resists "
         "overfitting) or loss (calibration NLL, the paper's perplexity sweep).", rich_help_panel="Measuring")] = "kl",
     candidates: Annotated[int, typer.Option(help="Search: pool of pairs pre-ranked by --metric.",
-                                            rich_help_panel="Measuring")] = 10,
-    beam: Annotated[int, typer.Option(help="Search: sets kept at each step.", rich_help_panel="Measuring")] = 1,
+                                            rich_help_panel="Measuring")] = 8,
+    beam: Annotated[int, typer.Option(help="Search: sets kept at each step (2 keeps a runner-up path: a pair "
+                                           "that is best alone can block two better ones).",
+                                      rich_help_panel="Measuring")] = 2,
     verify: Annotated[int, typer.Option(
         help="Search: best sets of each step re-measured on the calibration text's held-out split before one is "
         "kept (0: off).", rich_help_panel="Measuring")] = 3,
@@ -653,6 +655,8 @@ def plan(
 
 
 def _plan_table(result, name: str, layer_strip) -> Table:
+    from .plan import ALPHA
+
     d = result.details
     table = Table(title=f"Plan: {result.strategy}", show_header=False)
     table.add_row("source", f"{name} ({result.source.get('architecture')}, {result.num_layers} layers)")
@@ -668,7 +672,7 @@ def _plan_table(result, name: str, layer_strip) -> Table:
     table.add_row("pairs", ", ".join(f"({p}, {p + 1})" for p in result.pairs))
     table.add_row("layer stack", layer_strip(result.pairs, result.num_layers))
     table.add_row("effective depth", f"{result.effective_depth} blocks (from {result.num_layers})")
-    table.add_row("speedup", f"{d['estimated_speedup']:.2f}x (estimate: decode time ∝ layers − 0.55·pairs)")
+    table.add_row("speedup", f"{d['estimated_speedup']:.2f}x (estimate: decode time ∝ layers − {ALPHA}·pairs)")
     if "calibration" in d:
         c, base = d["calibration"], d["source_calibration"]
         table.add_row("calibration", f"perplexity {base['perplexity']:.2f} → {c['perplexity']:.2f} "

@@ -41,8 +41,8 @@ SPEEDUP_NOTE = (f"estimate from a cost model (decode time ∝ L − {ALPHA}·pai
 
 STRATEGIES = ("contiguous", "greedy", "search")
 OBJECTIVES = ("kl", "loss")
-DEFAULT_CANDIDATES = 10
-DEFAULT_BEAM = 1
+DEFAULT_CANDIDATES = 8
+DEFAULT_BEAM = 2
 DEFAULT_VERIFY = 3  # front-runners re-measured on held-out text at each search step
 CACHE_LIMIT = 2 * 1024**3  # bytes of residual streams kept between search steps
 TOP_K = 256  # source tokens kept per position for the KL (the rest of the vocabulary is one bucket)
@@ -478,7 +478,6 @@ class Choice:
     predicted_loss_increase: float | None = None  # sum of single-pair loss increases (an estimate)
     trace: list[dict] = field(default_factory=list)
     front: list[dict] = field(default_factory=list)  # [{depth, perplexity, measured}] along the way
-    notes: list[str] = field(default_factory=list)
 
 
 def _loss_increase_values(scores: dict) -> dict[int, float] | None:
@@ -672,7 +671,9 @@ def plan_search(calibrator: Calibrator, ranking: list[int], k: int | None, *, nu
         chosen_m, chosen_h = ranked[0], held.get(ranked[0].pairs)
         trace.append({
             "step": step,
-            "evaluated": [dict(m.to_json(), **({"heldout": held[m.pairs].to_json()} if m.pairs in held else {}))
+            "evaluated": [dict(m.to_json(), **({"heldout": held[m.pairs].to_json(),
+                                                 "combined": round(combined(m, held[m.pairs]), 6)}
+                                                if m.pairs in held else {}))
                           for m in sorted(expansions.values(), key=lambda m: (m.value(objective), m.pairs))],
             "kept": [list(s) for s in beam_sets],
             "forward_passes": round(calibrator.forward_passes, 2),
@@ -741,8 +742,8 @@ def make_plan(scores: dict, *, target: Target, strategy: str | None = None, metr
     if not pairs:
         raise LPError(f"no set of pairs meets {target.describe()}", "allow a larger loss increase")
 
-    details = _details(choice, strategy, metric, target, calibrator, num_layers, time.perf_counter() - started,
-                       objective, candidates, beam, verify, scores)
+    details = _details(choice, strategy, calibrator, num_layers, time.perf_counter() - started, objective,
+                       candidates, beam, verify)
     calibration = _calibration(calibrator, scores, strategy)
     return Plan(source=source, pairs=pairs, strategy=strategy, metric=metric, target=target.to_json(),
                 calibration=calibration, details=details)
@@ -761,8 +762,8 @@ def _calibration(calibrator: Calibrator | None, scores: dict, strategy: str) -> 
     return info
 
 
-def _details(choice: Choice, strategy, metric, target, calibrator, num_layers, seconds, objective, candidates,
-             beam, verify, scores) -> dict:
+def _details(choice: Choice, strategy, calibrator, num_layers, seconds, objective, candidates, beam,
+             verify) -> dict:
     k = len(choice.pairs)
     details: dict = {
         "num_layers": num_layers,
@@ -794,8 +795,6 @@ def _details(choice: Choice, strategy, metric, target, calibrator, num_layers, s
         details["trace"] = choice.trace
     if choice.front:
         details["front"] = choice.front
-    if choice.notes:
-        details["notes"] = choice.notes
     return details
 
 

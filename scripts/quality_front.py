@@ -31,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lpconvert.export import source_fingerprint  # noqa: E402
 from lpconvert.plan import (  # noqa: E402
+    DEFAULT_BEAM,
     DEFAULT_CANDIDATES,
     DEFAULT_VERIFY,
     Calibrator,
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("--heldout-tokens", type=int, default=None)
     parser.add_argument("--objective", default="kl")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
-    parser.add_argument("--beam", type=int, default=1)
+    parser.add_argument("--beam", type=int, default=DEFAULT_BEAM)
     parser.add_argument("--verify", type=int, default=DEFAULT_VERIFY)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
