@@ -29,7 +29,9 @@ ISSUE_CASE = {  # which numbered case of issue 7 each test case shows
     "pairs_overlap": 10, "pairs_out_of_range": 10, "pair_negative": 10, "plan_pair_not_consecutive": 10,
     "edge_layer": 10, "output_is_a_file": 13, "output_exists": 13, "output_parent_missing": 13, "bad_dtype": 18,
     "calibration_missing": 16, "calibration_empty": 16, "calibration_binary": 16, "calibration_too_short": 16,
-    "dataset_offline": 17, "bad_device": 18,
+    "dataset_offline": 17, "bad_device": 18, "too_many_pairs": 11, "scores_malformed": 12,
+    "scores_for_another_model": 12, "recipe_malformed": 19, "recipe_unknown_key": 19,
+    "eval_different_vocab_sizes": 20, "eval_different_tokenizers": 20,
 }
 
 
@@ -42,7 +44,7 @@ def main() -> None:
         make_tiny_model(arch, seed=i).save_pretrained(models[arch])
         tokenizer.save_pretrained(models[arch])
     rows = []
-    for name, case in CASES.items():
+    for name, case in sorted(CASES.items(), key=lambda item: ISSUE_CASE.get(item[0], 99)):
         work = root / name
         work.mkdir()
         args, _ = case(models, work)
@@ -59,8 +61,9 @@ def main() -> None:
             "| issue 7 case | case | command | exit | message |", "|---|---|---|---|---|", *rows, "",
             "Also tested elsewhere: an interrupted export (SIGINT/SIGTERM) and a full disk remove the temporary",
             "folder and leave OUT untouched (`tests/test_export.py`, `tests/test_errors.py`); `--device cuda`",
-            "on a machine without a GPU; eval between models with different vocabularies",
-            "(`tests/test_evaluate.py`). A gate failure of `eval` exits 1, not 2."]
+            "on a machine without a GPU. Zero pairs (case 11) is not an error: `export --pairs none` writes an exact",
+            "copy in lpconvert's format and warns (`tests/test_cli.py`). A gate failure of `eval` or `convert` exits 1,",
+            "not 2."]
     (ROOT / "docs" / "errors.md").write_text("\n".join(text) + "\n")
     print(f"wrote docs/errors.md with {len(rows)} cases")
 

@@ -234,6 +234,68 @@ def case_bad_device(t, p):
     return ["score", str(t["llama"]), "--device", "tpu", "-o", str(p / "out")], "--device 'tpu' does not exist"
 
 
+def _scores_for(model, p):
+    from test_plan import write_scores
+
+    return write_scores(p / "scores.json", model)
+
+
+def _plan(scores, p, *args):
+    return ["plan", str(scores), *args, "-o", str(p / "out")]
+
+
+def case_too_many_pairs(t, p):
+    return _plan(_scores_for(t["llama"], p), p, "--pairs", "3"), "at most 2 non-overlapping pairs"
+
+
+def case_scores_malformed(t, p):
+    (p / "scores.json").write_text('{"kind": "lpconvert-scores", ')
+    return _plan(p / "scores.json", p, "--pairs", "1"), "not valid JSON"
+
+
+def case_scores_for_another_model(t, p):
+    scores = _scores_for(t["qwen2"], p)
+    return _plan(scores, p, "--model", str(t["llama"]), "--pairs", "1"), "made for another model"
+
+
+def _convert(model, p, recipe: str):
+    (p / "recipe.yaml").write_text(recipe)
+    return ["convert", str(model), "-o", str(p / "out"), "--recipe", str(p / "recipe.yaml")]
+
+
+def case_recipe_malformed(t, p):
+    return _convert(t["llama"], p, "score: [1, 2"), "not valid YAML"
+
+
+def case_recipe_unknown_key(t, p):
+    return _convert(t["llama"], p, "export: {dtyp: bfloat16}"), "did you mean 'dtype'"
+
+
+def _other_vocabulary(p, vocab_size):
+    from conftest import TINY, make_tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": vocab_size})).save_pretrained(p / "other")
+    make_tiny_tokenizer(vocab_size).save_pretrained(p / "other")
+    return p / "other"
+
+
+def case_eval_different_vocab_sizes(t, p):
+    return ["eval", str(t["llama"]), str(_other_vocabulary(p, 96))], "different vocabulary sizes"
+
+
+def case_eval_different_tokenizers(t, p):
+    from conftest import TINY
+
+    other = _other_vocabulary(p, TINY["vocab_size"])
+    tokenizer = json.loads((other / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    a, b = sorted(vocab)[-2:]  # same size, two tokens swapped: token ids no longer mean the same text
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return ["eval", str(t["llama"]), str(other)], "different tokenizers"
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 
