@@ -14,11 +14,16 @@ echo "== 2. score layers and pairs on 4k tokens of the Wikipedia sample (the def
 $LP score smollm2-135m --calib wiki --tokens 4096 -o "$OUT/scores.json" --plot "$OUT/scores.png"
 
 echo
-echo "== 3. export with three middle pairs: 30 layers -> 27 blocks (bfloat16)"
-$LP export smollm2-135m --pairs 10,14,20 --dtype bfloat16 -o "$OUT/smollm2-lp27" --overwrite
+echo "== 3. plan 27 blocks: search measures the model with every candidate set (2k tokens to keep the demo short)"
+$LP plan "$OUT/scores.json" --model smollm2-135m --depth 27 --tokens 2048 --heldout-tokens 4096 \
+    -o "$OUT/plan.json" --plot "$OUT/plan.png"
 
 echo
-echo "== 4. load the export with plain transformers (trust_remote_code) and generate"
+echo "== 4. export the plan: 30 layers -> 27 blocks (bfloat16)"
+$LP export smollm2-135m --plan "$OUT/plan.json" --dtype bfloat16 -o "$OUT/smollm2-lp27" --overwrite
+
+echo
+echo "== 5. load the export with plain transformers (trust_remote_code) and generate"
 .venv/bin/python - "$OUT/smollm2-lp27" <<'PY'
 import sys
 import torch
@@ -35,5 +40,5 @@ print(f"{type(model).__name__} with {model.config.num_hidden_layers} blocks:",
 PY
 
 echo
-echo "== 5. one-shot convert for CI: score -> plan -> export -> eval with the recipe configs/smollm2-135m.yaml"
+echo "== 6. one-shot convert for CI: score -> plan -> export -> eval with the recipe configs/smollm2-135m.yaml"
 $LP convert smollm2-135m -o "$OUT/smollm2-converted" --recipe configs/smollm2-135m.yaml --overwrite
