@@ -124,7 +124,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--extra-sets", default="", help="More pair sets to evaluate, e.g. '7,13,17,20,25;9,11'.")
     parser.add_argument("--out", type=Path, default=None, help="Write the JSON here too.")
+    parser.add_argument("--plot", type=Path, default=None, help="Draw held-out perplexity against depth (PNG).")
+    parser.add_argument("--from-json", type=Path, default=None,
+                        help="Print the table (and --plot) of an earlier run's JSON instead of running.")
     args = parser.parse_args()
+    if args.from_json:
+        result = json.loads(args.from_json.read_text())
+        print(markdown(result))
+        if args.plot:
+            plot(result, args.plot)
+        return
     from lpconvert.cli import plan as plan_command  # the CLI's defaults are the reference settings
 
     defaults = {p.name: p.default for p in __import__("inspect").signature(plan_command).parameters.values()}
@@ -185,6 +194,39 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
+    if args.plot:
+        plot(result, args.plot)
+
+
+def plot(result: dict, path: Path) -> None:
+    """Held-out perplexity against effective depth, one line per strategy, the source as depth L."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    ev = result["evaluation"]
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    colors = {"contiguous": "tab:blue", "greedy": "tab:orange", "search": "tab:green"}
+    for strategy in dict.fromkeys(r["strategy"] for r in result["rows"]):
+        rows = sorted((r for r in result["rows"] if r["strategy"] == strategy), key=lambda r: -r["depth"])
+        depths = [result["num_layers"]] + [r["depth"] for r in rows]
+        ppls = [ev["source_perplexity"]] + [r["heldout_perplexity"] for r in rows]
+        label = {"contiguous": "contiguous (the paper's rule)", "search": "search (lpconvert's default)"}
+        ax.plot(depths, ppls, marker="o", color=colors.get(strategy), label=label.get(strategy, strategy))
+    ax.axhline(ev["source_perplexity"], color="gray", linewidth=0.8, linestyle=":",
+               label=f"source ({ev['source_perplexity']:.2f})")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.invert_xaxis()
+    ax.set_xlabel("effective depth (blocks)")
+    ax.set_ylabel(f"held-out perplexity ({ev['text']}, {ev['tokens']} tokens)")
+    ax.set_title(f"{result['model']}: quality against depth (planned on {result['calibration']})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
 
 
 def markdown(result: dict) -> str:
