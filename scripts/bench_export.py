@@ -2,7 +2,8 @@
 
 Builds a random-weight Llama-shaped checkpoint (streamed to disk, never whole in memory), then
 runs `lpconvert export --pairs ...` in a child process and `cp -r` of the source, each `--repeats`
-times with a warm page cache, and prints a table and JSON.
+times from the same start (earlier outputs deleted, `sync`ed so no write-back of an earlier run is
+pending, the source read into the page cache), and prints a table and JSON.
 
     python scripts/bench_export.py                      # about 1 GB, bf16, 20 layers, 8 pairs
     python scripts/bench_export.py --shape llama2-7b    # 13.5 GB, 32 layers
@@ -75,6 +76,19 @@ def random_checkpoint(folder: Path, shape: dict, dtype=torch.bfloat16) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
+def same_start(source: Path, *stale: Path) -> None:
+    """Give every timed run the same start: no output of an earlier run, no dirty pages still being
+    written back (a run that starts while the previous one's writes drain pays for them), and the
+    source read once so it sits in the page cache."""
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    os.sync()
+    for file in sorted(source.iterdir()):
+        with open(file, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
+
+
 def timed_child(cmd: list[str]) -> tuple[float, int]:
     """Wall seconds and peak RSS (bytes) of one child process."""
     started = time.perf_counter()
@@ -109,8 +123,9 @@ def main() -> None:
         size = sum(p.stat().st_size for p in source.iterdir())
         cp_times, export_times, rss = [], [], []
         for _ in range(args.repeats):
-            shutil.rmtree(copy, ignore_errors=True)
+            same_start(source, copy, out)
             cp_times.append(timed_child(["cp", "-r", str(source), str(copy)])[0])
+            same_start(source, copy, out)
             seconds, peak = timed_child([sys.executable, "-m", "lpconvert", "export", str(source), "--pairs", pairs,
                                          "-o", str(out), "--overwrite", "--json"])
             export_times.append(seconds)
@@ -118,6 +133,7 @@ def main() -> None:
         result = {
             "shape": args.shape, "checkpoint_bytes": size, "pairs": pairs,
             "cp_seconds": min(cp_times), "export_seconds": min(export_times),
+            "cp_runs": [round(t, 2) for t in cp_times], "export_runs": [round(t, 2) for t in export_times],
             "ratio_to_cp": min(export_times) / min(cp_times), "peak_rss_bytes": max(rss),
             "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
         }
