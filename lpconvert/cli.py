@@ -546,7 +546,8 @@ def plan(
         rich_help_panel="Strategy", show_default=False)] = None,
     metric: Annotated[str | None, typer.Option(
         "--metric", help="Per-pair metric of the scores used to rank pairs: loss_increase, pair_rel_l2, pair_cosine "
-        "or angular_distance. Default: loss_increase when the scores have it, else pair_rel_l2.",
+        "or angular_distance. Default: loss_increase when the scores have it, else pair_cosine (the cheap metric "
+        "that agreed best with measured loss on SmolLM2).",
         rich_help_panel="Strategy", show_default=False)] = None,
     allow_edge_layers: Annotated[bool, typer.Option(
         "--allow-edge-layers", help="Allow pairing the first or last layer (most damaging).",

@@ -167,7 +167,7 @@ def test_greedy_by_metric_and_default_metric(tiny_models, tmp_path):
     edges = _plan(scores, Target("pairs", 3), metric="pair_rel_l2", allow_edge_layers=True)
     assert edges.pairs == [0, 2, 4]
     no_loss = write_scores(tmp_path / "n.json", tiny_models["llama"], loss=False)
-    assert _plan(no_loss, Target("pairs", 1)).metric == "pair_rel_l2"
+    assert _plan(no_loss, Target("pairs", 1)).metric == "pair_cosine"
 
 
 def test_contiguous_from_metric(tiny_models, tmp_path):
