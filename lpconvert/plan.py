@@ -877,12 +877,15 @@ def plot_front(plan: Plan, scores: dict, path) -> None:
                edgecolors="black", zorder=5, label=f"plan: {plan.strategy}, depth {plan.effective_depth}")
     if source_ppl:
         ax.axhline(source_ppl, color="gray", linewidth=0.8, linestyle=":", label=f"source ({source_ppl:.2f})")
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("effective depth (blocks)")
     ax.set_ylabel("calibration perplexity")
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 22, not 2.2 x 10^1, on a narrow log range
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.invert_xaxis()
     ax.grid(True, alpha=0.3)
     ax.set_title(f"Quality/depth front ({num_layers} layers)")
