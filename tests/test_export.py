@@ -319,7 +319,10 @@ real = source.store.read_rows
 source.store.read_rows = lambda *a: (time.sleep(0.02), real(*a))[1]  # ... each slow to read
 ex.export(source, ex.plan_for_pairs(source, [1, 3]), ex.Path({str(out)!r}))
 """
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
+    # A shell that starts jobs in the background (nohup, `&`) makes them ignore SIGINT, and Python then
+    # keeps ignoring it: give the child the default disposition so Ctrl-C reaches it as it would a user's.
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not any(p.name.startswith(".out.lpconvert-tmp-") for p in tmp_path.iterdir()):
         assert time.time() < deadline and proc.poll() is None, "export did not start writing"
