@@ -475,6 +475,10 @@ def export(
     if (plan is None) == (pairs is None):
         raise LPError("give exactly one of --plan and --pairs", "e.g. --pairs 12,14 or --plan plan.json")
     loaded_plan = load_plan(plan) if plan is not None else None
+    if not dry_run:  # refuse a taken output path before spending seconds loading the source
+        from .checkpoint import check_output_path
+
+        check_output_path(output, overwrite)
     source = _load_source(model, trust_remote_code)
     if loaded_plan is not None:
         from .export import source_fingerprint
