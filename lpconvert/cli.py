@@ -19,6 +19,7 @@ from rich.table import Table
 
 from . import __version__
 from .errors import LPError
+from .plan import DEFAULT_BEAM, DEFAULT_CANDIDATES, DEFAULT_HELDOUT_TOKENS, DEFAULT_TOKENS, DEFAULT_VERIFY
 
 app = typer.Typer(
     name="lpconvert",
@@ -563,22 +564,22 @@ def plan(
         help="What measuring minimises: kl (divergence from the source's next-token distribution, resists "
         "overfitting) or loss (calibration NLL, the paper's perplexity sweep).", rich_help_panel="Measuring")] = "kl",
     candidates: Annotated[int, typer.Option(help="Search: pool of pairs pre-ranked by --metric.",
-                                            rich_help_panel="Measuring")] = 8,
+                                            rich_help_panel="Measuring")] = DEFAULT_CANDIDATES,
     beam: Annotated[int, typer.Option(help="Search: sets kept at each step (2 keeps a runner-up path: a pair "
                                            "that is best alone can block two better ones).",
-                                      rich_help_panel="Measuring")] = 2,
+                                      rich_help_panel="Measuring")] = DEFAULT_BEAM,
     verify: Annotated[int, typer.Option(
         help="Search: best sets of each step re-measured on the calibration text's held-out split before one is "
-        "kept (0: off).", rich_help_panel="Measuring")] = 3,
+        "kept (0: off).", rich_help_panel="Measuring")] = DEFAULT_VERIFY,
     calib: Annotated[str, typer.Option(help="Calibration text: wiki, a .txt/.jsonl/.json file or folder, or a "
                                             "datasets name.", rich_help_panel="Calibration")] = "wiki",
     tokens: Annotated[int, typer.Option(
         help="Calibration tokens every candidate set is measured on (the search's screening).",
-        rich_help_panel="Calibration")] = 4096,
+        rich_help_panel="Calibration")] = DEFAULT_TOKENS,
     heldout_tokens: Annotated[int, typer.Option(
         help="Held-out tokens (same text, windows calibration never uses) the --verify best sets of each search "
         "step are re-measured on; they then count with the calibration tokens.",
-        rich_help_panel="Calibration")] = 8192,
+        rich_help_panel="Calibration")] = DEFAULT_HELDOUT_TOKENS,
     seq_len: Annotated[int, typer.Option(help="Tokens per window.", rich_help_panel="Calibration")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for drawing windows.", rich_help_panel="Calibration")] = 0,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Runtime")] = 4,

@@ -16,13 +16,15 @@ from pathlib import Path
 
 from .errors import LPError
 from .formats import parse_percent
+from .plan import DEFAULT_BEAM, DEFAULT_CANDIDATES, DEFAULT_HELDOUT_TOKENS, DEFAULT_TOKENS, DEFAULT_VERIFY
 
 EXIT_GATE_FAILED = 1
 
 # Every key a recipe may hold, per section, with its default.
-PLAN_DEFAULTS = {
-    "strategy": None, "metric": None, "target": {"max_loss_increase": "5%"}, "objective": "kl", "candidates": 10, "beam": 1,
-    "verify": 3, "allow_edge_layers": False, "calib": "wiki", "tokens": 16384, "heldout_tokens": 8192, "seq_len": 512, "seed": 0,
+PLAN_DEFAULTS = {  # the search settings are `lpconvert plan`'s own defaults
+    "strategy": None, "metric": None, "target": {"max_loss_increase": "5%"}, "objective": "kl",
+    "candidates": DEFAULT_CANDIDATES, "beam": DEFAULT_BEAM, "verify": DEFAULT_VERIFY, "allow_edge_layers": False,
+    "calib": "wiki", "tokens": DEFAULT_TOKENS, "heldout_tokens": DEFAULT_HELDOUT_TOKENS, "seq_len": 512, "seed": 0,
     "batch_size": 4, "device": "auto", "dtype": "auto", "use_model": True,
 }
 EXPORT_DEFAULTS = {"dtype": "auto", "max_shard_size": "5GB", "copy_tokenizer": True}

@@ -44,6 +44,8 @@ OBJECTIVES = ("kl", "loss")
 DEFAULT_CANDIDATES = 8
 DEFAULT_BEAM = 2
 DEFAULT_VERIFY = 3  # front-runners re-measured on held-out text at each search step
+DEFAULT_TOKENS = 4096  # calibration tokens every candidate set is measured on
+DEFAULT_HELDOUT_TOKENS = 8192  # held-out tokens the front-runners are re-measured on
 CACHE_LIMIT = 2 * 1024**3  # bytes of residual streams kept between search steps
 TOP_K = 256  # source tokens kept per position for the KL (the rest of the vocabulary is one bucket)
 
@@ -415,8 +417,8 @@ class Calibrator:
         return min(diff) if diff else self.num_layers
 
 
-def build_calibrator(source, *, calib: str = "wiki", tokens: int = 4096, seq_len: int = 512, seed: int = 0,
-                     heldout_tokens: int = 8192, objective: str = "kl", batch_size: int = 4,
+def build_calibrator(source, *, calib: str = "wiki", tokens: int = DEFAULT_TOKENS, seq_len: int = 512,
+                     seed: int = 0, heldout_tokens: int = DEFAULT_HELDOUT_TOKENS, objective: str = "kl", batch_size: int = 4,
                      device: str = "auto", dtype: str = "auto", progress: Progress = None) -> Calibrator:
     """Load the model and tokenise calibration windows (and held-out windows of the same text)."""
 
