@@ -19,7 +19,14 @@ from rich.table import Table
 
 from . import __version__
 from .errors import LPError
-from .plan import DEFAULT_BEAM, DEFAULT_CANDIDATES, DEFAULT_HELDOUT_TOKENS, DEFAULT_TOKENS, DEFAULT_VERIFY
+from .plan import (
+    ALPHA,
+    DEFAULT_BEAM,
+    DEFAULT_CANDIDATES,
+    DEFAULT_HELDOUT_TOKENS,
+    DEFAULT_TOKENS,
+    DEFAULT_VERIFY,
+)
 
 app = typer.Typer(
     name="lpconvert",
@@ -87,6 +94,14 @@ def _human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def _check_output_early(output: Path, overwrite: bool) -> None:
+    """Refuse a taken output path before spending seconds loading the source (the stage checks again
+    when it writes, for callers of the library)."""
+    from .checkpoint import check_output_path
+
+    check_output_path(output, overwrite)
 
 
 def _load_source(model: str, trust_remote_code: bool):
@@ -419,6 +434,7 @@ def convert(
     from .convert import load_recipe
 
     settings = load_recipe(recipe)
+    _check_output_early(output, overwrite)
     source = _load_source(model, trust_remote_code)
     with err.status("Converting...") as status:
         # A failed gate raises GateFailed, an LPError with exit code 1, and leaves nothing at OUT.
@@ -476,10 +492,7 @@ def export(
     if (plan is None) == (pairs is None):
         raise LPError("give exactly one of --plan and --pairs", "e.g. --pairs 12,14 or --plan plan.json")
     loaded_plan = load_plan(plan) if plan is not None else None
-    if not dry_run:  # refuse a taken output path before spending seconds loading the source
-        from .checkpoint import check_output_path
-
-        check_output_path(output, overwrite)
+    _check_output_early(output, overwrite)
     source = _load_source(model, trust_remote_code)
     if loaded_plan is not None:
         from .export import source_fingerprint
@@ -661,8 +674,6 @@ def plan(
 
 
 def _plan_table(result, name: str, layer_strip) -> Table:
-    from .plan import ALPHA
-
     d = result.details
     table = Table(title=f"Plan: {result.strategy}", show_header=False)
     table.add_row("source", f"{name} ({result.source.get('architecture')}, {result.num_layers} layers)")

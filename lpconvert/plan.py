@@ -40,6 +40,7 @@ SPEEDUP_NOTE = (f"estimate from a cost model (decode time ∝ L − {ALPHA}·pai
                 "measurements of a Llama-2-7B shape), not a measurement")
 
 STRATEGIES = ("contiguous", "greedy", "search")
+STRATEGY_COLORS = {"contiguous": "tab:blue", "greedy": "tab:orange", "search": "tab:green"}  # in every plot
 OBJECTIVES = ("kl", "loss")
 DEFAULT_CANDIDATES = 8
 DEFAULT_BEAM = 2
@@ -866,7 +867,6 @@ def plot_front(plan: Plan, scores: dict, path) -> None:
 
     num_layers = plan.num_layers
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    colors = {"contiguous": "tab:blue", "greedy": "tab:orange", "search": "tab:green"}
     for name, points in series.items():
         points = sorted(points, key=lambda p: -p["depth"])
         measured = all(p["measured"] for p in points)
@@ -874,7 +874,7 @@ def plot_front(plan: Plan, scores: dict, path) -> None:
         ppls = [source_ppl] + [p["perplexity"] for p in points] if source_ppl else [p["perplexity"] for p in points]
         label = name + (" (measured)" if measured else " (estimated from single pairs)")
         ax.plot(depths, ppls, marker="o" if measured else ".", linestyle="-" if measured else "--",
-                color=colors.get(name), label=label)
+                color=STRATEGY_COLORS.get(name), label=label)
     ax.scatter([plan.effective_depth], [_chosen_ppl(plan, series)], s=160, facecolors="none",
                edgecolors="black", zorder=5, label=f"plan: {plan.strategy}, depth {plan.effective_depth}")
     if source_ppl:

@@ -33,7 +33,10 @@ from lpconvert.export import source_fingerprint  # noqa: E402
 from lpconvert.plan import (  # noqa: E402
     DEFAULT_BEAM,
     DEFAULT_CANDIDATES,
+    DEFAULT_HELDOUT_TOKENS,
+    DEFAULT_TOKENS,
     DEFAULT_VERIFY,
+    STRATEGY_COLORS,
     Calibrator,
     Target,
     build_calibrator,
@@ -113,8 +116,8 @@ def main() -> None:
     parser.add_argument("--score-tokens", type=int, default=4096)
     parser.add_argument("--scores", type=Path, default=Path("/tmp/lpconvert-quality-scores.json"))
     # Search settings (default: the CLI's).
-    parser.add_argument("--tokens", type=int, default=None)
-    parser.add_argument("--heldout-tokens", type=int, default=None)
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
+    parser.add_argument("--heldout-tokens", type=int, default=DEFAULT_HELDOUT_TOKENS)
     parser.add_argument("--objective", default="kl")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM)
@@ -134,12 +137,6 @@ def main() -> None:
         if args.plot:
             plot(result, args.plot)
         return
-    from lpconvert.cli import plan as plan_command  # the CLI's defaults are the reference settings
-
-    defaults = {p.name: p.default for p in __import__("inspect").signature(plan_command).parameters.values()}
-    cli_default = {name: getattr(defaults[name], "default", defaults[name]) for name in ("tokens", "heldout_tokens")}
-    args.tokens = args.tokens or cli_default["tokens"]
-    args.heldout_tokens = cli_default["heldout_tokens"] if args.heldout_tokens is None else args.heldout_tokens
     torch.set_grad_enabled(False)
     started = time.perf_counter()
 
@@ -208,13 +205,12 @@ def plot(result: dict, path: Path) -> None:
 
     ev = result["evaluation"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    colors = {"contiguous": "tab:blue", "greedy": "tab:orange", "search": "tab:green"}
     for strategy in dict.fromkeys(r["strategy"] for r in result["rows"]):
         rows = sorted((r for r in result["rows"] if r["strategy"] == strategy), key=lambda r: -r["depth"])
         depths = [result["num_layers"]] + [r["depth"] for r in rows]
         ppls = [ev["source_perplexity"]] + [r["heldout_perplexity"] for r in rows]
         label = {"contiguous": "contiguous (the paper's rule)", "search": "search (lpconvert's default)"}
-        ax.plot(depths, ppls, marker="o", color=colors.get(strategy), label=label.get(strategy, strategy))
+        ax.plot(depths, ppls, marker="o", color=STRATEGY_COLORS.get(strategy), label=label.get(strategy, strategy))
     ax.axhline(ev["source_perplexity"], color="gray", linewidth=0.8, linestyle=":",
                label=f"source ({ev['source_perplexity']:.2f})")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

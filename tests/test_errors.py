@@ -318,23 +318,45 @@ def test_bad_input_is_one_clear_line(case, tiny_models, tmp_path):
     assert not leftovers
 
 
+def cuda_without_gpu(t, p):
+    return ["score", str(t["llama"]), "--device", "cuda", "-o", str(p / "out")], "no CUDA GPU"
+
+
 def test_cuda_asked_without_a_gpu(tiny_models, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    result = CliRunner().invoke(app, ["score", str(tiny_models["llama"]), "--device", "cuda", "-o",
-                                      str(tmp_path / "out")])
-    assert result.exit_code == 2 and "no CUDA GPU" in result.stderr
+    args, message = cuda_without_gpu(tiny_models, tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and message in result.stderr
 
 
-def test_disk_full_cleans_up(tiny_models, tmp_path, monkeypatch):
+def raising_writer(exc: BaseException):
+    def write(f, data):
+        raise exc
+
+    return write
+
+
+# Faults while an export writes: what the shard writer's byte writes raise instead, the exit code, the message.
+FAULTS = {
+    "disk_full": (14, OSError(28, "No space left on device"), 2, "disk full"),
+    "interrupted": (15, KeyboardInterrupt(), 130, "interrupted"),
+}
+
+
+def fault_export(t, p):
+    return _export(t["llama"], p, "--pairs", "2")
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault_while_writing_cleans_up(fault, tiny_models, tmp_path, monkeypatch):
     import lpconvert.checkpoint as checkpoint
 
-    def full(f, data):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(checkpoint, "_write_all", full)
-    result = CliRunner().invoke(app, _export(tiny_models["llama"], tmp_path, "--pairs", "2"))
-    assert result.exit_code == 2 and "disk full" in result.stderr
+    _, exc, exit_code, message = FAULTS[fault]
+    monkeypatch.setattr(checkpoint, "_write_all", raising_writer(exc))
+    result = CliRunner().invoke(app, fault_export(tiny_models, tmp_path))
+    assert result.exit_code == exit_code and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
 
 
