@@ -16,7 +16,9 @@ A new architecture is a new table here, not new branches in the export code.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import LPError
 
@@ -74,6 +76,13 @@ class Architecture:
         default=("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "vocab_size", "rms_norm_eps")
     )
+    # How transformers' config class of this architecture fills what config.json leaves out, so that
+    # lpconvert can read the file without importing transformers (see `read_source_config`):
+    # field defaults, whether a missing head_dim means hidden_size // num_attention_heads, and the
+    # field that switches sliding-window attention on (Qwen: from layer `max_window_layers` on).
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    head_dim_from_heads: bool = True
+    sliding_window_switch: str | None = None
 
     def flags(self, config) -> dict[str, bool]:
         def read(value):
@@ -98,15 +107,34 @@ class Architecture:
         return names
 
 
+# The defaults of transformers 5's config classes (tests/test_archs.py checks them against the
+# installed classes, so a transformers release that changes one fails a test, not an export).
+_COMMON_DEFAULTS = dict(num_hidden_layers=32, num_attention_heads=32, hidden_size=4096, hidden_act="silu",
+                        rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0, use_cache=True,
+                        initializer_range=0.02, pad_token_id=None)
+_LLAMA_DEFAULTS = dict(_COMMON_DEFAULTS, vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048,
+                       attention_bias=False, mlp_bias=False, pretraining_tp=1, bos_token_id=1, eos_token_id=2)
+_MISTRAL_DEFAULTS = dict(_COMMON_DEFAULTS, vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,
+                         max_position_embeddings=4096 * 32, sliding_window=4096, bos_token_id=1, eos_token_id=2)
+_QWEN2_DEFAULTS = dict(_COMMON_DEFAULTS, vocab_size=151936, intermediate_size=22016, num_key_value_heads=32,
+                       max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
+                       max_window_layers=28, bos_token_id=None, eos_token_id=None)
+_QWEN3_DEFAULTS = dict(_QWEN2_DEFAULTS, head_dim=128, attention_bias=False)
+
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
     for arch in (
         Architecture("Llama", "llama", "LlamaForCausalLM", LLAMA_FAMILY_RULES,
-                     attention_bias="attention_bias", attention_out_bias="attention_bias", mlp_bias="mlp_bias"),
-        Architecture("Mistral", "mistral", "MistralForCausalLM", LLAMA_FAMILY_RULES),
-        Architecture("Qwen2", "qwen2", "Qwen2ForCausalLM", LLAMA_FAMILY_RULES, attention_bias=True),
+                     attention_bias="attention_bias", attention_out_bias="attention_bias", mlp_bias="mlp_bias",
+                     config_defaults=_LLAMA_DEFAULTS),
+        Architecture("Mistral", "mistral", "MistralForCausalLM", LLAMA_FAMILY_RULES,
+                     config_defaults=_MISTRAL_DEFAULTS),
+        Architecture("Qwen2", "qwen2", "Qwen2ForCausalLM", LLAMA_FAMILY_RULES, attention_bias=True,
+                     config_defaults=_QWEN2_DEFAULTS, head_dim_from_heads=False,
+                     sliding_window_switch="use_sliding_window"),
         Architecture("Qwen3", "qwen3", "Qwen3ForCausalLM", LLAMA_FAMILY_RULES,
-                     attention_bias="attention_bias", attention_out_bias="attention_bias", qk_norm=True),
+                     attention_bias="attention_bias", attention_out_bias="attention_bias", qk_norm=True,
+                     config_defaults=_QWEN3_DEFAULTS, sliding_window_switch="use_sliding_window"),
     )
 }
 
@@ -132,3 +160,42 @@ def architecture_for(config) -> Architecture:
     if reason:
         raise LPError(reason, "convert a Llama, Mistral, Qwen2 or Qwen3 causal LM")
     return ARCHITECTURES[config.model_type]
+
+
+class SourceConfig:
+    """A source config.json read as transformers' config class would read it, without transformers.
+
+    Importing transformers' config machinery costs an export about 1.6 s of start-up; the fields an
+    export reads are few, and their defaults are the architecture's table (`config_defaults`).
+    Attribute access like a transformers config; `to_dict()` gives every field.
+    """
+
+    def __init__(self, fields: dict[str, Any]):
+        self.__dict__.update(fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def reads_without_transformers(raw: dict) -> bool:
+    """Whether `read_source_config` can read this config.json (a table architecture, no custom code)."""
+    return raw.get("model_type") in ARCHITECTURES and "auto_map" not in raw
+
+
+def read_source_config(raw: dict) -> SourceConfig:
+    arch = ARCHITECTURES[raw["model_type"]]
+    fields = {**arch.config_defaults, **raw}
+    if "dtype" not in fields and "torch_dtype" in fields:  # the name before transformers 5
+        fields["dtype"] = fields.pop("torch_dtype")
+    if fields.get("num_key_value_heads") is None:
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
+    if arch.head_dim_from_heads and fields.get("head_dim") is None:
+        fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
+    if arch.sliding_window_switch:
+        if not fields.get(arch.sliding_window_switch):
+            fields["sliding_window"] = None
+        if fields.get("layer_types") is None:
+            sliding_from = fields["max_window_layers"] if fields["sliding_window"] is not None else None
+            fields["layer_types"] = ["sliding_attention" if sliding_from is not None and i >= sliding_from
+                                     else "full_attention" for i in range(fields["num_hidden_layers"])]
+    return SourceConfig(fields)

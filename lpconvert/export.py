@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -316,7 +317,7 @@ def rope_parameters_of(config) -> dict:
     if params:
         return dict(params)
     scaling = dict(getattr(config, "rope_scaling", None) or {})
-    scaling.setdefault("rope_type", scaling.pop("type", "default"))
+    scaling.setdefault("rope_type", scaling.get("type", "default"))  # transformers keeps "type" too
     scaling["rope_theta"] = getattr(config, "rope_theta", 10000.0)
     return scaling
 
@@ -405,10 +406,11 @@ def write_generation_config(source, folder: Path) -> None:
         return
     from transformers import GenerationConfig
 
-    GenerationConfig.from_model_config(source.config).save_pretrained(folder)
+    GenerationConfig.from_model_config(source.config.to_dict()).save_pretrained(folder)
 
 
-def copy_tokenizer(source, folder: Path) -> list[str]:
+def copy_tokenizer(source, folder: Path, tokenizer_class: Callable[[], str | None]) -> list[str]:
+    """Copy the tokenizer files; `tokenizer_class()` gives the class the source resolves to (see below)."""
     if source.tokenizer_path is None:
         if source.kind != "gguf":
             return []
@@ -422,11 +424,44 @@ def copy_tokenizer(source, folder: Path) -> list[str]:
         if path.is_file():
             shutil.copy2(path, folder / name)
             copied.append(name)
-    _pin_tokenizer_class(source, folder)
+    _pin_tokenizer_class(folder, tokenizer_class())
     return copied
 
 
-def _pin_tokenizer_class(source, folder: Path) -> None:
+def resolved_tokenizer_class(source) -> str | None:
+    """The tokenizer class transformers gives the source, when it has a tokenizer_config.json to pin."""
+    if source.tokenizer_path is None or not (Path(source.tokenizer_path) / "tokenizer_config.json").is_file():
+        return None
+    return type(source.load_tokenizer()).__name__
+
+
+def in_background(work: Callable[[], object]) -> Callable[[], object]:
+    """Start `work()` in a daemon thread; the returned function waits for it and returns (or raises) its result.
+
+    The export resolves the tokenizer class this way while it streams weights: it costs about 2 s
+    (importing transformers, reading tokenizer.json), which the weights' I/O hides.
+    """
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = work()
+        except BaseException as exc:  # re-raised in the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="lpconvert-background", daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    return result
+
+
+def _pin_tokenizer_class(folder: Path, resolved: str | None) -> None:
     """Name the tokenizer class the source resolves to in tokenizer_config.json.
 
     transformers picks a tokenizer class from config.json's model_type when it knows it; the
@@ -434,10 +469,9 @@ def _pin_tokenizer_class(source, folder: Path) -> None:
     as a different class than the source's (e.g. a generic backend instead of Qwen2Tokenizer).
     """
     config_path = folder / "tokenizer_config.json"
-    if not config_path.is_file():
+    if resolved is None or not config_path.is_file():
         return
     tokenizer_config = json.loads(config_path.read_text())
-    resolved = type(source.load_tokenizer()).__name__
     if tokenizer_config.get("tokenizer_class") != resolved:
         tokenizer_config["tokenizer_class"] = resolved
         config_path.write_text(json.dumps(tokenizer_config, indent=2) + "\n")
@@ -496,6 +530,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         check_output_path(Path(out), overwrite)
         return report
 
+    tokenizer_class = in_background(lambda: resolved_tokenizer_class(source)) if copy_tokenizer_files else None
     metadata = {"format": "pt", "producer": "lpconvert", "lpconvert_version": __version__}
     written = 0
 
@@ -513,9 +548,9 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         (tmp / "config.json").write_text(json.dumps(lp_config, indent=2, sort_keys=True) + "\n")
         for file in MODELING_FILES:
             shutil.copy2(MODELING_DIR / file, tmp / file)
+        if tokenizer_class:
+            report.tokenizer_files = copy_tokenizer(source, tmp, tokenizer_class)
         write_generation_config(source, tmp)
-        if copy_tokenizer_files:
-            report.tokenizer_files = copy_tokenizer(source, tmp)
         plan.save(tmp / PLAN_FILE)
         (tmp / "README.md").write_text(model_card(source.name, plan, lp_config))
     report.seconds = time.perf_counter() - started

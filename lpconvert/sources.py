@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from .archs import read_source_config, reads_without_transformers
 from .checkpoint import MemoryStore, SafetensorsStore, TensorStore
 from .errors import LPError
 
@@ -60,7 +61,7 @@ class ModelSource:
     name: str  # what the user typed
     kind: str  # folder | gguf | builtin | hub | lpconvert
     path: Path  # folder holding config.json (for a GGUF: the folder holding the .gguf)
-    config: Any  # transformers PretrainedConfig
+    config: Any  # a transformers config, or archs.SourceConfig for a table architecture
     store: TensorStore
     tokenizer_path: Path | None  # folder whose tokenizer files go next to an export, if any
     gguf_file: str | None = None
@@ -103,8 +104,13 @@ class ModelSource:
                 # Passing the config of an lpconvert export keeps transformers from asking to run its
                 # modeling code just to pick a tokenizer class.
                 extra = {"config": self.config} if self.kind == LP_MODEL_TYPE else {}
-                return AutoTokenizer.from_pretrained(self.tokenizer_path,
-                                                     trust_remote_code=self.trust_remote_code, **extra)
+                try:
+                    return AutoTokenizer.from_pretrained(self.tokenizer_path,
+                                                         trust_remote_code=self.trust_remote_code, **extra)
+                except Exception as exc:  # json, tokenizers (Rust) and transformers each raise their own types
+                    raise LPError(f"could not load the tokenizer in {self.tokenizer_path}: {_first_line(exc)}",
+                                  "fix or re-download tokenizer.json and tokenizer_config.json"
+                                  ) from None
             if self.gguf_file is not None:
                 return AutoTokenizer.from_pretrained(self.path, gguf_file=self.gguf_file)
         raise LPError(f"{self.name} has no tokenizer files (tokenizer.json, tokenizer_config.json ...)",
@@ -169,6 +175,9 @@ def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code:
     if model_type == LP_MODEL_TYPE:
         config = _load_lp_config(folder)
         kind = LP_MODEL_TYPE
+    elif reads_without_transformers(raw):
+        config = read_source_config(raw)
+        kind = kind or "folder"
     else:
         config = _load_hf_config(folder, raw, trust_remote_code)
         kind = kind or "folder"

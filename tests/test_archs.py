@@ -49,3 +49,74 @@ def test_missing_config_fields_are_named():
     config = SimpleNamespace(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                              vocab_size=10, rms_norm_eps=1e-6)
     assert "intermediate_size" in unsupported_reason(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# config.json read without transformers (archs.read_source_config) against transformers' classes
+
+_MINIMAL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, vocab_size=128)
+_RAW_CONFIGS = {
+    **{f"{t}-minimal": dict(_MINIMAL, model_type=t) for t in ARCHITECTURES},
+    **{f"{t}-nothing-but-type": dict(model_type=t) for t in ARCHITECTURES},
+    "llama-legacy-rope": dict(_MINIMAL, model_type="llama", rope_theta=500000.0, torch_dtype="bfloat16",
+                              rope_scaling={"type": "linear", "factor": 4.0}),
+    "llama3-rope": dict(_MINIMAL, model_type="llama", num_key_value_heads=2, rope_theta=500000.0,
+                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    "mistral-no-window": dict(_MINIMAL, model_type="mistral", sliding_window=None),
+    "qwen2-sliding": dict(_MINIMAL, model_type="qwen2", use_sliding_window=True, sliding_window=8,
+                          max_window_layers=3, tie_word_embeddings=True),
+    "qwen2-window-off": dict(_MINIMAL, model_type="qwen2", sliding_window=8, head_dim=16),
+    "qwen3-layer-types": dict(_MINIMAL, model_type="qwen3", head_dim=16, use_sliding_window=True,
+                              sliding_window=8, layer_types=["sliding_attention"] * 2 + ["full_attention"] * 4),
+}
+
+
+def _both_configs(raw: dict, tmp_path):
+    import json
+
+    from lpconvert.archs import read_source_config
+
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    return read_source_config(raw), transformers.AutoConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("name", list(_RAW_CONFIGS))
+def test_config_read_without_transformers_exports_what_transformers_would(name, tmp_path):
+    import inspect
+
+    import torch
+
+    from lpconvert.export import lp_config_dict
+    from lpconvert.formats import Plan, fingerprint
+    from lpconvert.modeling.configuration_lpconvert import LPConfig
+
+    light, hf = _both_configs(_RAW_CONFIGS[name], tmp_path)
+    arch = architecture_for(hf)
+    assert architecture_for(light) is arch
+    shapes = {"model.embed_tokens.weight": (hf.vocab_size, hf.hidden_size)}
+    assert fingerprint(light, shapes) == fingerprint(hf, shapes)  # plans made before stay valid
+    plan = Plan(source=fingerprint(hf, shapes), pairs=[4])  # layers of one attention type everywhere
+    exported = lp_config_dict(arch, light, plan, torch.bfloat16, "m")
+    reference = lp_config_dict(arch, hf, plan, torch.bfloat16, "m")
+    for key, value in exported.items():
+        assert reference.get(key) == value, key
+    # What the export leaves out, LPConfig fills with the value transformers wrote.
+    built, expected = LPConfig.from_dict(exported), LPConfig.from_dict(reference)
+    for key in [*inspect.signature(LPConfig.__init__).parameters, *reference]:
+        if key not in ("self", "kwargs", "transformers_version"):
+            assert getattr(built, key, None) == getattr(expected, key, None), key
+
+
+@pytest.mark.parametrize("name", list(TINY_ARCHS))
+def test_config_read_without_transformers_matches_saved_models(name, tiny_models):
+    import json
+
+    from lpconvert.archs import read_source_config
+    from lpconvert.formats import _FINGERPRINT_FIELDS
+
+    raw = json.loads((tiny_models[name] / "config.json").read_text())
+    light, hf = read_source_config(raw), transformers.AutoConfig.from_pretrained(tiny_models[name])
+    for key in (*_FINGERPRINT_FIELDS, "rms_norm_eps", "hidden_act", "sliding_window", "layer_types",
+                "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(light, key, None) == getattr(hf, key, None), key

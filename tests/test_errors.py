@@ -296,6 +296,12 @@ def case_eval_different_tokenizers(t, p):
     return ["eval", str(t["llama"]), str(other)], "different tokenizers"
 
 
+def case_tokenizer_corrupt(t, p):
+    folder = _copy(t, "llama", p)
+    (folder / "tokenizer.json").write_text('{"model": ')
+    return _export(folder, p, "--pairs", "2"), "could not load the tokenizer"
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 
