@@ -111,7 +111,8 @@ class Architecture:
 # installed classes, so a transformers release that changes one fails a test, not an export).
 _COMMON_DEFAULTS = dict(num_hidden_layers=32, num_attention_heads=32, hidden_size=4096, hidden_act="silu",
                         rms_norm_eps=1e-6, tie_word_embeddings=False, attention_dropout=0.0, use_cache=True,
-                        initializer_range=0.02, pad_token_id=None)
+                        initializer_range=0.02, pad_token_id=None,
+                        output_attentions=False, output_hidden_states=False)  # every transformers config's
 _LLAMA_DEFAULTS = dict(_COMMON_DEFAULTS, vocab_size=32000, intermediate_size=11008, max_position_embeddings=2048,
                        attention_bias=False, mlp_bias=False, pretraining_tp=1, bos_token_id=1, eos_token_id=2)
 _MISTRAL_DEFAULTS = dict(_COMMON_DEFAULTS, vocab_size=32000, intermediate_size=14336, num_key_value_heads=8,

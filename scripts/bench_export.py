@@ -74,6 +74,8 @@ def random_checkpoint(folder: Path, shape: dict, dtype=torch.bfloat16) -> None:
               "max_position_embeddings": 4096, "hidden_act": "silu", "tie_word_embeddings": False,
               "dtype": "bfloat16", "rope_theta": 10000.0, **shape}
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    # Real checkpoints ship one (without it the export derives it through transformers, ~1 s more).
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}, indent=2))
 
 
 def same_start(source: Path, *stale: Path) -> None:

@@ -105,6 +105,34 @@ def test_files_written(exported, tiny_models):
     assert not any(n.startswith(".") for n in os.listdir(folder.parent)), "temporary folder left behind"
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generation_config_derived_as_transformers_does(arch, tiny_models, tmp_path):
+    """Without a generation_config.json, the export writes the one transformers derives from config.json."""
+    import shutil
+
+    from transformers import AutoConfig, GenerationConfig
+
+    folder = tmp_path / "source"
+    shutil.copytree(tiny_models[arch], folder)
+    (folder / "generation_config.json").unlink()
+    _edit = json.loads((folder / "config.json").read_text())
+    _edit.update(bos_token_id=3, eos_token_id=[4, 5], pad_token_id=0)
+    (folder / "config.json").write_text(json.dumps(_edit))
+    _export(folder, tmp_path / "out", [1])
+    written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    expected = GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder)).to_diff_dict()
+    assert written == expected and written["eos_token_id"] == [4, 5]
+
+
+def test_tokenizer_class_pinned_and_no_transformers_needed_for_the_weights(tiny_models, tmp_path):
+    """The export pins the tokenizer class its source resolves to; transformers answers in the background."""
+    from transformers import AutoTokenizer
+
+    _export(tiny_models["qwen2"], tmp_path / "out", [1])
+    pinned = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert pinned == type(AutoTokenizer.from_pretrained(tiny_models["qwen2"])).__name__
+
+
 def test_tied_embeddings_stay_tied(exported):
     weight_names = set(json.loads((exported["llama"] / "model.safetensors.index.json").read_text())["weight_map"])
     assert "lm_head.weight" not in weight_names
