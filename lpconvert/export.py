@@ -403,33 +403,36 @@ def resolved_tokenizer_class(source) -> str | None:
     """The class the source's tokenizer loads as, when it has a tokenizer_config.json to pin it in.
 
     Importing transformers costs about 1.6 s and reading a tokenizer about 0.5 s more: the export
-    asks in a background thread (`in_background`) while it streams the weights, which hides both.
+    asks in a background thread (`Background`) while it streams the weights, which hides both.
     """
     if source.tokenizer_path is None or not (Path(source.tokenizer_path) / "tokenizer_config.json").is_file():
         return None
     return type(source.load_tokenizer()).__name__
 
 
-def in_background(work: Callable[[], object]) -> Callable[[], object]:
-    """Start `work()` in a daemon thread; the returned function waits for it and returns (or raises) its result."""
-    outcome: dict[str, object] = {}
+class Background:
+    """`work()` in a daemon thread. `result()` waits for it and returns (or raises) what it gave;
+    `check()` raises at once if it has already failed, so a long export stops early."""
 
-    def run() -> None:
+    def __init__(self, work: Callable[[], object]):
+        self._outcome: dict[str, object] = {}
+        self._thread = threading.Thread(target=self._run, args=(work,), name="lpconvert-background", daemon=True)
+        self._thread.start()
+
+    def _run(self, work: Callable[[], object]) -> None:
         try:
-            outcome["value"] = work()
+            self._outcome["value"] = work()
         except BaseException as exc:  # re-raised in the caller's thread
-            outcome["error"] = exc
+            self._outcome["error"] = exc
 
-    thread = threading.Thread(target=run, name="lpconvert-background", daemon=True)
-    thread.start()
+    def check(self) -> None:
+        if "error" in self._outcome:
+            raise self._outcome["error"]
 
-    def result():
-        thread.join()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["value"]
-
-    return result
+    def result(self):
+        self._thread.join()
+        self.check()
+        return self._outcome["value"]
 
 
 def write_generation_config(source, folder: Path) -> None:
@@ -530,13 +533,14 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         check_output_path(Path(out), overwrite)
         return report
 
-    if copy_tokenizer_files:
-        tokenizer_class = in_background(lambda: resolved_tokenizer_class(source))
+    tokenizer_class = Background(lambda: resolved_tokenizer_class(source)) if copy_tokenizer_files else None
     metadata = {"format": "pt", "producer": "lpconvert", "lpconvert_version": __version__}
     written = 0
 
     def on_tensor(tensor: OutputTensor) -> None:
         nonlocal written
+        if tokenizer_class:
+            tokenizer_class.check()  # a broken tokenizer stops the export now, not after the last shard
         written += tensor.info.nbytes
         if progress:
             progress(written, report.total_bytes)
@@ -549,8 +553,8 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         (tmp / "config.json").write_text(json.dumps(lp_config, indent=2, sort_keys=True) + "\n")
         for file in MODELING_FILES:
             shutil.copy2(MODELING_DIR / file, tmp / file)
-        if copy_tokenizer_files:
-            report.tokenizer_files = copy_tokenizer(source, tmp, tokenizer_class())
+        if tokenizer_class:
+            report.tokenizer_files = copy_tokenizer(source, tmp, tokenizer_class.result())
         write_generation_config(source, tmp)
         plan.save(tmp / PLAN_FILE)
         (tmp / "README.md").write_text(model_card(source.name, plan, lp_config))

@@ -133,6 +133,26 @@ def test_tokenizer_class_pinned_and_no_transformers_needed_for_the_weights(tiny_
     assert pinned == type(AutoTokenizer.from_pretrained(tiny_models["qwen2"])).__name__
 
 
+def test_broken_tokenizer_stops_the_export_early(tiny_models, tmp_path):
+    import shutil
+    import time
+
+    folder = tmp_path / "source"
+    shutil.copytree(tiny_models["llama"], folder)
+    (folder / "tokenizer.json").write_text('{"model": ')
+    calls = []
+
+    def slow_progress(done, total):  # each tensor takes 100 ms: the tokenizer check has time to fail
+        calls.append(done)
+        time.sleep(0.1)
+
+    source = resolve_model(str(folder))
+    total = len(source.store.infos())
+    with pytest.raises(LPError, match="could not load the tokenizer"):
+        export(source, plan_for_pairs(source, [1]), tmp_path / "out", progress=slow_progress)
+    assert len(calls) < total / 2 and not (tmp_path / "out").exists()
+
+
 def test_tied_embeddings_stay_tied(exported):
     weight_names = set(json.loads((exported["llama"] / "model.safetensors.index.json").read_text())["weight_map"])
     assert "lm_head.weight" not in weight_names
@@ -354,7 +374,7 @@ ex.export(source, ex.plan_for_pairs(source, [1, 3]), ex.Path({str(out)!r}))
     deadline = time.time() + 60
     while not any(p.name.startswith(".out.lpconvert-tmp-") for p in tmp_path.iterdir()):
         assert time.time() < deadline and proc.poll() is None, "export did not start writing"
-        time.sleep(0.05)
+        time.sleep(0.1)
     time.sleep(0.3)
     proc.send_signal(getattr(signal, signal_name))
     proc.wait(timeout=60)
