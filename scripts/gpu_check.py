@@ -109,7 +109,10 @@ def main() -> None:
     parser.add_argument("--static-pairs", default="0,7", help="pair counts measured with a static cache")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    # Repeats are cheap (about 1 s each at 7B); compiling is not. On 2026-11-28 every batch-1 static-cache
+    # row had one repeat at 3-5 tokens/s (a late recompile) next to two good ones: two warm-ups for the
+    # compiled mode, and medians of 7, keep such a run out of the figure.
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget-s", type=float, default=420, help="stop measuring after this many seconds")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     args = parser.parse_args()
@@ -159,8 +162,8 @@ def main() -> None:
             if count and not checked_bf16:
                 check_bf16(source, current, middle_pairs(layers, count), device)
                 checked_bf16 = True
-        settings = BenchSettings(batch_sizes=(batch,), prompt_len=32, new_tokens=args.new_tokens, warmup=1,
-                                 repeats=args.repeats, compile=static)
+        settings = BenchSettings(batch_sizes=(batch,), prompt_len=32, new_tokens=args.new_tokens,
+                                 warmup=2 if static else 1, repeats=args.repeats, compile=static)
         try:
             row = measure(current, settings, device, label)[0]
         except Exception as exc:  # report and go on: one failing mode must not hide the others
