@@ -142,24 +142,39 @@ ARCHITECTURES: dict[str, Architecture] = {
 SUPPORTED = ", ".join(f"{a.name} ({a.model_type})" for a in ARCHITECTURES.values())
 
 
-def unsupported_reason(config) -> str | None:
-    """Why lpconvert cannot convert this config, or None when it can."""
+_CONVERT_SUPPORTED = "convert a Llama, Mistral, Qwen2 or Qwen3 causal LM"
+
+
+def _unsupported(config) -> tuple[str, str] | None:
+    """(why lpconvert cannot convert this config, what to do instead), or None when it can."""
     model_type = getattr(config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        return f"architecture '{model_type}' is not supported; supported: {SUPPORTED}"
+        return f"architecture '{model_type}' is not supported; supported: {SUPPORTED}", _CONVERT_SUPPORTED
     arch = ARCHITECTURES[model_type]
     missing = [f for f in arch.required_fields if getattr(config, f, None) is None]
     if missing:
-        return f"config.json lacks {', '.join(missing)}, which {arch.name} needs"
+        return f"config.json lacks {', '.join(missing)}, which {arch.name} needs", _CONVERT_SUPPORTED
+    quantization = getattr(config, "quantization_config", None)
+    if quantization:
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", None))
+        return (f"the checkpoint is quantized ({method or 'unknown method'}); norms fold only into "
+                "full-precision weights", "convert the unquantized (bf16/fp16/fp32) checkpoint")
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
-        return f"activation '{config.hidden_act}' is not supported"
+        return f"activation '{config.hidden_act}' is not supported", _CONVERT_SUPPORTED
     return None
 
 
+def unsupported_reason(config) -> str | None:
+    """Why lpconvert cannot convert this config, or None when it can."""
+    problem = _unsupported(config)
+    return problem[0] if problem else None
+
+
 def architecture_for(config) -> Architecture:
-    reason = unsupported_reason(config)
-    if reason:
-        raise LPError(reason, "convert a Llama, Mistral, Qwen2 or Qwen3 causal LM")
+    problem = _unsupported(config)
+    if problem:
+        raise LPError(*problem)
     return ARCHITECTURES[config.model_type]
 
 

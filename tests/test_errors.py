@@ -69,6 +69,12 @@ def case_unsupported_architecture(t, p):
     return _export(p / "gpt2", p, "--pairs", "1"), "supported: Llama"
 
 
+def case_quantized_checkpoint(t, p):
+    folder = _copy(t, "llama", p)
+    _edit_json(folder / "config.json", quantization_config={"quant_method": "gptq", "bits": 4})
+    return _export(folder, p, "--pairs", "2"), "quantized (gptq)"
+
+
 def case_truncated_safetensors(t, p):
     folder = _copy(t, "llama", p)
     data = (folder / "model.safetensors").read_bytes()
