@@ -198,9 +198,27 @@ def reads_without_transformers(raw: dict) -> bool:
     return raw.get("model_type") in ARCHITECTURES and "auto_map" not in raw
 
 
+def _number(value, kind=(int, float)) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+# What transformers' config validation would refuse, checked here as it is not run: field -> (test, wanted).
+_FIELD_CHECKS = {
+    **{name: (lambda v: _number(v, int) and v > 0, "a positive integer")
+       for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "vocab_size")},
+    "max_window_layers": (lambda v: _number(v, int) and v >= 0, "a non-negative integer"),
+    "rms_norm_eps": (lambda v: _number(v) and v > 0, "a positive number"),
+}
+
+
 def read_source_config(raw: dict) -> SourceConfig:
+    """config.json as transformers would read it (LPError for a size or epsilon it would refuse)."""
     arch = ARCHITECTURES[raw["model_type"]]
     fields = {**arch.config_defaults, **raw}
+    for name, (valid, wanted) in _FIELD_CHECKS.items():
+        if fields.get(name) is not None and not valid(fields[name]):
+            raise LPError(f"config.json: {name} is {fields[name]!r}, not {wanted}", "fix or re-download config.json")
     if "dtype" not in fields and "torch_dtype" in fields:  # the name before transformers 5
         fields["dtype"] = fields.pop("torch_dtype")
     if fields.get("num_key_value_heads") is None:

@@ -120,3 +120,13 @@ def test_config_read_without_transformers_matches_saved_models(name, tiny_models
     for key in (*_FINGERPRINT_FIELDS, "rms_norm_eps", "hidden_act", "sliding_window", "layer_types",
                 "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
         assert getattr(light, key, None) == getattr(hf, key, None), key
+
+
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("hidden_size", "64"), ("vocab_size", True),
+                                          ("max_window_layers", -1), ("rms_norm_eps", "1e-6")])
+def test_config_values_transformers_would_refuse_are_named(field, value):
+    from lpconvert.archs import read_source_config
+
+    raw = dict(_MINIMAL, model_type="qwen2", **{field: value})
+    with pytest.raises(LPError, match=f"config.json: {field} is"):
+        read_source_config(raw)

@@ -56,6 +56,12 @@ def case_config_not_json(t, p):
     return _export(folder, p, "--pairs", "2"), "config.json"
 
 
+def case_config_size_not_a_positive_integer(t, p):
+    folder = _copy(t, "llama", p)
+    _edit_json(folder / "config.json", num_attention_heads=0)
+    return _export(folder, p, "--pairs", "2"), "num_attention_heads is 0, not a positive integer"
+
+
 def case_config_does_not_match_weights(t, p):
     folder = _copy(t, "llama", p)
     _edit_json(folder / "config.json", hidden_size=None, intermediate_size=None)
