@@ -25,7 +25,8 @@ from lpconvert.cli import app  # noqa: E402
 
 ISSUE_CASE = {  # which numbered case of issue 7 each test case shows
     "missing_model": 1, "model_is_a_file": 1, "folder_without_config": 1, "config_not_json": 2,
-    "config_does_not_match_weights": 2, "config_size_not_a_positive_integer": 2, "tokenizer_corrupt": 2, "unsupported_architecture": 3, "quantized_checkpoint": 3, "truncated_safetensors": 4,
+    "config_does_not_match_weights": 2, "config_size_not_a_positive_integer": 2, "tokenizer_corrupt": 2,
+    "unsupported_architecture": 3, "quantized_checkpoint": 3, "truncated_safetensors": 4,
     "corrupt_header": 4, "header_length_beyond_file": 4, "index_names_missing_tensor": 4,
     "index_path_traversal": 5, "pickle_needing_more_than_weights": 6, "remote_code_without_flag": 7,
     "nan_in_paired_weights": 8, "plan_malformed": 9, "plan_wrong_schema": 9, "plan_for_another_model": 9,

@@ -115,9 +115,9 @@ def test_generation_config_derived_as_transformers_does(arch, tiny_models, tmp_p
     folder = tmp_path / "source"
     shutil.copytree(tiny_models[arch], folder)
     (folder / "generation_config.json").unlink()
-    _edit = json.loads((folder / "config.json").read_text())
-    _edit.update(bos_token_id=3, eos_token_id=[4, 5], pad_token_id=0)
-    (folder / "config.json").write_text(json.dumps(_edit))
+    config = json.loads((folder / "config.json").read_text())
+    config.update(bos_token_id=3, eos_token_id=[4, 5], pad_token_id=0)
+    (folder / "config.json").write_text(json.dumps(config))
     _export(folder, tmp_path / "out", [1])
     written = json.loads((tmp_path / "out" / "generation_config.json").read_text())
     expected = GenerationConfig.from_model_config(AutoConfig.from_pretrained(folder)).to_diff_dict()
