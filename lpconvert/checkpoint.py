@@ -1,5 +1,5 @@
-"""Checkpoint I/O that streams: lazy tensor reading, shard planning, streaming shard writing, and an
-atomic output folder.
+"""Checkpoint I/O that streams: lazy tensor reading, shard planning and streaming shard writing (the
+atomic output folder they are written into is in outputs.py).
 
 Memory stays bounded by the largest single output tensor whatever the model size: tensors are read
 with plain file reads at the offsets of the safetensors header (no mmap whose pages would pile up
@@ -9,20 +9,17 @@ tensor after tensor, so no shard is ever held in memory.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
 import os
 import queue
-import shutil
-import signal
+import re
 import struct
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -76,11 +73,23 @@ class SafetensorsFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
-        self._parse_header()
+        try:
+            self._parse_header()
+        except OSError as exc:
+            raise self._unreadable(exc) from None
 
     def _corrupt(self, why: str) -> LPError:
         return LPError(f"{self.path.name} is not a valid safetensors file: {why}",
                        "re-download or re-save the checkpoint")
+
+    def _unreadable(self, exc: OSError) -> LPError:
+        # In a Hugging Face cache the file is a link into blobs/, and a cleaned or partial cache
+        # leaves the link without its blob.
+        if self.path.is_symlink() and not self.path.exists():
+            return LPError(f"{self.path.name} is a broken symlink (its target {os.readlink(self.path)} is missing)",
+                           "re-download the checkpoint")
+        return LPError(f"cannot read {self.path}: {exc.strerror or exc}",
+                       "check the file's permissions, or re-download the checkpoint")
 
     def _parse_header(self) -> None:
         size = self.path.stat().st_size
@@ -105,7 +114,13 @@ class SafetensorsFile:
             except (KeyError, TypeError, ValueError):
                 raise self._corrupt(f"bad header entry for {name}") from None
             info = TensorInfo(shape, dtype)
-            if end - begin != info.nbytes or data_start + end > size:
+            # Two different faults: a header that contradicts itself was written wrong (or edited);
+            # only data that would lie past the end of an otherwise consistent header means truncation.
+            if begin < 0 or end - begin != info.nbytes:
+                raise self._corrupt(f"the header's shape and data offsets disagree for tensor {name} "
+                                    f"(shape {list(shape)} of {entry['dtype']} is {info.nbytes} bytes, "
+                                    f"offsets {begin}..{end} span {end - begin})")
+            if data_start + end > size:
                 raise self._corrupt(f"tensor {name} runs past the end of the file (truncated?)")
             self.entries[name] = (info, data_start + begin, data_start + end)
 
@@ -166,13 +181,41 @@ class TensorStore:
         return max(counts, key=counts.get) if counts else None
 
 
+def shard_path(folder: Path, shard: object, index_name: str) -> Path:
+    """FOLDER/SHARD for a shard name read from a checkpoint index, refusing names that leave the folder.
+
+    The name is checked as text and the path is then opened as it is, links followed: in a Hugging
+    Face cache every file of a snapshot is a symlink into ../../blobs/, so resolving the path and
+    asking whether it stays in the folder would refuse every sharded Hub model. What the index must
+    not do is climb out by itself: '..' components, an absolute path, a Windows drive or separator.
+    """
+    if not isinstance(shard, str):
+        raise LPError(f"{index_name} names a shard that is not a file name: {shard!r}",
+                      "re-download the checkpoint")
+    if (not shard or "\\" in shard or "\x00" in shard or shard.startswith("/")
+            or re.match(r"[A-Za-z]:", shard) or ".." in PurePosixPath(shard).parts):
+        raise LPError(f"{index_name} names a shard outside the model folder: {_shown(shard)}",
+                      "refusing to read it; fix the index")
+    path = folder / shard
+    if not path.is_file():  # a dangling cache link too: the blob was deleted or never arrived
+        raise LPError(f"{index_name} names a missing shard: {_shown(shard)}", "re-download the checkpoint")
+    return path
+
+
+def _shown(name: str) -> str:
+    """A name from a file, quoted when it holds what would break the one-line message (or is empty)."""
+    return name if name and name.isprintable() else repr(name)
+
+
 class SafetensorsStore(TensorStore):
     """A Hugging Face folder of safetensors: one file, or shards named by model.safetensors.index.json."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._where: dict[str, SafetensorsFile] = {}
-        for file in self._files():
+        files = self._files()
+        self.paths = [file.path for file in files]  # the weight files, as opened (links not resolved)
+        for file in files:
             for name in file.entries:
                 self._where[name] = file
         self._infos = {name: file.entries[name][0] for name, file in self._where.items()}
@@ -183,25 +226,21 @@ class SafetensorsStore(TensorStore):
             files = sorted(self.folder.glob("*.safetensors"))
             return [SafetensorsFile(p) for p in files]
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
             raise LPError(f"{index} is not a valid safetensors index", "re-download the checkpoint") from None
-        root = self.folder.resolve()
-        shard_names = sorted(set(weight_map.values()))
-        files = {}
-        for shard in shard_names:
-            path = (self.folder / shard).resolve()
-            if root not in path.parents:
-                raise LPError(f"{INDEX_NAME} names a shard outside the model folder: {shard}",
-                              "refusing to read it; fix the index")
-            if not path.exists():
-                raise LPError(f"{INDEX_NAME} names a missing shard: {shard}", "re-download the checkpoint")
-            files[shard] = SafetensorsFile(path)
+        files: dict[str, SafetensorsFile] = {}
+        for shard in weight_map.values():
+            path = shard_path(self.folder, shard, INDEX_NAME)
+            if shard not in files:
+                files[shard] = SafetensorsFile(path)
         for name, shard in weight_map.items():
             if name not in files[shard].entries:
                 raise LPError(f"tensor {name} is missing from {shard} although the index names it",
                               "re-download the checkpoint")
-        return list(files.values())
+        return [files[shard] for shard in sorted(files)]
 
     def infos(self) -> Mapping[str, TensorInfo]:
         return self._infos
@@ -394,63 +433,3 @@ def write_index(folder: Path, shards: list[list[OutputTensor]], names: list[str]
     total = sum(t.info.nbytes for shard in shards for t in shard)
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Atomic output folder
-
-
-def check_output_path(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise LPError(f"output path {out} exists and is a file", "choose a folder path")
-    if out.exists() and not overwrite:
-        raise LPError(f"output folder {out} already exists", "pass --overwrite or choose another path")
-    parent = out.resolve().parent
-    if not parent.exists():
-        raise LPError(f"the parent folder of {out} does not exist", f"create {parent} first")
-    if not os.access(parent, os.W_OK):
-        raise LPError(f"cannot write into {parent}", "choose a writable output path")
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside OUT; rename it to OUT only if the block succeeds.
-
-    SIGTERM is turned into KeyboardInterrupt meanwhile, so an interrupted export (Ctrl-C or a CI
-    timeout) removes the temporary folder and leaves OUT as it was.
-    """
-    out = Path(out)
-    check_output_path(out, overwrite)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lpconvert-tmp-", dir=out.resolve().parent))
-
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if _in_main_thread() else None
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.lpconvert-old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == 28:  # ENOSPC
-            raise LPError(f"disk full while writing {out}; nothing was left behind",
-                          "free space or choose another output path") from None
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

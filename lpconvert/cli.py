@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -40,7 +41,7 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console()
-_state = {"debug": False}
+_state: dict = {"debug": False, "progress": None}
 
 ModelArg = Annotated[str, typer.Argument(
     help="A Hugging Face folder, a .gguf file or folder, the built-in [bold]smollm2-135m[/], or a hub id.",
@@ -61,8 +62,13 @@ def main_options(
     debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
+    progress: Annotated[str | None, typer.Option(
+        "--progress", help="How progress shows on stderr: bars (redrawn in place), lines (plain timed lines, "
+        "for CI logs), off. Default: bars on a terminal, lines otherwise; env LPCONVERT_PROGRESS.",
+        show_default=False)] = None,
 ) -> None:
     _state["debug"] = debug
+    _state["progress"] = progress
 
 
 def stage(fn):
@@ -75,7 +81,8 @@ def stage(fn):
         except LPError as exc:
             if _state["debug"]:
                 raise
-            err.print(f"[bold red]error:[/] {exc.one_line()}", highlight=False, soft_wrap=True)
+            # escape: a message quoting "[i, i+1]" must not be read as Rich markup and vanish
+            err.print(f"[bold red]error:[/] {escape(exc.one_line())}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             err.print("[bold red]interrupted[/]: nothing was written at the output path")
@@ -88,27 +95,51 @@ def _print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
+def _reporter():
+    from .progress import Reporter
+
+    return Reporter(err, _state["progress"])
 
 
-def _check_output_early(output: Path, overwrite: bool) -> None:
-    """Refuse a taken output path before spending seconds loading the source (the stage checks again
-    when it writes, for callers of the library)."""
-    from .checkpoint import check_output_path
-
-    check_output_path(output, overwrite)
+def _typed_paths(model: str | None) -> list[Path]:
+    """The model path as typed, when it is one: protected before the source is even resolved."""
+    return [Path(model).expanduser()] if model and Path(model).expanduser().exists() else []
 
 
-def _load_source(model: str, trust_remote_code: bool):
+def _check_output_early(output: Path, overwrite: bool, model: str) -> None:
+    """Refuse a taken or overlapping output path before spending seconds loading the source (the
+    stage checks again, with every file of the resolved source, before it writes)."""
+    from .outputs import check_output_folder
+
+    check_output_folder(output, overwrite, _typed_paths(model))
+
+
+def _check_output_file(path: Path | None, *models: str | None) -> None:
+    from .outputs import check_output_file
+
+    if path is not None:
+        check_output_file(path, [p for model in models for p in _typed_paths(model)])
+
+
+def _load_source(model: str, trust_remote_code: bool, report=None):
     from .sources import resolve_model
 
-    with err.status(f"Loading {model}..."):
-        return resolve_model(model, trust_remote_code=trust_remote_code)
+    if report is None:
+        with _reporter() as report:
+            return _load_source(model, trust_remote_code, report)
+    report.step(f"loading {model}")
+    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    report.end()
+    return source
+
+
+def _check_positions(name: str, config, tokens: int, what: str) -> None:
+    """Refuse a length beyond the positions the model was trained for (it would run, slowly, and
+    measure a model outside what it knows)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and tokens > limit:
+        raise LPError(f"{what} is {tokens} tokens, beyond the {limit} positions of {name}",
+                      f"use at most {limit} tokens")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,8 +196,7 @@ def score(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure how much each layer and each candidate pair matters, on calibration text."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-
+    from .outputs import write_json_atomically
     from .score import ScoreSettings, compute_scores, parse_metrics, plot_scores
 
     settings = ScoreSettings(calib=calib, text_field=text_field, tokens=tokens, seq_len=seq_len, seed=seed,
@@ -174,20 +204,13 @@ def score(
                              metrics=parse_metrics(metrics), measure_loss=measure_loss, loss_tokens=loss_tokens)
     if batch_size <= 0 or seq_len < 2:
         raise LPError("--batch-size must be positive and --seq-len at least 2", "e.g. --batch-size 4 --seq-len 512")
-    _check_writable_file(output)
-    source = _load_source(model, trust_remote_code)
-    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=as_json, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def progress(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done)
-
-        scores = compute_scores(source, settings, progress)
-    _write_json_atomically(output, scores)
+    _check_output_file(output, model)
+    _check_output_file(plot, model)  # before the scoring, not after it
+    with _reporter() as report:
+        source = _load_source(model, trust_remote_code, report)
+        _check_positions(source.name, source.config, seq_len, "--seq-len")
+        scores = compute_scores(source, settings, report.step)
+    write_json_atomically(output, scores)
     if plot is not None:
         plot_scores(scores, plot)
     if as_json:
@@ -227,20 +250,6 @@ def _scores_table(scores: dict) -> Table:
     return table
 
 
-def _check_writable_file(path: Path) -> None:
-    if path.exists() and path.is_dir():
-        raise LPError(f"output {path} is a folder", "give a file path such as scores.json")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise LPError(f"the folder of {path} does not exist", f"create {parent} first")
-
-
-def _write_json_atomically(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-
-
 # ----------------------------------------------------------------------------------------------
 # eval
 
@@ -275,24 +284,24 @@ def eval_command(
 ) -> None:
     """Compare a converted model with its source on held-out text: perplexity, agreement, KL, generations.
     With --max-ppl-increase / --min-agreement it is a gate: exit 1 when a bound is broken."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from .evaluate import EvalSettings, evaluate
-    from .formats import parse_percent
+    from .formats import check_converted_from, parse_percent
 
     if split not in ("heldout", "all"):
         raise LPError(f"--split '{split}' does not exist", "use heldout or all")
+    if min_agreement is not None and not 0 <= min_agreement <= 1:
+        raise LPError(f"--min-agreement is a fraction of tokens between 0 and 1, got {min_agreement}",
+                      "e.g. --min-agreement 0.85")
     settings = EvalSettings(text=text, split=split, text_field=text_field, tokens=tokens, seq_len=seq_len,
                             batch_size=batch_size, device=device, dtype=dtype, prompt=prompt,
                             max_ppl_increase=parse_percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None,
                             min_agreement=min_agreement)
-    source = _load_source(source_model, trust_remote_code)
-    converted = _load_source(converted_model, trust_remote_code)
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=err, disable=as_json, transient=True) as bar:
-        task = bar.add_task("Evaluating both models", total=None)
-        report = evaluate(source, converted, settings, lambda done, total: bar.update(task, completed=done,
-                                                                                      total=total))
+    with _reporter() as progress:
+        source = _load_source(source_model, trust_remote_code, progress)
+        converted = _load_source(converted_model, trust_remote_code, progress)
+        check_converted_from(converted, source)
+        _check_positions(source.name, source.config, seq_len, "--seq-len")
+        report = evaluate(source, converted, settings, progress.counter("evaluating both models", "batches"))
     if as_json:
         _print_json(report)
     else:
@@ -369,14 +378,16 @@ def bench(
                              repeats=repeats, compile=compile_, device=device, dtype=dtype)
     run_device, run_dtype = resolve_device(device), dtype_from_name(dtype)
     rows: list[dict] = []
-    with err.status("Benchmarking...") as status:
+    with _reporter() as progress:
         def note(text: str) -> None:
-            status.update(f"Benchmarking {text}...")
+            progress.step("benchmarking", detail=text)
 
         if random_weights is not None:
             from .export import convert_in_memory
 
             source = random_source_model(random_weights, run_dtype, run_device)
+            _check_positions(random_weights, source.config, prompt_len + new_tokens,
+                             "--prompt-len + --new-tokens")
             plans = [(count, middle_pairs(source.config.num_hidden_layers, count)) for count in counts]
             rows += measure(source, settings, run_device, "source", note)
             for count, pairs in plans:
@@ -385,9 +396,18 @@ def bench(
                 del converted
             reference = "source"
         else:
-            target = _load_source(model, trust_remote_code).load_model(dtype=run_dtype, device=run_device)
-            if baseline is not None:
-                base_model = _load_source(baseline, trust_remote_code).load_model(dtype=run_dtype, device=run_device)
+            target_source = _load_source(model, trust_remote_code, progress)
+            base_source = _load_source(baseline, trust_remote_code, progress) if baseline is not None else None
+            if base_source is not None:
+                from .formats import check_converted_from
+
+                check_converted_from(target_source, base_source, role="MODEL")
+            for checked in (target_source, base_source):
+                if checked is not None:
+                    _check_positions(checked.name, checked.config, prompt_len + new_tokens, "--prompt-len + --new-tokens")
+            target = target_source.load_model(dtype=run_dtype, device=run_device)
+            if base_source is not None:
+                base_model = base_source.load_model(dtype=run_dtype, device=run_device)
                 rows += measure(base_model, settings, run_device, "baseline", note)
                 del base_model
             rows += measure(target, settings, run_device, "model", note)
@@ -434,12 +454,12 @@ def convert(
     from .convert import load_recipe
 
     settings = load_recipe(recipe)
-    _check_output_early(output, overwrite)
-    source = _load_source(model, trust_remote_code)
-    with err.status("Converting...") as status:
+    _check_output_early(output, overwrite, model)
+    with _reporter() as progress:
+        source = _load_source(model, trust_remote_code, progress)
         # A failed gate raises GateFailed, an LPError with exit code 1, and leaves nothing at OUT.
         summary = run_convert(source, output, settings, overwrite=overwrite, keep_failed=keep_failed,
-                              progress=lambda text: status.update(f"Converting: {text}..."))
+                              progress=progress.step)
     if as_json:
         _print_json(summary)
     else:
@@ -485,29 +505,42 @@ def export(
 ) -> None:
     """Write a layer-parallel checkpoint: each pair becomes one wide block, loadable with
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
+    from .checkpoint import dtype_from_name
     from .export import export as run_export
-    from .export import plan_for_pairs
-    from .formats import check_fingerprint, layer_strip, load_plan, parse_pairs, validate_pairs
+    from .export import parse_size, plan_for_pairs
+    from .formats import (
+        check_fingerprint,
+        layer_strip,
+        load_plan,
+        parse_pairs,
+        source_fingerprint,
+        validate_pairs,
+    )
+    from .progress import human_bytes
 
     if (plan is None) == (pairs is None):
         raise LPError("give exactly one of --plan and --pairs", "e.g. --pairs 12,14 or --plan plan.json")
+    if pairs is not None and not pairs.strip():
+        raise LPError("--pairs is empty", "give pair starts such as --pairs 12,14, or --pairs none for an exact copy")
     loaded_plan = load_plan(plan) if plan is not None else None
-    _check_output_early(output, overwrite)
-    source = _load_source(model, trust_remote_code)
-    if loaded_plan is not None:
-        from .export import source_fingerprint
-
-        check_fingerprint(loaded_plan.source, source_fingerprint(source.config, source.store), f"plan {plan}")
-        validate_pairs(loaded_plan.pairs, loaded_plan.num_layers, allow_edge_layers)
-    else:
-        wanted = [] if pairs.strip().lower() in ("", "none") else parse_pairs(pairs)
-        loaded_plan = plan_for_pairs(source, wanted, allow_edge_layers)
-    if not loaded_plan.pairs:
-        err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy in lpconvert's format")
-
-    report = _run_export_with_progress(run_export, source, loaded_plan, output, dtype=dtype,
-                                       max_shard_size=max_shard_size, copy_tokenizer_files=copy_tokenizer,
-                                       overwrite=overwrite, dry_run=dry_run, quiet=as_json)
+    wanted = None if pairs is None or pairs.strip().lower() == "none" else parse_pairs(pairs)
+    parse_size(max_shard_size)  # a bad size or dtype is refused before the source loads
+    if dtype != "auto":
+        dtype_from_name(dtype, extra=("auto",))
+    _check_output_early(output, overwrite, model)
+    with _reporter() as progress:
+        source = _load_source(model, trust_remote_code, progress)
+        if loaded_plan is not None:
+            check_fingerprint(loaded_plan.source, source_fingerprint(source.config, source.store), f"plan {plan}")
+            validate_pairs(loaded_plan.pairs, loaded_plan.num_layers, allow_edge_layers)
+        else:
+            loaded_plan = plan_for_pairs(source, wanted or [], allow_edge_layers)
+        if not loaded_plan.pairs:
+            progress.end()
+            err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy in lpconvert's format")
+        report = run_export(source, loaded_plan, output, dtype=dtype, max_shard_size=max_shard_size,
+                            copy_tokenizer_files=copy_tokenizer, overwrite=overwrite, dry_run=dry_run,
+                            progress=progress.counter("writing weights", "bytes"))
     if as_json:
         _print_json(report.to_json())
         return
@@ -518,24 +551,13 @@ def export(
     table.add_row("layer stack", strip)
     table.add_row("effective depth", f"{report.effective_depth} blocks (from {report.num_layers})")
     table.add_row("dtype", report.dtype)
-    table.add_row("shards", "\n".join(f"{s['file']}  {_human_bytes(s['bytes'])}  ({s['tensors']} tensors)"
+    table.add_row("shards", "\n".join(f"{s['file']}  {human_bytes(s['bytes'])}  ({s['tensors']} tensors)"
                                       for s in report.shards))
-    table.add_row("total", _human_bytes(report.total_bytes))
+    table.add_row("total", human_bytes(report.total_bytes))
     if not dry_run:
         table.add_row("time", f"{report.seconds:.1f} s")
         table.add_row("load with", f'AutoModelForCausalLM.from_pretrained("{output}", trust_remote_code=True)')
     out.print(table)
-
-
-def _run_export_with_progress(run_export, source, plan, output, quiet: bool, **kwargs):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
-
-    columns = ("[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-               TimeRemainingColumn())
-    with Progress(*columns, console=err, disable=quiet or kwargs.get("dry_run", False), transient=True) as bar:
-        task = bar.add_task("Writing weights", total=None)
-        return run_export(source, plan, output, progress=lambda done, total: bar.update(task, completed=done,
-                                                                                         total=total), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -626,26 +648,27 @@ def plan(
             raise LPError(f"{name} must be at least 1, got {value}", f"e.g. {name} 4")
     if verify < 0 or heldout_tokens < 0:
         raise LPError("--verify and --heldout-tokens cannot be negative", "use 0 to switch the check off")
+    if 0 < heldout_tokens < seq_len and verify:
+        raise LPError(f"--heldout-tokens {heldout_tokens} is less than one window of --seq-len {seq_len}",
+                      f"use --heldout-tokens {seq_len} or more, or 0 to switch the held-out check off")
     for path in (output, plot):
-        if path is not None:
-            _check_writable_file(path)
+        _check_output_file(path, model)
 
     import time
 
+    from .formats import source_fingerprint
+    from .outputs import write_json_atomically
+
     started = time.perf_counter()
-    source = _load_source(model, trust_remote_code) if model is not None else None
-    expected = None
-    if source is not None:
-        from .export import source_fingerprint
+    with _reporter() as reporter:
+        source = _load_source(model, trust_remote_code, reporter) if model is not None else None
+        expected = source_fingerprint(source.config, source.store) if source is not None else None
+        scores_data = load_scores(scores, expected)
+        num_layers = int(scores_data["source"]["num_layers"])
+        pairs_for_target(target, num_layers, allow_edge_layers)  # refuse an impossible target before measuring
 
-        expected = source_fingerprint(source.config, source.store)
-    scores_data = load_scores(scores, expected)
-    num_layers = int(scores_data["source"]["num_layers"])
-    pairs_for_target(target, num_layers, allow_edge_layers)  # refuse an impossible target before measuring
-
-    with err.status("Planning...") as status:
         def progress(message: str) -> None:
-            status.update(f"Planning: {message}...")
+            reporter.step("planning", detail=message)
 
         calibrator = None
         if source is not None:
@@ -657,7 +680,7 @@ def plan(
                            source=expected, scores_path=f"scores {scores}", progress=progress, started=started)
     data = result.to_json()
     if output is not None:
-        _write_json_atomically(output, data)
+        write_json_atomically(output, data)
     if plot is not None:
         from .plan import plot_front
 

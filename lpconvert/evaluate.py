@@ -76,16 +76,17 @@ def _generate(model, tokenizer, prompt: str, new_tokens: int, device: str) -> st
 def evaluate(source, converted, settings: EvalSettings,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Compare `converted` with `source` on held-out text; returns the report (with `passed`)."""
-    from .texts import resolve_text, tokenize_windows
+    from .texts import bytes_for_tokens, resolve_text, tokenize_windows
 
     started = time.perf_counter()
     check_same_tokenizer(source, converted)
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
     tokenizer = source.load_tokenizer()
-    windows = tokenize_windows(tokenizer, resolve_text(settings.text, text_field=settings.text_field),
-                               seq_len=settings.seq_len, num_tokens=settings.tokens, seed=settings.seed,
-                               split=settings.split)
+    text = resolve_text(settings.text, text_field=settings.text_field,
+                        max_bytes=bytes_for_tokens(settings.tokens, settings.seq_len))
+    windows = tokenize_windows(tokenizer, text, seq_len=settings.seq_len, num_tokens=settings.tokens,
+                               seed=settings.seed, split=settings.split)
     source_model = source.load_model(dtype=dtype, device=device)
     converted_model = converted.load_model(dtype=dtype, device=device)
     totals = {"nll_source": 0.0, "nll_converted": 0.0, "agree": 0, "kl": 0.0, "tokens": 0}

@@ -27,8 +27,6 @@ from .checkpoint import (
     OutputTensor,
     TensorInfo,
     TensorStore,
-    atomic_output_dir,
-    check_output_path,
     dtype_from_name,
     plan_shards,
     shard_file_names,
@@ -36,7 +34,8 @@ from .checkpoint import (
     write_shard,
 )
 from .errors import LPError
-from .formats import Plan, check_fingerprint, fingerprint
+from .formats import Plan, check_fingerprint, source_fingerprint
+from .outputs import atomic_output_dir, check_output_folder, protected_paths
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_lpconvert.py", "modeling_lpconvert.py")
@@ -62,16 +61,12 @@ def parse_size(text: str) -> int:
             number = clean[: -len(unit)].strip()
             try:
                 value = int(float(number) * units[unit])
-            except ValueError:
+            except (ValueError, OverflowError):  # not a number; inf or nan
                 break
             if value > 0:
                 return value
             break
     raise LPError(f"size '{text}' is not understood", "write it like 5GB, 500MB or 2GiB")
-
-
-def source_fingerprint(config, store: TensorStore) -> dict:
-    return fingerprint(config, {name: info.shape for name, info in store.infos().items()})
 
 
 def resolve_dtype(name: str, store: TensorStore) -> torch.dtype:
@@ -252,6 +247,21 @@ def _copied_tensor(store: TensorStore, name: str, dtype: torch.dtype) -> OutputT
     return OutputTensor(name, TensorInfo(info.shape, target), lambda: copy_pieces(store, name, info, target))
 
 
+# The dtypes whose values are the weights themselves. Integer and fp8 tensors are quantized codes
+# whose meaning lives in scales elsewhere: folding a norm into them or copying them as weights
+# writes a broken model (an int8 q_proj came out with all-zero rows).
+FLOAT_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_float_weights(store: TensorStore) -> None:
+    for name, info in store.infos().items():
+        if info.dtype not in FLOAT_WEIGHT_DTYPES and not name.endswith(IGNORED_SUFFIXES):
+            dtype = str(info.dtype).removeprefix("torch.")
+            raise LPError(f"tensor {name} is stored as {dtype}, not as floating-point weights (a quantized "
+                          "checkpoint?); lpconvert folds norms only into float32/bfloat16/float16 weights",
+                          "use the unquantized checkpoint of the model")
+
+
 def check_layer_tensors(arch: Architecture, config, store: TensorStore, num_layers: int) -> None:
     """Refuse tensors the table does not know: silently dropping weights would corrupt the model."""
     known = {LAYER_PREFIX.format(layer) + part for layer in range(num_layers)
@@ -375,10 +385,11 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
     }
 
 
-def model_card(source_name: str, plan: Plan, config: dict) -> str:
+def model_card(source_name: str, plan: Plan, config: dict, hub_id: str | None = None) -> str:
+    """The README of an export; `base_model` is the source's Hub id when known (the Hub links on it)."""
     pairs = ", ".join(f"({p}, {p + 1})" for p in plan.pairs) or "none"
     return f"""---
-base_model: {json.dumps(source_name)}
+base_model: {json.dumps(hub_id or source_name)}
 library_name: transformers
 pipeline_tag: text-generation
 tags:
@@ -536,6 +547,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
     arch = architecture_for(config)
     check_fingerprint(plan.source, source_fingerprint(config, store), "the plan")
     check_config_matches_weights(config, store)
+    check_float_weights(store)
     check_layer_tensors(arch, config, store, config.num_hidden_layers)
     target_dtype = resolve_dtype(dtype, store)
     blocks = plan.blocks()
@@ -550,8 +562,9 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         shards=[{"file": n, "tensors": len(s), "bytes": sum(t.info.nbytes for t in s)} for n, s in zip(names, shards, strict=False)],
         total_bytes=sum(t.info.nbytes for t in tensors),
     )
+    protect = protected_paths(source)
     if dry_run:
-        check_output_path(Path(out), overwrite)
+        check_output_folder(Path(out), overwrite, protect)
         return report
 
     tokenizer_class = Background(lambda: resolved_tokenizer_class(source)) if copy_tokenizer_files else None
@@ -566,7 +579,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         if progress:
             progress(written, report.total_bytes)
 
-    with atomic_output_dir(Path(out), overwrite=overwrite) as tmp, one_torch_thread():
+    with atomic_output_dir(Path(out), overwrite=overwrite, protect=protect) as tmp, one_torch_thread():
         for shard, name in zip(shards, names, strict=True):
             write_shard(tmp / name, shard, metadata, on_tensor=on_tensor)
         if len(shards) > 1:
@@ -578,7 +591,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
             report.tokenizer_files = copy_tokenizer(source, tmp, tokenizer_class.result())
         write_generation_config(source, tmp)
         plan.save(tmp / PLAN_FILE)
-        (tmp / "README.md").write_text(model_card(source.name, plan, lp_config))
+        (tmp / "README.md").write_text(model_card(source.name, plan, lp_config, getattr(source, "hub_id", None)))
     report.seconds = time.perf_counter() - started
     return report
 

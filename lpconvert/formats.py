@@ -44,6 +44,33 @@ def fingerprint(config, tensor_shapes: dict[str, tuple[int, ...]]) -> dict:
     }
 
 
+def source_fingerprint(config, store) -> dict:
+    """The fingerprint of a model source: its config and the names and shapes of its tensors."""
+    return fingerprint(config, {name: info.shape for name, info in store.infos().items()})
+
+
+def check_converted_from(converted, source, role: str = "CONVERTED") -> None:
+    """Refuse to compare an lpconvert export with a model it was not converted from.
+
+    Comparing with an unrelated model of the same vocabulary would report nonsense (a huge
+    perplexity *improvement*) and let a quality gate pass: the export's config names its source
+    by fingerprint (lp_source), so a mismatch is caught before anything runs.
+    """
+    lp_source = getattr(converted.config, "lp_source", None)
+    if getattr(source.config, "lp_source", None) and not lp_source:
+        raise LPError(f"{source.name} is an lpconvert export and {converted.name} is not",
+                      f"pass the original model first and the converted one as {role}")
+    if not isinstance(lp_source, dict) or not isinstance(lp_source.get("fingerprint"), dict):
+        return  # not an lpconvert export: nothing records where it came from
+    actual = source_fingerprint(source.config, source.store)
+    expected = lp_source["fingerprint"]
+    keys = ("architecture", "num_layers", "config_sha256", "weights_sha256")
+    if any(expected.get(k) != actual.get(k) for k in keys):
+        raise LPError(f"{converted.name} was converted from another model ({lp_source.get('name')}, "
+                      f"{expected.get('num_layers')} layers) than {source.name} ({actual['num_layers']} layers, "
+                      "or different shapes)", "compare a converted model with the model it was converted from")
+
+
 def check_fingerprint(expected: dict, actual: dict, what: str) -> None:
     keys = ("architecture", "num_layers", "config_sha256", "weights_sha256")
     if any(expected.get(k) != actual.get(k) for k in keys):
@@ -184,6 +211,14 @@ def load_json_file(path: Path, what: str) -> dict:
     return data
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+
 def load_plan(path: Path) -> Plan:
     data = load_json_file(path, "plan")
     if data.get("kind") != PLAN_KIND:
@@ -193,14 +228,19 @@ def load_plan(path: Path) -> Plan:
         raise LPError(f"plan {path} has schema_version {data.get('schema_version')!r}; this lpconvert reads "
                       f"{PLAN_SCHEMA_VERSION}", "regenerate the plan with this version of lpconvert")
     try:
-        raw_pairs = [(int(a), int(b)) for a, b in data["pairs"]]
+        raw_pairs = [(a, b) for a, b in data["pairs"]]
         source = dict(data["source"])
-        int(source["num_layers"])
     except (KeyError, TypeError, ValueError):
         raise LPError(f"plan {path} lacks valid 'pairs' or 'source' fields", "regenerate the plan") from None
+    if not _is_int(source.get("num_layers")):
+        raise LPError(f"plan {path} has no integer source.num_layers", "regenerate the plan")
     for a, b in raw_pairs:
+        # Strings, floats and booleans are refused, not coerced: `true` would otherwise become layer 1.
+        if not (_is_int(a) and _is_int(b)):
+            raise LPError(f"plan pair {json.dumps([a, b])} is not two layer indices",
+                          "write each pair as two integers [i, i+1]")
         if b != a + 1:
-            raise LPError(f"plan pair ({a}, {b}) is not two consecutive layers", "a pair is [i, i+1]")
+            raise LPError(f"plan pair ({a}, {b}) is not two consecutive layers", "write each pair as [i, i+1]")
     pairs = [a for a, _ in raw_pairs]
     return Plan(source=source, pairs=pairs, strategy=data.get("strategy", "manual"), metric=data.get("metric"),
                 target=data.get("target"), calibration=data.get("calibration"), details=data.get("details") or {})
@@ -221,6 +261,19 @@ PAIR_METRICS = {
 }
 
 
+def _check_pair_rows(rows: list, path: Path) -> None:
+    """Every pair row names its first layer, and every metric it has is a number: a string or NaN
+    would otherwise make planning fall back to another metric without a word."""
+    for row in rows:
+        if not isinstance(row, dict) or not _is_int(row.get("first")):
+            raise LPError(f"scores {path} hold a pair row without an integer 'first': {json.dumps(row)[:80]}",
+                          "re-run `lpconvert score`")
+        for metric in (*PAIR_METRICS, "loss", "perplexity"):
+            if metric in row and row[metric] is not None and not _is_number(row[metric]):
+                raise LPError(f"scores {path}: pair {row['first']} has a non-numeric {metric} "
+                              f"({json.dumps(row[metric])[:40]})", "re-run `lpconvert score`")
+
+
 def load_scores(path: Path, expected_source: dict | None = None) -> dict:
     """Read a scores file; refuse another kind, another schema, or (if given) another model."""
     data = load_json_file(path, "scores")
@@ -232,6 +285,7 @@ def load_scores(path: Path, expected_source: dict | None = None) -> dict:
                       f"{SCORES_SCHEMA_VERSION}", "re-run `lpconvert score` with this version")
     if not isinstance(data.get("pairs"), list) or not isinstance(data.get("source"), dict):
         raise LPError(f"scores {path} lack 'pairs' or 'source'", "re-run `lpconvert score`")
+    _check_pair_rows(data["pairs"], path)
     if expected_source is not None:
         check_fingerprint(data["source"], expected_source, f"scores {path}")
     return data

@@ -424,16 +424,19 @@ def build_calibrator(source, *, calib: str = "wiki", tokens: int = DEFAULT_TOKEN
     """Load the model and tokenise calibration windows (and held-out windows of the same text)."""
 
     from .score import resolve_device
-    from .texts import resolve_text, tokenize_windows
+    from .texts import bytes_for_tokens, resolve_text, tokenize_windows
 
     device = resolve_device(device)
     torch_dtype = resolve_compute_dtype(dtype, device)
     if tokens < seq_len:
         raise LPError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}",
                       f"use --tokens {seq_len} or more")
+    if 0 < heldout_tokens < seq_len:
+        raise LPError(f"--heldout-tokens {heldout_tokens} is less than one window of --seq-len {seq_len}",
+                      f"use --heldout-tokens {seq_len} or more, or 0 to switch the held-out check off")
     if progress:
         progress(f"tokenising the calibration text {calib}")
-    text = resolve_text(calib)
+    text = resolve_text(calib, max_bytes=bytes_for_tokens(max(tokens, heldout_tokens), seq_len))
     tokenizer = source.load_tokenizer()
     windows = tokenize_windows(tokenizer, text, seq_len=seq_len, num_tokens=tokens, seed=seed)
     heldout = None

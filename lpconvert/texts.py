@@ -14,6 +14,12 @@ budget, calibration windows drawn with any seed and any budget never overlap the
 used for evaluation. Calibration windows are the remaining ones, shuffled by the seed; a smaller
 budget with the same seed is a prefix of a larger one. A stream with fewer than ``heldout_every``
 windows has no held-out split (calibration then uses every window).
+
+Nothing is read without limit: files, folders and datasets stop at a byte cap (`max_bytes`, by
+default `DEFAULT_MAX_BYTES`; `bytes_for_tokens` sizes one generously from a token budget), so a
+huge file, a FIFO or ``/dev/zero`` can't exhaust memory. A cut text ends at a line boundary and
+records where (`TextSource.truncated_at_bytes`, copied into the windows' provenance). A cut text
+is a prefix of the full one, so its window positions, and the held-out rule, are the same.
 """
 
 from __future__ import annotations
@@ -40,6 +46,12 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 SPLITS = ("calib", "heldout", "all")
 # `wikitext`, `user/name`, optionally `:config`; anything else that isn't a path is "missing path".
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
+HELDOUT_EVERY = 10  # window i is held out when i % 10 == 9
+# Byte caps. Real text averages about 4 bytes per token; 64 leaves room for code, CJK and markup.
+DEFAULT_MAX_BYTES = 256 << 20  # when no cap is given: nothing anywhere reads without limit
+MIN_MAX_BYTES = 64 << 20  # the smallest cap bytes_for_tokens gives, however small the budget
+BYTES_PER_TOKEN = 64
+READ_CHUNK = 1 << 20  # NUL bytes in the first chunk refuse /dev/zero before more is read
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,7 @@ class TextSource:
     name: str  # "wiki", "news", the path as given, or the dataset name
     kind: str  # "builtin", "file", "folder" or "dataset"
     text: str = field(repr=False)
+    truncated_at_bytes: int | None = None  # input bytes kept when the byte cap cut the text, else None
 
     @functools.cached_property  # works on frozen dataclasses: it writes __dict__ directly
     def sha256(self) -> str:
@@ -64,27 +77,73 @@ class Windows:
 # ---------------------------------------------------------------------------------------------
 
 
+def bytes_for_tokens(num_tokens: int | None, seq_len: int) -> int:
+    """A generous byte cap for a text that must yield `num_tokens` tokens of any split.
+
+    The held-out split takes 1 window in HELDOUT_EVERY, so it needs that many times the budget; a
+    budget rounds up to whole windows, so at most one more window. No budget: DEFAULT_MAX_BYTES.
+    """
+    if num_tokens is None:
+        return DEFAULT_MAX_BYTES
+    tokens = max(num_tokens, 0) + max(seq_len, 0)
+    return max(MIN_MAX_BYTES, tokens * HELDOUT_EVERY * BYTES_PER_TOKEN)
+
+
+@dataclass
+class _Budget:
+    """The bytes a text source may still read; the files of a folder share one."""
+
+    left: int
+    used: int = 0
+    cut: bool = False
+
+    def take(self, n: int, cut: bool = False) -> None:
+        self.left -= n
+        self.used += n
+        self.cut = self.cut or cut
+
+
 def resolve_text(
-    source: str, *, text_field: str = "text", split: str = "train", column: str | None = None
+    source: str,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    column: str | None = None,
+    max_bytes: int | None = None,
 ) -> TextSource:
-    """Load the text named by `source` (built-in, path or dataset name); see the module docstring."""
+    """Load the text named by `source` (built-in, path or dataset name); see the module docstring.
+
+    Reads at most `max_bytes` bytes (DEFAULT_MAX_BYTES when None) of a file, folder or dataset."""
+    if max_bytes is not None and max_bytes < 1:
+        raise ValueError(f"max_bytes must be positive, got {max_bytes}")
+    cap = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    budget = _Budget(cap)
     if source in BUILTINS:
-        result = TextSource(source, "builtin", BUILTINS[source]())
+        kind, text = "builtin", BUILTINS[source]()  # a few MB, shipped and fixed: never cut
     elif Path(source).expanduser().exists():
         path = Path(source).expanduser()
         if path.is_dir():
-            result = TextSource(source, "folder", _read_folder(path, text_field))
+            kind, text = "folder", _read_folder(path, text_field, budget)
         else:
-            result = TextSource(source, "file", _read_file(path, text_field))
+            kind, text = "file", _read_file(path, text_field, budget)
     elif DATASET_NAME.match(source) and not source.lower().endswith(TEXT_SUFFIXES):
-        result = TextSource(source, "dataset", _load_dataset(source, split, column or text_field))
+        kind, text = "dataset", _load_dataset(source, split, column or text_field, budget)
     else:
         raise LPError(
             f"text source {source} does not exist", "check the path, or use the built-ins wiki / news"
         )
-    if not result.text.strip():
+    if not text.strip() and budget.cut:  # one line or record longer than the whole cap
+        raise LPError(
+            f"text source {source} has no complete line or record in the first {_size(cap)} it may read",
+            "split the text into shorter lines or records",
+        )
+    if not text.strip():
         raise LPError(f"text source {source} is empty", "use a file or dataset that contains text")
-    return result
+    return TextSource(source, kind, text, budget.used if budget.cut else None)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def _gensim_data(relative: str) -> Path:
@@ -205,10 +264,41 @@ def _tidy_lines(text: str) -> str:
 # --- local files ----------------------------------------------------------------------------
 
 
-def _read_plain(path: Path) -> str:
-    data = path.read_bytes()
-    if b"\x00" in data:
-        raise LPError(f"{path} looks like a binary file (it contains NUL bytes)", "give a UTF-8 text file")
+def _read_capped(path: Path, limit: int) -> tuple[bytearray, bool]:
+    """Up to `limit` bytes of `path` (a file, FIFO or device) and whether there was more."""
+    data = bytearray()
+    with open(path, "rb") as f:
+        while len(data) <= limit:  # one byte past the limit tells "exactly the limit" from "more"
+            chunk = f.read(min(READ_CHUNK, limit + 1 - len(data)))
+            if not chunk:
+                break
+            if b"\x00" in chunk:  # checked per chunk: /dev/zero fails on its first read
+                raise LPError(
+                    f"{path} looks like a binary file (it contains NUL bytes)", "give a UTF-8 text file"
+                )
+            data += chunk
+    cut = len(data) > limit
+    del data[limit:]
+    return data, cut
+
+
+def _whole_chars(data: bytearray) -> int:
+    """The length of `data` without a UTF-8 character cut off at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # ASCII or a lead byte: is its character complete?
+            need = 1 if byte < 0x80 else 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) - back if need > back else len(data)
+    return len(data)  # no lead byte: invalid UTF-8 anyway, and the decoder says where
+
+
+def _read_plain(path: Path, budget: _Budget, *, whole_lines: bool = False) -> str:
+    """Read `path` within `budget`; a cut read ends after its last whole line (`whole_lines`: always)."""
+    data, cut = _read_capped(path, budget.left)
+    if cut:  # end after the last whole line; with none, plain text ends at a whole character
+        end = data.rfind(b"\n") + 1
+        del data[end if end or whole_lines else _whole_chars(data) :]
+    budget.take(len(data), cut)
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -227,9 +317,9 @@ def _field(record, text_field: str, where: str) -> str:
     )
 
 
-def _read_jsonl(path: Path, text_field: str) -> str:
+def _read_jsonl(path: Path, text_field: str, budget: _Budget) -> str:
     texts = []
-    for number, line in enumerate(_read_plain(path).splitlines(), start=1):
+    for number, line in enumerate(_read_plain(path, budget, whole_lines=True).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -242,9 +332,21 @@ def _read_jsonl(path: Path, text_field: str) -> str:
     return "\n\n".join(texts)
 
 
-def _read_json(path: Path, text_field: str) -> str:
+def _read_json(path: Path, text_field: str, budget: _Budget) -> str:
+    # One document can't be cut: above the cap refuse it, by its size when it has one (a FIFO doesn't).
+    size = path.stat().st_size if path.is_file() else None
+    too_big = size is not None and size > budget.left
+    part = _Budget(budget.left)
+    text = "" if too_big else _read_plain(path, part)
+    if too_big or part.cut:
+        what = f"{_size(size)}, more than" if too_big else "more than"
+        raise LPError(
+            f"{path} is one JSON document of {what} the {_size(budget.left)} a text source may read",
+            "use .jsonl (one record per line, read only as far as needed) or a smaller file",
+        )
+    budget.take(part.used)
     try:
-        data = json.loads(_read_plain(path))
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise LPError(f"{path} is not valid JSON ({e.msg}, line {e.lineno})", "fix the file") from None
     if isinstance(data, dict):  # {"data": [...]}: use the one list inside (or the one named "data")
@@ -259,16 +361,16 @@ def _read_json(path: Path, text_field: str) -> str:
     return "\n\n".join(_field(r, text_field, f"record {i} of {path}") for i, r in enumerate(data))
 
 
-def _read_file(path: Path, text_field: str) -> str:
+def _read_file(path: Path, text_field: str, budget: _Budget) -> str:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path, text_field)
+        return _read_jsonl(path, text_field, budget)
     if suffix == ".json":
-        return _read_json(path, text_field)
-    return _read_plain(path)  # .txt, and any other extension that holds plain text
+        return _read_json(path, text_field, budget)
+    return _read_plain(path, budget)  # .txt, and any other extension that holds plain text
 
 
-def _read_folder(folder: Path, text_field: str) -> str:
+def _read_folder(folder: Path, text_field: str, budget: _Budget) -> str:
     files = sorted(
         (p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES),
         key=lambda p: p.relative_to(folder).as_posix(),
@@ -278,14 +380,22 @@ def _read_folder(folder: Path, text_field: str) -> str:
         raise LPError(
             f"folder {folder} has no .txt, .jsonl or .json files", "point at a folder of text files"
         )
-    texts = (_read_file(p, text_field).strip() for p in files)
-    return "\n\n".join(t for t in texts if t)
+    texts = []
+    for path in files:
+        if path.suffix.lower() == ".json" and texts and path.stat().st_size > budget.left:
+            budget.cut = True  # a JSON document can't be cut: the folder's text ends before it
+        if budget.cut:
+            break
+        text = _read_file(path, text_field, budget).strip()
+        if text:
+            texts.append(text)
+    return "\n\n".join(texts)
 
 
 # --- Hugging Face datasets ------------------------------------------------------------------
 
 
-def _load_dataset(source: str, split: str, column: str) -> str:
+def _load_dataset(source: str, split: str, column: str, budget: _Budget) -> str:
     name, _, config = source.partition(":")
     try:
         import datasets  # lazy: heavy, and only this path needs it
@@ -307,7 +417,17 @@ def _load_dataset(source: str, split: str, column: str) -> str:
             f"dataset {source} has no column '{column}' (columns: {', '.join(rows.column_names)})",
             "name the text column with --column",
         )
-    return "\n".join(value for value in rows[column] if isinstance(value, str))
+    texts = []
+    for value in rows[column]:
+        if not isinstance(value, str):
+            continue
+        size = len(value.encode("utf-8")) + 1  # and its newline
+        if size > budget.left:  # whole rows only, like whole lines of a file
+            budget.cut = True
+            break
+        budget.take(size)
+        texts.append(value)
+    return "\n".join(texts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,7 +446,7 @@ def make_windows(
     num_tokens: int | None,
     seed: int,
     split: str = "calib",
-    heldout_every: int = 10,
+    heldout_every: int = HELDOUT_EVERY,
     label: str = "the text",
 ) -> torch.Tensor:
     """Cut `token_ids` into (n, seq_len) windows of the given split; `label` names the text in errors."""
@@ -335,7 +455,12 @@ def make_windows(
     if seq_len < 2:
         raise LPError(f"--seq-len must be at least 2, got {seq_len}", "use e.g. --seq-len 512")
     if num_tokens is not None and num_tokens <= 0:
-        raise LPError(f"the token budget must be positive, got {num_tokens}", "use e.g. --num-tokens 65536")
+        raise LPError(f"the token budget must be positive, got {num_tokens}", "use e.g. --tokens 16384")
+    if num_tokens is not None and num_tokens < seq_len:  # it would silently grow to one whole window
+        raise LPError(
+            f"the token budget ({num_tokens}) is smaller than one window of {seq_len} tokens (--seq-len)",
+            f"use --tokens {seq_len} or more, or a smaller --seq-len",
+        )
     if heldout_every < 2:
         raise ValueError(f"heldout_every must be at least 2, got {heldout_every}")
 
@@ -382,7 +507,7 @@ def tokenize_windows(
 ) -> Windows:
     """Tokenise the whole text once (no BOS/EOS) and cut it into windows of `split`."""
     ids = _tokenize(tokenizer, source.text)
-    heldout_every = 10
+    heldout_every = HELDOUT_EVERY
     input_ids = make_windows(
         ids,
         seq_len=seq_len,
@@ -404,5 +529,6 @@ def tokenize_windows(
         "tokens": n * seq_len,
         "text_tokens": len(ids),
         "heldout_every": heldout_every,
+        "truncated_at_bytes": source.truncated_at_bytes,  # None: the whole text was read
     }
     return Windows(input_ids=input_ids, provenance=provenance)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lpconvert.export import source_fingerprint  # noqa: E402
+from lpconvert.formats import source_fingerprint  # noqa: E402
 from lpconvert.plan import (  # noqa: E402
     DEFAULT_BEAM,
     DEFAULT_CANDIDATES,

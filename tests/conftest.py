@@ -13,7 +13,7 @@ import pytest
 import torch
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
             rms_norm_eps=1e-6)
 
 # name -> (config class name, extra config fields)
@@ -94,4 +94,7 @@ def _quiet_offline(monkeypatch):
     # Nothing may reach a hub during tests.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    # Off a terminal (as under CliRunner) progress would be plain lines on stderr; tests that read
+    # stderr want the command's own output. test_progress.py switches the lines back on.
+    monkeypatch.setenv("LPCONVERT_PROGRESS", "off")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

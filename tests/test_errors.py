@@ -314,6 +314,244 @@ def case_tokenizer_corrupt(t, p):
     return _export(folder, p, "--pairs", "2"), "could not load the tokenizer"
 
 
+# --- cases: model sources and checkpoint reading (sources.py, checkpoint.py readers) ---
+
+
+def case_model_path_is_a_symlink_loop(t, p):
+    (p / "loop").symlink_to("loop")
+    return _export(p / "loop", p, "--pairs", "2"), "symlink loop"
+
+
+def case_model_path_is_a_broken_symlink(t, p):
+    (p / "link").symlink_to(p / "gone")
+    return _export(p / "link", p, "--pairs", "2"), "broken symlink: its target"
+
+
+def case_header_shape_disagrees_with_offsets(t, p):
+    folder = _copy(t, "llama", p)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = data[8:8 + length].decode()
+    edited = header.replace('"shape":[128,', '"shape":[127,', 1)  # same length: the header stays valid
+    assert edited != header and len(edited) == len(header)
+    data[8:8 + length] = edited.encode()
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    return _export(folder, p, "--pairs", "2"), "header's shape and data offsets disagree"
+
+
+def case_gguf_with_garbage_after_the_magic(t, p):
+    (p / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"garbage " * 8)
+    return _export(p / "x.gguf", p, "--pairs", "2"), "x.gguf is not a readable GGUF file"
+
+
+# --- cases: text sources (texts.py) ---
+
+
+def _score_calib(t, p, calib, *extra):
+    return ["score", str(t["llama"]), "--calib", str(calib), *extra, "-o", str(p / "out")]
+
+
+def case_calibration_dev_zero(t, p):  # endless: refused on the first chunk, not read until killed
+    return _score_calib(t, p, "/dev/zero"), "looks like a binary file"
+
+
+def case_calibration_endless_fifo(t, p):
+    import os
+    import threading
+
+    fifo = p / "endless.txt"
+    os.mkfifo(fifo)
+
+    def write_forever():  # daemon: it ends with a broken pipe, or with the test process
+        try:
+            with open(fifo, "wb") as f:
+                while True:
+                    f.write(b"\x00" * 65536)
+        except OSError:
+            pass
+
+    threading.Thread(target=write_forever, daemon=True).start()
+    return _score_calib(t, p, fifo), "looks like a binary file"
+
+
+def case_calibration_json_too_large(t, p):
+    with open(p / "huge.json", "wb") as f:
+        f.truncate(300 << 20)  # sparse: refused by its size, never read
+    return _score_calib(t, p, p / "huge.json"), "one JSON document of 300.0 MiB, more than the"
+
+
+def case_tokens_below_one_window(t, p):
+    return _score_calib(t, p, "news", "--tokens", "100"), (
+        "the token budget (100) is smaller than one window of 512 tokens (--seq-len) "
+        "(use --tokens 512 or more, or a smaller --seq-len)"
+    )
+
+
+def case_score_tokens_zero(t, p):
+    return _score_calib(t, p, "news", "--tokens", "0"), "--tokens"
+
+
+def case_eval_tokens_zero(t, p):
+    return ["eval", str(t["llama"]), str(t["llama"]), "--text", "news", "--tokens", "0"], "use e.g. --tokens"
+
+
+# --- cases: recipes (convert.py) ---
+# A bad value is refused by load_recipe before any stage runs (no scoring pass, no traceback).
+
+
+def case_recipe_tokens_not_a_number(t, p):
+    return _convert(t["llama"], p, "score: {tokens: lots}"), "recipe key score.tokens must be a positive integer"
+
+
+def case_recipe_depth_text(t, p):
+    return _convert(t["llama"], p, 'plan: {target: {depth: "five"}}'), "recipe key plan.target.depth"
+
+
+def case_recipe_depth_fraction(t, p):
+    return _convert(t["llama"], p, "plan: {target: {depth: 5.5}}"), "plan.target.depth must be a positive integer"
+
+
+def case_recipe_negative_shard_size(t, p):
+    return _convert(t["llama"], p, "export: {max_shard_size: -1}"), "recipe key export.max_shard_size"
+
+
+def case_recipe_boolean_as_text(t, p):
+    return _convert(t["llama"], p, 'export: {copy_tokenizer: "no"}'), "export.copy_tokenizer must be true or false"
+
+
+# --- cases: output paths, gates and settings (cli.py, export.py) ---
+
+
+def case_output_empty(t, p):
+    return ["export", str(t["llama"]), "--pairs", "2", "-o", ""], "is the current folder"
+
+
+def case_output_under_a_file(t, p):
+    (p / "afile").write_text("x")
+    return ["export", str(t["llama"]), "--pairs", "2", "-o", str(p / "afile" / "x")], "is a file, not a folder"
+
+
+def case_output_name_too_long(t, p):
+    return ["export", str(t["llama"]), "--pairs", "2", "-o", str(p / ("a" * 300))], "name too long"
+
+
+def case_output_not_written_by_lpconvert(t, p):
+    (p / "out").mkdir()
+    (p / "out" / "notes.txt").write_text("mine")
+    return _export(t["llama"], p, "--pairs", "2", "--overwrite"), "not written by lpconvert"
+
+
+def case_max_shard_size_overflows(t, p):
+    return _export(t["llama"], p, "--pairs", "2", "--max-shard-size", "1e400GB"), "size '1e400GB' is not understood"
+
+
+def case_pairs_empty(t, p):
+    return _export(t["llama"], p, "--pairs", ""), "--pairs is empty"
+
+
+def case_integer_weights_without_quantization_config(t, p):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(t, "llama", p)
+    tensors = load_file(folder / "model.safetensors")
+    name = "model.layers.2.self_attn.q_proj.weight"
+    tensors[name] = tensors[name].to(torch.int8)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return _export(folder, p, "--pairs", "2"), f"tensor {name} is stored as int8"
+
+
+def case_fp8_weights(t, p):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(t, "llama", p)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].to(torch.float8_e4m3fn)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return _export(folder, p, "--pairs", "2"), "is stored as float8_e4m3fn"
+
+
+def _converted(t, p, arch="llama"):
+    result = CliRunner().invoke(app, ["export", str(t[arch]), "--pairs", "2", "-o", str(p / "converted")])
+    assert result.exit_code == 0, result.output
+    return p / "converted"
+
+
+def case_eval_unrelated_source(t, p):
+    # same vocabulary and tokenizer, another model: the gate would otherwise pass on nonsense
+    return ["eval", str(t["qwen2"]), str(_converted(t, p))], "was converted from another model"
+
+
+def case_eval_arguments_swapped(t, p):
+    return ["eval", str(_converted(t, p)), str(t["llama"])], "pass the original model first"
+
+
+def case_bench_unrelated_baseline(t, p):
+    return ["bench", str(_converted(t, p)), "--baseline", str(t["qwen2"]), "--device", "cpu"], \
+        "was converted from another model"
+
+
+def case_eval_min_agreement_above_one(t, p):
+    return ["eval", str(t["llama"]), str(t["llama"]), "--min-agreement", "2"], "between 0 and 1"
+
+
+def case_bench_prompt_beyond_positions(t, p):
+    return ["bench", str(t["llama"]), "--prompt-len", "2000", "--device", "cpu"], "beyond the 1024 positions"
+
+
+def case_score_seq_len_beyond_positions(t, p):
+    return ["score", str(t["llama"]), "--seq-len", "2048", "-o", str(p / "out")], "beyond the 1024 positions"
+
+
+def case_score_plot_folder_missing(t, p):
+    return ["score", str(t["llama"]), "-o", str(p / "out"), "--plot", str(p / "nowhere" / "s.png")], \
+        "does not exist"
+
+
+def _plan_file(t, p, pairs):
+    result = CliRunner().invoke(app, ["export", str(t["llama"]), "--pairs", "2", "-o", str(p / "ok")])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((p / "ok" / "lpconvert-plan.json").read_text())
+    shutil.rmtree(p / "ok")
+    plan["pairs"] = pairs
+    (p / "plan.json").write_text(json.dumps(plan))
+    return p / "plan.json"
+
+
+def case_plan_pair_reversed(t, p):
+    # "[i, i+1]" in the fix must survive Rich markup
+    return _export(t["llama"], p, "--plan", str(_plan_file(t, p, [[3, 2]]))), "write each pair as [i, i+1]"
+
+
+def case_plan_pair_as_strings(t, p):
+    return _export(t["llama"], p, "--plan", str(_plan_file(t, p, [["2", "3"]]))), 'pair ["2", "3"] is not two'
+
+
+def case_plan_pair_as_booleans(t, p):
+    return _export(t["llama"], p, "--plan", str(_plan_file(t, p, [[True, 2]]))), "pair [true, 2] is not two"
+
+
+def case_plan_pair_as_floats(t, p):
+    return _export(t["llama"], p, "--plan", str(_plan_file(t, p, [[2.0, 3.0]]))), "pair [2.0, 3.0] is not two"
+
+
+def case_scores_metric_not_a_number(t, p):
+    scores = json.loads(_scores_for(t["llama"], p).read_text())
+    scores["pairs"][1]["pair_cosine"] = "high"
+    (p / "scores.json").write_text(json.dumps(scores))
+    return _plan(p / "scores.json", p, "--pairs", "1"), "non-numeric pair_cosine"
+
+
+def case_plan_heldout_below_one_window(t, p):
+    return _plan(_scores_for(t["llama"], p), p, "--pairs", "1", "--model", str(t["llama"]), "--seq-len", "64",
+                 "--tokens", "256", "--heldout-tokens", "10"), "--heldout-tokens 10 is less than one window"
+
+
+def case_score_loss_tokens_below_one_window(t, p):
+    return ["score", str(t["llama"]), "--measure-loss", "--loss-tokens", "100", "-o", str(p / "out")], \
+        "--loss-tokens 100 is less than one window"
+
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 

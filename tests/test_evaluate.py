@@ -43,7 +43,7 @@ def test_identical_model_has_zero_kl(tiny_models, tmp_path):
 
 
 def test_gate_fails_with_exit_1_naming_the_figure(tiny_models, converted):
-    result = run_eval(tiny_models["qwen2"], converted, "--max-ppl-increase", "0%", "--min-agreement", "1.01")
+    result = run_eval(tiny_models["qwen2"], converted, "--max-ppl-increase", "0%", "--min-agreement", "1")
     assert result.exit_code == 1
     assert "perplexity increase" in result.stderr and "agreement" in result.stderr
     loose = run_eval(tiny_models["qwen2"], converted, "--max-ppl-increase", "1000%", "--min-agreement", "0")
@@ -57,8 +57,10 @@ def test_different_vocabularies_are_refused(tiny_models, converted, tmp_path):
     other = tmp_path / "other"
     LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": 96})).save_pretrained(other)
     make_tiny_tokenizer(96).save_pretrained(other)
-    result = run_eval(other, converted)
+    result = run_eval(other, tiny_models["qwen2"])  # two plain models: nothing records a source to check
     assert result.exit_code == 2 and "different vocabulary sizes" in result.stderr
+    result = run_eval(other, converted)  # an export names its source: a mismatch is caught first
+    assert result.exit_code == 2 and "was converted from another model" in result.stderr
 
 
 def test_parse_percent():

@@ -246,8 +246,15 @@ def test_refuses_existing_output_and_overwrites_on_request(tiny_models, tmp_path
     with pytest.raises(LPError, match="already exists"):
         _export(tiny_models["llama"], out, [2])
     assert (out / "keep.txt").exists()
-    _export(tiny_models["llama"], out, [2], overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    # --overwrite never removes a folder lpconvert did not write
+    with pytest.raises(LPError, match="not written by lpconvert"):
+        _export(tiny_models["llama"], out, [2], overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    _export(tiny_models["llama"], out, [2], overwrite=True)  # an empty folder may be replaced
+    first = json.loads((out / "config.json").read_text())
+    _export(tiny_models["llama"], out, [1], overwrite=True)  # and so may an export
+    assert json.loads((out / "config.json").read_text())["lp_blocks"] != first["lp_blocks"]
 
 
 def test_failure_midway_leaves_nothing(tiny_models, tmp_path):

@@ -16,8 +16,7 @@ from typer.testing import CliRunner
 
 from lpconvert.cli import app
 from lpconvert.errors import LPError
-from lpconvert.export import source_fingerprint
-from lpconvert.formats import load_plan, validate_pairs
+from lpconvert.formats import load_plan, source_fingerprint, validate_pairs
 from lpconvert.plan import (
     ALPHA,
     Calibrator,

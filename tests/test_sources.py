@@ -59,7 +59,7 @@ def test_tiny_folder_store_and_model_match_the_original(tiny_model_dir: Path):
     assert source.path == tiny_model_dir
     assert source.config.model_type == original.config.model_type
     assert isinstance(source.store, SafetensorsStore)
-    assert source.gguf_file is None and source.trust_remote_code is False
+    assert source.gguf_file is None and source.trust_remote_code is False and source.hub_id is None
     assert_store_matches(source.store, original)
     assert source.disk_bytes() == (tiny_model_dir / "model.safetensors").stat().st_size
     model = source.load_model()
@@ -186,6 +186,24 @@ def test_missing_and_wrong_paths(tmp_path, tiny_models):
         resolve_model(str(tmp_path))
 
 
+def test_symlink_loop_and_broken_link_are_named(tmp_path):
+    (tmp_path / "loop").symlink_to("loop")
+    for path in (tmp_path / "loop", tmp_path / "loop" / "model"):
+        with raises("symlink loop") as info:
+            resolve_model(str(path))
+        assert "Hub" not in info.value.one_line()
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with raises("broken symlink") as info:
+        resolve_model(str(tmp_path / "link"))
+    assert str(tmp_path / "gone") in info.value.problem and info.value.fix
+
+
+def test_link_to_a_model_folder_is_followed(tmp_path, tiny_models):
+    (tmp_path / "link").symlink_to(tiny_models["llama"])
+    linked = resolve_model(str(tmp_path / "link"))
+    assert linked.store.infos() == resolve_model(str(tiny_models["llama"])).store.infos()
+
+
 def test_tokenizer_path(tmp_path, tiny_models):
     assert resolve_model(str(tiny_models["llama"])).tokenizer_path == tiny_models["llama"]
     bare = tmp_path / "bare"
@@ -251,6 +269,27 @@ def test_hub_id_offline_fails_fast_with_one_line():
     assert time.monotonic() - start < 5
     assert "\n" not in info.value.one_line()
     assert "smollm2-135m" in info.value.fix
+
+
+@pytest.mark.parametrize(("path", "hub_id"), [
+    ("/c/hub/models--org--name/snapshots/abc123", "org/name"),
+    ("/c/hub/models--gpt2/snapshots/abc123/", "gpt2"),
+    ("hub/models--Org.x--name_2-b/snapshots/rev", "Org.x/name_2-b"),
+    ("/c/hub/models--org--name/blobs/abc123", None),
+    ("/c/hub/datasets--org--name/snapshots/abc123", None),
+    ("/c/hub/models--org--name--x/snapshots/abc123", None),
+    ("/c/models/name", None),
+    ("snapshots/abc", None),
+])
+def test_hub_id_of_a_cache_snapshot(path, hub_id):
+    assert sources.snapshot_hub_id(Path(path)) == hub_id
+
+
+def test_hub_id_of_a_snapshot_folder(tmp_path, tiny_models):
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(tiny_models["llama"], snapshot)
+    source = resolve_model(str(snapshot))
+    assert source.kind == "folder" and source.hub_id == "org/tiny"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -356,6 +395,7 @@ def test_builtin_is_converted_once_and_reused(smollm2_dir: Path):
     assert time.monotonic() - start < 10  # no reconversion
     assert weights.stat().st_mtime_ns == before
     assert source.kind == "builtin" and source.name == "smollm2-135m"
+    assert source.hub_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert source.path == smollm2_dir == cache_dir() / "models" / "smollm2-135m"
     assert isinstance(source.store, SafetensorsStore)
     assert source.tokenizer_path == smollm2_dir

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import sys
+import threading
+import time
 import types
 
 import pytest
@@ -183,6 +187,138 @@ def test_errors_are_one_line(tmp_path):
     assert "\n" not in info.value.one_line()
 
 
+# --- byte cap ----------------------------------------------------------------------------------
+
+NEWS_SHA256 = "c0b1b65e0a2801ce273d8a0fa983f99987f3f982bfd16b6d7f3f86994275765f"  # gensim 4.4.0
+
+
+def test_under_the_cap_is_unchanged(tmp_path):
+    assert resolve_text("news").sha256 == NEWS_SHA256
+    assert resolve_text("news", max_bytes=10).sha256 == NEWS_SHA256  # built-ins are never cut
+    assert resolve_text("wiki", max_bytes=10).text is texts._wiki_text()
+    raw = "\ufeffline one\r\ncaf\u00e9 \u2603\n\nlast".encode()
+    path = tmp_path / "small.txt"
+    path.write_bytes(raw)
+    for cap in (None, len(raw), 1 << 30):
+        src = resolve_text(str(path), max_bytes=cap)
+        assert src.truncated_at_bytes is None
+        assert src.sha256 == hashlib.sha256(raw.decode("utf-8-sig").encode()).hexdigest()
+    assert resolve_text("news").truncated_at_bytes is None
+
+
+def test_bytes_for_tokens():
+    assert texts.bytes_for_tokens(None, 512) == texts.DEFAULT_MAX_BYTES == 256 << 20
+    assert texts.bytes_for_tokens(16384, 512) == 64 << 20  # the floor
+    assert texts.bytes_for_tokens(1_000_000, 512) == (1_000_000 + 512) * 10 * 64
+    assert texts.bytes_for_tokens(0, 512) == texts.bytes_for_tokens(-5, 0) == 64 << 20
+
+
+def test_plain_file_cut_at_a_line(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("0123456789\n" * 10, encoding="utf-8")  # 110 bytes, lines of 11
+    src = resolve_text(str(path), max_bytes=50)
+    assert src.text == "0123456789\n" * 4 and src.truncated_at_bytes == 44
+    src = resolve_text(str(path), max_bytes=55)  # exactly on a line end
+    assert src.text == "0123456789\n" * 5 and src.truncated_at_bytes == 55
+
+
+def test_cut_never_splits_a_character(tmp_path):
+    path = tmp_path / "one_line.txt"
+    path.write_text("\u00e9\u2603\U0001f600" * 10, encoding="utf-8")  # 2 + 3 + 4 bytes, no newline
+    with raises("no complete line or record in the first 1 bytes"):
+        resolve_text(str(path), max_bytes=1)  # not even the first character
+    for cap in range(2, 30):
+        src = resolve_text(str(path), max_bytes=cap)
+        assert len(src.text.encode()) == src.truncated_at_bytes <= cap
+        assert cap - src.truncated_at_bytes < 4
+        assert ("\u00e9\u2603\U0001f600" * 10).startswith(src.text)
+
+
+def test_jsonl_drops_the_partial_last_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    lines = [json.dumps({"text": f"record {i}"}) + "\n" for i in range(10)]
+    path.write_text("".join(lines), encoding="utf-8")
+    cap = len(lines[0]) * 3 + 5
+    src = resolve_text(str(path), max_bytes=cap)
+    assert src.text == "record 0\n\nrecord 1\n\nrecord 2"
+    assert src.truncated_at_bytes == len(lines[0]) * 3
+    with pytest.raises(LPError, match="no complete line or record in the first 10 bytes") as info:
+        resolve_text(str(path), max_bytes=10)
+    assert "shorter lines" in info.value.fix
+
+
+def test_json_above_the_cap_is_refused(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"text": "x" * 100}] * 20), encoding="utf-8")
+    size = path.stat().st_size
+    assert resolve_text(str(path), max_bytes=size).truncated_at_bytes is None
+    with pytest.raises(LPError, match=f"one JSON document of {size} bytes, more than the 1000 bytes") as info:
+        resolve_text(str(path), max_bytes=1000)
+    assert ".jsonl" in info.value.fix
+    assert "\n" not in info.value.one_line()
+
+
+def test_folder_files_share_the_cap(tmp_path):
+    (tmp_path / "a.txt").write_text("a" * 9 + "\n", encoding="utf-8")  # 10 bytes
+    (tmp_path / "b.txt").write_text("b" * 9 + "\n" + "c" * 9 + "\n", encoding="utf-8")  # 20 bytes
+    (tmp_path / "c.txt").write_text("never read\n", encoding="utf-8")
+    src = resolve_text(str(tmp_path), max_bytes=25)
+    assert src.text == "a" * 9 + "\n\n" + "b" * 9 and src.truncated_at_bytes == 20
+    src = resolve_text(str(tmp_path), max_bytes=30)  # a and b exactly: c is left out, and that is a cut
+    assert src.text == "a" * 9 + "\n\n" + "b" * 9 + "\n" + "c" * 9 and src.truncated_at_bytes == 30
+    assert resolve_text(str(tmp_path), max_bytes=41).truncated_at_bytes is None
+
+
+def test_folder_stops_before_a_json_that_does_not_fit(tmp_path):
+    (tmp_path / "a.txt").write_text("first\n", encoding="utf-8")
+    (tmp_path / "b.json").write_text(json.dumps(["second " * 20]), encoding="utf-8")
+    src = resolve_text(str(tmp_path), max_bytes=50)
+    assert src.text == "first" and src.truncated_at_bytes == 6
+
+
+def test_binary_device_fails_at_once():
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("no /dev/zero")
+    started = time.perf_counter()
+    with raises("looks like a binary file"):
+        resolve_text("/dev/zero")  # the default cap, 256 MiB: refused after the first chunk
+    assert time.perf_counter() - started < 1
+
+
+def test_endless_fifo_is_read_up_to_the_cap(tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs here")
+    fifo = tmp_path / "endless"
+    os.mkfifo(fifo)
+
+    def write_forever():
+        try:
+            with open(fifo, "wb") as f:
+                while True:
+                    f.write(b"an endless line of text\n" * 100)
+        except BrokenPipeError:  # the reader has what it needs and closed its end
+            pass
+
+    threading.Thread(target=write_forever, daemon=True).start()
+    src = resolve_text(str(fifo), max_bytes=10_000)
+    assert src.truncated_at_bytes == len(src.text) == 10_000 - 10_000 % 24
+    assert src.text.endswith("text\n")
+
+
+def test_tokenize_windows_records_the_cut(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("abcdefg\n" * 100, encoding="utf-8")
+    src = resolve_text(str(path), max_bytes=500)
+    out = tokenize_windows(FakeTokenizer(), src, seq_len=8, num_tokens=None, seed=0)
+    assert out.provenance["truncated_at_bytes"] == 496 == src.truncated_at_bytes
+    assert out.provenance["text_tokens"] == 496
+
+
+def test_max_bytes_must_be_positive():
+    with pytest.raises(ValueError):
+        resolve_text("news", max_bytes=0)
+
+
 # --- datasets ----------------------------------------------------------------------------------
 
 
@@ -214,6 +350,8 @@ def test_dataset_rows_and_column(monkeypatch):
     assert (src.kind, src.text, calls) == ("dataset", "a\nb", [("user/name", "cfg", "test")])
     with raises("no column 'body'"):
         resolve_text("wikitext", column="body")
+    src = resolve_text("user/name", max_bytes=3)  # whole rows only: "a\n" fits, "b\n" does not
+    assert (src.text, src.truncated_at_bytes) == ("a", 2)
 
 
 # --- windows -----------------------------------------------------------------------------------
@@ -268,11 +406,23 @@ def test_too_short_text_names_token_count():
     assert "--seq-len 256" in info.value.fix
 
 
+def test_budget_below_one_window_is_refused():
+    with pytest.raises(
+        LPError, match=r"token budget \(100\) is smaller than one window of 512 tokens"
+    ) as info:
+        make_windows(list(range(5000)), seq_len=512, num_tokens=100, seed=0)
+    assert "--seq-len" in info.value.problem
+    assert info.value.fix == "use --tokens 512 or more, or a smaller --seq-len"
+    assert make_windows(STREAM, seq_len=16, num_tokens=16, seed=0).shape == (1, 16)  # one window: fine
+    assert make_windows(STREAM, seq_len=16, num_tokens=17, seed=0).shape == (2, 16)  # rounds up
+
+
 def test_window_argument_validation():
     with raises("at least 2"):
         make_windows(STREAM, seq_len=1, num_tokens=None, seed=0)
-    with raises("must be positive"):
+    with pytest.raises(LPError, match="must be positive") as info:
         make_windows(STREAM, seq_len=16, num_tokens=0, seed=0)
+    assert "--tokens" in info.value.fix and "--num-tokens" not in info.value.one_line()
     with pytest.raises(ValueError):
         make_windows(STREAM, seq_len=16, num_tokens=None, seed=0, split="train")
 
@@ -295,6 +445,7 @@ def test_tokenize_windows_provenance():
         "tokens": 128,
         "text_tokens": 800,
         "heldout_every": 10,
+        "truncated_at_bytes": None,
     }
     assert out.input_ids[0, 0] == ord("a")  # no BOS inserted
 

@@ -1,0 +1,227 @@
+"""Where lpconvert writes, and its promise never to lose a user's data.
+
+- An output that is the source model, contains it or lies inside it (symlinks followed) is refused
+  before anything is written or removed: `-o <folder holding MODEL> --overwrite` would otherwise
+  delete the model it reads.
+- `--overwrite` removes only a folder lpconvert itself wrote (its config.json carries `lp_source`)
+  or an empty one; any other folder is refused, whatever it holds.
+- Folders are built in a temporary folder beside OUT and renamed into place at the end; files are
+  written to a temporary file and renamed over the target. An interrupted run leaves OUT as it was.
+- A new folder gets the mode `mkdir` would give it under the user's umask: the temporary folder's
+  0700 would otherwise hide the model from other users and from serving containers.
+
+Every OS refusal (a path under a file, a name too long, no permission) is one LPError line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .errors import LPError
+
+MARKER_KEY = "lp_source"  # config.json of every folder export and convert write
+
+
+def protected_paths(source) -> list[Path]:
+    """The files and folders of a resolved model source that no output may touch."""
+    paths = [Path(source.path)]
+    paths += [Path(p) for p in getattr(source, "weight_files", []) or []]
+    if getattr(source, "tokenizer_path", None):
+        paths.append(Path(source.tokenizer_path))
+    return paths
+
+
+def _real(path: Path) -> Path:
+    """The absolute path with every symlink followed, as far as it exists."""
+    try:
+        return Path(os.path.realpath(path))
+    except (OSError, ValueError) as exc:
+        raise LPError(f"cannot resolve the path {path}: {exc}", "choose another path") from None
+
+
+def _os_problem(path: Path, exc: OSError) -> LPError:
+    reason = exc.strerror or str(exc)
+    return LPError(f"cannot use {path} as an output path: {reason}", "choose a path in a writable folder")
+
+
+def _overlap(out: Path, protected: Iterable[Path]) -> str | None:
+    """How `out` overlaps a protected path, if it does, in words."""
+    real_out = _real(out)
+    for path in protected:
+        for candidate in {Path(os.path.abspath(path)), _real(path)}:
+            if real_out == candidate:
+                return f"is the source model ({path})"
+            if real_out in candidate.parents:
+                return f"contains the source model ({path})"
+            if candidate in real_out.parents:
+                return f"lies inside the source model ({path})"
+    return None
+
+
+def _check_not_working_folder(out: Path) -> None:
+    cwd = _real(Path.cwd())
+    real_out = _real(out)
+    if real_out == cwd or real_out in cwd.parents:
+        where = "the current folder" if real_out == cwd else "a folder that contains the current folder"
+        raise LPError(f"output path '{out}' is {where}", "give a new folder name, e.g. -o converted-model")
+
+
+def _check_parent(out: Path) -> Path:
+    parent = _real(out).parent
+    if not parent.exists():
+        raise LPError(f"the parent folder of {out} does not exist", f"create {parent} first")
+    if not parent.is_dir():
+        raise LPError(f"cannot write {out}: {parent} is a file, not a folder", "choose a path in a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise LPError(f"cannot write into {parent}", "choose a writable output path")
+    return parent
+
+
+def written_by_lpconvert(folder: Path) -> bool:
+    """A folder that export or convert wrote: its config.json names the source it came from."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get(MARKER_KEY), dict)
+
+
+def _is_empty_folder(folder: Path) -> bool:
+    try:
+        return not any(folder.iterdir())
+    except OSError:
+        return False
+
+
+def check_output_folder(out: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuse an output folder that can't be written, or that would lose data if it were."""
+    out = Path(out)
+    try:
+        _check_not_working_folder(out)
+        overlap = _overlap(out, protect)
+        if overlap:
+            raise LPError(f"output path {out} {overlap}",
+                          "write the converted model to a new folder outside the source")
+        if out.is_symlink():
+            raise LPError(f"output path {out} is a symbolic link", "give the real path of the folder")
+        if out.exists() and not out.is_dir():
+            raise LPError(f"output path {out} exists and is a file", "choose a folder path")
+        if out.exists():
+            if not overwrite:
+                raise LPError(f"output folder {out} already exists", "pass --overwrite or choose another path")
+            if not (written_by_lpconvert(out) or _is_empty_folder(out)):
+                raise LPError(f"output folder {out} was not written by lpconvert, so --overwrite will not remove it",
+                              "choose a new output path, or remove the folder yourself")
+        _check_parent(out)
+        os.stat(out.parent / (out.name + ".lpconvert-tmp"), follow_symlinks=False)
+    except FileNotFoundError:
+        pass  # the probe above: the name is valid, nothing is there
+    except OSError as exc:  # a name too long, a path under a file, a loop...
+        raise _os_problem(out, exc) from None
+
+
+def check_output_file(path: Path, protect: Iterable[Path] = ()) -> None:
+    """Refuse an output file that can't be written, or that is one of the source's own files."""
+    path = Path(path)
+    try:
+        if path.exists() and path.is_dir():
+            raise LPError(f"output {path} is a folder", f"give a file path such as {path / 'out.json'}")
+        real = _real(path)
+        for protected in protect:
+            root = _real(protected)
+            if path.exists() and (real == root or root in real.parents):
+                raise LPError(f"output {path} is a file of the source model ({protected})",
+                              "write it outside the model folder, or under a new name")
+        _check_parent(path)
+        os.stat(path.parent / f".{path.name}.tmp", follow_symlinks=False)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _os_problem(path, exc) from None
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _os_problem(path, exc) from None
+
+
+def write_json_atomically(path: Path, data: dict) -> None:
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # read it: the only portable way is to set and restore it
+    os.umask(mask)
+    return mask
+
+
+def _make_temporary_folder(out: Path) -> Path:
+    parent = _real(out).parent
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lpconvert-tmp-", dir=parent))
+    except OSError as exc:
+        raise _os_problem(out, exc) from None
+    tmp.chmod(0o777 & ~_umask())  # what mkdir would have made, not mkdtemp's 0700
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, overwrite: bool = False, protect: Iterable[Path] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside OUT; rename it to OUT only if the block succeeds.
+
+    SIGTERM is turned into KeyboardInterrupt meanwhile, so an interrupted export (Ctrl-C or a CI
+    timeout) removes the temporary folder and leaves OUT as it was. OUT is checked again here, just
+    before anything is written, for callers of the library.
+    """
+    out = Path(out)
+    protect = list(protect)
+    check_output_folder(out, overwrite, protect)
+    tmp = _make_temporary_folder(out)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        yield tmp
+        _move_into_place(tmp, out, overwrite, protect)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == 28:  # ENOSPC
+            raise LPError(f"disk full while writing {out}; nothing was left behind",
+                          "free space or choose another output path") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool, protect: list[Path]) -> None:
+    if not out.exists():
+        tmp.rename(out)
+        return
+    # The folder may have changed while we wrote: check once more before removing anything.
+    check_output_folder(out, overwrite, protect)
+    old = out.with_name(f".{out.name}.lpconvert-old")
+    out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
