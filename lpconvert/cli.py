@@ -286,12 +286,11 @@ def eval_command(
     With --max-ppl-increase / --min-agreement it is a gate: exit 1 when a bound is broken."""
     from .evaluate import EvalSettings, evaluate
     from .formats import check_converted_from, parse_percent
+    from .settings import check_setting
 
     if split not in ("heldout", "all"):
         raise LPError(f"--split '{split}' does not exist", "use heldout or all")
-    if min_agreement is not None and not 0 <= min_agreement <= 1:
-        raise LPError(f"--min-agreement is a fraction of tokens between 0 and 1, got {min_agreement}",
-                      "e.g. --min-agreement 0.85")
+    check_setting("eval", "min_agreement", min_agreement, "--min-agreement")  # the recipe's rule, named as typed
     settings = EvalSettings(text=text, split=split, text_field=text_field, tokens=tokens, seq_len=seq_len,
                             batch_size=batch_size, device=device, dtype=dtype, prompt=prompt,
                             max_ppl_increase=parse_percent(max_ppl_increase, "--max-ppl-increase") if max_ppl_increase else None,

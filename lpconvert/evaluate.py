@@ -79,6 +79,8 @@ def evaluate(source, converted, settings: EvalSettings,
     from .texts import bytes_for_tokens, resolve_text, tokenize_windows
 
     started = time.perf_counter()
+    if progress:
+        progress(0, None)  # the step starts now: reading text and loading both models come first
     check_same_tokenizer(source, converted)
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)

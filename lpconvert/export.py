@@ -385,9 +385,14 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
     }
 
 
-def model_card(source_name: str, plan: Plan, config: dict, hub_id: str | None = None) -> str:
+def model_card(source_name: str, plan: Plan, config: dict, hub_id: str | None = None,
+               tokenizer_class: str | None = None) -> str:
     """The README of an export; `base_model` is the source's Hub id when known (the Hub links on it)."""
     pairs = ", ".join(f"({p}, {p + 1})" for p in plan.pairs) or "none"
+    # AutoTokenizer reads config.json first, and its auto_map makes transformers ask before running
+    # the folder's config code; the pinned tokenizer class loads without asking anything.
+    plain_tokenizer = (f"\n# or, running no code from this folder: "
+                       f"transformers.{tokenizer_class}.from_pretrained(\"PATH\")") if tokenizer_class else ""
     return f"""---
 base_model: {json.dumps(hub_id or source_name)}
 library_name: transformers
@@ -424,7 +429,7 @@ transformers.
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)  # config.json has auto_map
+tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)  # config.json has auto_map{plain_tokenizer}
 ```
 
 The plan that produced it is in `{PLAN_FILE}`.
@@ -579,6 +584,8 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         if progress:
             progress(written, report.total_bytes)
 
+    if progress:
+        progress(0, report.total_bytes)
     with atomic_output_dir(Path(out), overwrite=overwrite, protect=protect) as tmp, one_torch_thread():
         for shard, name in zip(shards, names, strict=True):
             write_shard(tmp / name, shard, metadata, on_tensor=on_tensor)
@@ -587,11 +594,13 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
         (tmp / "config.json").write_text(json.dumps(lp_config, indent=2, sort_keys=True) + "\n")
         for file in MODELING_FILES:
             shutil.copy2(MODELING_DIR / file, tmp / file)
+        pinned = tokenizer_class.result() if tokenizer_class else None
         if tokenizer_class:
-            report.tokenizer_files = copy_tokenizer(source, tmp, tokenizer_class.result())
+            report.tokenizer_files = copy_tokenizer(source, tmp, pinned)
         write_generation_config(source, tmp)
         plan.save(tmp / PLAN_FILE)
-        (tmp / "README.md").write_text(model_card(source.name, plan, lp_config, getattr(source, "hub_id", None)))
+        (tmp / "README.md").write_text(model_card(source.name, plan, lp_config, getattr(source, "hub_id", None),
+                                                  pinned))
     report.seconds = time.perf_counter() - started
     return report
 

@@ -6,7 +6,7 @@ chosen once, by `--progress` (or LPCONVERT_PROGRESS):
 - `bars` (the default on a terminal): Rich bars redrawn in place, gone when the command ends;
 - `lines` (the default when stderr is not a terminal, as in CI): plain lines, each with the time
   since the command started: a line when a step starts, an update at most every 5 s while it
-  moves, a "still working" line after 10 s of silence (a heartbeat thread, so a step that reports
+  moves, a "still working" line after 8 s of silence (a heartbeat thread, so a step that reports
   nothing for a while still shows it is alive), and a line with its time when it ends;
 - `off`: nothing.
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 MODES = ("auto", "bars", "lines", "off")
 UPDATE_EVERY_S = 5.0
-HEARTBEAT_S = 10.0
+HEARTBEAT_S = 8.0  # checked every second: a CI log never goes 10 s without a line
 
 
 def human_bytes(n: float) -> str:
@@ -147,7 +147,7 @@ class Reporter:
             self._bars.update(self._tasks[step.label], completed=step.done or 0, total=step.total, **fields)
         elif started:
             counts = step.counts()
-            self._print_line(now, f"{step.label}: started" + (f" ({counts})" if counts else ""))
+            self._print_line(now, f"{step.label}: started" + (f", {counts}" if counts else ""))
         elif now - self._last_line >= UPDATE_EVERY_S:
             self._print_line(now, f"{step.label}: {step.counts() or 'working'}")
 
@@ -164,7 +164,11 @@ class Reporter:
         while not self._stop.wait(1.0):
             with self._lock:
                 now = time.monotonic()
-                if self.current is not None and now - self._last_line >= HEARTBEAT_S:
-                    counts = self.current.counts()
-                    self._print_line(now, f"{self.current.label}: still working "
-                                          f"({now - self.current.started:.0f} s" + (f", {counts})" if counts else ")"))
+                if now - self._last_line < HEARTBEAT_S:
+                    continue
+                if self.current is None:  # between steps: say so rather than fall silent
+                    self._print_line(now, "still working")
+                    continue
+                counts = self.current.counts()
+                self._print_line(now, f"{self.current.label}: still working "
+                                      f"({now - self.current.started:.0f} s" + (f", {counts})" if counts else ")"))

@@ -225,6 +225,8 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
                       f"use --loss-tokens {settings.seq_len} or more, or a smaller --seq-len")
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
+    if progress:
+        progress("Reading the calibration text and loading the model", None, None)
     text = resolve_text(settings.calib, text_field=settings.text_field,
                         max_bytes=bytes_for_tokens(settings.tokens, settings.seq_len))
     tokenizer = source.load_tokenizer()

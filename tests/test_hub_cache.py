@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import save_sharded_bin
 from conftest import make_tiny_model
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -112,6 +113,22 @@ def test_export_from_the_cache_equals_export_from_the_folder(hub_cache, tmp_path
         config["lp_source"].pop("name")
         configs.append(config)
     assert configs[0] == configs[1] == configs[2]
+    cards = [(out / "README.md").read_text() for out in outs]
+    assert f'base_model: {json.dumps(str(plain))}' in cards[0]  # a plain folder has no Hub id
+    assert 'base_model: "org/tiny"' in cards[1] and 'base_model: "org/tiny"' in cards[2]
+
+
+def test_exported_tokenizer_loads_without_remote_code(hub_cache, tmp_path):
+    """The card's second way to load the tokenizer reads no config.json, so nothing asks [y/N]."""
+    import re
+
+    import transformers
+
+    out = exported("org/tiny", tmp_path / "out")
+    named = re.search(r"transformers\.(\w+)\.from_pretrained", (out / "README.md").read_text()).group(1)
+    tokenizer = getattr(transformers, named).from_pretrained(out)
+    source = transformers.AutoTokenizer.from_pretrained(hub_cache[0])
+    assert tokenizer.get_vocab() == source.get_vocab() and type(tokenizer) is type(source)
 
 
 def test_index_names_climbing_out_are_still_refused(hub_cache):
@@ -130,19 +147,8 @@ def test_index_names_climbing_out_are_still_refused(hub_cache):
 
 
 def test_sharded_bin_model_in_the_cache(tmp_path, monkeypatch):
-    original = make_tiny_model("llama", seed=1)
     folder = tmp_path / "bin"
-    folder.mkdir()
-    original.config.save_pretrained(folder)
-    state = {n: t.clone() for n, t in original.state_dict().items()}  # clone: untie lm_head
-    names = sorted(state)
-    weight_map = {}
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
-        file = f"pytorch_model-0000{i + 1}-of-00002.bin"
-        torch.save({n: state[n] for n in part}, folder / file)
-        weight_map.update(dict.fromkeys(part, file))
-    index = {"metadata": {}, "weight_map": weight_map}
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    state = save_sharded_bin(make_tiny_model("llama", seed=1), folder)
     cache = tmp_path / "hub"
     snapshot = to_hub_cache(folder, cache, "org/tiny-bin")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import save_sharded_bin
 from conftest import TINY, TINY_ARCHS, make_tiny_model
 
 from lpconvert import sources
@@ -105,24 +106,16 @@ def test_bin_checkpoint_is_read_with_weights_only(tmp_path):
 
 
 def test_sharded_bin_checkpoint(tmp_path):
-    original = make_tiny_model("llama", seed=1)
     folder = tmp_path / "bin"
-    folder.mkdir()
-    original.config.save_pretrained(folder)
-    state = {n: t.clone() for n, t in original.state_dict().items()}  # clone: untie lm_head
-    names = sorted(state)
-    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
-              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
-    weight_map = {}
-    for file, part in halves.items():
-        torch.save({n: state[n] for n in part}, folder / file)
-        weight_map.update(dict.fromkeys(part, file))
-    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    state = save_sharded_bin(make_tiny_model("llama", seed=1), folder)
     source = resolve_model(str(folder))
     assert set(source.store.infos()) == set(state)
     assert all(torch.equal(source.store.read(n), t) for n, t in state.items())
-    assert source.disk_bytes() == sum((folder / f).stat().st_size for f in halves)
+    assert source.disk_bytes() == sum(f.stat().st_size for f in folder.glob("pytorch_model-*.bin"))
 
+    index = json.loads((folder / "pytorch_model.bin.index.json").read_text())
+    weight_map = index["weight_map"]
+    names = sorted(weight_map)
     weight_map[names[0]] = "../outside.bin"
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with raises("outside the model folder"):
