@@ -31,14 +31,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
 DTYPE_CODES = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
-# The dtypes a user may ask for by name (--dtype).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def dtype_from_name(name: str, extra: tuple[str, ...] = ()) -> torch.dtype:
-    if name not in DTYPES:
-        raise LPError(f"--dtype '{name}' does not exist", f"use one of {', '.join((*extra, *DTYPES))}")
-    return DTYPES[name]
 INDEX_NAME = "model.safetensors.index.json"
 
 

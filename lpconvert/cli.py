@@ -361,8 +361,7 @@ def bench(
 ) -> None:
     """Prefill and decode tokens/s with transformers generate, eager or compiled; with a baseline, the speedup."""
     from .bench import BenchSettings, measure, middle_pairs, random_source_model, settings_json, speedups
-    from .checkpoint import dtype_from_name
-    from .score import resolve_device
+    from .runtime import dtype_from_name, resolve_device
 
     if (model is None) == (random_weights is None):
         raise LPError("give MODEL or --random-weights SHAPE (one of them)", "e.g. lpconvert bench out/ --baseline src/")
@@ -504,7 +503,6 @@ def export(
 ) -> None:
     """Write a layer-parallel checkpoint: each pair becomes one wide block, loadable with
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
-    from .checkpoint import dtype_from_name
     from .export import export as run_export
     from .export import parse_size, plan_for_pairs
     from .formats import (
@@ -516,6 +514,7 @@ def export(
         validate_pairs,
     )
     from .progress import human_bytes
+    from .runtime import dtype_from_name
 
     if (plan is None) == (pairs is None):
         raise LPError("give exactly one of --plan and --pairs", "e.g. --pairs 12,14 or --plan plan.json")

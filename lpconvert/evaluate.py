@@ -17,10 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .checkpoint import dtype_from_name
 from .errors import LPError
 from .runner import batches
-from .score import resolve_device
+from .runtime import dtype_from_name, resolve_device, text_windows
 
 
 @dataclass
@@ -76,8 +75,6 @@ def _generate(model, tokenizer, prompt: str, new_tokens: int, device: str) -> st
 def evaluate(source, converted, settings: EvalSettings,
              progress: Callable[[int, int], None] | None = None) -> dict:
     """Compare `converted` with `source` on held-out text; returns the report (with `passed`)."""
-    from .texts import bytes_for_tokens, resolve_text, tokenize_windows
-
     started = time.perf_counter()
     if progress:
         progress(0, None)  # the step starts now: reading text and loading both models come first
@@ -85,10 +82,8 @@ def evaluate(source, converted, settings: EvalSettings,
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
     tokenizer = source.load_tokenizer()
-    text = resolve_text(settings.text, text_field=settings.text_field,
-                        max_bytes=bytes_for_tokens(settings.tokens, settings.seq_len))
-    windows = tokenize_windows(tokenizer, text, seq_len=settings.seq_len, num_tokens=settings.tokens,
-                               seed=settings.seed, split=settings.split)
+    _, windows = text_windows(tokenizer, settings.text, text_field=settings.text_field, tokens=settings.tokens,
+                              seq_len=settings.seq_len, seed=settings.seed, split=settings.split)
     source_model = source.load_model(dtype=dtype, device=device)
     converted_model = converted.load_model(dtype=dtype, device=device)
     totals = {"nll_source": 0.0, "nll_converted": 0.0, "agree": 0, "kl": 0.0, "tokens": 0}

@@ -27,7 +27,6 @@ from .checkpoint import (
     OutputTensor,
     TensorInfo,
     TensorStore,
-    dtype_from_name,
     plan_shards,
     shard_file_names,
     write_index,
@@ -36,6 +35,7 @@ from .checkpoint import (
 from .errors import LPError
 from .formats import Plan, check_fingerprint, source_fingerprint
 from .outputs import atomic_output_dir, check_output_folder, protected_paths
+from .runtime import dtype_from_name
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_lpconvert.py", "modeling_lpconvert.py")

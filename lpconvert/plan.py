@@ -423,11 +423,11 @@ def build_calibrator(source, *, calib: str = "wiki", tokens: int = DEFAULT_TOKEN
                      device: str = "auto", dtype: str = "auto", progress: Progress = None) -> Calibrator:
     """Load the model and tokenise calibration windows (and held-out windows of the same text)."""
 
-    from .score import resolve_device
-    from .texts import bytes_for_tokens, resolve_text, tokenize_windows
+    from .runtime import compute_dtype, dtype_name, resolve_device, text_windows
+    from .texts import tokenize_windows
 
     device = resolve_device(device)
-    torch_dtype = resolve_compute_dtype(dtype, device)
+    torch_dtype = compute_dtype(dtype, device)
     if tokens < seq_len:
         raise LPError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}",
                       f"use --tokens {seq_len} or more")
@@ -436,9 +436,9 @@ def build_calibrator(source, *, calib: str = "wiki", tokens: int = DEFAULT_TOKEN
                       f"use --heldout-tokens {seq_len} or more, or 0 to switch the held-out check off")
     if progress:
         progress(f"tokenising the calibration text {calib}")
-    text = resolve_text(calib, max_bytes=bytes_for_tokens(max(tokens, heldout_tokens), seq_len))
     tokenizer = source.load_tokenizer()
-    windows = tokenize_windows(tokenizer, text, seq_len=seq_len, num_tokens=tokens, seed=seed)
+    text, windows = text_windows(tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed, split="calib",
+                                 also_tokens=heldout_tokens)
     heldout = None
     if heldout_tokens > 0:
         try:
@@ -458,23 +458,6 @@ def build_calibrator(source, *, calib: str = "wiki", tokens: int = DEFAULT_TOKEN
     return Calibrator(model, windows.input_ids, heldout_ids=None if heldout is None else heldout.input_ids,
                       objective=objective, batch_size=batch_size, provenance=windows.provenance,
                       heldout_provenance=None if heldout is None else heldout.provenance, progress=progress)
-
-
-COMPUTE_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def resolve_compute_dtype(dtype: str, device: str):
-    import torch
-
-    if dtype not in COMPUTE_DTYPES:
-        raise LPError(f"--dtype '{dtype}' does not exist", f"use one of {', '.join(COMPUTE_DTYPES)}")
-    if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    return getattr(torch, dtype)
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------------------------

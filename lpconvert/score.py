@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 from . import __version__
 from .archs import architecture_for
-from .checkpoint import dtype_from_name
 from .errors import LPError
 from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION, source_fingerprint
 from .runner import LayerRunner, batches
+from .runtime import dtype_from_name, resolve_device, text_windows
 
 CHEAP_METRICS = ("angular_distance", "block_influence", "pair_error")
 ALL_METRICS = (*CHEAP_METRICS, "loss")
@@ -49,16 +49,6 @@ class ScoreSettings:
     metrics: tuple[str, ...] = CHEAP_METRICS
     measure_loss: bool = False
     loss_tokens: int = 4096
-
-
-def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise LPError(f"--device '{name}' does not exist", "use auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LPError("--device cuda was asked but this machine has no CUDA GPU", "use --device cpu or auto")
-    return name
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -214,8 +204,6 @@ def metric_agreement(pairs: list[dict], edges: bool = False) -> dict[str, float]
 
 def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int, int], None] | None = None) -> dict:
     """Score every layer and candidate pair of `source` on calibration text; returns the scores JSON."""
-    from .texts import bytes_for_tokens, resolve_text, tokenize_windows
-
     started = time.perf_counter()
     architecture_for(source.config)
     if settings.tokens <= 0 or settings.loss_tokens <= 0:
@@ -227,11 +215,8 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
     dtype = dtype_from_name(settings.dtype)
     if progress:
         progress("Reading the calibration text and loading the model", None, None)
-    text = resolve_text(settings.calib, text_field=settings.text_field,
-                        max_bytes=bytes_for_tokens(settings.tokens, settings.seq_len))
-    tokenizer = source.load_tokenizer()
-    windows = tokenize_windows(tokenizer, text, seq_len=settings.seq_len, num_tokens=settings.tokens,
-                               seed=settings.seed, split="calib")
+    _, windows = text_windows(source.load_tokenizer(), settings.calib, text_field=settings.text_field,
+                              tokens=settings.tokens, seq_len=settings.seq_len, seed=settings.seed, split="calib")
     model = source.load_model(dtype=dtype, device=device, device_map=settings.device_map)
     runner = LayerRunner(model, settings.seq_len)
     num_layers = runner.num_layers

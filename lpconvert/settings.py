@@ -27,10 +27,12 @@ from typing import Any
 
 from .errors import LPError
 from .formats import PAIR_METRICS
-from .plan import COMPUTE_DTYPES, OBJECTIVES, STRATEGIES
+from .plan import OBJECTIVES, STRATEGIES
 
+# The dtype names a user may ask for; runtime.py maps them to torch dtypes (tests assert equality).
+DTYPES = ("float32", "bfloat16", "float16")
+COMPUTE_DTYPES = ("auto", *DTYPES)  # measuring (plan): auto is float32 on the CPU, else bfloat16
 # Replicas of constants of modules that import torch (tests/test_convert.py asserts they are equal).
-DTYPES = ("float32", "bfloat16", "float16")  # checkpoint.DTYPES
 SCORE_METRICS = ("angular_distance", "block_influence", "pair_error", "loss")  # score.ALL_METRICS
 TEXT_SPLITS = ("calib", "heldout", "all")  # texts.SPLITS
 DEVICES = ("auto", "cpu", "cuda", "mps")  # score.resolve_device, plus cuda:N

@@ -210,14 +210,14 @@ def test_every_key_has_a_spec_and_every_default_passes():
 
 
 def test_settings_choices_are_the_codes_own():
-    from lpconvert import checkpoint, formats, plan, score, settings, texts
+    from lpconvert import formats, plan, runtime, score, settings, texts
 
     assert settings.SCORE_METRICS == score.ALL_METRICS
-    assert settings.DTYPES == tuple(checkpoint.DTYPES)
+    assert settings.DTYPES == tuple(runtime.DTYPES)
     assert settings.TEXT_SPLITS == texts.SPLITS
     assert settings.PLAN["strategy"].choices == plan.STRATEGIES
     assert settings.PLAN["objective"].choices == plan.OBJECTIVES
-    assert settings.PLAN["dtype"].choices == plan.COMPUTE_DTYPES
+    assert settings.PLAN["dtype"].choices == runtime.COMPUTE_DTYPES
     assert settings.PLAN["metric"].choices == tuple(formats.PAIR_METRICS)
     assert tuple(settings.TARGETS) == tuple(plan.parse_target.__code__.co_varnames[:4])
 

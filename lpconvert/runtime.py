@@ -1,0 +1,60 @@
+"""Where and in what precision the stages run a model, and the setup they share.
+
+score, plan and eval each read a text, cut it into token windows and load the model on a device
+in a dtype; they do it through these few functions, so a device name, a dtype name or a text
+budget means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import LPError
+
+# The dtypes a user may ask for by name (--dtype).
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Measuring (plan) may also say "auto": float32 on the CPU, where 16-bit matmuls are slow, else bfloat16.
+COMPUTE_DTYPES = ("auto", *DTYPES)
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when there is a GPU, else cpu; a named device must exist."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
+        raise LPError(f"--device '{name}' does not exist", "use auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LPError("--device cuda was asked but this machine has no CUDA GPU", "use --device cpu or auto")
+    return name
+
+
+def dtype_from_name(name: str, extra: tuple[str, ...] = ()) -> torch.dtype:
+    """float32 / bfloat16 / float16 -> the torch dtype; `extra` names other values the caller accepts."""
+    if name not in DTYPES:
+        raise LPError(f"--dtype '{name}' does not exist", f"use one of {', '.join((*extra, *DTYPES))}")
+    return DTYPES[name]
+
+
+def compute_dtype(name: str, device: str) -> torch.dtype:
+    """A measuring dtype: a name of DTYPES, or auto (float32 on the CPU, bfloat16 elsewhere)."""
+    if name == "auto":
+        return torch.float32 if device == "cpu" else torch.bfloat16
+    return dtype_from_name(name, extra=("auto",))
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def text_windows(tokenizer, text: str, *, tokens: int, seq_len: int, seed: int, split: str,
+                 text_field: str = "text", also_tokens: int = 0):
+    """Read the text source TEXT (only as far as the budget needs) and cut it into windows of SPLIT.
+
+    `also_tokens`: a second budget the same text must serve (plan's held-out windows), so the
+    read is large enough for both.
+    """
+    from .texts import bytes_for_tokens, resolve_text, tokenize_windows
+
+    source = resolve_text(text, text_field=text_field,
+                          max_bytes=bytes_for_tokens(max(tokens, also_tokens), seq_len))
+    return source, tokenize_windows(tokenizer, source, seq_len=seq_len, num_tokens=tokens, seed=seed, split=split)
