@@ -504,7 +504,7 @@ def export(
     """Write a layer-parallel checkpoint: each pair becomes one wide block, loadable with
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
     from .export import export as run_export
-    from .export import parse_size, plan_for_pairs
+    from .export import plan_for_pairs
     from .formats import (
         check_fingerprint,
         layer_strip,
@@ -515,6 +515,7 @@ def export(
     )
     from .progress import human_bytes
     from .runtime import dtype_from_name
+    from .settings import parse_size
 
     if (plan is None) == (pairs is None):
         raise LPError("give exactly one of --plan and --pairs", "e.g. --pairs 12,14 or --plan plan.json")

@@ -36,6 +36,7 @@ from .errors import LPError
 from .formats import Plan, check_fingerprint, source_fingerprint
 from .outputs import atomic_output_dir, check_output_folder, protected_paths
 from .runtime import dtype_from_name
+from .settings import parse_size
 
 MODELING_DIR = Path(__file__).parent / "modeling"
 MODELING_FILES = ("configuration_lpconvert.py", "modeling_lpconvert.py")
@@ -49,24 +50,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PLAN_FILE = "lpconvert-plan.json"
 # Non-weight buffers some old checkpoints saved; they are recomputed by the model.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000 (decimal units, like the Hub); '500MiB' in binary units."""
-    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-             "B": 1}
-    clean = text.strip().upper()
-    for unit in sorted(units, key=len, reverse=True):
-        if clean.endswith(unit):
-            number = clean[: -len(unit)].strip()
-            try:
-                value = int(float(number) * units[unit])
-            except (ValueError, OverflowError):  # not a number; inf or nan
-                break
-            if value > 0:
-                return value
-            break
-    raise LPError(f"size '{text}' is not understood", "write it like 5GB, 500MB or 2GiB")
 
 
 def resolve_dtype(name: str, store: TensorStore) -> torch.dtype:

@@ -37,7 +37,7 @@ SCORE_METRICS = ("angular_distance", "block_influence", "pair_error", "loss")  #
 TEXT_SPLITS = ("calib", "heldout", "all")  # texts.SPLITS
 DEVICES = ("auto", "cpu", "cuda", "mps")  # score.resolve_device, plus cuda:N
 SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-              "B": 1}  # export.parse_size
+              "B": 1}
 DEVICE_MAPS = ("auto",)  # sources.load_model passes it to transformers; "auto" is what the CLI documents
 
 
@@ -280,8 +280,16 @@ def _check_choices(spec: Spec, value: Any, label: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000 (decimal units, like the Hub); '500MiB' in binary units."""
+    value = size_bytes(text)
+    if value is None:
+        raise LPError(f"size '{text}' is not understood", "write it like 5GB, 500MB or 2GiB")
+    return value
+
+
 def size_bytes(text: str) -> int | None:
-    """export.parse_size's reading ('5GB' -> 5_000_000_000, '2GiB' binary) without torch; None if invalid."""
+    """A size ('5GB' -> 5_000_000_000, '2GiB' binary) in bytes; None if it is not a positive size."""
     clean = text.strip().upper()
     for unit in sorted(SIZE_UNITS, key=len, reverse=True):
         if clean.endswith(unit):
