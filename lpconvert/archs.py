@@ -1,7 +1,10 @@
 """Architecture support as data: one table per architecture.
 
-Each table names a decoder layer's tensors and says how each output tensor of a block is built
-from one layer (a copied layer) or from two (a layer-parallel pair; METHOD.md section 2):
+Each table names every tensor of a checkpoint, mergekit style: the weights before the layers
+(embeddings), a decoder layer's tensors (templates on `layer_prefix`) and the weights after them
+(final norm, LM head with its tie rule), plus the shapes config.json promises for them. Its rules
+say how each output tensor of a block is built from one layer (a copied layer) or from two (a
+layer-parallel pair; docs/method.md section 2):
 
 - `norm`:  the layer's norm weight; copied for one layer, ones for a pair (folded into `rows`).
 - `rows`:  source matrices concatenated along the OUTPUT dimension, part by part and layer by
@@ -22,7 +25,7 @@ from typing import Any
 
 from .errors import LPError
 
-LAYER_PREFIX = "model.layers.{}."
+LAYER_PREFIX = "model.layers.{}."  # a decoder layer's tensors, in the Llama family and in every export
 INPUT_NORM = "input_layernorm.weight"
 POST_NORM = "post_attention_layernorm.weight"
 
@@ -33,7 +36,7 @@ class Rule:
 
     out: str  # name inside the exported block, relative to "model.layers.{block}."
     kind: str  # norm | rows | cols | sum | stack
-    parts: tuple[str, ...]  # source tensor names, relative to "model.layers.{layer}."
+    parts: tuple[str, ...]  # source tensor names, relative to layer_prefix ("model.layers.{layer}.")
     fold: str | None = None  # norm folded into the columns of `rows` (pairs only)
     when: str | None = None  # LPConfig flag that must be true for the tensor to exist
 
@@ -59,6 +62,50 @@ LLAMA_FAMILY_RULES = (
 
 
 @dataclass(frozen=True)
+class Weight:
+    """A tensor outside the decoder layers, copied unchanged under its own name."""
+
+    name: str
+    # The tensor the model reuses in its place when the config's tie_word_embeddings is true (then this
+    # one is not written, and the checkpoint need not hold it).
+    tied_to: str | None = None
+
+
+# Before the layers, the embeddings; after them, the final norm and the LM head (the embedding matrix
+# itself when the embeddings are tied).
+LLAMA_FAMILY_PRE_WEIGHTS = (Weight("model.embed_tokens.weight"),)
+LLAMA_FAMILY_POST_WEIGHTS = (Weight("model.norm.weight"),
+                             Weight("lm_head.weight", tied_to="model.embed_tokens.weight"))
+
+# The shapes config.json promises (a config with missing fields gets transformers' defaults, e.g.
+# hidden_size 4096, which would write a broken model): tensor name, "{}" standing for layer 0 ->
+# one size per dimension, each a product or quotient of config fields ("a * b", "a // b").
+LLAMA_FAMILY_SHAPES = {
+    "model.embed_tokens.weight": ("vocab_size", "hidden_size"),
+    LAYER_PREFIX + f"{_Q}.weight": ("num_attention_heads * head_dim", "hidden_size"),
+    LAYER_PREFIX + f"{_K}.weight": ("num_key_value_heads * head_dim", "hidden_size"),
+    LAYER_PREFIX + "mlp.gate_proj.weight": ("intermediate_size", "hidden_size"),
+}
+# Size fields a config may leave out (or set to 0/None), and what they are then.
+SIZE_FALLBACKS = {"num_key_value_heads": "num_attention_heads", "head_dim": "hidden_size // num_attention_heads"}
+
+
+def config_size(config, expression: str) -> int:
+    """The value of a size expression of `shapes` ("num_attention_heads * head_dim") for this config."""
+    def value(name: str) -> int:
+        found = getattr(config, name, None)
+        if not found and name in SIZE_FALLBACKS:
+            return config_size(config, SIZE_FALLBACKS[name])
+        return found
+
+    words = expression.split()
+    result = value(words[0])
+    for op, name in zip(words[1::2], words[2::2], strict=True):
+        result = result * value(name) if op == "*" else result // value(name)
+    return result
+
+
+@dataclass(frozen=True)
 class Architecture:
     """What lpconvert knows about one Hugging Face architecture."""
 
@@ -66,6 +113,16 @@ class Architecture:
     model_type: str
     hf_class: str
     rules: tuple[Rule, ...]
+    # Tensor names (the Llama family's by default): the weights before and after the decoder layers,
+    # the prefix of a layer's tensors, the shapes config.json promises, the one tensor every layer has
+    # (counting it counts the layers), and suffixes of non-weight buffers some old checkpoints saved
+    # (recomputed by the model, never exported).
+    pre_weights: tuple[Weight, ...] = LLAMA_FAMILY_PRE_WEIGHTS
+    post_weights: tuple[Weight, ...] = LLAMA_FAMILY_POST_WEIGHTS
+    layer_prefix: str = LAYER_PREFIX
+    shapes: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(LLAMA_FAMILY_SHAPES))
+    layer_marker: str = INPUT_NORM
+    ignored_suffixes: tuple[str, ...] = ("rotary_emb.inv_freq",)
     # LPConfig flags: True/False, or the source config field that holds the value.
     attention_bias: bool | str = False  # q/k/v biases
     attention_out_bias: bool | str = False  # o_proj bias
@@ -105,6 +162,11 @@ class Architecture:
         for rule in self.active_rules(config):
             names += [p for p in rule.parts if p not in names]
         return names
+
+    def expected_shapes(self, config) -> dict[str, tuple[int, ...]]:
+        """Tensor name (layer 0) -> the shape this config implies for it, in table order."""
+        return {name.format(0): tuple(config_size(config, size) for size in sizes)
+                for name, sizes in self.shapes.items()}
 
 
 # The defaults of transformers 5's config classes (tests/test_archs.py checks them against the

@@ -14,11 +14,12 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
 from .errors import LPError
+from .settings import BenchSettings  # noqa: F401  (the stage's API)
 
 # Real shapes (Llama-family), for --random-weights.
 SHAPES = {
@@ -33,18 +34,6 @@ SHAPES = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=12, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
 }
-
-
-@dataclass
-class BenchSettings:
-    batch_sizes: tuple[int, ...] = (1,)
-    prompt_len: int = 128
-    new_tokens: int = 128
-    warmup: int = 1
-    repeats: int = 3
-    compile: bool = False
-    device: str = "auto"
-    dtype: str = "bfloat16"
 
 
 def middle_pairs(num_layers: int, count: int) -> list[int]:
@@ -152,3 +141,58 @@ def speedups(rows: list[dict], baseline: str) -> list[dict]:
 
 def settings_json(settings: BenchSettings) -> dict:
     return {**asdict(settings), "batch_sizes": list(settings.batch_sizes)}
+
+
+# ----------------------------------------------------------------------------------------------
+# The stage
+
+
+def _report(rows: list[dict], reference: str, settings: BenchSettings, device: str, **names) -> dict:
+    report = {"rows": rows, "speedups": speedups(rows, reference), "settings": settings_json(settings),
+              "device": device, **names}
+    if device.startswith("cuda"):
+        report["gpu"] = torch.cuda.get_device_name()
+    return report
+
+
+def bench_random_weights(shape: str, pair_counts: list[int], settings: BenchSettings,
+                         progress: Callable[[str], None] | None = None) -> dict:
+    """A source of random weights at SHAPE, built on the device, and its conversions with each count of
+    middle pairs (converted in memory): how a GPU machine without model files is measured."""
+    from .blocks import convert_in_memory
+    from .runtime import check_positions, dtype_from_name, resolve_device
+
+    device, dtype = resolve_device(settings.device), dtype_from_name(settings.dtype)
+    source = random_source_model(shape, dtype, device)
+    check_positions(shape, source.config, settings.prompt_len + settings.new_tokens, "--prompt-len + --new-tokens")
+    plans = [(count, middle_pairs(source.config.num_hidden_layers, count)) for count in pair_counts]
+    rows = measure(source, settings, device, "source", progress)
+    for count, pairs in plans:
+        converted = convert_in_memory(source, pairs, name=f"{shape} random")
+        rows += measure(converted, settings, device, f"lp-{count}", progress)
+        del converted
+    return _report(rows, "source", settings, device, random_weights=shape, model=None, baseline=None)
+
+
+def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict:
+    """TARGET (a resolved source, e.g. a converted folder) and, if given, BASELINE timed in one process
+    under the same settings; a converted TARGET must have been converted from BASELINE."""
+    from .formats import check_converted_from
+    from .runtime import check_positions, dtype_from_name, resolve_device
+
+    device, dtype = resolve_device(settings.device), dtype_from_name(settings.dtype)
+    if baseline is not None:
+        check_converted_from(target, baseline, role="MODEL")
+    for checked in (target, baseline):
+        if checked is not None:
+            check_positions(checked.name, checked.config, settings.prompt_len + settings.new_tokens,
+                            "--prompt-len + --new-tokens")
+    model = target.load_model(dtype=dtype, device=device)
+    rows: list[dict] = []
+    if baseline is not None:
+        base_model = baseline.load_model(dtype=dtype, device=device)
+        rows += measure(base_model, settings, device, "baseline", progress)
+        del base_model
+    rows += measure(model, settings, device, "model", progress)
+    return _report(rows, "baseline", settings, device, random_weights=None, model=target.name,
+                   baseline=None if baseline is None else baseline.name)

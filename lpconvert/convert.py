@@ -10,24 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import fields
 from pathlib import Path
 
 from .errors import LPError
-from .formats import parse_percent
-from .plan import DEFAULT_BEAM, DEFAULT_CANDIDATES, DEFAULT_HELDOUT_TOKENS, DEFAULT_TOKENS, DEFAULT_VERIFY
-from .settings import TARGETS, check_setting, closest
+from .settings import SETTINGS, TARGETS, build, check_setting, closest, defaults_of, recipe_label
 
 EXIT_GATE_FAILED = 1
-
-# Every key a recipe may hold, per section, with its default.
-PLAN_DEFAULTS = {  # the search settings are `lpconvert plan`'s own defaults
-    "strategy": None, "metric": None, "target": {"max_loss_increase": "5%"}, "objective": "kl",
-    "candidates": DEFAULT_CANDIDATES, "beam": DEFAULT_BEAM, "verify": DEFAULT_VERIFY, "allow_edge_layers": False,
-    "calib": "wiki", "tokens": DEFAULT_TOKENS, "heldout_tokens": DEFAULT_HELDOUT_TOKENS, "seq_len": 512, "seed": 0,
-    "batch_size": 4, "device": "auto", "dtype": "auto", "use_model": True,
-}
-EXPORT_DEFAULTS = {"dtype": "auto", "max_shard_size": "5GB", "copy_tokenizer": True}
+RECIPE_SECTIONS = ("score", "plan", "export", "eval")  # in pipeline order; each a settings.py dataclass
 TARGET_KEYS = tuple(TARGETS)  # pairs, depth, speedup, max_loss_increase
 
 
@@ -36,14 +25,13 @@ class GateFailed(LPError):
 
 
 def _section_defaults() -> dict[str, dict]:
-    from .evaluate import EvalSettings
-    from .score import ScoreSettings
+    """Every key a recipe may hold, per section, with its default: the stage's own settings dataclass."""
+    return {section: defaults_of(SETTINGS[section]) for section in RECIPE_SECTIONS}
 
-    def of(cls):  # tuples become lists, as YAML writes them
-        return {f.name: list(f.default) if isinstance(f.default, tuple) else f.default for f in fields(cls)}
 
-    return {"score": of(ScoreSettings), "plan": dict(PLAN_DEFAULTS), "export": dict(EXPORT_DEFAULTS),
-            "eval": of(EvalSettings)}
+def stage_settings(recipe: dict) -> dict:
+    """The recipe's sections as the stages' settings objects (values checked and normalised)."""
+    return {section: build(SETTINGS[section], recipe[section], recipe_label(section)) for section in RECIPE_SECTIONS}
 
 
 def load_recipe(path: Path | None) -> dict[str, dict]:
@@ -93,9 +81,9 @@ def _check_key(section: str, key: str, value) -> None:
         raise LPError(f"recipe key {exc.problem}", exc.fix) from None
 
 
-def _calibrates(plan: dict) -> bool:
-    """Whether convert() measures the model while planning (as its body decides)."""
-    return bool(plan["use_model"]) and plan["strategy"] in (None, "search", "contiguous")
+def _calibrates(use_model: bool, strategy: str | None) -> bool:
+    """Whether planning measures the model (search and contiguous can; greedy only ranks the scores)."""
+    return bool(use_model) and strategy in (None, "search", "contiguous")
 
 
 def _check_across_stages(recipe: dict) -> None:
@@ -104,10 +92,10 @@ def _check_across_stages(recipe: dict) -> None:
     if plan["strategy"] == "search" and not plan["use_model"]:
         raise LPError("recipe key plan.strategy search measures the model at every step, but plan.use_model "
                       "is false", "set use_model: true, or strategy: greedy")
-    if _calibrates(plan) and plan["tokens"] < plan["seq_len"]:
+    if _calibrates(plan["use_model"], plan["strategy"]) and plan["tokens"] < plan["seq_len"]:
         raise LPError(f"recipe key plan.tokens {plan['tokens']} is less than one window of plan.seq_len "
                       f"{plan['seq_len']}", f"e.g. tokens: {plan['seq_len']} or more")
-    if _calibrates(plan) and 0 < plan["heldout_tokens"] < plan["seq_len"]:
+    if _calibrates(plan["use_model"], plan["strategy"]) and 0 < plan["heldout_tokens"] < plan["seq_len"]:
         raise LPError(f"recipe key plan.heldout_tokens {plan['heldout_tokens']} is less than one window of "
                       f"plan.seq_len {plan['seq_len']}",
                       f"e.g. heldout_tokens: {plan['seq_len']} or more, or 0 to switch the held-out check off")
@@ -119,9 +107,9 @@ def _check_across_stages(recipe: dict) -> None:
             else f"{plan['metric']} needs pair_error in score.metrics"
         raise LPError(f"recipe key plan.metric {wanted}",
                       "add it to the score section or choose another metric")
-    strategy = plan["strategy"] or ("search" if _calibrates(plan) else "greedy")
+    strategy = plan["strategy"] or ("search" if _calibrates(plan["use_model"], plan["strategy"]) else "greedy")
     if "max_loss_increase" in plan["target"] and not measured and (
-            strategy == "greedy" or (strategy == "contiguous" and not _calibrates(plan))):
+            strategy == "greedy" or (strategy == "contiguous" and not _calibrates(plan["use_model"], plan["strategy"]))):
         raise LPError(f"recipe key plan.target.max_loss_increase with strategy {strategy} needs measured "
                       "losses, but score.measure_loss is false",
                       "set measure_loss: true in the score section, or use_model: true with strategy search")
@@ -140,11 +128,11 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     `progress(label, done=None, total=None, unit=..., detail=...)` (a progress.Reporter's `step`)
     hears every stage's own progress, under labels that name the stage.
     """
-    from .evaluate import EvalSettings, evaluate
+    from .evaluate import evaluate
     from .export import export
     from .outputs import atomic_output_dir, check_output_folder, protected_paths
-    from .plan import build_calibrator, make_plan, parse_target
-    from .score import ScoreSettings, compute_scores
+    from .plan import parse_target, plan_stage
+    from .score import compute_scores
     from .sources import resolve_model
 
     def step(label: str, done=None, total=None, **kwargs) -> None:
@@ -153,38 +141,24 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
 
     protect = protected_paths(source)
     check_output_folder(Path(out), overwrite, protect)
-    score_settings = dict(recipe["score"])
-    score_settings["metrics"] = tuple(score_settings["metrics"])
-    plan_settings, eval_settings = dict(recipe["plan"]), dict(recipe["eval"])
-    if isinstance(eval_settings.get("max_ppl_increase"), str):
-        eval_settings["max_ppl_increase"] = parse_percent(eval_settings["max_ppl_increase"], "eval.max_ppl_increase")
-    ((target_kind, target_value),) = plan_settings["target"].items()
-    target = parse_target(**{target_kind: target_value})
+    settings = stage_settings(recipe)
+    planned = settings["plan"]
+    target = parse_target(**planned.target)
 
-    scores = compute_scores(source, ScoreSettings(**score_settings),
+    scores = compute_scores(source, settings["score"],
                             lambda label, done, total: step(f"score: {label.lower()}", done, total))
-    calibrator = None
-    strategy = plan_settings["strategy"]
 
     def planning(message: str) -> None:
         step("plan", detail=message)
 
-    if plan_settings["use_model"] and strategy in (None, "search", "contiguous"):
-        calibrator = build_calibrator(source, calib=plan_settings["calib"], tokens=plan_settings["tokens"],
-                                      seq_len=plan_settings["seq_len"], seed=plan_settings["seed"],
-                                      heldout_tokens=plan_settings["heldout_tokens"],
-                                      objective=plan_settings["objective"], batch_size=plan_settings["batch_size"],
-                                      device=plan_settings["device"], dtype=plan_settings["dtype"], progress=planning)
     planning("choosing pairs")
-    plan = make_plan(scores, target=target, strategy=strategy, metric=plan_settings["metric"], calibrator=calibrator,
-                     allow_edge_layers=plan_settings["allow_edge_layers"], candidates=plan_settings["candidates"],
-                     beam=plan_settings["beam"], verify=plan_settings["verify"], progress=planning)
-    del calibrator
+    plan = plan_stage(scores, target, planned, source if _calibrates(planned.use_model, planned.strategy) else None,
+                      progress=planning)
     with atomic_output_dir(Path(out), overwrite=overwrite, protect=protect) as tmp:
         staged = tmp / "export"
-        settings = recipe["export"]
-        export(source, plan, staged, dtype=settings["dtype"], max_shard_size=settings["max_shard_size"],
-               copy_tokenizer_files=settings["copy_tokenizer"],
+        exporting = settings["export"]
+        export(source, plan, staged, dtype=exporting.dtype, max_shard_size=exporting.max_shard_size,
+               copy_tokenizer_files=exporting.copy_tokenizer,
                progress=lambda done, total: step(f"export: {len(plan.pairs)} pairs", done, total, unit="bytes"))
         for item in staged.iterdir():
             shutil.move(str(item), tmp / item.name)
@@ -192,7 +166,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
         (tmp / "lpconvert-recipe.yaml").write_text(recipe_yaml(recipe))
         (tmp / "lpconvert-scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         step("eval: the converted model against the source")
-        report = evaluate(source, resolve_model(str(tmp)), EvalSettings(**eval_settings),
+        report = evaluate(source, resolve_model(str(tmp)), settings["eval"],
                           lambda done, total: step("eval: the converted model against the source", done, total,
                                                    unit="batches"))
         report["converted"] = str(out)  # not the temporary folder it was evaluated in

@@ -1,4 +1,4 @@
-"""What `lpconvert inspect MODEL` reports: a JSON-ready description of a source, and a Rich table of it."""
+"""What `lpconvert inspect MODEL` reports: a JSON-ready description of a source (render.py draws its table)."""
 
 from __future__ import annotations
 
@@ -63,65 +63,6 @@ def parameter_count(source: ModelSource) -> int:
     tied = bool(getattr(source.config, "tie_word_embeddings", False))
     return sum(_numel(info.shape) for name, info in infos.items()
                if not (tied and name == "lm_head.weight" and "model.embed_tokens.weight" in infos))
-
-
-def render_description(info: dict[str, Any]):
-    """A two-column Rich table of `describe_model`'s dict, for people."""
-    from rich.table import Table
-
-    table = Table(show_header=False, title=f"{info.get('name')}", title_justify="left")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-
-    supported = "yes" if info.get("supported") else f"no — {info.get('unsupported_reason')}"
-    rows: list[tuple[str, Any]] = [
-        ("source", f"{info.get('kind')}: {info.get('path')}"),
-        ("architecture", f"{info.get('architecture')} ({info.get('model_type')})"),
-        ("supported", supported),
-        ("layers", info.get("num_layers")),
-    ]
-    if "lp_blocks" in info:
-        pairs = sum(1 for block in info["lp_blocks"] if len(block) > 1)
-        rows.append(("effective depth", f"{info.get('effective_depth')} blocks ({pairs} layer-parallel pairs)"))
-        rows.append(("blocks", _format_blocks(info["lp_blocks"])))
-    rows += [
-        ("hidden size", info.get("hidden_size")),
-        ("attention heads", f"{info.get('num_attention_heads')} query, {info.get('num_key_value_heads')} key/value, "
-                            f"head dim {info.get('head_dim')}"),
-        ("MLP width", info.get("intermediate_size")),
-        ("vocabulary", info.get("vocab_size")),
-        ("tied embeddings", "yes" if info.get("tie_word_embeddings") else "no"),
-        ("parameters", format_count(info.get("parameters"))),
-        ("weights dtype", info.get("dtype")),
-        ("size on disk", format_bytes(info.get("disk_bytes"))),
-    ]
-    for key, value in rows:
-        table.add_row(key, "—" if value is None else str(value))
-    return table
-
-
-def format_count(n: int | None) -> str | None:
-    """134_515_008 -> "134.5M"."""
-    if n is None:
-        return None
-    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= size:
-            return f"{n / size:.1f}{suffix}"
-    return str(n)
-
-
-def format_bytes(n: int | None) -> str | None:
-    """538_090_408 -> "538.1 MB" (decimal units)."""
-    if n is None:
-        return None
-    for size, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if n >= size:
-            return f"{n / size:.1f} {suffix}"
-    return f"{n} B"
-
-
-def _format_blocks(blocks: list[list[int]]) -> str:
-    return " ".join("+".join(str(i) for i in block) for block in blocks)
 
 
 def _numel(shape) -> int:

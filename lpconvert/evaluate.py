@@ -11,32 +11,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
 
 from . import __version__
 from .errors import LPError
+from .formats import check_converted_from
 from .runner import batches
-from .runtime import dtype_from_name, resolve_device, text_windows
-
-
-@dataclass
-class EvalSettings:
-    text: str = "wiki"
-    split: str = "heldout"  # held-out windows of a calibration source; "all" for a text never used to calibrate
-    text_field: str = "text"
-    tokens: int = 16384
-    seq_len: int = 512
-    seed: int = 0
-    batch_size: int = 4
-    device: str = "auto"
-    dtype: str = "float32"
-    prompt: str = "The capital of France is"
-    new_tokens: int = 24
-    max_ppl_increase: float | None = None  # a fraction: 0.10 for 10% (formats.parse_percent reads '10%')
-    min_agreement: float | None = None
+from .runtime import check_positions, dtype_from_name, resolve_device, text_windows
+from .settings import EvalSettings  # noqa: F401  (the stage's API)
 
 
 def check_same_tokenizer(source, converted) -> None:
@@ -78,7 +63,9 @@ def evaluate(source, converted, settings: EvalSettings,
     started = time.perf_counter()
     if progress:
         progress(0, None)  # the step starts now: reading text and loading both models come first
+    check_converted_from(converted, source)
     check_same_tokenizer(source, converted)
+    check_positions(source.name, source.config, settings.seq_len, "--seq-len")
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
     tokenizer = source.load_tokenizer()

@@ -106,6 +106,18 @@ def validate_pairs(firsts: list[int], num_layers: int, allow_edge_layers: bool =
     return ordered
 
 
+def plan_for_source(fingerprint_of_source: dict, *, plan: Plan | None = None, plan_name: str = "the plan",
+                    pairs: list[int] | None = None, allow_edge_layers: bool = False) -> Plan:
+    """The plan an export of this source follows: a plan file checked against the source, or the
+    manual plan of `pairs` (exactly one of the two)."""
+    if plan is not None:
+        check_fingerprint(plan.source, fingerprint_of_source, plan_name)
+        validate_pairs(plan.pairs, plan.num_layers, allow_edge_layers)
+        return plan
+    ordered = validate_pairs(pairs or [], int(fingerprint_of_source["num_layers"]), allow_edge_layers)
+    return Plan(source=fingerprint_of_source, pairs=ordered, strategy="manual")
+
+
 def parse_pairs(text: str) -> list[int]:
     try:
         return [int(part) for part in text.replace(" ", "").split(",") if part]
@@ -220,7 +232,11 @@ def _is_number(value) -> bool:
 
 
 def load_plan(path: Path) -> Plan:
-    data = load_json_file(path, "plan")
+    return plan_from_json(load_json_file(path, "plan"), path)
+
+
+def plan_from_json(data: dict, path: Path | str = "the plan") -> Plan:
+    """A Plan from its JSON (as written by Plan.save), refused naming `path` if it is not one."""
     if data.get("kind") != PLAN_KIND:
         raise LPError(f"{path} is not an lpconvert plan (kind is {data.get('kind')!r})",
                       "pass a file written by `lpconvert plan` or `lpconvert export --pairs`")

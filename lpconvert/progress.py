@@ -20,17 +20,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .render import format_bytes
+
 MODES = ("auto", "bars", "lines", "off")
 UPDATE_EVERY_S = 5.0
 HEARTBEAT_S = 8.0  # checked every second: a CI log never goes 10 s without a line
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def resolve_mode(mode: str | None, console) -> str:
@@ -57,7 +51,7 @@ class _Step:
         if self.done is None:
             return self.detail
         if self.unit == "bytes":
-            text = human_bytes(self.done) + (f" / {human_bytes(self.total)}" if self.total else "")
+            text = format_bytes(self.done) + (f" / {format_bytes(self.total)}" if self.total else "")
         else:
             text = f"{self.done:g}" + (f"/{self.total:g}" if self.total else "") + (f" {self.unit}" if self.unit else "")
         if self.total:

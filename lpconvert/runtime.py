@@ -46,6 +46,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_positions(name: str, config, tokens: int, what: str) -> None:
+    """Refuse a length beyond the positions the model was trained for: it would run (slowly) and
+    measure the model outside what it knows."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and tokens > limit:
+        raise LPError(f"{what} is {tokens} tokens, beyond the {limit} positions of {name}",
+                      f"use at most {limit} tokens")
+
+
 def text_windows(tokenizer, text: str, *, tokens: int, seq_len: int, seed: int, split: str,
                  text_field: str = "text", also_tokens: int = 0):
     """Read the text source TEXT (only as far as the budget needs) and cut it into windows of SPLIT.

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 import torch.nn.functional as F
@@ -29,26 +29,10 @@ from .archs import architecture_for
 from .errors import LPError
 from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION, source_fingerprint
 from .runner import LayerRunner, batches
-from .runtime import dtype_from_name, resolve_device, text_windows
+from .runtime import check_positions, dtype_from_name, resolve_device, text_windows
+from .settings import CHEAP_METRICS, SCORE_METRICS, ScoreSettings  # noqa: F401  (ScoreSettings: the stage's API)
 
-CHEAP_METRICS = ("angular_distance", "block_influence", "pair_error")
-ALL_METRICS = (*CHEAP_METRICS, "loss")
-
-
-@dataclass
-class ScoreSettings:
-    calib: str = "wiki"
-    text_field: str = "text"
-    tokens: int = 16384
-    seq_len: int = 512
-    seed: int = 0
-    batch_size: int = 4
-    device: str = "auto"
-    dtype: str = "float32"
-    device_map: str | None = None
-    metrics: tuple[str, ...] = CHEAP_METRICS
-    measure_loss: bool = False
-    loss_tokens: int = 4096
+ALL_METRICS = SCORE_METRICS
 
 
 def parse_metrics(text: str) -> tuple[str, ...]:
@@ -208,6 +192,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
     architecture_for(source.config)
     if settings.tokens <= 0 or settings.loss_tokens <= 0:
         raise LPError("--tokens and --loss-tokens must be positive", "e.g. --tokens 16384")
+    check_positions(source.name, source.config, settings.seq_len, "--seq-len")
     if (settings.measure_loss or "loss" in settings.metrics) and settings.loss_tokens < settings.seq_len:
         raise LPError(f"--loss-tokens {settings.loss_tokens} is less than one window of --seq-len {settings.seq_len}",
                       f"use --loss-tokens {settings.seq_len} or more, or a smaller --seq-len")
@@ -294,43 +279,3 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
         "created_by": f"lpconvert {__version__}",
     }
     return result
-
-
-def plot_scores(scores: dict, path) -> None:
-    """Per-layer importance and per-pair cost in one picture."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise LPError("--plot needs matplotlib", "pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    layers, pairs = scores["layers"], scores["pairs"]
-    panels = 3 if "loss_increase" in pairs[0] else 2
-    fig, axes = plt.subplots(panels, 1, figsize=(10, 3.2 * panels), sharex=True)
-    ax = axes[0]
-    xs = [row["layer"] for row in layers]
-    ax.bar(xs, [row["block_influence"] for row in layers], color="#4c72b0", label="block influence (1 - cos)")
-    ax.plot(xs, [row["angular_distance"] for row in layers], "o-", color="#dd8452", label="angular distance")
-    ax.set_ylabel("per layer")
-    ax.legend(loc="upper center")
-    ax.set_title(f"{scores['model']['name']}: layer and pair importance "
-                 f"({scores['calibration']['tokens']} tokens of {scores['calibration']['source']})")
-    ax = axes[1]
-    px = [row["first"] + 0.5 for row in pairs]
-    if "pair_rel_l2" in pairs[0]:
-        ax.plot(px, [row["pair_rel_l2"] for row in pairs], "o-", color="#c44e52", label="pair error (relative L2)")
-        ax.plot(px, [1 - row["pair_cosine"] for row in pairs], "s--", color="#8172b3", label="1 - pair cosine")
-    ax.plot(px, [row["angular_distance"] for row in pairs], "^:", color="#55a868", label="angular distance (2 layers)")
-    ax.set_yscale("log")
-    ax.set_ylabel("per pair (i, i+1)")
-    ax.legend(loc="upper center")
-    if panels == 3:
-        ax = axes[2]
-        ax.bar(px, [100 * row["loss_increase"] for row in pairs], color="#937860")
-        ax.set_yscale("symlog", linthresh=1.0)  # a few pairs cost 100x more than the rest
-        ax.set_ylabel("loss increase, % (measured)")
-    axes[-1].set_xlabel("layer")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

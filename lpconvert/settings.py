@@ -1,349 +1,169 @@
-"""Settings: the type, range and choices of every setting of every stage, as data.
+"""Settings: one dataclass per stage holding every default, and the rule (a checks.Spec) for each field.
 
-One spec per key of each stage (score, plan, export, eval), so a recipe (convert.load_recipe) and the
-command line refuse a bad value the same way, in one line naming the key as the user wrote it
-(`score.tokens` in a recipe, `--tokens` on the command line), BEFORE any stage runs: a typo must not
-cost a scoring pass, nor reach the stage as a traceback.
+The command line and `convert`'s recipes both build these objects through `build`, so a default or
+a check exists once, and a bad value is refused before any stage runs, in one line naming the
+setting the way the user wrote it (`--beam` on the command line, `plan.beam` in a recipe):
 
-    check_setting("score", "tokens", value, "score.tokens")  # a recipe
-    check_setting("score", "tokens", value, "--tokens")       # the command line
+    build(ScoreSettings, {"tokens": 4096}, option_label)          # the command line
+    build(ScoreSettings, recipe["score"], recipe_label("score"))  # a recipe
 
-Defaults stay where the stages define them (ScoreSettings, EvalSettings, convert.PLAN_DEFAULTS...);
-tests assert that every key has a spec and that every default passes it.
-
-This module must stay light (`lpconvert --help` imports the CLI): no torch or transformers. Choices
-come from the code's own constants: imported where their module is light (plan.py, formats.py),
-replicated here where it imports torch (score.py, checkpoint.py, texts.py); tests assert equality.
+This module also owns the names the stages accept (dtypes, metrics, text splits): the modules that
+import torch take them from here. It must stay light (`lpconvert --help` imports the CLI): no torch
+or transformers.
 """
 
 from __future__ import annotations
 
-import difflib
-import math
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
+import copy
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from .errors import LPError
+from .checks import (  # noqa: F401  (closest, parse_size, size_bytes, TARGETS, check_target: used through here)
+    TARGETS,
+    Spec,
+    check_target,
+    check_value,
+    closest,
+    int_spec,
+    parse_size,
+    size_bytes,
+)
 from .formats import PAIR_METRICS
-from .plan import OBJECTIVES, STRATEGIES
 
-# The dtype names a user may ask for; runtime.py maps them to torch dtypes (tests assert equality).
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16")  # runtime.DTYPES maps them to torch dtypes
 COMPUTE_DTYPES = ("auto", *DTYPES)  # measuring (plan): auto is float32 on the CPU, else bfloat16
-# Replicas of constants of modules that import torch (tests/test_convert.py asserts they are equal).
-SCORE_METRICS = ("angular_distance", "block_influence", "pair_error", "loss")  # score.ALL_METRICS
-TEXT_SPLITS = ("calib", "heldout", "all")  # texts.SPLITS
-DEVICES = ("auto", "cpu", "cuda", "mps")  # score.resolve_device, plus cuda:N
-SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
-              "B": 1}
+CHEAP_METRICS = ("angular_distance", "block_influence", "pair_error")
+SCORE_METRICS = (*CHEAP_METRICS, "loss")
+TEXT_SPLITS = ("calib", "heldout", "all")
+EVAL_SPLITS = ("heldout", "all")  # eval reads the held-out windows of a calibration text, or a whole text
+STRATEGIES = ("contiguous", "greedy", "search")  # how plan chooses pairs (lpconvert/plan/)
+OBJECTIVES = ("kl", "loss")  # what plan's measuring minimises
 DEVICE_MAPS = ("auto",)  # sources.load_model passes it to transformers; "auto" is what the CLI documents
 
 
-@dataclass(frozen=True)
-class Spec:
-    """What one setting accepts. `kind` is a key of CHECKS."""
-
-    kind: str  # int | number | bool | text | choice | choices | size | percent | device | target
-    example: Any  # a good value, shown in the fix: "e.g. tokens: 16384" / "e.g. --tokens 16384"
-    min: float | None = None  # inclusive
-    above: float | None = None  # exclusive: a speedup above 1, a loss budget above 0
-    max: float | None = None  # inclusive
-    choices: tuple[str, ...] = ()
-    optional: bool = False  # null (None) is valid: "not set, the stage decides"
+def setting(default: Any, spec: Spec) -> Any:
+    """A dataclass field with its default and its rule."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"spec": spec})
+    return field(default=default, metadata={"spec": spec})
 
 
-def _int(example: int, min: int | None = None) -> Spec:
-    return Spec("int", example, min=min)
+@dataclass
+class ScoreSettings:
+    calib: str = setting("wiki", Spec("text", "wiki"))
+    text_field: str = setting("text", Spec("text", "text"))
+    tokens: int = setting(16384, int_spec(16384, min=1))
+    seq_len: int = setting(512, int_spec(512, min=2))  # a window predicts its next tokens: one has nothing to predict
+    seed: int = setting(0, int_spec(0))
+    batch_size: int = setting(4, int_spec(4, min=1))
+    device: str = setting("auto", Spec("device", "cpu"))
+    dtype: str = setting("float32", Spec("choice", "bfloat16", choices=DTYPES))
+    device_map: str | None = setting(None, Spec("choice", "auto", choices=DEVICE_MAPS, optional=True))
+    metrics: tuple[str, ...] = setting(CHEAP_METRICS, Spec("choices", ["angular_distance", "pair_error"],
+                                                           choices=SCORE_METRICS))
+    measure_loss: bool = setting(False, Spec("bool", True))
+    loss_tokens: int = setting(4096, int_spec(4096, min=1))
 
 
-SCORE: dict[str, Spec] = {
-    "calib": Spec("text", "wiki"),
-    "text_field": Spec("text", "text"),
-    "tokens": _int(16384, min=1),
-    "seq_len": _int(512, min=2),  # a window predicts its next tokens: one token has nothing to predict
-    "seed": _int(0),
-    "batch_size": _int(4, min=1),
-    "device": Spec("device", "cpu"),
-    "dtype": Spec("choice", "bfloat16", choices=DTYPES),
-    "device_map": Spec("choice", "auto", choices=DEVICE_MAPS, optional=True),
-    "metrics": Spec("choices", ["angular_distance", "pair_error"], choices=SCORE_METRICS),
-    "measure_loss": Spec("bool", True),
-    "loss_tokens": _int(4096, min=1),
-}
-
-PLAN: dict[str, Spec] = {
-    "strategy": Spec("choice", "search", choices=STRATEGIES, optional=True),
-    "metric": Spec("choice", "pair_cosine", choices=tuple(PAIR_METRICS), optional=True),
-    "target": Spec("target", {"depth": 25}),
-    "objective": Spec("choice", "kl", choices=OBJECTIVES),
-    "candidates": _int(8, min=1),
-    "beam": _int(2, min=1),
-    "verify": _int(3, min=0),  # 0: no held-out re-measurement
-    "allow_edge_layers": Spec("bool", False),
-    "calib": Spec("text", "wiki"),
-    "tokens": _int(4096, min=1),
-    "heldout_tokens": _int(8192, min=0),  # 0: no held-out split
-    "seq_len": _int(512, min=2),
-    "seed": _int(0),
-    "batch_size": _int(4, min=1),
-    "device": Spec("device", "cpu"),
-    "dtype": Spec("choice", "bfloat16", choices=COMPUTE_DTYPES),
-    "use_model": Spec("bool", True),
-}
-
-# plan.target holds exactly one of these; each mirrors plan.parse_target (and pairs_for_target for depth).
-TARGETS: dict[str, Spec] = {
-    "pairs": _int(4, min=1),
-    "depth": _int(25, min=1),
-    "speedup": Spec("number", 1.1, above=1),
-    "max_loss_increase": Spec("percent", "5%", above=0),
-}
-
-EXPORT: dict[str, Spec] = {
-    "dtype": Spec("choice", "bfloat16", choices=("auto", *DTYPES)),
-    "max_shard_size": Spec("size", "5GB"),
-    "copy_tokenizer": Spec("bool", False),
-}
-
-EVAL: dict[str, Spec] = {
-    "text": Spec("text", "wiki"),
-    "split": Spec("choice", "heldout", choices=TEXT_SPLITS),
-    "text_field": Spec("text", "text"),
-    "tokens": _int(16384, min=1),
-    "seq_len": _int(512, min=2),
-    "seed": _int(0),
-    "batch_size": _int(4, min=1),
-    "device": Spec("device", "cpu"),
-    "dtype": Spec("choice", "bfloat16", choices=DTYPES),
-    "prompt": Spec("text", "The capital of France is"),
-    "new_tokens": _int(24, min=1),
-    "max_ppl_increase": Spec("percent", "10%", min=0, optional=True),
-    "min_agreement": Spec("number", 0.8, min=0, max=1, optional=True),
-}
-
-STAGES: dict[str, dict[str, Spec]] = {"score": SCORE, "plan": PLAN, "export": EXPORT, "eval": EVAL}
+@dataclass
+class PlanSettings:
+    strategy: str | None = setting(None, Spec("choice", "search", choices=STRATEGIES, optional=True))
+    metric: str | None = setting(None, Spec("choice", "pair_cosine", choices=tuple(PAIR_METRICS), optional=True))
+    target: dict = setting({"max_loss_increase": "5%"}, Spec("target", {"depth": 25}))
+    objective: str = setting("kl", Spec("choice", "kl", choices=OBJECTIVES))
+    candidates: int = setting(8, int_spec(8, min=1))  # search: pool of pairs pre-ranked by the metric
+    beam: int = setting(2, int_spec(2, min=1))  # search: sets kept at each step
+    verify: int = setting(3, int_spec(3, min=0))  # search: front-runners re-measured on held-out text; 0: off
+    allow_edge_layers: bool = setting(False, Spec("bool", False))
+    calib: str = setting("wiki", Spec("text", "wiki"))
+    tokens: int = setting(4096, int_spec(4096, min=1))  # calibration tokens every candidate set is measured on
+    heldout_tokens: int = setting(8192, int_spec(8192, min=0))  # the front-runners' re-measuring; 0: none
+    seq_len: int = setting(512, int_spec(512, min=2))
+    seed: int = setting(0, int_spec(0))
+    batch_size: int = setting(4, int_spec(4, min=1))
+    device: str = setting("auto", Spec("device", "cpu"))
+    dtype: str = setting("auto", Spec("choice", "bfloat16", choices=COMPUTE_DTYPES))
+    use_model: bool = setting(True, Spec("bool", True))
 
 
-# ----------------------------------------------------------------------------------------------
-# Checking one value
+@dataclass
+class ExportSettings:
+    dtype: str = setting("auto", Spec("choice", "bfloat16", choices=("auto", *DTYPES)))
+    max_shard_size: str = setting("5GB", Spec("size", "5GB"))
+    copy_tokenizer: bool = setting(True, Spec("bool", False))
+
+
+@dataclass
+class EvalSettings:
+    text: str = setting("wiki", Spec("text", "wiki"))
+    # heldout: windows of a calibration source that calibration never uses; all: a text never used to calibrate
+    split: str = setting("heldout", Spec("choice", "heldout", choices=EVAL_SPLITS))
+    text_field: str = setting("text", Spec("text", "text"))
+    tokens: int = setting(16384, int_spec(16384, min=1))
+    seq_len: int = setting(512, int_spec(512, min=2))
+    seed: int = setting(0, int_spec(0))
+    batch_size: int = setting(4, int_spec(4, min=1))
+    device: str = setting("auto", Spec("device", "cpu"))
+    dtype: str = setting("float32", Spec("choice", "bfloat16", choices=DTYPES))
+    prompt: str = setting("The capital of France is", Spec("text", "The capital of France is"))
+    new_tokens: int = setting(24, int_spec(24, min=1))
+    # fractions: 0.10 for 10% ('10%' on the command line and in recipes)
+    max_ppl_increase: float | None = setting(None, Spec("percent", "10%", min=0, optional=True))
+    min_agreement: float | None = setting(None, Spec("number", 0.8, min=0, max=1, optional=True))
+
+
+@dataclass
+class BenchSettings:
+    batch_sizes: tuple[int, ...] = setting((1,), Spec("ints", [1, 8], min=1))
+    prompt_len: int = setting(128, int_spec(128, min=1))
+    new_tokens: int = setting(128, int_spec(128, min=1))
+    warmup: int = setting(1, int_spec(1, min=0))
+    repeats: int = setting(3, int_spec(3, min=1))
+    compile: bool = setting(False, Spec("bool", True))
+    device: str = setting("auto", Spec("device", "cuda"))
+    dtype: str = setting("bfloat16", Spec("choice", "bfloat16", choices=DTYPES))
+
+
+SETTINGS = {"score": ScoreSettings, "plan": PlanSettings, "export": ExportSettings, "eval": EvalSettings,
+            "bench": BenchSettings}
+
+
+def specs_of(cls) -> dict[str, Spec]:
+    return {f.name: f.metadata["spec"] for f in fields(cls)}
+
+
+# The recipe sections and their rules (bench is not a recipe stage: it measures, it does not convert).
+STAGES: dict[str, dict[str, Spec]] = {name: specs_of(SETTINGS[name]) for name in ("score", "plan", "export", "eval")}
+SCORE, PLAN, EXPORT, EVAL = (STAGES[name] for name in ("score", "plan", "export", "eval"))
+
+
+def defaults_of(cls) -> dict[str, Any]:
+    """Every field's default, as a recipe would write it (tuples as lists)."""
+    out = {}
+    for f in fields(cls):
+        value = f.default_factory() if f.default is MISSING else f.default
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def option_label(key: str) -> str:
+    """How the command line names a setting: batch_size -> --batch-size."""
+    return "--" + key.replace("_", "-")
+
+
+def recipe_label(section: str) -> Callable[[str], str]:
+    """How a recipe names a setting: plan.beam."""
+    return lambda key: f"{section}.{key}"
+
+
+def build(cls, values: Mapping[str, Any], label: Callable[[str], str] = option_label):
+    """A `cls` with `values` checked and normalised; settings not given keep their defaults."""
+    specs = specs_of(cls)
+    return cls(**{key: check_value(specs[key], value, label(key)) for key, value in values.items()})
 
 
 def check_setting(stage: str, key: str, value: Any, label: str) -> Any:
-    """`value` of `stage`'s setting `key`, normalised, or LPError naming `label` ("score.tokens", "--tokens").
+    """`value` of `stage`'s setting `key`, normalised, or LPError naming `label` ("score.tokens", "--tokens")."""
+    return check_value(specs_of(SETTINGS[stage])[key], value, label)
 
-    Normalised: the form the stage's Python API takes: an int, a float, a tuple of names, a
-    percentage as a fraction ('5%' -> 0.05); a size stays text (export parses it); a target is
-    {kind: normalised value}. A KeyError means a key no stage has (a bug, not a user error).
-    """
-    return check_value(STAGES[stage][key], value, label)
-
-
-def check_target(kind: str, value: Any, label: str) -> Any:
-    """One target's value (check_target("depth", 25, "--depth")); its kind must be a key of TARGETS."""
-    return check_value(TARGETS[kind], value, label)
-
-
-def check_value(spec: Spec, value: Any, label: str) -> Any:
-    if value is None and spec.optional:
-        return None
-    return CHECKS[spec.kind](spec, value, label)
-
-
-def closest(name: str, options) -> str:
-    match = difflib.get_close_matches(str(name), list(options), n=1, cutoff=0.5)
-    return f"did you mean '{match[0]}'?" if match else f"valid: {', '.join(options)}"
-
-
-def _refuse(spec: Spec, value: Any, label: str, fix: str | None = None) -> LPError:
-    return LPError(f"{label} must be {describe(spec)}, got {shown(value)}", fix or example_fix(spec, label))
-
-
-def describe(spec: Spec) -> str:
-    """What a spec accepts, in words: 'a positive integer', 'one of kl, loss'."""
-    text = {
-        "int": _integer_words(spec.min),
-        "number": "a number" + _range_words(spec),
-        "bool": "true or false",
-        "text": "a non-empty string",
-        "choice": "one of " + ", ".join(spec.choices),
-        "choices": "a non-empty list of " + ", ".join(spec.choices),
-        "size": "a size like 5GB, 500MB or 2GiB",
-        "percent": ("a positive" if spec.above == 0 else "a") + " percentage like 5%",
-        "device": "auto, cpu, cuda, cuda:N or mps",
-        "target": "a mapping holding exactly one of " + ", ".join(TARGETS),
-    }[spec.kind]
-    return f"{text} (or null)" if spec.optional else text
-
-
-def _integer_words(low: float | None) -> str:
-    return {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
-        low, f"an integer of at least {low}")
-
-
-def _range_words(spec: Spec) -> str:
-    if spec.min is not None and spec.max is not None:
-        return f" between {spec.min:g} and {spec.max:g}"
-    if spec.above is not None:
-        return f" above {spec.above:g}"
-    return f" of at least {spec.min:g}" if spec.min is not None else ""
-
-
-def shown(value: Any) -> str:
-    """The value as the user wrote it, YAML-ish and short enough for one line."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def example_fix(spec: Spec, label: str) -> str:
-    """'e.g. tokens: 16384' for a recipe key, 'e.g. --tokens 16384' for an option."""
-    if label.startswith("-"):
-        value = spec.example
-        if isinstance(value, list):
-            value = ",".join(value)
-        elif isinstance(value, dict):
-            ((kind, value),) = value.items()
-            return f"e.g. --{kind.replace('_', '-')} {value}"
-        return f"e.g. {label} {value}"
-    return f"e.g. {label.rsplit('.', 1)[-1]}: {_yaml(spec.example)}"
-
-
-def _yaml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(map(_yaml, value)) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_yaml(v)}" for k, v in value.items()) + "}"
-    return str(value)
-
-
-# ----------------------------------------------------------------------------------------------
-# One check per kind
-
-
-def _is_number(value: Any) -> bool:  # YAML `true` is a Python int: never a number here
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _in_range(spec: Spec, value: float) -> bool:
-    return ((spec.min is None or value >= spec.min) and (spec.max is None or value <= spec.max)
-            and (spec.above is None or value > spec.above))
-
-
-def _check_int(spec: Spec, value: Any, label: str) -> int:
-    # 5.0 is refused like 5.5: a float where a count belongs is a mistake, not a rounding question.
-    if not _is_number(value) or not isinstance(value, int) or not _in_range(spec, value):
-        raise _refuse(spec, value, label)
-    return value
-
-
-def _check_number(spec: Spec, value: Any, label: str) -> float:
-    if not _is_number(value) or not math.isfinite(value) or not _in_range(spec, value):
-        raise _refuse(spec, value, label)
-    return float(value)
-
-
-def _check_bool(spec: Spec, value: Any, label: str) -> bool:
-    # Only YAML booleans: "no" (quoted) is a string, and "false" or 0 would read as true to Python.
-    if not isinstance(value, bool):
-        unquoted = ", unquoted" if isinstance(value, str) else ""
-        raise _refuse(spec, value, label, example_fix(spec, label) + unquoted)
-    return value
-
-
-def _check_text(spec: Spec, value: Any, label: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise _refuse(spec, value, label)
-    return value
-
-
-def _check_choice(spec: Spec, value: Any, label: str) -> str:
-    if not isinstance(value, str) or value not in spec.choices:
-        raise _refuse(spec, value, label, closest(value, spec.choices) if isinstance(value, str) else None)
-    return value
-
-
-def _check_choices(spec: Spec, value: Any, label: str) -> tuple[str, ...]:
-    # A list, not a comma-separated string: the recipe's list reaches the stage as it is.
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _refuse(spec, value, label)
-    for name in value:
-        if not isinstance(name, str) or name not in spec.choices:
-            raise LPError(f"{label} holds {shown(name)}, which is not one of {', '.join(spec.choices)}",
-                          closest(name, spec.choices) if isinstance(name, str) else example_fix(spec, label))
-    return tuple(value)
-
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000 (decimal units, like the Hub); '500MiB' in binary units."""
-    value = size_bytes(text)
-    if value is None:
-        raise LPError(f"size '{text}' is not understood", "write it like 5GB, 500MB or 2GiB")
-    return value
-
-
-def size_bytes(text: str) -> int | None:
-    """A size ('5GB' -> 5_000_000_000, '2GiB' binary) in bytes; None if it is not a positive size."""
-    clean = text.strip().upper()
-    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
-        if clean.endswith(unit):
-            try:
-                value = float(clean[: -len(unit)].strip()) * SIZE_UNITS[unit]
-            except ValueError:
-                return None
-            # inf (1e400GB) or nan would crash int(); they are not sizes either
-            return int(value) if math.isfinite(value) and int(value) > 0 else None
-    return None
-
-
-def _check_size(spec: Spec, value: Any, label: str) -> str:
-    if not isinstance(value, str) or size_bytes(value) is None:
-        raise _refuse(spec, value, label)
-    return value  # export.export takes the text
-
-
-def _check_percent(spec: Spec, value: Any, label: str) -> float:
-    # As the stages read it today: text is a percentage ('5%' or '5' -> 0.05), a number is already a
-    # fraction (0.05) -- formats.parse_percent, plan.parse_target, convert().
-    if isinstance(value, str):
-        try:
-            fraction = float(value.strip().rstrip("%").strip()) / 100
-        except ValueError:
-            raise _refuse(spec, value, label) from None
-    elif _is_number(value):
-        fraction = float(value)
-    else:
-        raise _refuse(spec, value, label)
-    if not math.isfinite(fraction) or not _in_range(spec, fraction):
-        raise _refuse(spec, value, label)
-    return fraction
-
-
-def _check_device(spec: Spec, value: Any, label: str) -> str:
-    # Only the name is checked here; whether this machine has that device is the stage's question.
-    if not isinstance(value, str) or not (value in DEVICES or re.fullmatch(r"cuda:\d+", value)):
-        raise _refuse(spec, value, label, closest(value, DEVICES) if isinstance(value, str) else None)
-    return value
-
-
-def _check_target(spec: Spec, value: Any, label: str) -> dict:
-    if not isinstance(value, dict) or len(value) != 1:
-        raise _refuse(spec, value, label)
-    ((kind, amount),) = value.items()
-    if kind not in TARGETS:
-        raise LPError(f"{label} must hold exactly one of {', '.join(TARGETS)}, got {shown(kind)}",
-                      closest(kind, TARGETS))
-    return {kind: check_target(kind, amount, f"{label}.{kind}")}
-
-
-CHECKS: dict[str, Callable[[Spec, Any, str], Any]] = {
-    "int": _check_int, "number": _check_number, "bool": _check_bool, "text": _check_text,
-    "choice": _check_choice, "choices": _check_choices, "size": _check_size, "percent": _check_percent,
-    "device": _check_device, "target": _check_target,
-}

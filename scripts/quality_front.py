@@ -42,6 +42,7 @@ from lpconvert.plan import (  # noqa: E402
     build_calibrator,
     make_plan,
 )
+from lpconvert.settings import PlanSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402
 
@@ -74,17 +75,15 @@ def plan_one(source, scores: dict, strategy: str, depth: int, args) -> dict:
     """Plan as `lpconvert plan` does, timing everything after the scores."""
     started = time.perf_counter()
     cpu_started = time.process_time()
-    calibrator = None
-    if strategy in ("contiguous", "search"):
-        contiguous = strategy == "contiguous"
-        calibrator = build_calibrator(
-            source, calib=args.calib, tokens=args.score_tokens if contiguous else args.tokens,
-            seq_len=args.seq_len, seed=args.seed, heldout_tokens=0 if contiguous else args.heldout_tokens,
-            objective="loss" if contiguous else args.objective, batch_size=args.batch_size, device="cpu",
-            dtype="float32")
-    plan = make_plan(scores, target=Target("depth", depth), strategy=strategy, calibrator=calibrator,
-                     candidates=args.candidates, beam=args.beam, verify=args.verify,
-                     source=scores["source"], started=started, progress=lambda m: log(f"  {m}"))
+    contiguous = strategy == "contiguous"
+    settings = PlanSettings(strategy=strategy, calib=args.calib, tokens=args.score_tokens if contiguous else args.tokens,
+                            seq_len=args.seq_len, seed=args.seed, candidates=args.candidates, beam=args.beam,
+                            verify=0 if contiguous else args.verify, heldout_tokens=args.heldout_tokens,
+                            objective="loss" if contiguous else args.objective, batch_size=args.batch_size,
+                            device="cpu", dtype="float32")
+    calibrator = build_calibrator(source, settings) if strategy in ("contiguous", "search") else None
+    plan = make_plan(scores, Target("depth", depth), settings, calibrator, source=scores["source"], started=started,
+                     progress=lambda m: log(f"  {m}"))
     seconds = time.perf_counter() - started
     details = plan.details
     cost = details.get("cost", {})

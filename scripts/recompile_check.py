@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lpconvert.bench import _time_generate, _time_prefill, middle_pairs, random_source_model  # noqa: E402
-from lpconvert.export import convert_in_memory  # noqa: E402
+from lpconvert.blocks import convert_in_memory  # noqa: E402
 
 
 def main() -> None:

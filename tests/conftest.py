@@ -1,7 +1,7 @@
 """Shared fixtures: tiny random checkpoints of every supported architecture, and SmolLM2.
 
-The tiny models have random norm weights and biases (not ones and zeros), so that folding norms
-into projections and summing biases is really exercised.
+Fixtures only: what they are built from (TINY, make_tiny_model, ...) lives in builders.py, which
+test modules import directly.
 """
 
 from __future__ import annotations
@@ -10,70 +10,13 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
-
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
-            rms_norm_eps=1e-6)
-
-# name -> (config class name, extra config fields)
-TINY_ARCHS = {
-    "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
-    "llama-bias": ("LlamaConfig", dict(attention_bias=True, mlp_bias=True,
-                                       rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
-    "mistral": ("MistralConfig", dict(sliding_window=8)),
-    "qwen2": ("Qwen2Config", dict()),
-    "qwen3": ("Qwen3Config", dict()),
-}
-
-
-def _randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-
-
-def make_tiny_model(arch: str, seed: int = 0):
-    import transformers
-
-    config_cls, extra = TINY_ARCHS[arch]
-    config = getattr(transformers, config_cls)(**TINY, **extra)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomise_norms_and_biases(model, seed)
-    return model.eval()
-
-
-def make_tiny_tokenizer(vocab_size: int = 128):
-    """A character-level BPE tokenizer of `vocab_size` tokens, trained on the built-in news text."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from lpconvert.texts import resolve_text
-
-    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False)
-    tokenizer.train_from_iterator([resolve_text("news").text[:100_000]], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+from builders import TINY_ARCHS, save_tiny_models
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Folder of each tiny random checkpoint, saved with save_pretrained (safetensors), with a tokenizer."""
-    root = tmp_path_factory.mktemp("tiny")
-    tokenizer = make_tiny_tokenizer(TINY["vocab_size"])
-    folders = {}
-    for i, arch in enumerate(TINY_ARCHS):
-        folder = root / arch
-        make_tiny_model(arch, seed=i).save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[arch] = folder
-    return folders
+    return save_tiny_models(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="session", params=list(TINY_ARCHS))

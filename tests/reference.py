@@ -1,7 +1,7 @@
 """An independent reference for layer-parallel models, built from the ORIGINAL transformers layers.
 
 It shares no code with the export: no folding, no concatenation. Each pair is evaluated literally
-by the two-branch formula of METHOD.md section 1:
+by the two-branch formula of docs/method.md section 1 (how the tests use it: section 5):
 
     h = x + Attn_a(N1_a(x)) + Attn_b(N1_b(x))
     y = h + Mlp_a(N2_a(h))  + Mlp_b(N2_b(h))

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import transformers
-from conftest import TINY_ARCHS, make_tiny_model
+from builders import TINY_ARCHS, make_tiny_model
 
 from lpconvert.archs import ARCHITECTURES, LAYER_PREFIX, architecture_for, unsupported_reason
 from lpconvert.errors import LPError
@@ -21,7 +21,7 @@ def test_table_names_every_layer_tensor_of_the_real_model(name):
 
 
 @pytest.mark.parametrize("name", list(TINY_ARCHS))
-def test_flags_match_the_modules(name):
+def test_flags_match_the_modules_of_the_real_model(name):
     model = make_tiny_model(name)
     attn = model.model.layers[0].self_attn
     mlp = model.model.layers[0].mlp
@@ -87,7 +87,7 @@ def test_config_read_without_transformers_exports_what_transformers_would(name, 
 
     import torch
 
-    from lpconvert.export import lp_config_dict
+    from lpconvert.card import lp_config_dict
     from lpconvert.formats import Plan, fingerprint
     from lpconvert.modeling.configuration_lpconvert import LPConfig
 
@@ -130,3 +130,42 @@ def test_config_values_transformers_would_refuse_are_named(field, value):
     raw = dict(_MINIMAL, model_type="qwen2", **{field: value})
     with pytest.raises(LPError, match=f"config.json: {field} is"):
         read_source_config(raw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Every tensor name and shape of a checkpoint is table data (archs.Architecture)
+
+
+@pytest.mark.parametrize("name", list(TINY_ARCHS))
+def test_table_names_every_tensor_of_the_real_model(name):
+    model = make_tiny_model(name)
+    arch = architecture_for(model.config)
+    layers = {arch.layer_prefix.format(i) + part for i in range(model.config.num_hidden_layers)
+              for part in arch.layer_tensor_names(model.config)}
+    outer = {w.name for w in (*arch.pre_weights, *arch.post_weights)}
+    assert layers | outer == set(model.state_dict())
+    tied = [w for w in arch.post_weights if w.tied_to]
+    assert [w.tied_to in outer for w in tied] == [True]
+
+
+@pytest.mark.parametrize("name", list(TINY_ARCHS))
+def test_table_shapes_are_the_real_model_shapes(name):
+    model = make_tiny_model(name)
+    state = model.state_dict()
+    expected = architecture_for(model.config).expected_shapes(model.config)
+    assert len(expected) == 4 and {k: tuple(state[k].shape) for k in expected} == expected
+
+
+def test_shape_sizes_fall_back_as_the_layers_do():
+    from lpconvert.archs import config_size
+
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=None, head_dim=0)
+    assert config_size(config, "num_key_value_heads * head_dim") == 64  # 4 heads of 64 // 4
+    assert config_size(SimpleNamespace(num_key_value_heads=2, head_dim=16), "num_key_value_heads * head_dim") == 32
+    assert config_size(config, "hidden_size // num_attention_heads") == 16
+
+
+def test_every_rule_kind_has_a_builder():
+    from lpconvert.blocks import KINDS
+
+    assert {rule.kind for arch in ARCHITECTURES.values() for rule in arch.rules} <= set(KINDS)

@@ -1,10 +1,11 @@
-"""Bench: the JSON a CI job reads, on the CPU with tiny models."""
+"""Bench: the JSON a CI job reads, on the CPU with tiny models. Bad bench input is in test_errors.CASES."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from builders import cli_export
 from typer.testing import CliRunner
 
 from lpconvert.bench import middle_pairs
@@ -15,7 +16,7 @@ FAST = ["--device", "cpu", "--dtype", "float32", "--new-tokens", "4", "--prompt-
         "--warmup", "0", "--json"]
 
 
-def test_random_weights_json():
+def test_random_weights_json_has_a_row_and_a_speedup_per_pair_count():
     result = CliRunner().invoke(app, ["bench", "--random-weights", "tiny", "--pair-counts", "0,2", *FAST])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -26,8 +27,8 @@ def test_random_weights_json():
     assert [s["model"] for s in report["speedups"]] == ["lp-0", "lp-2"]
 
 
-def test_model_with_baseline(tiny_models, tmp_path):
-    CliRunner().invoke(app, ["export", str(tiny_models["llama"]), "--pairs", "2", "-o", str(tmp_path / "lp")])
+def test_model_against_its_baseline_has_a_row_per_batch_size_and_a_speedup_each(tiny_models, tmp_path):
+    cli_export(tiny_models["llama"], tmp_path / "lp")
     result = CliRunner().invoke(app, ["bench", str(tmp_path / "lp"), "--baseline", str(tiny_models["llama"]),
                                       "--batch-size", "1,2", *FAST])
     assert result.exit_code == 0, result.output
@@ -37,18 +38,7 @@ def test_model_with_baseline(tiny_models, tmp_path):
     assert len(report["speedups"]) == 2 and report["speedups"][0]["decode"] > 0
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "give MODEL or --random-weights"),
-    (["--random-weights", "gpt5"], "unknown shape"),
-    (["--random-weights", "tiny", "--pair-counts", "9"], "do not fit"),
-    (["--random-weights", "tiny", "--batch-size", "x"], "comma-separated integers"),
-])
-def test_bad_input(args, message):
-    result = CliRunner().invoke(app, ["bench", *args, "--device", "cpu"])
-    assert result.exit_code == 2 and message in result.stderr
-
-
-def test_middle_pairs():
+def test_middle_pairs_sit_every_other_layer_around_the_middle_and_must_fit():
     assert middle_pairs(32, 7) == [9, 11, 13, 15, 17, 19, 21]
     assert middle_pairs(32, 0) == []
     with pytest.raises(LPError):

@@ -8,11 +8,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from conftest import TINY, make_tiny_model
+from builders import TINY, make_tiny_model, save_bin_folder, save_lp_model, save_tiny_gpt2
 from rich.console import Console
 
 from lpconvert import archs, sources
-from lpconvert.describe import describe_model, format_bytes, format_count, render_description
+from lpconvert.describe import describe_model
+from lpconvert.render import description_table as render_description
+from lpconvert.render import format_bytes, format_count
 from lpconvert.sources import resolve_model
 
 SHAPE_FIELDS = ("architecture", "model_type", "num_layers", "hidden_size", "num_attention_heads",
@@ -28,7 +30,7 @@ def rendered(info: dict) -> str:
     return console.export_text()
 
 
-def test_tiny_architectures(tiny_model_dir: Path):
+def test_every_tiny_architecture_is_described_as_transformers_builds_it(tiny_model_dir: Path):
     arch = tiny_model_dir.name
     source = resolve_model(str(tiny_model_dir))
     info = describe_model(source)
@@ -52,27 +54,21 @@ def test_tiny_architectures(tiny_model_dir: Path):
     assert "supported" in text and "yes" in text
 
 
-def test_bfloat16_weights_and_tied_bin(tmp_path):
+def test_bfloat16_and_tied_bin_checkpoints_count_each_parameter_once(tmp_path):
     model = make_tiny_model("llama").to(torch.bfloat16)  # tie_word_embeddings=True
     model.save_pretrained(tmp_path / "bf16")
     info = describe_model(resolve_model(str(tmp_path / "bf16")))
     assert info["dtype"] == "bfloat16"
     assert info["parameters"] == model.num_parameters()
 
-    folder = tmp_path / "bin"  # a .bin state dict holds the tied lm_head too: still counted once
-    folder.mkdir()
-    model.config.save_pretrained(folder)
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    folder = save_bin_folder(tmp_path / "bin", model)  # a .bin holds the tied lm_head too: still counted once
     info = describe_model(resolve_model(str(folder)))
     assert info["parameters"] == model.num_parameters()
     assert info["dtype"] == "bfloat16"
 
 
 def test_unsupported_architecture_is_described(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    save_tiny_gpt2(tmp_path, num_layers=2)
     info = describe_model(resolve_model(str(tmp_path)))
     assert info["supported"] is False
     assert info["architecture"] == "GPT2LMHeadModel" and info["model_type"] == "gpt2"
@@ -84,12 +80,7 @@ def test_unsupported_architecture_is_described(tmp_path):
 
 
 def test_lpconvert_export_reports_its_blocks(tmp_path):
-    from lpconvert.modeling.configuration_lpconvert import LPConfig
-    from lpconvert.modeling.modeling_lpconvert import LPForCausalLM
-
-    fields = {k: v for k, v in TINY.items() if k != "num_hidden_layers"}
-    config = LPConfig(**fields, num_hidden_layers=5, lp_blocks=[[0], [1, 2], [3, 4]], pad_token_id=None)
-    LPForCausalLM(config).save_pretrained(tmp_path)
+    save_lp_model(tmp_path, [[0], [1, 2], [3, 4]])
     info = describe_model(resolve_model(str(tmp_path)))
     assert info["kind"] == "lpconvert" and info["model_type"] == "lpconvert"
     assert info["lp_blocks"] == [[0], [1, 2], [3, 4]]
@@ -100,7 +91,7 @@ def test_lpconvert_export_reports_its_blocks(tmp_path):
     assert "3 blocks (2 layer-parallel pairs)" in text and "0 1+2 3+4" in text
 
 
-def test_formatting():
+def test_counts_and_byte_sizes_are_shown_with_one_decimal_and_a_unit():
     assert format_count(134_515_008) == "134.5M"
     assert format_count(7_241_732_096) == "7.2B"
     assert format_count(12_345) == "12.3K"

@@ -1,15 +1,26 @@
 """Bad input, case by case through the real CLI: one line naming the problem and the fix, exit code 2,
-no traceback, nothing at the output path. docs/errors.md lists the same cases and messages."""
+no traceback, nothing at the output path (nor anywhere else). docs/errors.md lists the same cases and
+messages. This is the one table of bad command-line input: the other test modules keep none of their own."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from pathlib import Path
 
 import pytest
 import torch
+from builders import (
+    TINY,
+    cli_export,
+    export_plan,
+    save_other_vocabulary,
+    save_sharded_safetensors,
+    save_tiny_gpt2,
+    write_scores,
+)
 from typer.testing import CliRunner
 
 from lpconvert.cli import app
@@ -69,10 +80,7 @@ def case_config_does_not_match_weights(t, p):
 
 
 def case_unsupported_architecture(t, p):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(p / "gpt2")
-    return _export(p / "gpt2", p, "--pairs", "1"), "supported: Llama"
+    return _export(save_tiny_gpt2(p / "gpt2"), p, "--pairs", "1"), "supported: Llama (llama), Mistral (mistral)"
 
 
 def case_quantized_checkpoint(t, p):
@@ -105,11 +113,7 @@ def case_header_length_beyond_file(t, p):
 
 
 def _sharded(t, p):
-    from transformers import AutoModelForCausalLM
-
-    folder = p / "sharded"
-    AutoModelForCausalLM.from_pretrained(t["llama"]).save_pretrained(folder, max_shard_size="100KB")
-    return folder
+    return save_sharded_safetensors(t["llama"], p / "sharded")
 
 
 def case_index_names_missing_tensor(t, p):
@@ -159,6 +163,14 @@ def case_nan_in_paired_weights(t, p):
     return _export(folder, p, "--pairs", "2"), "model.layers.3.self_attn.q_proj.weight (layer 3) contains NaN or Inf"
 
 
+def _plan_file(t, p, pairs):
+    """A plan file for the tiny llama (as an export writes it) with its pairs replaced by PAIRS."""
+    plan = export_plan(t["llama"], p)
+    plan["pairs"] = pairs
+    (p / "plan.json").write_text(json.dumps(plan))
+    return p / "plan.json"
+
+
 def case_plan_malformed(t, p):
     (p / "plan.json").write_text("[1, 2")
     return _export(t["llama"], p, "--plan", str(p / "plan.json")), "not valid JSON"
@@ -170,9 +182,7 @@ def case_plan_wrong_schema(t, p):
 
 
 def case_plan_for_another_model(t, p):
-    CliRunner().invoke(app, ["export", str(t["qwen2"]), "--pairs", "2", "-o", str(p / "other")])
-    shutil.copy(p / "other" / "lpconvert-plan.json", p / "plan.json")
-    shutil.rmtree(p / "other")
+    (p / "plan.json").write_text(json.dumps(export_plan(t["qwen2"], p)))
     return _export(t["llama"], p, "--plan", str(p / "plan.json")), "made for another model"
 
 
@@ -189,12 +199,7 @@ def case_pair_negative(t, p):
 
 
 def case_plan_pair_not_consecutive(t, p):
-    CliRunner().invoke(app, ["export", str(t["llama"]), "--pairs", "2", "-o", str(p / "ok")])
-    plan = json.loads((p / "ok" / "lpconvert-plan.json").read_text())
-    shutil.rmtree(p / "ok")
-    plan["pairs"] = [[2, 4]]
-    (p / "plan.json").write_text(json.dumps(plan))
-    return _export(t["llama"], p, "--plan", str(p / "plan.json")), "not two consecutive layers"
+    return _export(t["llama"], p, "--plan", str(_plan_file(t, p, [[2, 4]]))), "not two consecutive layers"
 
 
 def case_edge_layer(t, p):
@@ -246,10 +251,8 @@ def case_bad_device(t, p):
     return ["score", str(t["llama"]), "--device", "tpu", "-o", str(p / "out")], "--device 'tpu' does not exist"
 
 
-def _scores_for(model, p):
-    from test_plan import write_scores
-
-    return write_scores(p / "scores.json", model)
+def _scores_for(model, p, **fields):
+    return write_scores(p / "scores.json", model, **fields)
 
 
 def _plan(scores, p, *args):
@@ -284,12 +287,7 @@ def case_recipe_unknown_key(t, p):
 
 
 def _other_vocabulary(p, vocab_size):
-    from conftest import TINY, make_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": vocab_size})).save_pretrained(p / "other")
-    make_tiny_tokenizer(vocab_size).save_pretrained(p / "other")
-    return p / "other"
+    return save_other_vocabulary(p / "other", vocab_size)
 
 
 def case_eval_different_vocab_sizes(t, p):
@@ -297,8 +295,6 @@ def case_eval_different_vocab_sizes(t, p):
 
 
 def case_eval_different_tokenizers(t, p):
-    from conftest import TINY
-
     other = _other_vocabulary(p, TINY["vocab_size"])
     tokenizer = json.loads((other / "tokenizer.json").read_text())
     vocab = tokenizer["model"]["vocab"]
@@ -388,11 +384,12 @@ def case_tokens_below_one_window(t, p):
 
 
 def case_score_tokens_zero(t, p):
-    return _score_calib(t, p, "news", "--tokens", "0"), "--tokens"
+    return _score_calib(t, p, "news", "--tokens", "0"), "--tokens must be a positive integer, got 0"
 
 
 def case_eval_tokens_zero(t, p):
-    return ["eval", str(t["llama"]), str(t["llama"]), "--text", "news", "--tokens", "0"], "use e.g. --tokens"
+    return ["eval", str(t["llama"]), str(t["llama"]), "--text", "news", "--tokens", "0"], \
+        "--tokens must be a positive integer, got 0 (e.g. --tokens 16384)"
 
 
 # --- cases: recipes (convert.py) ---
@@ -442,7 +439,7 @@ def case_output_not_written_by_lpconvert(t, p):
 
 
 def case_max_shard_size_overflows(t, p):
-    return _export(t["llama"], p, "--pairs", "2", "--max-shard-size", "1e400GB"), "size '1e400GB' is not understood"
+    return _export(t["llama"], p, "--pairs", "2", "--max-shard-size", "1e400GB"), "--max-shard-size must be a size like 5GB, 500MB or 2GiB, got '1e400GB'"
 
 
 def case_pairs_empty(t, p):
@@ -471,9 +468,7 @@ def case_fp8_weights(t, p):
 
 
 def _converted(t, p, arch="llama"):
-    result = CliRunner().invoke(app, ["export", str(t[arch]), "--pairs", "2", "-o", str(p / "converted")])
-    assert result.exit_code == 0, result.output
-    return p / "converted"
+    return cli_export(t[arch], p / "converted")
 
 
 def case_eval_unrelated_source(t, p):
@@ -505,16 +500,6 @@ def case_score_seq_len_beyond_positions(t, p):
 def case_score_plot_folder_missing(t, p):
     return ["score", str(t["llama"]), "-o", str(p / "out"), "--plot", str(p / "nowhere" / "s.png")], \
         "does not exist"
-
-
-def _plan_file(t, p, pairs):
-    result = CliRunner().invoke(app, ["export", str(t["llama"]), "--pairs", "2", "-o", str(p / "ok")])
-    assert result.exit_code == 0, result.output
-    plan = json.loads((p / "ok" / "lpconvert-plan.json").read_text())
-    shutil.rmtree(p / "ok")
-    plan["pairs"] = pairs
-    (p / "plan.json").write_text(json.dumps(plan))
-    return p / "plan.json"
 
 
 def case_plan_pair_reversed(t, p):
@@ -551,6 +536,132 @@ def case_score_loss_tokens_below_one_window(t, p):
         "--loss-tokens 100 is less than one window"
 
 
+# --- cases: options each command refuses (came from the BAD_EXPORTS table of test_cli.py, BAD_PLANS and the
+# scores-file checks of test_plan.py, and the bad-input tests of test_score.py, test_bench.py, test_progress.py)
+
+
+def case_pairs_and_plan_both_given(t, p):
+    return _export(t["llama"], p, "--pairs", "2", "--plan", "x.json"), "exactly one of --plan and --pairs"
+
+
+def case_pairs_and_plan_both_missing(t, p):
+    return _export(t["llama"], p), "exactly one of --plan and --pairs"
+
+
+def case_pair_far_out_of_range(t, p):
+    return _export(t["llama"], p, "--pairs", "9"), "out of range"
+
+
+def case_edge_layer_first(t, p):
+    return _export(t["llama"], p, "--pairs", "0"), "--allow-edge-layers"
+
+
+def case_pairs_not_numbers(t, p):
+    return _export(t["llama"], p, "--pairs", "a,b"), "comma-separated"
+
+
+def case_dtype_float8(t, p):
+    return _export(t["llama"], p, "--pairs", "2", "--dtype", "float8"), "--dtype 'float8' does not exist"
+
+
+def case_max_shard_size_not_a_size(t, p):
+    return _export(t["llama"], p, "--pairs", "2", "--max-shard-size", "big"), "--max-shard-size must be a size like 5GB, 500MB or 2GiB, got 'big'"
+
+
+def case_plan_missing(t, p):
+    return _export(t["llama"], p, "--plan", "nowhere.json"), "does not exist"
+
+
+def _plan_llama(t, p, *args):
+    """`lpconvert plan` of hand-written scores of the tiny llama, with ARGS and -o out."""
+    return _plan(_scores_for(t["llama"], p), p, *args)
+
+
+def case_plan_two_targets(t, p):
+    return _plan_llama(t, p, "--pairs", "1", "--depth", "4"), "exactly one target"
+
+
+def case_plan_no_target(t, p):
+    return _plan_llama(t, p), "exactly one target"
+
+
+def case_plan_depth_too_shallow(t, p):
+    return _plan_llama(t, p, "--depth", "2"), "at most 2 non-overlapping pairs"
+
+
+def case_plan_speedup_out_of_reach(t, p):
+    return _plan_llama(t, p, "--speedup", "3"), "at most 2 non-overlapping pairs"
+
+
+def case_plan_unknown_strategy(t, p):
+    return _plan_llama(t, p, "--pairs", "1", "--strategy", "random"), "--strategy 'random' does not exist (use one of contiguous, greedy, search)"
+
+
+def case_plan_unknown_metric(t, p):
+    return _plan_llama(t, p, "--pairs", "1", "--metric", "vibes"), "--metric 'vibes' does not exist (use one of loss_increase, pair_rel_l2, pair_cosine, angular_distance)"
+
+
+def case_plan_unknown_objective(t, p):
+    return _plan_llama(t, p, "--pairs", "1", "--objective", "bleu"), "--objective 'bleu' does not exist (use one of kl, loss)"
+
+
+def case_plan_search_without_model(t, p):
+    return _plan_llama(t, p, "--pairs", "1", "--strategy", "search"), "needs --model"
+
+
+def case_plan_loss_increase_not_a_percentage(t, p):
+    return _plan_llama(t, p, "--max-loss-increase", "lots"), "not a percentage"
+
+
+def case_plan_without_output(t, p):
+    return ["plan", str(_scores_for(t["llama"], p)), "--pairs", "1"], "give -o plan.json"
+
+
+def case_plan_beam_zero(t, p):
+    return _plan_llama(t, p, "--pairs", "1", "--beam", "0"), "--beam must be a positive integer, got 0"
+
+
+def case_scores_missing(t, p):
+    return _plan(p / "missing.json", p, "--pairs", "1"), "does not exist"
+
+
+def case_scores_file_is_a_plan(t, p):
+    (p / "plan.json").write_text(json.dumps({"kind": "lpconvert-plan"}))
+    return _plan(p / "plan.json", p, "--pairs", "1"), "not an lpconvert scores"
+
+
+def case_scores_without_losses_for_a_loss_target(t, p):
+    scores = _scores_for(t["llama"], p, loss=False)
+    return _plan(scores, p, "--max-loss-increase", "5%"), "needs measured losses"
+
+
+def case_score_unknown_metric(t, p):
+    return ["score", str(t["llama"]), "-o", str(p / "out"), "--metrics", "bogus"], "unknown metric"
+
+
+def case_bench_without_model(t, p):
+    return ["bench", "--device", "cpu"], "give MODEL or --random-weights"
+
+
+def case_bench_unknown_shape(t, p):
+    return ["bench", "--random-weights", "gpt5", "--device", "cpu"], "unknown shape"
+
+
+def case_bench_pair_counts_do_not_fit(t, p):
+    return ["bench", "--random-weights", "tiny", "--pair-counts", "9", "--device", "cpu"], "do not fit"
+
+
+def case_bench_batch_size_not_numbers(t, p):
+    return ["bench", "--random-weights", "tiny", "--batch-size", "x", "--device", "cpu"], "comma-separated integers"
+
+
+def case_inspect_missing_model(t, p):
+    return ["inspect", str(p / "nope")], "does not exist"
+
+
+def case_progress_mode_unknown(t, p):
+    return ["--progress", "loud", "inspect", str(t["llama"])], "--progress 'loud' does not exist"
+
 
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
@@ -558,20 +669,25 @@ CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if nam
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_clear_line(case, tiny_models, tmp_path):
     args, message = CASES[case](tiny_models, tmp_path)
-    out_existed = (tmp_path / "out").exists()
-    before = (tmp_path / "out").stat().st_mtime_ns if out_existed else None
+    out = tmp_path / "out"
+    out_existed = out.exists()
+    before = out.stat().st_mtime_ns if out_existed else None
+    out_listing = sorted(os.listdir(out)) if out.is_dir() else None
+    listing = sorted(os.listdir(tmp_path))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
-    assert message in result.stderr.replace("\n", " ")
+    assert message in result.stderr.replace("\n", " "), result.stderr
     assert "Traceback" not in result.output and "this must never run" not in result.output
     if out_existed:  # untouched
-        assert (tmp_path / "out").stat().st_mtime_ns == before
+        assert out.stat().st_mtime_ns == before
+        assert (sorted(os.listdir(out)) if out.is_dir() else None) == out_listing
     else:
-        assert not (tmp_path / "out").exists()
+        assert not out.exists()
     leftovers = [p.name for p in tmp_path.iterdir() if ".lpconvert-tmp-" in p.name]
     assert not leftovers
+    assert sorted(os.listdir(tmp_path)) == listing  # nothing written anywhere else either
 
 
 def cuda_without_gpu(t, p):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from builders import cli_export, save_other_vocabulary
 from typer.testing import CliRunner
 
 from lpconvert.cli import app
@@ -15,17 +16,14 @@ TEXT = ["--text", "news", "--split", "all", "--tokens", "512", "--seq-len", "64"
 
 @pytest.fixture(scope="module")
 def converted(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval") / "lp"
-    result = CliRunner().invoke(app, ["export", str(tiny_models["qwen2"]), "--pairs", "1,3", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return cli_export(tiny_models["qwen2"], tmp_path_factory.mktemp("eval") / "lp", pairs="1,3")
 
 
 def run_eval(*args):
     return CliRunner().invoke(app, ["eval", *map(str, args), *TEXT])
 
 
-def test_report_fields(tiny_models, converted):
+def test_json_report_holds_depths_tokens_and_consistent_figures(tiny_models, converted):
     result = run_eval(tiny_models["qwen2"], converted, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -37,8 +35,10 @@ def test_report_fields(tiny_models, converted):
 
 
 def test_identical_model_has_zero_kl(tiny_models, tmp_path):
-    CliRunner().invoke(app, ["export", str(tiny_models["qwen2"]), "--pairs", "none", "-o", str(tmp_path / "copy")])
-    report = json.loads(run_eval(tiny_models["qwen2"], tmp_path / "copy", "--json").stdout)
+    copy = cli_export(tiny_models["qwen2"], tmp_path / "copy", pairs="none")
+    result = run_eval(tiny_models["qwen2"], copy, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
     assert report["agreement"] == 1.0 and report["kl_divergence"] < 1e-6 and abs(report["perplexity_increase"]) < 1e-6
 
 
@@ -51,17 +51,12 @@ def test_gate_fails_with_exit_1_naming_the_figure(tiny_models, converted):
 
 
 def test_different_vocabularies_are_refused(tiny_models, converted, tmp_path):
-    from conftest import TINY, make_tiny_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    other = tmp_path / "other"
-    LlamaForCausalLM(LlamaConfig(**{**TINY, "vocab_size": 96})).save_pretrained(other)
-    make_tiny_tokenizer(96).save_pretrained(other)
+    other = save_other_vocabulary(tmp_path / "other", 96)
     result = run_eval(other, tiny_models["qwen2"])  # two plain models: nothing records a source to check
     assert result.exit_code == 2 and "different vocabulary sizes" in result.stderr
     result = run_eval(other, converted)  # an export names its source: a mismatch is caught first
     assert result.exit_code == 2 and "was converted from another model" in result.stderr
 
 
-def test_parse_percent():
+def test_percentages_read_with_or_without_the_percent_sign():
     assert parse_percent("10%", "--x") == pytest.approx(0.1) and parse_percent("25", "--x") == pytest.approx(0.25)

@@ -70,7 +70,7 @@ def test_pairs_match_two_branch_reference(arch, tiny_models, exported):
         assert (source(ids).logits - want).abs().max() > 1e-3
 
 
-def test_block_layout_and_config(exported):
+def test_exported_config_and_blocks_widen_the_paired_layers(exported):
     config = json.loads((exported["qwen2"] / "config.json").read_text())
     assert config["lp_blocks"] == [[0], [1, 2], [3, 4], [5]]
     assert config["num_hidden_layers"] == 4
@@ -85,7 +85,7 @@ def test_block_layout_and_config(exported):
     assert torch.equal(model.model.layers[1].input_layernorm.weight, torch.ones(64))
 
 
-def test_files_written(exported, tiny_models):
+def test_export_writes_config_code_card_plan_and_indexed_shards(exported, tiny_models):
     folder = exported["llama"]
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "generation_config.json", "configuration_lpconvert.py", "modeling_lpconvert.py",
@@ -188,7 +188,7 @@ def test_padded_batch_matches_single_sequences(exported):
     assert torch.equal(together[0, 10:], alone[0, 6:])
 
 
-def test_hidden_states_and_loss(exported, tiny_models, tmp_path):
+def test_hidden_states_and_loss_match_the_source(exported, tiny_models, tmp_path):
     _export(tiny_models["mistral"], tmp_path / "copy", [])
     model, source = _load(tmp_path / "copy"), resolve_model(str(tiny_models["mistral"])).load_model()
     ids = _ids()
@@ -230,7 +230,7 @@ except ImportError:
     assert "standalone ok" in result.stdout
 
 
-def test_bfloat16_export(tiny_models, tmp_path):
+def test_bfloat16_export_stores_bf16_and_generates(tiny_models, tmp_path):
     report = _export(tiny_models["qwen2"], tmp_path / "bf16", [1], dtype="bfloat16")
     assert report.dtype == "bfloat16"
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as f:
@@ -290,11 +290,37 @@ def test_nan_in_paired_weights_is_reported(tiny_models, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("change, message", [
+    (dict(drop="lm_head.weight"), "the checkpoint has no lm_head.weight and its embeddings are not tied"),
+    (dict(num_hidden_layers=5), "config.json does not match the weights: num_hidden_layers is 5 but the checkpoint "
+                                "holds a different number of layers"),
+    (dict(num_key_value_heads=4), "config.json does not match the weights: model.layers.0.self_attn.k_proj.weight "
+                                  "is (32, 64) but the config implies (64, 64)"),
+])
+def test_checks_from_the_table_refuse_before_writing(change, message, tiny_models, tmp_path):
+    """The tensor names and shapes these checks use come from the architecture table (archs.py)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "source"
+    shutil.copytree(tiny_models["qwen2"], folder)
+    drop = change.pop("drop", None)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    weights = load_file(folder / "model.safetensors")
+    save_file({n: t for n, t in weights.items() if n != drop}, folder / "model.safetensors", {"format": "pt"})
+    with pytest.raises(LPError) as raised:
+        _export(folder, tmp_path / "out", [1])
+    assert raised.value.problem == message
+    assert not (tmp_path / "out").exists()
+
+
 def test_small_chunks_give_the_same_checkpoint(tiny_models, tmp_path, monkeypatch):
-    import lpconvert.export as export_module
+    import lpconvert.blocks as blocks_module
 
     _export(tiny_models["qwen3"], tmp_path / "big", [1, 3], dtype="bfloat16")
-    monkeypatch.setattr(export_module, "CHUNK_BYTES", 1000)  # many row blocks per tensor
+    monkeypatch.setattr(blocks_module, "CHUNK_BYTES", 1000)  # many row blocks per tensor
     _export(tiny_models["qwen3"], tmp_path / "small", [1, 3], dtype="bfloat16")
     assert (tmp_path / "big" / "model.safetensors").read_bytes() == (tmp_path / "small" / "model.safetensors").read_bytes()
 
@@ -333,9 +359,9 @@ def test_smollm2_bfloat16_generates_coherent_text(tmp_path):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_in_memory_conversion_matches_reference_and_leaves_source_intact(arch):
-    from conftest import make_tiny_model
+    from builders import make_tiny_model
 
-    from lpconvert.export import convert_in_memory
+    from lpconvert.blocks import convert_in_memory
 
     model = make_tiny_model(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -350,7 +376,7 @@ def test_in_memory_conversion_matches_reference_and_leaves_source_intact(arch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16bit_fold_fast_path_equals_float32_fold(dtype):
-    from lpconvert.export import fold_norm
+    from lpconvert.blocks import fold_norm
 
     g = torch.Generator().manual_seed(0)
     matrix = (torch.randn(512, 256, generator=g) * torch.logspace(-4, 2, 256)[None, :]).to(dtype)
@@ -366,9 +392,10 @@ def test_interrupted_export_leaves_nothing(signal_name, tiny_models, tmp_path):
     out = tmp_path / "out"
     script = f"""
 import time
+import lpconvert.blocks as blocks
 import lpconvert.export as ex
 from lpconvert.sources import resolve_model
-ex.CHUNK_BYTES = 256  # many small pieces ...
+blocks.CHUNK_BYTES = 256  # many small pieces ...
 source = resolve_model({str(tiny_models["llama"])!r})
 real = source.store.read_rows
 source.store.read_rows = lambda *a: (time.sleep(0.02), real(*a))[1]  # ... each slow to read

@@ -10,23 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from builders import save_sharded_bin
-from conftest import make_tiny_model
+from builders import cli_export, make_tiny_model, save_sharded_bin, save_sharded_safetensors
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from lpconvert import sources
-from lpconvert.cli import app
 from lpconvert.errors import LPError
-from lpconvert.sources import hub_cache_dir, resolve_model
+from lpconvert.hub import hub_cache_dir
+from lpconvert.sources import resolve_model
 
 REV = "0123456789abcdef0123456789abcdef01234567"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def to_hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
@@ -46,21 +42,10 @@ def to_hub_cache(folder: Path, cache: Path, repo_id: str) -> Path:
     return snapshot
 
 
-def sharded_folder(tiny_models, folder: Path) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).save_pretrained(folder, max_shard_size="100KB")
-    for name in TOKENIZER_FILES:
-        if (tiny_models["llama"] / name).exists():
-            shutil.copy(tiny_models["llama"] / name, folder / name)
-    assert len(list(folder.glob("model-*.safetensors"))) > 1
-    return folder
-
-
 @pytest.fixture
 def hub_cache(tmp_path, monkeypatch, tiny_models):
     """A sharded tiny Llama as a plain folder and as org/tiny in a Hub cache named by HF_HUB_CACHE."""
-    plain = sharded_folder(tiny_models, tmp_path / "plain")
+    plain = save_sharded_safetensors(tiny_models["llama"], tmp_path / "plain", tokenizer=True)
     cache = tmp_path / "hub"
     snapshot = to_hub_cache(plain, cache, "org/tiny")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
@@ -89,16 +74,10 @@ def test_sharded_model_in_the_cache_is_read_by_id_and_by_path(hub_cache):
             assert torch.equal(source.store.read(name), reference.store.read(name)), name
 
 
-def exported(model: str, out: Path) -> Path:
-    result = CliRunner().invoke(app, ["export", model, "--pairs", "2", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def test_export_from_the_cache_equals_export_from_the_folder(hub_cache, tmp_path):
     plain, snapshot = hub_cache
     models = (str(plain), "org/tiny", str(snapshot))
-    outs = [exported(model, tmp_path / f"out{i}") for i, model in enumerate(models)]
+    outs = [cli_export(model, tmp_path / f"out{i}") for i, model in enumerate(models)]
     names = sorted(p.name for p in outs[0].glob("*.safetensors"))
     assert names
     want = {name: load_file(outs[0] / name) for name in names}
@@ -124,7 +103,7 @@ def test_exported_tokenizer_loads_without_remote_code(hub_cache, tmp_path):
 
     import transformers
 
-    out = exported("org/tiny", tmp_path / "out")
+    out = cli_export("org/tiny", tmp_path / "out")
     named = re.search(r"transformers\.(\w+)\.from_pretrained", (out / "README.md").read_text()).group(1)
     tokenizer = getattr(transformers, named).from_pretrained(out)
     source = transformers.AutoTokenizer.from_pretrained(hub_cache[0])
@@ -146,7 +125,7 @@ def test_index_names_climbing_out_are_still_refused(hub_cache):
             resolve_model(str(snapshot))
 
 
-def test_sharded_bin_model_in_the_cache(tmp_path, monkeypatch):
+def test_sharded_bin_model_in_the_cache_is_read_by_path_and_by_id(tmp_path, monkeypatch):
     folder = tmp_path / "bin"
     state = save_sharded_bin(make_tiny_model("llama", seed=1), folder)
     cache = tmp_path / "hub"
@@ -185,7 +164,7 @@ def test_the_cache_and_offline_mode_are_read_when_called(tmp_path, monkeypatch):
         assert calls[-1]["cache_dir"] == tmp_path / "elsewhere"
 
 
-def test_model_found_under_hf_home(tmp_path, monkeypatch, tiny_models):
+def test_model_id_is_found_under_hf_home(tmp_path, monkeypatch, tiny_models):
     snapshot = to_hub_cache(tiny_models["qwen2"], tmp_path / "hf" / "hub", "someone/qwen2-tiny")
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
@@ -194,7 +173,7 @@ def test_model_found_under_hf_home(tmp_path, monkeypatch, tiny_models):
     assert source.path == snapshot and source.hub_id == "someone/qwen2-tiny"
 
 
-def test_link_whose_blob_is_gone(tmp_path, tiny_models):
+def test_link_whose_blob_is_gone_is_named_a_broken_symlink(tmp_path, tiny_models):
     snapshot = to_hub_cache(tiny_models["llama"], tmp_path / "hub", "org/tiny")
     (snapshot / os.readlink(snapshot / "model.safetensors")).unlink()  # a cache cleaned by hand
     with pytest.raises(LPError, match="model.safetensors is a broken symlink") as info:

@@ -9,21 +9,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from builders import QUICK_RECIPE, cli_export, invoke
 
-from lpconvert.cli import app
 from lpconvert.errors import LPError
 from lpconvert.outputs import check_output_folder, written_by_lpconvert
-
-RECIPE = """
-score: {calib: news, tokens: 256, seq_len: 64, device: cpu}
-plan: {target: {pairs: 1}, strategy: greedy, use_model: false}
-eval: {text: news, split: all, tokens: 256, seq_len: 64, device: cpu, new_tokens: 4}
-"""
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -71,7 +60,7 @@ def test_output_overlapping_the_source_is_refused_and_the_source_untouched(case,
 
 def _recipe(root: Path) -> Path:
     path = root / "recipe.yaml"
-    path.write_text(RECIPE)
+    path.write_text(QUICK_RECIPE)
     return path
 
 
@@ -80,10 +69,11 @@ def test_overwrite_removes_only_what_lpconvert_wrote(tiny_models, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     result = invoke("export", tiny_models["llama"], "--pairs", "2", "-o", out, "--overwrite")
-    assert result.exit_code == 2 and "not written by lpconvert" in result.stderr
+    assert result.exit_code == 2, result.output
+    assert "not written by lpconvert" in result.stderr
     assert (out / "notes.txt").read_text() == "keep me"
     shutil.rmtree(out)
-    assert invoke("export", tiny_models["llama"], "--pairs", "2", "-o", out).exit_code == 0
+    cli_export(tiny_models["llama"], out)
     assert written_by_lpconvert(out)
     again = invoke("export", tiny_models["llama"], "--pairs", "1", "-o", out, "--overwrite")
     assert again.exit_code == 0, again.output
@@ -93,7 +83,7 @@ def test_overwrite_removes_only_what_lpconvert_wrote(tiny_models, tmp_path):
 def test_check_runs_again_just_before_replacing(tiny_models, tmp_path):
     """A folder that stopped being an lpconvert export while we wrote is not removed."""
     out = tmp_path / "out"
-    assert invoke("export", tiny_models["llama"], "--pairs", "2", "-o", out).exit_code == 0
+    cli_export(tiny_models["llama"], out)
     (out / "config.json").write_text("{}")  # someone reused the folder
     with pytest.raises(LPError, match="not written by lpconvert"):
         check_output_folder(out, overwrite=True)

@@ -1,22 +1,20 @@
 """The plan stage: targets, strategies, measuring pair sets, the plan file and the command line.
 
-Scores files are written by hand here (the score stage is tested on its own), with the fingerprint
-of the tiny model they claim to describe.
+Scores files are written by hand here (builders.write_scores; the score stage is tested on its own),
+with the fingerprint of the tiny model they claim to describe. Bad plan input is in test_errors.CASES.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import pytest
 import torch
-from typer.testing import CliRunner
+from builders import invoke, write_scores
 
-from lpconvert.cli import app
 from lpconvert.errors import LPError
-from lpconvert.formats import load_plan, source_fingerprint, validate_pairs
+from lpconvert.formats import load_plan, validate_pairs
 from lpconvert.plan import (
     ALPHA,
     Calibrator,
@@ -31,13 +29,9 @@ from lpconvert.plan import (
     room,
 )
 from lpconvert.runner import LayerRunner
+from lpconvert.settings import PlanSettings
 from lpconvert.sources import resolve_model
 
-runner = CliRunner()
-
-# Tiny models have 6 layers: pair starts 0..4; without the edge layers only 1..3 (2 pairs at most).
-REL_L2 = [0.9, 0.3, 0.2, 0.1, 0.8]
-LOSS_INCREASE = [5.0, 0.04, 0.02, 0.03, 0.5]
 TEXT = " ".join(
     f"The {a} {b} of the {c} {d} across the valley, while {e} people watched from the old stone bridge."
     for a, b, c, d, e in zip(["quick", "slow", "tall", "small", "green", "bright", "quiet"] * 12,
@@ -45,36 +39,6 @@ TEXT = " ".join(
                              ["north", "south", "east", "west", "inner"] * 17,
                              ["hills", "fields", "towns", "woods"] * 21,
                              ["many", "few", "some", "old", "young", "tired", "happy"] * 12, strict=False))
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def write_scores(path, model_dir, *, loss=True, rel_l2=REL_L2, loss_increase=LOSS_INCREASE, source=None):
-    src = resolve_model(str(model_dir))
-    base = 4.0
-    pairs = []
-    for i, value in enumerate(rel_l2):
-        entry = {"first": i, "angular_distance": 0.1 + 0.05 * i, "pair_rel_l2": value, "pair_cosine": 1 - value}
-        if loss:
-            entry.update(loss=base * (1 + loss_increase[i]), perplexity=math.exp(base * (1 + loss_increase[i])),
-                         loss_increase=loss_increase[i])
-        pairs.append(entry)
-    data = {
-        "schema_version": 1, "kind": "lpconvert-scores",
-        "source": source or source_fingerprint(src.config, src.store),
-        "model": {"name": str(model_dir), "num_layers": 6},
-        "calibration": {"source": "wiki", "kind": "builtin", "split": "calib", "seq_len": 32, "seed": 0,
-                        "windows": 8, "tokens": 256},
-        "base": {"loss": base, "perplexity": math.exp(base)},
-        "layers": [{"layer": i, "angular_distance": 0.1} for i in range(6)],
-        "pairs": pairs,
-        "metrics": ["angular_distance", "pair_error"] + (["loss"] if loss else []),
-        "created_by": "hand-written test scores",
-    }
-    path.write_text(json.dumps(data))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +94,7 @@ def test_impossible_targets_name_the_maximum(target, message):
     assert pairs_for_target(Target("pairs", 3), 6, True) == 3
 
 
-def test_exactly_one_target():
+def test_exactly_one_target_is_required_and_a_speedup_must_exceed_1():
     with pytest.raises(LPError, match="exactly one target"):
         parse_target(pairs=2, depth=4)
     with pytest.raises(LPError, match="exactly one target"):
@@ -139,7 +103,7 @@ def test_exactly_one_target():
         parse_target(speedup=0.9)
 
 
-def test_room_and_runs():
+def test_room_and_contiguous_runs_keep_off_the_edge_layers_unless_allowed():
     assert room([], 6, False) == 2 and room([2], 6, False) == 0 and room([1], 6, False) == 1
     assert contiguous_runs(2, 6, False) == [(1, 3)]
     assert contiguous_runs(2, 6, True) == [(0, 2), (1, 3), (2, 4)]
@@ -149,13 +113,13 @@ def test_room_and_runs():
 # Strategies from the scores alone
 
 
-def _plan(scores_path, target, **kwargs):
+def _plan(scores_path, target, **settings):
     from lpconvert.formats import load_scores
 
-    return make_plan(load_scores(scores_path), target=target, **kwargs)
+    return make_plan(load_scores(scores_path), target, PlanSettings(**settings))
 
 
-def test_greedy_by_metric_and_default_metric(tiny_models, tmp_path):
+def test_greedy_takes_the_best_pairs_that_still_fit_by_the_chosen_or_default_metric(tiny_models, tmp_path):
     scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
     by_loss = _plan(scores, Target("pairs", 1))
     assert by_loss.strategy == "greedy" and by_loss.metric == "loss_increase" and by_loss.pairs == [2]
@@ -169,14 +133,14 @@ def test_greedy_by_metric_and_default_metric(tiny_models, tmp_path):
     assert _plan(no_loss, Target("pairs", 1)).metric == "pair_cosine"
 
 
-def test_contiguous_from_metric(tiny_models, tmp_path):
+def test_contiguous_strategy_takes_the_run_with_the_best_summed_metric(tiny_models, tmp_path):
     scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
     plan = _plan(scores, Target("pairs", 2), strategy="contiguous", allow_edge_layers=True, metric="pair_rel_l2")
     assert plan.pairs == [1, 3]  # 0.3 + 0.1 beats (0, 2) and (2, 4)
     assert _plan(scores, Target("pairs", 1), strategy="contiguous").pairs == [2]
 
 
-def test_max_loss_increase_from_single_pair_losses(tiny_models, tmp_path):
+def test_max_loss_increase_sums_single_pair_losses_within_the_budget(tiny_models, tmp_path):
     scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
     assert _plan(scores, Target("max_loss_increase", 0.08)).pairs == [1, 3]  # 4% + 3% fits 8%
     small = _plan(scores, Target("max_loss_increase", 0.05))
@@ -189,7 +153,7 @@ def test_max_loss_increase_from_single_pair_losses(tiny_models, tmp_path):
         _plan(no_loss, Target("max_loss_increase", 0.05))
 
 
-def test_plan_details_and_speedup_estimate(tiny_models, tmp_path):
+def test_plan_details_give_the_depth_and_a_speedup_estimate_reaching_the_target(tiny_models, tmp_path):
     plan = _plan(write_scores(tmp_path / "s.json", tiny_models["llama"]), Target("speedup", 1.2))
     d = plan.details
     assert len(plan.pairs) == 2 and d["effective_depth"] == 4
@@ -260,13 +224,13 @@ def test_make_plan_search_records_cost_and_trace(tiny_models, tmp_path):
     from lpconvert.formats import load_scores
 
     cal = random_calibrator(tiny_models["llama"])
-    plan = make_plan(load_scores(scores), target=Target("depth", 4), calibrator=cal)
+    plan = make_plan(load_scores(scores), Target("depth", 4), calibrator=cal)
     assert plan.strategy == "search" and len(plan.pairs) == 2
     d = plan.details
     assert d["cost"]["set_evaluations"] > 0 and d["cost"]["forward_passes"] > 0 and d["trace"]
     assert d["calibration"]["perplexity"] > 0 and "heldout" in d and d["objective"] == "kl"
-    contiguous = make_plan(load_scores(scores), target=Target("pairs", 2), strategy="contiguous", calibrator=cal,
-                           allow_edge_layers=True)
+    contiguous = make_plan(load_scores(scores), Target("pairs", 2),
+                           PlanSettings(strategy="contiguous", allow_edge_layers=True), cal)
     assert len(contiguous.details["trace"][0]["evaluated"]) == 3  # every run of 2 pairs measured
     assert contiguous.pairs in ([0, 2], [1, 3], [2, 4])
 
@@ -275,7 +239,7 @@ def test_make_plan_search_records_cost_and_trace(tiny_models, tmp_path):
 # Command line
 
 
-def test_cli_greedy_plan_file_table_and_export(tiny_models, tmp_path):
+def test_cli_greedy_plan_file_shows_the_strip_and_drives_an_export(tiny_models, tmp_path):
     scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
     result = invoke("plan", scores, "--depth", "4", "-o", tmp_path / "plan.json")
     assert result.exit_code == 0, result.output
@@ -288,7 +252,7 @@ def test_cli_greedy_plan_file_table_and_export(tiny_models, tmp_path):
     assert json.loads(exported.stdout)["pairs"] == [[1, 2], [3, 4]]
 
 
-def test_cli_json_and_plot(tiny_models, tmp_path):
+def test_cli_prints_the_plan_as_json_and_plots_a_png(tiny_models, tmp_path):
     scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
     result = invoke("plan", scores, "--pairs", "1", "--strategy", "contiguous", "--json", "--plot", tmp_path / "f.png")
     assert result.exit_code == 0, result.output
@@ -297,7 +261,7 @@ def test_cli_json_and_plot(tiny_models, tmp_path):
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_search_with_model(tokenized_model, tmp_path):
+def test_cli_search_with_the_model_records_calibration_cost_and_trace(tokenized_model, tmp_path):
     folder, text = tokenized_model
     scores = write_scores(tmp_path / "s.json", folder)
     result = invoke("plan", scores, "--model", folder, "--calib", text, "--tokens", "256", "--seq-len", "32",
@@ -318,7 +282,7 @@ def test_cli_search_with_model(tokenized_model, tmp_path):
     assert data["details"]["estimated_speedup"] >= 1.05
 
 
-def test_cli_max_loss_increase_search(tokenized_model, tmp_path):
+def test_cli_loss_budget_search_stays_within_the_budget(tokenized_model, tmp_path):
     folder, text = tokenized_model
     scores = write_scores(tmp_path / "s.json", folder)
     result = invoke("plan", scores, "--model", folder, "--calib", text, "--tokens", "256", "--seq-len", "32",
@@ -326,61 +290,3 @@ def test_cli_max_loss_increase_search(tokenized_model, tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert len(data["pairs"]) == 2 and data["details"]["calibration"]["loss_increase"] <= 10
-
-
-def test_cli_refuses_scores_of_another_model(tiny_models, tmp_path):
-    scores = write_scores(tmp_path / "s.json", tiny_models["qwen2"])
-    result = invoke("plan", scores, "--model", tiny_models["llama"], "--pairs", "1", "-o", tmp_path / "p.json")
-    assert result.exit_code == 2 and "made for another model" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.json").exists()
-
-
-BAD_PLANS = {
-    "two targets": (["--pairs", "1", "--depth", "4"], "exactly one target"),
-    "no target": ([], "exactly one target"),
-    "too many pairs": (["--pairs", "3"], "at most 2 non-overlapping pairs"),
-    "too shallow": (["--depth", "2"], "at most 2 non-overlapping pairs"),
-    "speedup": (["--speedup", "3"], "at most 2 non-overlapping pairs"),
-    "strategy": (["--pairs", "1", "--strategy", "random"], "--strategy random does not exist"),
-    "metric": (["--pairs", "1", "--metric", "vibes"], "--metric vibes is not a per-pair metric"),
-    "objective": (["--pairs", "1", "--objective", "bleu"], "--objective bleu does not exist"),
-    "search without model": (["--pairs", "1", "--strategy", "search"], "needs --model"),
-    "percentage": (["--max-loss-increase", "lots"], "not a percentage"),
-    "no output": (["--pairs", "1", "--no-output"], "give -o plan.json"),
-    "beam": (["--pairs", "1", "--beam", "0"], "--beam must be at least 1"),
-}
-
-
-@pytest.mark.parametrize("case", list(BAD_PLANS))
-def test_bad_plan_input(case, tiny_models, tmp_path):
-    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
-    args, message = BAD_PLANS[case]
-    output = [] if "--no-output" in args else ["-o", tmp_path / "p.json"]
-    args = [a for a in args if a != "--no-output"]
-    result = invoke("plan", scores, *args, *output)
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr, result.stderr
-    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "p.json").exists()
-
-
-def test_bad_scores_files(tiny_models, tmp_path):
-    (tmp_path / "plan.json").write_text(json.dumps({"kind": "lpconvert-plan"}))
-    for path, message in [(tmp_path / "missing.json", "does not exist"), (tmp_path / "plan.json", "not an lpconvert scores")]:
-        result = invoke("plan", path, "--pairs", "1", "-o", tmp_path / "p.json")
-        assert result.exit_code == 2 and message in result.stderr
-    no_loss = write_scores(tmp_path / "n.json", tiny_models["llama"], loss=False)
-    result = invoke("plan", no_loss, "--max-loss-increase", "5%", "-o", tmp_path / "p.json")
-    assert result.exit_code == 2 and "needs measured losses" in result.stderr
-
-
-def test_plan_help_does_not_import_heavy_libraries():
-    import subprocess
-    import sys
-
-    code = ("import sys; from typer.testing import CliRunner; from lpconvert.cli import app; "
-            "r = CliRunner().invoke(app, ['plan', '--help']); assert r.exit_code == 0, r.output; "
-            "assert '--max-loss-increase' in r.output; "
-            "heavy = [m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules]; assert not heavy, heavy")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr

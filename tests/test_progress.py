@@ -9,6 +9,7 @@ import re
 import time
 
 import pytest
+from builders import QUICK_RECIPE
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -17,11 +18,6 @@ from lpconvert.cli import app
 from lpconvert.progress import Reporter
 
 LINE = re.compile(r"^\[\s*\d+s\] \S")
-RECIPE = """
-score: {calib: news, tokens: 256, seq_len: 64, device: cpu}
-plan: {target: {pairs: 1}, strategy: greedy, use_model: false}
-eval: {text: news, split: all, tokens: 256, seq_len: 64, device: cpu, new_tokens: 4}
-"""
 
 
 def plain_console() -> tuple[Console, io.StringIO]:
@@ -81,7 +77,7 @@ def test_an_error_ends_without_a_done_line():
 def test_convert_in_ci_prints_timed_stage_lines(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setenv("LPCONVERT_PROGRESS", "auto")  # CliRunner's stderr is not a terminal: lines
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
+    recipe.write_text(QUICK_RECIPE)
     result = CliRunner().invoke(app, ["convert", str(tiny_models["llama"]), "-o", str(tmp_path / "out"),
                                       "--recipe", str(recipe), "--json"])
     assert result.exit_code == 0, result.output
@@ -93,8 +89,3 @@ def test_convert_in_ci_prints_timed_stage_lines(tiny_models, tmp_path, monkeypat
         assert any(re.search(stage + ": started", line) for line in lines), (stage, lines)
         assert any(re.search(stage + r": done in \d", line) for line in lines), (stage, lines)
     assert "\r" not in result.stderr and "\x1b" not in result.stderr  # nothing redrawn in place
-
-
-def test_progress_option_is_validated(tiny_models):
-    result = CliRunner().invoke(app, ["--progress", "loud", "inspect", str(tiny_models["llama"])])
-    assert result.exit_code == 2 and "--progress 'loud' does not exist" in result.stderr

@@ -1,5 +1,5 @@
 """Score: metrics are finite and reproducible, the pair error sees identity layers, and the measured
-loss of a pair equals the loss of the model exported with that pair."""
+loss of a pair equals the loss of the model exported with that pair. Bad score input is in test_errors.CASES."""
 
 from __future__ import annotations
 
@@ -65,13 +65,13 @@ def test_measured_loss_equals_loss_of_exported_pair(tiny_models, tmp_path):
     assert set(scores["agreement_with_loss"]) == {"pair_rel_l2", "pair_cosine", "angular_distance"}
 
 
-def test_spearman():
+def test_spearman_is_1_for_the_same_order_and_minus_1_for_the_reverse():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
 
 
-def test_bad_settings(tiny_models):
+def test_bad_settings_are_refused_before_scoring(tiny_models):
     with pytest.raises(LPError, match="--dtype 'int4'"):
         _scores(tiny_models["llama"], dtype="int4")
     if not torch.cuda.is_available():
@@ -81,7 +81,7 @@ def test_bad_settings(tiny_models):
         _scores(tiny_models["llama"], calib="no-such-file.txt")
 
 
-def test_cli_score_json_and_plot(tiny_models, tmp_path):
+def test_cli_score_writes_the_scores_file_a_plot_and_a_json_summary(tiny_models, tmp_path):
     result = CliRunner().invoke(app, ["score", str(tiny_models["qwen2"]), "--calib", "news", "--tokens", "256",
                                       "--seq-len", "64", "-o", str(tmp_path / "s.json"), "--plot",
                                       str(tmp_path / "s.png"), "--json", "--device", "cpu"])
@@ -90,16 +90,3 @@ def test_cli_score_json_and_plot(tiny_models, tmp_path):
     assert summary["output"] == str(tmp_path / "s.json") and "pair_rel_l2" in summary["safest_pairs"]
     scores = load_scores(tmp_path / "s.json")
     assert scores["schema_version"] == 1 and (tmp_path / "s.png").stat().st_size > 10_000
-
-
-@pytest.mark.parametrize("args, message", [
-    (["--metrics", "bogus"], "unknown metric"),
-    (["--device", "tpu"], "--device 'tpu' does not exist"),
-    (["--calib", "missing.txt"], "does not exist"),
-    (["--tokens", "0"], "must be positive"),
-])
-def test_cli_score_bad_input(tiny_models, tmp_path, args, message):
-    result = CliRunner().invoke(app, ["score", str(tiny_models["llama"]), "-o", str(tmp_path / "s.json"), *args])
-    assert result.exit_code == 2, result.output
-    assert message in result.stderr and "Traceback" not in result.output
-    assert not (tmp_path / "s.json").exists()

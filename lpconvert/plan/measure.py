@@ -1,0 +1,265 @@
+"""Measuring pair sets on calibration text: the Calibrator, and build_calibrator that loads what it needs.
+
+Measuring runs the source model layer by layer (runner.LayerRunner). Sets that share their first
+pairs share the residual stream: a candidate that adds a pair at layer p re-runs layers p..L only.
+torch is imported when a Calibrator is made, not with this module.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ..errors import LPError
+from .defaults import CACHE_LIMIT, OBJECTIVES, TOP_K, Progress
+
+
+@dataclass
+class Measured:
+    pairs: tuple[int, ...]
+    loss: float  # mean next-token NLL of the calibration text
+    kl: float  # mean KL(source || paired) per position, top-k of the source + one bucket for the rest
+    tokens: int
+    split: str = "calib"
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    def value(self, objective: str) -> float:
+        return self.kl if objective == "kl" else self.loss
+
+    def to_json(self) -> dict:
+        return {"pairs": list(self.pairs), "loss": round(self.loss, 6), "perplexity": round(self.perplexity, 4),
+                "kl": round(self.kl, 6)}
+
+
+class Calibrator:
+    """Measure pair sets of one model on fixed calibration windows (and their held-out split).
+
+    Counts what it runs: `layer_windows` is the number of (layer, window) evaluations, so
+    `forward_passes` is the cost in full-model forward passes over the calibration windows.
+
+    The stream cache. The stream entering layer d depends only on the pairs below d, so a set that
+    agrees with `base` below d can start at d from the base's stream there (its branch point: the
+    first layer where the two differ). A search step measures sets that each add one pair to a base,
+    and the next step's base is one of those sets; kept streams spare re-running the shared layers.
+    What holds, before and after every call to `measure`:
+
+    * `_streams[split]` is `(base, {d: [stream of batch 0, stream of batch 1, ...]})`: for each kept
+      layer d, the input of layer d of every batch of `split`'s windows (in batch order, one entry
+      per batch: lists missing a batch are dropped at the end of the call that made them), run with
+      `base`'s pairs. d is a branch point inside the model (0 < d < num_layers).
+    * `measure` takes its split's entry out (`_cached_streams`) and keeps only the layers d below
+      which the old and the new base have the same pairs, and where no pair of the new base covers
+      d - 1 and d (the stream between them does not exist): there the old streams are the new base's.
+      While it walks the batches it adds the streams at its own branch points (batch b's stream is
+      appended only as entry b), and it puts the entry back under the new base at the end. The other
+      splits' entries are left as they are.
+    * `_cache_bytes` is the size of the streams held (all splits), recounted from the tensors by
+      `_cached_streams`; a stream is only added while the total stays within `cache_limit` (0: keep
+      nothing). Lists dropped at the end of a call still count until that recount.
+
+    Kept streams change no result: the same sets measure the same with `cache_limit = 0`.
+    """
+
+    def __init__(self, model, calib_ids, *, heldout_ids=None, objective: str = "kl", batch_size: int = 4,
+                 provenance: dict | None = None, heldout_provenance: dict | None = None, top_k: int = TOP_K,
+                 cache_limit: int = CACHE_LIMIT, progress: Progress = None):
+        import torch
+
+        from ..runner import LayerRunner
+
+        if objective not in OBJECTIVES:
+            raise LPError(f"--objective {objective} does not exist", f"use one of {', '.join(OBJECTIVES)}")
+        if batch_size < 1:
+            raise LPError(f"--batch-size must be at least 1, got {batch_size}", "e.g. --batch-size 4")
+        self.torch = torch
+        self.runner = LayerRunner(model, seq_len=calib_ids.shape[1])
+        self.num_layers = self.runner.num_layers
+        self.objective = objective
+        self.batch_size = batch_size
+        self.top_k = min(top_k, model.config.vocab_size)
+        self.provenance = provenance or {}
+        self.heldout_provenance = heldout_provenance
+        self.progress = progress
+        self.splits = {"calib": calib_ids}
+        if heldout_ids is not None and heldout_ids.shape[0] > 0:
+            self.splits["heldout"] = heldout_ids
+        self.references: dict[str, list] = {}
+        self.base: dict[str, Measured] = {}
+        self.layer_windows = 0
+        self.evaluations = 0  # pair sets measured on the calibration split
+        self.heldout_evaluations = 0
+        self.seconds = 0.0
+        self._streams: dict[str, tuple[tuple[int, ...], dict[int, list]]] = {}  # see the class docstring
+        self._cache_bytes = 0
+        self.cache_limit = cache_limit
+        self.config_hidden = model.config.hidden_size
+        self.base["calib"] = self._reference("calib")
+
+    # --- bookkeeping ---------------------------------------------------------------------------
+
+    @property
+    def seq_len(self) -> int:
+        return self.runner.seq_len
+
+    def tokens(self, split: str = "calib") -> int:
+        ids = self.splits.get(split)
+        return 0 if ids is None else ids.numel()
+
+    @property
+    def has_heldout(self) -> bool:
+        return "heldout" in self.splits
+
+    @property
+    def forward_passes(self) -> float:
+        """Layers run, in full-model forward passes over the calibration windows."""
+        return self.layer_windows / (self.num_layers * self.splits["calib"].shape[0])
+
+    @property
+    def tokens_processed(self) -> int:
+        """Tokens run through the model, counted in full-model passes (all splits)."""
+        return round(self.layer_windows * self.seq_len / self.num_layers)
+
+    def cost(self) -> dict:
+        return {"set_evaluations": self.evaluations, "heldout_evaluations": self.heldout_evaluations,
+                "forward_passes": round(self.forward_passes, 2), "tokens_processed": self.tokens_processed,
+                "calibration_tokens": self.tokens("calib"), "heldout_tokens": self.tokens("heldout"),
+                "seconds": round(self.seconds, 1)}
+
+    # --- running -------------------------------------------------------------------------------
+
+    def _batches(self, split: str):
+        ids = self.splits[split]
+        for start in range(0, ids.shape[0], self.batch_size):
+            yield start // self.batch_size, ids[start:start + self.batch_size]
+
+    def _reference(self, split: str) -> Measured:
+        """Run the source once: its loss, and its top-k next-token distribution for the KL."""
+        torch = self.torch
+        started = time.perf_counter()
+        refs, nll, count = [], 0.0, 0
+        with torch.inference_mode():
+            for _, ids in self._batches(split):
+                x = self.runner.run(self.runner.embed(ids))
+                self.layer_windows += self.num_layers * ids.shape[0]
+                logp = self.runner.logprobs(x)[:, :-1]
+                targets = ids.to(logp.device)[:, 1:, None]
+                nll += float(-logp.gather(-1, targets).double().sum())
+                count += targets.numel()
+                top, idx = logp.topk(self.top_k, dim=-1)
+                rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top, dim=-1)), min=1e-12))
+                refs.append((idx, top, top.exp(), rest, rest.exp()))
+        self.references[split] = refs
+        self.seconds += time.perf_counter() - started
+        return Measured((), nll / count, 0.0, count, split)
+
+    def _score(self, split: str, batch: int, x, ids) -> tuple[float, float, int]:
+        torch = self.torch
+        idx, ref_top, ref_p, ref_rest, ref_rest_p = self.references[split][batch]
+        logp = self.runner.logprobs(x)[:, :-1]
+        targets = ids.to(logp.device)[:, 1:, None]
+        nll = float(-logp.gather(-1, targets).double().sum())
+        top = logp.gather(-1, idx)
+        rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top, dim=-1)), min=1e-12))
+        kl = (ref_p * (ref_top - top)).sum(-1) + ref_rest_p * (ref_rest - rest)
+        return nll, float(kl.double().sum()), targets.numel()
+
+    def measure(self, sets: Iterable[Iterable[int]], base: Iterable[int] = (), split: str = "calib"
+                ) -> list[Measured]:
+        """Measure each pair set; sets that agree with `base` below some layer restart from its stream there.
+
+        The windows are walked once under `base`; a set whose first difference from `base` is the
+        pair at layer d branches off at d (the input of layer d is the same for both) and runs
+        layers d..L with its own pairs. The walk keeps the stream at each branch point, so the next
+        call (a search step whose base is this base plus one pair at layer p) reuses every kept
+        stream below p instead of running those layers again.
+        """
+        base = tuple(sorted(base))
+        sets = [tuple(sorted(s)) for s in sets]
+        if not sets:
+            return []
+        if split not in self.splits:
+            raise ValueError(f"no {split} windows")
+        if split not in self.references:
+            self.base[split] = self._reference(split)
+        started = time.perf_counter()
+        branch = [self._branch_point(base, s) for s in sets]
+        totals = [[0.0, 0.0, 0] for _ in sets]  # nll, kl, tokens
+        walk = [(sets[i], branch[i], totals[i]) for i in sorted(range(len(sets)), key=lambda i: branch[i])]
+        cached = self._cached_streams(split, base)
+        with self.torch.inference_mode():
+            for b, ids in self._batches(split):
+                self._walk_batch(split, b, ids, base, walk, cached)
+        n_batches = -(-self.splits[split].shape[0] // self.batch_size)
+        self._streams[split] = (base, {c: xs for c, xs in cached.items() if len(xs) == n_batches})
+        if split == "calib":
+            self.evaluations += len(sets)
+        else:
+            self.heldout_evaluations += len(sets)
+        self.seconds += time.perf_counter() - started
+        return [Measured(s, t[0] / t[2], t[1] / t[2], t[2], split) for s, t in zip(sets, totals, strict=True)]
+
+    def _walk_batch(self, split: str, b: int, ids, base: tuple[int, ...], walk: list, cached: dict[int, list]
+                    ) -> None:
+        """Run batch b under `base` from the embedding up, branching off each set (by branch point) on the way."""
+        n = ids.shape[0]
+        x, at = self.runner.embed(ids), 0
+        for pairs, d, total in walk:
+            if d > at:
+                x, at = self._base_stream(b, n, x, at, d, base, cached), d
+            self._keep_stream(cached, b, d, x)
+            y = self.runner.run(x, start=d, pairs=pairs) if d < self.num_layers else x
+            self.layer_windows += (self.num_layers - d) * n
+            nll, kl, count = self._score(split, b, y, ids)
+            total[0] += nll
+            total[1] += kl
+            total[2] += count
+
+    def _base_stream(self, b: int, n: int, x, at: int, d: int, base: tuple[int, ...], cached: dict[int, list]):
+        """Batch b's stream at the input of layer d under `base`, from `x` at layer `at` (below d).
+
+        Starts from the highest kept stream above `at` and not above d, then runs the base's layers
+        that are left.
+        """
+        reusable = [c for c in cached if at < c <= d and len(cached[c]) > b]
+        if reusable:
+            at = max(reusable)
+            x = cached[at][b]
+        if d > at:
+            x = self.runner.run(x, start=at, pairs=base, stop=d)
+            self.layer_windows += (d - at) * n
+        return x
+
+    def _keep_stream(self, cached: dict[int, list], b: int, d: int, x) -> None:
+        """Keep batch b's stream at branch point d, as entry b of layer d's list, while the cache has room."""
+        # Entry b only: once a batch did not fit, the layer's list stays short and is dropped at the
+        # end of the call, where appending a later batch would misalign the list with the batches.
+        if not 0 < d < self.num_layers or len(cached.get(d, ())) != b:
+            return
+        size = x.shape[0] * self.seq_len * self.config_hidden * self.runner.dtype.itemsize
+        if self._cache_bytes + size <= self.cache_limit:
+            cached.setdefault(d, []).append(x)
+            self._cache_bytes += size
+
+    def _cached_streams(self, split: str, base: tuple[int, ...]) -> dict[int, list]:
+        """Kept streams of `split` that are also the streams of `base`: layers below which both agree."""
+        old_base, streams = self._streams.pop(split, ((), {}))
+        kept = {}
+        for layer, xs in streams.items():
+            below_old = {p for p in old_base if p < layer}
+            below_new = {p for p in base if p < layer}
+            if below_old == below_new and layer - 1 not in below_new:
+                kept[layer] = xs
+        itemsize = self.runner.dtype.itemsize
+        self._cache_bytes = sum(x.numel() * itemsize for other in self._streams.values()
+                                for xs in other[1].values() for x in xs)
+        self._cache_bytes += sum(x.numel() * itemsize for xs in kept.values() for x in xs)
+        return kept
+
+    def _branch_point(self, base: tuple[int, ...], pairs: tuple[int, ...]) -> int:
+        diff = set(base) ^ set(pairs)
+        return min(diff) if diff else self.num_layers

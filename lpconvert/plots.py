@@ -1,0 +1,121 @@
+"""Pictures, drawn only from the JSON files the stages write (so any of them can be redrawn later
+from a scores or plan file): layer and pair importance (score), quality against depth (plan).
+
+matplotlib is imported when a picture is drawn, never at import.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .errors import LPError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise LPError("--plot needs matplotlib", "pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_scores(scores: dict, path) -> None:
+    """Per-layer importance and per-pair cost in one picture."""
+    plt = _pyplot()
+    layers, pairs = scores["layers"], scores["pairs"]
+    panels = 3 if "loss_increase" in pairs[0] else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 3.2 * panels), sharex=True)
+    ax = axes[0]
+    xs = [row["layer"] for row in layers]
+    ax.bar(xs, [row["block_influence"] for row in layers], color="#4c72b0", label="block influence (1 - cos)")
+    ax.plot(xs, [row["angular_distance"] for row in layers], "o-", color="#dd8452", label="angular distance")
+    ax.set_ylabel("per layer")
+    ax.legend(loc="upper center")
+    ax.set_title(f"{scores['model']['name']}: layer and pair importance "
+                 f"({scores['calibration']['tokens']} tokens of {scores['calibration']['source']})")
+    ax = axes[1]
+    px = [row["first"] + 0.5 for row in pairs]
+    if "pair_rel_l2" in pairs[0]:
+        ax.plot(px, [row["pair_rel_l2"] for row in pairs], "o-", color="#c44e52", label="pair error (relative L2)")
+        ax.plot(px, [1 - row["pair_cosine"] for row in pairs], "s--", color="#8172b3", label="1 - pair cosine")
+    ax.plot(px, [row["angular_distance"] for row in pairs], "^:", color="#55a868", label="angular distance (2 layers)")
+    ax.set_yscale("log")
+    ax.set_ylabel("per pair (i, i+1)")
+    ax.legend(loc="upper center")
+    if panels == 3:
+        ax = axes[2]
+        ax.bar(px, [100 * row["loss_increase"] for row in pairs], color="#937860")
+        ax.set_yscale("symlog", linthresh=1.0)  # a few pairs cost 100x more than the rest
+        ax.set_ylabel("loss increase, % (measured)")
+    axes[-1].set_xlabel("layer")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_front(plan_json: dict, scores: dict, path) -> None:
+    """The quality/depth front of a plan (its JSON) and the scores it was made from, as a PNG: calibration
+    perplexity against effective depth, measured for the plan's strategy, estimated for the others."""
+    from .formats import plan_from_json
+    from .plan.defaults import STRATEGY_COLORS
+    from .plan.front import front_series
+
+    plan = plan_from_json(plan_json)
+    series, source_ppl = front_series(plan, scores)
+    if not series:
+        raise LPError("--plot needs measured losses: none are known for this plan",
+                      "pass --model, or scores measured with --measure-loss")
+    plt = _pyplot()
+    num_layers = plan.num_layers
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    for name, points in series.items():
+        points = sorted(points, key=lambda p: -p["depth"])
+        measured = all(p["measured"] for p in points)
+        depths = [num_layers] + [p["depth"] for p in points] if source_ppl else [p["depth"] for p in points]
+        ppls = [source_ppl] + [p["perplexity"] for p in points] if source_ppl else [p["perplexity"] for p in points]
+        label = name + (" (measured)" if measured else " (estimated from single pairs)")
+        ax.plot(depths, ppls, marker="o" if measured else ".", linestyle="-" if measured else "--",
+                color=STRATEGY_COLORS.get(name), label=label)
+    ax.scatter([plan.effective_depth], [_chosen_ppl(plan, series)], s=160, facecolors="none",
+               edgecolors="black", zorder=5, label=f"plan: {plan.strategy}, depth {plan.effective_depth}")
+    if source_ppl:
+        ax.axhline(source_ppl, color="gray", linewidth=0.8, linestyle=":", label=f"source ({source_ppl:.2f})")
+    _style_axes(ax, num_layers)
+    fig.tight_layout()
+    try:
+        fig.savefig(Path(path), format="png")
+    except OSError as exc:
+        raise LPError(f"cannot write the plot {path}: {exc.strerror or exc}", "check the path") from None
+    finally:
+        plt.close(fig)
+
+
+def _style_axes(ax, num_layers: int) -> None:
+    from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("effective depth (blocks)")
+    ax.set_ylabel("calibration perplexity")
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 22, not 2.2 x 10^1, on a narrow log range
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.invert_xaxis()  # deeper cuts to the right
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"Quality/depth front ({num_layers} layers)")
+    ax.legend(fontsize=8)
+
+
+def _chosen_ppl(plan, series: dict) -> float:
+    """The plan's own point: its measured calibration perplexity, else its strategy's estimate at its depth."""
+    if "calibration" in plan.details:
+        return plan.details["calibration"]["perplexity"]
+    for p in series.get(plan.strategy, []):
+        if p["depth"] == plan.effective_depth:
+            return p["perplexity"]
+    return math.nan
+

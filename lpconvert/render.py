@@ -1,0 +1,211 @@
+"""What people read: the Rich table each command prints, and the number formats they share.
+
+Every function takes the JSON-shaped result a stage returns (the same data `--json` prints) and
+returns a Rich renderable; nothing here computes a figure.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+
+def format_count(n: int | None) -> str | None:
+    """134_515_008 -> "134.5M"."""
+    if n is None:
+        return None
+    for size, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return str(n)
+
+
+def format_bytes(n: float | None) -> str | None:
+    """538_090_408 -> "538.1 MB" (decimal units, like the Hub)."""
+    if n is None:
+        return None
+    for size, suffix in ((1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if n >= size:
+            return f"{n / size:.1f} {suffix}"
+    return f"{n:.0f} B"
+
+
+def pairs_text(pairs) -> str:
+    """[10, 14] or [[10, 11], [14, 15]] -> "(10, 11), (14, 15)"."""
+    starts = [p[0] if isinstance(p, (list, tuple)) else p for p in pairs]
+    return ", ".join(f"({p}, {p + 1})" for p in starts) or "none"
+
+
+# ----------------------------------------------------------------------------------------------
+# inspect
+
+
+def description_table(info: dict[str, Any]) -> Table:
+    """A two-column table of describe.describe_model's dict."""
+    table = Table(show_header=False, title=f"{info.get('name')}", title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    supported = "yes" if info.get("supported") else f"no — {info.get('unsupported_reason')}"
+    rows: list[tuple[str, Any]] = [
+        ("source", f"{info.get('kind')}: {info.get('path')}"),
+        ("architecture", f"{info.get('architecture')} ({info.get('model_type')})"),
+        ("supported", supported),
+        ("layers", info.get("num_layers")),
+    ]
+    if "lp_blocks" in info:
+        pairs = sum(1 for block in info["lp_blocks"] if len(block) > 1)
+        rows.append(("effective depth", f"{info.get('effective_depth')} blocks ({pairs} layer-parallel pairs)"))
+        rows.append(("blocks", " ".join("+".join(str(i) for i in block) for block in info["lp_blocks"])))
+    rows += [
+        ("hidden size", info.get("hidden_size")),
+        ("attention heads", f"{info.get('num_attention_heads')} query, {info.get('num_key_value_heads')} key/value, "
+                            f"head dim {info.get('head_dim')}"),
+        ("MLP width", info.get("intermediate_size")),
+        ("vocabulary", info.get("vocab_size")),
+        ("tied embeddings", "yes" if info.get("tie_word_embeddings") else "no"),
+        ("parameters", format_count(info.get("parameters"))),
+        ("weights dtype", info.get("dtype")),
+        ("size on disk", format_bytes(info.get("disk_bytes"))),
+    ]
+    for key, value in rows:
+        table.add_row(key, "—" if value is None else str(value))
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# score
+
+
+def scores_table(scores: dict) -> Table:
+    measured = "loss_increase" in scores["pairs"][0]
+    base = scores["base"]
+    table = Table(title=f"{scores['model']['name']}: calibration loss {base['loss']:.3f} "
+                        f"(perplexity {base['perplexity']:.2f}) on {base['tokens']} tokens of "
+                        f"{scores['calibration']['source']}")
+    table.add_column("pair", justify="right")
+    table.add_column("angular dist.", justify="right")
+    if "pair_rel_l2" in scores["pairs"][0]:
+        table.add_column("pair error (rel. L2)", justify="right")
+        table.add_column("pair cosine", justify="right")
+    if measured:
+        table.add_column("loss increase", justify="right")
+    for row in scores["pairs"]:
+        cells = [f"({row['first']}, {row['first'] + 1})", f"{row['angular_distance']:.3f}"]
+        if "pair_rel_l2" in row:
+            cells += [f"{row['pair_rel_l2']:.3f}", f"{row['pair_cosine']:.3f}"]
+        if measured:
+            cells.append(f"{100 * row['loss_increase']:+.1f}%")
+        table.add_row(*cells)
+    safest = "; ".join(f"{m}: {', '.join(map(str, firsts))}" for m, firsts in scores["safest_pairs"].items())
+    table.caption = f"safest pair starts by metric: {safest}"
+    if scores.get("agreement_with_loss"):
+        table.caption += "\nSpearman with measured loss (middle pairs): " + ", ".join(
+            f"{m} {rho:+.2f}" for m, rho in scores["agreement_with_loss"].items())
+    table.caption += f"\ntime: {scores['timings']['total_seconds']:.0f} s"
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# plan
+
+
+def plan_table(plan: dict, name: str, layer_strip: str, alpha: float) -> Table:
+    """The plan JSON (formats.Plan.to_json) as a table; `alpha` is the cost model's constant."""
+    d = plan["details"]
+    table = Table(title=f"Plan: {plan['strategy']}", show_header=False)
+    table.add_row("source", f"{name} ({plan['source'].get('architecture')}, {plan['source']['num_layers']} layers)")
+    how = plan["strategy"] + (f", ranked by {plan['metric']}" if plan["metric"] else "")
+    if d.get("objective"):
+        how += f", measured by {d['objective']}"
+    if "search" in d:
+        s = d["search"]
+        how += f" (pool {s['candidates']}, beam {s['beam']}, held-out check of {s['verify']})"
+    table.add_row("strategy", how)
+    target = plan["target"] or {}
+    table.add_row("target", f"{target.get('kind', '').replace('_', ' ')} {target.get('value')}")
+    table.add_row("pairs", ", ".join(f"({a}, {b})" for a, b in plan["pairs"]))
+    table.add_row("layer stack", layer_strip)
+    table.add_row("effective depth", f"{plan['effective_depth']} blocks (from {plan['source']['num_layers']})")
+    table.add_row("speedup", f"{d['estimated_speedup']:.2f}x (estimate: decode time ∝ layers − {alpha}·pairs)")
+    if "calibration" in d:
+        c, base = d["calibration"], d["source_calibration"]
+        table.add_row("calibration", f"perplexity {base['perplexity']:.2f} → {c['perplexity']:.2f} "
+                                     f"(loss {100 * c['loss_increase']:+.1f}%), KL {c['kl']:.4f}")
+    if "heldout" in d:
+        h = d["heldout"]
+        table.add_row("held-out check", f"perplexity {h['source_perplexity']:.2f} → {h['perplexity']:.2f} "
+                                        f"(loss {100 * h['loss_increase']:+.1f}%)")
+    if "summed_single_pair_loss_increase" in d:
+        table.add_row("single-pair losses", f"{100 * d['summed_single_pair_loss_increase']:+.1f}% summed "
+                                            "(pairs interact: an estimate)")
+    cost = d.get("cost", {})
+    if cost.get("set_evaluations"):
+        table.add_row("cost", f"{cost['set_evaluations']} sets measured ({cost['heldout_evaluations']} on held-out), "
+                              f"{cost['forward_passes']:.1f} forward passes of {cost['calibration_tokens']} tokens")
+    table.add_row("time", f"{d['planning_seconds']:.1f} s")
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+def export_table(report: dict, source: str, layer_strip: str) -> Table:
+    """export.ExportReport.to_json() as a table."""
+    dry_run = report["dry_run"]
+    table = Table(title="Dry run: nothing written" if dry_run else f"Exported to {report['out']}", show_header=False)
+    table.add_row("source", source)
+    table.add_row("pairs", pairs_text(report["pairs"]))
+    table.add_row("layer stack", layer_strip)
+    table.add_row("effective depth", f"{report['effective_depth']} blocks (from {report['num_layers']})")
+    table.add_row("dtype", report["dtype"])
+    table.add_row("shards", "\n".join(f"{s['file']}  {format_bytes(s['bytes'])}  ({s['tensors']} tensors)"
+                                      for s in report["shards"]))
+    table.add_row("total", format_bytes(report["total_bytes"]))
+    if not dry_run:
+        table.add_row("time", f"{report['seconds']:.1f} s")
+        table.add_row("load with", f'AutoModelForCausalLM.from_pretrained("{report["out"]}", trust_remote_code=True)')
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# eval and convert
+
+
+def eval_table(report: dict) -> Table:
+    text = report["text"]
+    table = Table(title=f"{report['converted']} ({report['converted_depth']} blocks) vs {report['source']} "
+                        f"({report['source_depth']} layers) on {report['tokens']} tokens of {text['source']} "
+                        f"({text['split']})")
+    table.add_column("figure")
+    table.add_column("source", justify="right")
+    table.add_column("converted", justify="right")
+    table.add_row("perplexity", f"{report['perplexity_source']:.3f}", f"{report['perplexity_converted']:.3f}")
+    table.add_row("perplexity increase", "", f"{100 * report['perplexity_increase']:+.2f}%")
+    table.add_row("next-token agreement", "", f"{report['agreement']:.3f}")
+    table.add_row("KL(source || converted), nats/token", "", f"{report['kl_divergence']:.4f}")
+    generation = report["generation"]
+    table.add_row(f"generation: {generation['prompt']!r}", " ".join(generation["source"].split()),
+                  " ".join(generation["converted"].split()))
+    gate = [f"{k}={v}" for k, v in report["gate"].items() if v is not None]
+    table.caption = ("gate: " + ", ".join(gate) + (" passed" if report["passed"] else " FAILED")) if gate else None
+    return table
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+
+
+def bench_table(report: dict) -> Table:
+    s = report["settings"]
+    table = Table(title=f"tokens/s on {report.get('gpu', report['device'])} ({s['dtype']}, prompt {s['prompt_len']}, "
+                        f"{s['new_tokens']} new tokens, median of {s['repeats']})")
+    for column in ("model", "batch", "mode", "decode tok/s", "prefill tok/s", "decode speedup"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    gains = {(g["model"], g["batch"], g["mode"]): g["decode"] for g in report["speedups"]}
+    for row in report["rows"]:
+        gain = gains.get((row["model"], row["batch"], row["mode"]))
+        table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['decode_tokens_per_s']:.1f}",
+                      f"{row['prefill_tokens_per_s']:.0f}", f"{gain:.2f}x" if gain else "")
+    return table
