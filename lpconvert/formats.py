@@ -235,14 +235,22 @@ def load_plan(path: Path) -> Plan:
     return plan_from_json(load_json_file(path, "plan"), path)
 
 
+def _check_kind(data: dict, path, kind: str, version: int, *, what: str, written_by: str, its_version: str,
+                regenerate: str) -> None:
+    """A file of this kind and schema version, or one line saying what it is instead."""
+    if data.get("kind") != kind:
+        raise LPError(f"{path} is not an lpconvert {what} (kind is {data.get('kind')!r})",
+                      f"pass a file written by {written_by}")
+    if data.get("schema_version") != version:
+        raise LPError(f"{its_version} schema_version {data.get('schema_version')!r}; this lpconvert reads {version}",
+                      regenerate)
+
+
 def plan_from_json(data: dict, path: Path | str = "the plan") -> Plan:
     """A Plan from its JSON (as written by Plan.save), refused naming `path` if it is not one."""
-    if data.get("kind") != PLAN_KIND:
-        raise LPError(f"{path} is not an lpconvert plan (kind is {data.get('kind')!r})",
-                      "pass a file written by `lpconvert plan` or `lpconvert export --pairs`")
-    if data.get("schema_version") != PLAN_SCHEMA_VERSION:
-        raise LPError(f"plan {path} has schema_version {data.get('schema_version')!r}; this lpconvert reads "
-                      f"{PLAN_SCHEMA_VERSION}", "regenerate the plan with this version of lpconvert")
+    _check_kind(data, path, PLAN_KIND, PLAN_SCHEMA_VERSION, what="plan", its_version=f"plan {path} has",
+                written_by="`lpconvert plan` or `lpconvert export --pairs`",
+                regenerate="regenerate the plan with this version of lpconvert")
     try:
         raw_pairs = [(a, b) for a, b in data["pairs"]]
         source = dict(data["source"])
@@ -293,12 +301,8 @@ def _check_pair_rows(rows: list, path: Path) -> None:
 def load_scores(path: Path, expected_source: dict | None = None) -> dict:
     """Read a scores file; refuse another kind, another schema, or (if given) another model."""
     data = load_json_file(path, "scores")
-    if data.get("kind") != SCORES_KIND:
-        raise LPError(f"{path} is not an lpconvert scores file (kind is {data.get('kind')!r})",
-                      "pass a file written by `lpconvert score`")
-    if data.get("schema_version") != SCORES_SCHEMA_VERSION:
-        raise LPError(f"scores {path} have schema_version {data.get('schema_version')!r}; this lpconvert reads "
-                      f"{SCORES_SCHEMA_VERSION}", "re-run `lpconvert score` with this version")
+    _check_kind(data, path, SCORES_KIND, SCORES_SCHEMA_VERSION, what="scores file", its_version=f"scores {path} have",
+                written_by="`lpconvert score`", regenerate="re-run `lpconvert score` with this version")
     if not isinstance(data.get("pairs"), list) or not isinstance(data.get("source"), dict):
         raise LPError(f"scores {path} lack 'pairs' or 'source'", "re-run `lpconvert score`")
     _check_pair_rows(data["pairs"], path)

@@ -467,6 +467,16 @@ def case_fp8_weights(t, p):
     return _export(folder, p, "--pairs", "2"), "is stored as float8_e4m3fn"
 
 
+def case_final_norm_missing(t, p):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(t, "llama", p)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.norm.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return _export(folder, p, "--pairs", "2"), "the checkpoint has no tensor model.norm.weight"
+
+
 def _converted(t, p, arch="llama"):
     return cli_export(t[arch], p / "converted")
 

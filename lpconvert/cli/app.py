@@ -1,0 +1,181 @@
+"""The lpconvert command line: the Typer app, the options several commands share, and the one place
+where errors become exit codes (`stage`).
+
+Each command (pipeline.py: inspect, score, plan, export; quality.py: eval, bench, convert) parses its
+options, builds its stage's settings (settings.py: every default and check), calls the stage and
+renders the result (render.py tables, plots.py pictures); nothing here computes a figure.
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands, so `--help`
+answers at once. Every user error is an LPError: one line on stderr, exit code 2 (1 for a failed
+quality gate), no traceback unless --debug; Ctrl-C is exit 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from .. import __version__
+from ..errors import LPError
+from ..settings import (
+    BenchSettings,
+    EvalSettings,
+    ExportSettings,
+    PlanSettings,
+    ScoreSettings,
+    build,
+    defaults_of,
+    option_label,
+)
+
+app = typer.Typer(
+    name="lpconvert",
+    help="Turn a pretrained Hugging Face causal LM into a faster layer-parallel checkpoint, without retraining.\n\n"
+    "Pipeline: [bold]inspect[/] a model, [bold]score[/] its layers and pairs on calibration text, [bold]plan[/] "
+    "which pairs to run side by side, [bold]export[/] the converted checkpoint, then [bold]eval[/] its quality "
+    "and [bold]bench[/] its speed; [bold]convert[/] runs them all from a recipe.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+out = Console()
+_state: dict = {"debug": False, "progress": None}
+
+# Defaults shown by --help come from the stages' settings (settings.py): one source.
+SCORE, PLAN, EXPORT, EVAL, BENCH = (defaults_of(cls) for cls in (ScoreSettings, PlanSettings, ExportSettings,
+                                                                   EvalSettings, BenchSettings))
+
+# ----------------------------------------------------------------------------------------------
+# Options shared by several commands, declared once
+
+ModelArg = Annotated[str, typer.Argument(
+    help="A Hugging Face folder, a .gguf file or folder, the built-in [bold]smollm2-135m[/], or a hub id.",
+    show_default=False)]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow running the source model's own code.",
+                                        rich_help_panel="Source")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel="Output")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Replace an existing output folder that lpconvert wrote (never any other folder).",
+    rich_help_panel="Output")]
+AllowEdgeOpt = Annotated[bool, typer.Option(
+    "--allow-edge-layers", help="Allow pairing the first or last layer (most damaging).", rich_help_panel="Pairs")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Runtime")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel="Runtime")]
+BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Runtime")]
+TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl/.json files and datasets.",
+                                           rich_help_panel="Text")]
+SeqLenOpt = Annotated[int, typer.Option(help="Tokens per window.", rich_help_panel="Text")]
+SeedOpt = Annotated[int, typer.Option(help="Seed for drawing windows.", rich_help_panel="Text")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lpconvert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+    progress: Annotated[str | None, typer.Option(
+        "--progress", help="How progress shows on stderr: bars (redrawn in place), lines (plain timed lines, "
+        "for CI logs), off. Default: bars on a terminal, lines otherwise; env LPCONVERT_PROGRESS.",
+        show_default=False)] = None,
+) -> None:
+    _state["debug"] = debug
+    _state["progress"] = progress
+
+
+def stage(fn):
+    """Run a command; map LPError to one line + its exit code, and Ctrl-C to exit 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except LPError as exc:
+            if _state["debug"]:
+                raise
+            # escape: a message quoting "[i, i+1]" must not be read as Rich markup and vanish
+            err.print(f"[bold red]error:[/] {escape(exc.one_line())}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[bold red]interrupted[/]: nothing was written at the output path")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers of every command: progress, sources, output paths, JSON
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def show(data, as_json: bool, table) -> None:
+    """The result as JSON on stdout (--json), else its table (`table(data)`, from render.py)."""
+    if as_json:
+        print_json(data)
+    else:
+        out.print(table(data))
+
+
+def reporter():
+    from ..progress import Reporter
+
+    return Reporter(err, _state["progress"])
+
+
+def typed_paths(model: str | None) -> list[Path]:
+    """The model path as typed, when it is one: protected before the source is even resolved."""
+    return [Path(model).expanduser()] if model and Path(model).expanduser().exists() else []
+
+
+def check_output_folder_early(output: Path, overwrite: bool, model: str) -> None:
+    """Refuse a taken or overlapping output path before spending seconds loading the source (the
+    stage checks again, with every file of the resolved source, before it writes)."""
+    from ..outputs import check_output_folder
+
+    check_output_folder(output, overwrite, typed_paths(model))
+
+
+def check_output_file_early(path: Path | None, model: str | None) -> None:
+    from ..outputs import check_output_file
+
+    if path is not None:
+        check_output_file(path, typed_paths(model))
+
+
+def load_source(model: str, trust_remote_code: bool, report=None):
+    from ..sources import resolve_model
+
+    if report is None:
+        with reporter() as report:
+            return load_source(model, trust_remote_code, report)
+    report.step(f"loading {model}")
+    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    report.end()
+    return source
+
+
+def settings_from_options(cls, **values):
+    """The stage's settings from the options as typed; a bad value is refused naming its option."""
+    return build(cls, values, option_label)
+
+
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,274 @@
+"""The commands that make a converted model, in pipeline order: inspect, score, plan, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import LPError
+from ..settings import ExportSettings, PlanSettings, ScoreSettings
+from .app import (
+    EXPORT,
+    PLAN,
+    SCORE,
+    AllowEdgeOpt,
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    SeedOpt,
+    SeqLenOpt,
+    TextFieldOpt,
+    TrustOpt,
+    app,
+    check_output_file_early,
+    check_output_folder_early,
+    err,
+    load_source,
+    out,
+    print_json,
+    reporter,
+    settings_from_options,
+    show,
+    stage,
+)
+
+# ----------------------------------------------------------------------------------------------
+# inspect
+
+
+@app.command()
+@stage
+def inspect(model: ModelArg, trust_remote_code: TrustOpt = False, as_json: JsonOpt = False) -> None:
+    """Describe a model: architecture, whether lpconvert supports it, shapes, dtype, size."""
+    from ..describe import describe_model
+    from ..render import description_table
+
+    show(describe_model(load_source(model, trust_remote_code)), as_json, description_table)
+
+
+# ----------------------------------------------------------------------------------------------
+# score
+
+
+@app.command()
+@stage
+def score(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.",
+                                         rich_help_panel="Output")] = Path("scores.json"),
+    calib: Annotated[str, typer.Option(help="Calibration text: wiki, news, a .txt/.jsonl/.json file or folder, "
+                                             "or a datasets name.", rich_help_panel="Text")] = SCORE["calib"],
+    text_field: TextFieldOpt = SCORE["text_field"],
+    tokens: Annotated[int, typer.Option(help="Calibration tokens.", rich_help_panel="Text")] = SCORE["tokens"],
+    seq_len: SeqLenOpt = SCORE["seq_len"],
+    seed: SeedOpt = SCORE["seed"],
+    metrics: Annotated[str, typer.Option(
+        help="Comma-separated: angular_distance, block_influence, pair_error, loss.",
+        rich_help_panel="Metrics")] = ",".join(SCORE["metrics"]),
+    measure_loss: Annotated[bool, typer.Option(
+        "--measure-loss", help="Also measure the calibration loss with each single pair in parallel (slow, decisive).",
+        rich_help_panel="Metrics")] = SCORE["measure_loss"],
+    loss_tokens: Annotated[int, typer.Option(help="Token budget of --measure-loss.",
+                                             rich_help_panel="Metrics")] = SCORE["loss_tokens"],
+    batch_size: BatchOpt = SCORE["batch_size"],
+    device: DeviceOpt = SCORE["device"],
+    dtype: DtypeOpt = SCORE["dtype"],
+    device_map: Annotated[str | None, typer.Option(
+        help="'auto' spreads a model too large for one device (accelerate).", rich_help_panel="Runtime",
+        show_default=False)] = SCORE["device_map"],
+    plot: Annotated[Path | None, typer.Option(help="Also draw the scores into this PNG.", rich_help_panel="Output",
+                                              show_default=False)] = None,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure how much each layer and each candidate pair matters, on calibration text."""
+    from ..outputs import write_json_atomically
+    from ..plots import plot_scores
+    from ..render import scores_table
+    from ..score import compute_scores, parse_metrics
+
+    settings = settings_from_options(ScoreSettings, calib=calib, text_field=text_field, tokens=tokens, seq_len=seq_len,
+                         seed=seed, batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
+                         metrics=list(parse_metrics(metrics)), measure_loss=measure_loss, loss_tokens=loss_tokens)
+    check_output_file_early(output, model)
+    check_output_file_early(plot, model)  # before the scoring, not after it
+    with reporter() as report:
+        scores = compute_scores(load_source(model, trust_remote_code, report), settings, report.step)
+    write_json_atomically(output, scores)
+    if plot is not None:
+        plot_scores(scores, plot)
+    if as_json:
+        print_json({k: scores[k] for k in ("model", "calibration", "base", "safest_pairs", "agreement_with_loss",
+                                            "timings")} | {"output": str(output)})
+        return
+    out.print(scores_table(scores))
+    out.print(f"scores written to [bold]{output}[/]" + (f", plot to [bold]{plot}[/]" if plot else ""))
+
+
+# ----------------------------------------------------------------------------------------------
+# plan
+
+
+@app.command()
+@stage
+def plan(
+    scores: Annotated[Path, typer.Argument(help="Scores JSON from `lpconvert score`.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the plan JSON.",
+                                                rich_help_panel="Output", show_default=False)] = None,
+    pairs: Annotated[int | None, typer.Option("--pairs", help="Target: this many pairs.", rich_help_panel="Target",
+                                              show_default=False)] = None,
+    depth: Annotated[int | None, typer.Option("--depth", help="Target: this effective depth (layers - pairs).",
+                                              rich_help_panel="Target", show_default=False)] = None,
+    speedup: Annotated[float | None, typer.Option(
+        "--speedup", help="Target: this decode speedup, ESTIMATED by a cost model (time ∝ layers - 0.55·pairs).",
+        rich_help_panel="Target", show_default=False)] = None,
+    max_loss_increase: Annotated[str | None, typer.Option(
+        "--max-loss-increase", help="Target: the most pairs whose measured calibration loss stays within X% of the "
+        "source's, e.g. 5%.", rich_help_panel="Target", show_default=False)] = None,
+    strategy: Annotated[str | None, typer.Option(
+        "--strategy", help="contiguous (the paper's rule), greedy (best pairs by --metric) or search (measure the "
+        "model with all pairs at every step). Default: search with --model, else greedy.",
+        rich_help_panel="Strategy", show_default=False)] = PLAN["strategy"],
+    metric: Annotated[str | None, typer.Option(
+        "--metric", help="Per-pair metric of the scores used to rank pairs: loss_increase, pair_rel_l2, pair_cosine "
+        "or angular_distance. Default: loss_increase when the scores have it, else pair_cosine (the cheap metric "
+        "that agreed best with measured loss on SmolLM2).",
+        rich_help_panel="Strategy", show_default=False)] = PLAN["metric"],
+    allow_edge_layers: AllowEdgeOpt = PLAN["allow_edge_layers"],
+    model: Annotated[str | None, typer.Option(
+        "--model", help="The scored model; lets the planner measure pair sets (needed by search).",
+        rich_help_panel="Measuring", show_default=False)] = None,
+    objective: Annotated[str, typer.Option(
+        help="What measuring minimises: kl (divergence from the source's next-token distribution, resists "
+        "overfitting) or loss (calibration NLL, the paper's perplexity sweep).",
+        rich_help_panel="Measuring")] = PLAN["objective"],
+    candidates: Annotated[int, typer.Option(help="Search: pool of pairs pre-ranked by --metric.",
+                                            rich_help_panel="Measuring")] = PLAN["candidates"],
+    beam: Annotated[int, typer.Option(help="Search: sets kept at each step (2 keeps a runner-up path: a pair "
+                                           "that is best alone can block two better ones).",
+                                      rich_help_panel="Measuring")] = PLAN["beam"],
+    verify: Annotated[int, typer.Option(
+        help="Search: best sets of each step re-measured on the calibration text's held-out split before one is "
+        "kept (0: off).", rich_help_panel="Measuring")] = PLAN["verify"],
+    calib: Annotated[str, typer.Option(help="Calibration text: wiki, a .txt/.jsonl/.json file or folder, or a "
+                                            "datasets name.", rich_help_panel="Text")] = PLAN["calib"],
+    tokens: Annotated[int, typer.Option(
+        help="Calibration tokens every candidate set is measured on (the search's screening).",
+        rich_help_panel="Text")] = PLAN["tokens"],
+    heldout_tokens: Annotated[int, typer.Option(
+        help="Held-out tokens (same text, windows calibration never uses) the --verify best sets of each search "
+        "step are re-measured on; they then count with the calibration tokens.",
+        rich_help_panel="Text")] = PLAN["heldout_tokens"],
+    seq_len: SeqLenOpt = PLAN["seq_len"],
+    seed: SeedOpt = PLAN["seed"],
+    batch_size: BatchOpt = PLAN["batch_size"],
+    device: DeviceOpt = PLAN["device"],
+    dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.",
+                                       rich_help_panel="Runtime")] = PLAN["dtype"],
+    plot: Annotated[Path | None, typer.Option(help="Also draw calibration perplexity against effective depth "
+                                                   "(the quality/depth front) into this PNG.",
+                                              rich_help_panel="Output", show_default=False)] = None,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Choose which consecutive layers to pair, for a target depth, speedup or loss budget."""
+    from ..formats import layer_strip, load_scores, source_fingerprint
+    from ..outputs import write_json_atomically
+    from ..plan import ALPHA, parse_target, plan_stage
+    from ..plots import plot_front
+    from ..render import plan_table
+
+    target = parse_target(pairs, depth, speedup, max_loss_increase)
+    settings = settings_from_options(PlanSettings, strategy=strategy, metric=metric, objective=objective, candidates=candidates,
+                         beam=beam, verify=verify, allow_edge_layers=allow_edge_layers, calib=calib, tokens=tokens,
+                         heldout_tokens=heldout_tokens, seq_len=seq_len, seed=seed, batch_size=batch_size,
+                         device=device, dtype=dtype, use_model=model is not None)
+    if output is None and not as_json:
+        raise LPError("give -o plan.json (or --json to print the plan)", "e.g. lpconvert plan scores.json -o plan.json")
+    for path in (output, plot):
+        check_output_file_early(path, model)
+    with reporter() as progress:
+        source = load_source(model, trust_remote_code, progress) if model is not None else None
+        scores_data = load_scores(scores, source_fingerprint(source.config, source.store) if source else None)
+        result = plan_stage(scores_data, target, settings, source, scores_path=f"scores {scores}",
+                            progress=lambda message: progress.step("planning", detail=message))
+    data = result.to_json()
+    if output is not None:
+        write_json_atomically(output, data)
+    if plot is not None:
+        plot_front(data, scores_data, plot)
+    if as_json:
+        print_json(data)
+        return
+    name = model or scores_data.get("model", {}).get("name", "?")
+    out.print(plan_table(data, name, layer_strip(result.pairs, result.num_layers), ALPHA))
+    written = [f"plan written to [bold]{output}[/]"] if output is not None else []
+    if plot is not None:
+        written.append(f"plot to [bold]{plot}[/]")
+    if written:
+        out.print(", ".join(written))
+
+
+# ----------------------------------------------------------------------------------------------
+# export
+
+
+@app.command()
+@stage
+def export(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the checkpoint to.",
+                                         show_default=False, rich_help_panel="Output")],
+    plan: Annotated[Path | None, typer.Option("--plan", help="Plan JSON from `lpconvert plan`.",
+                                              rich_help_panel="Pairs", show_default=False)] = None,
+    pairs: Annotated[str | None, typer.Option(
+        "--pairs", help="First layer of each pair, e.g. 12,14,16 (12 pairs layers 12 and 13); 'none' for a copy.",
+        rich_help_panel="Pairs", show_default=False)] = None,
+    allow_edge_layers: AllowEdgeOpt = False,
+    dtype: Annotated[str, typer.Option(help="auto (keep the source dtype), float32, bfloat16 or float16.",
+                                       rich_help_panel="Output")] = EXPORT["dtype"],
+    max_shard_size: Annotated[str, typer.Option(help="Largest shard file, e.g. 5GB or 500MB.",
+                                                rich_help_panel="Output")] = EXPORT["max_shard_size"],
+    copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
+                                                 help="Copy the tokenizer files next to the weights.",
+                                                 rich_help_panel="Output")] = EXPORT["copy_tokenizer"],
+    overwrite: OverwriteOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the block layout and shard plan; write nothing.",
+                                          rich_help_panel="Output")] = False,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a layer-parallel checkpoint: each pair becomes one wide block, loadable with
+    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
+    from ..export import export as run_export
+    from ..formats import layer_strip, load_plan, parse_pairs, plan_for_source, source_fingerprint
+    from ..render import export_table
+
+    if (plan is None) == (pairs is None):
+        raise LPError("give exactly one of --plan and --pairs", "e.g. --pairs 12,14 or --plan plan.json")
+    if pairs is not None and not pairs.strip():
+        raise LPError("--pairs is empty", "give pair starts such as --pairs 12,14, or --pairs none for an exact copy")
+    loaded_plan = load_plan(plan) if plan is not None else None
+    wanted = None if pairs is None or pairs.strip().lower() == "none" else parse_pairs(pairs)
+    settings = settings_from_options(ExportSettings, dtype=dtype, max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer)
+    check_output_folder_early(output, overwrite, model)
+    with reporter() as progress:
+        source = load_source(model, trust_remote_code, progress)
+        chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
+                                 plan_name=f"plan {plan}", pairs=wanted, allow_edge_layers=allow_edge_layers)
+        if not chosen.pairs:
+            progress.end()
+            err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy in lpconvert's format")
+        report = run_export(source, chosen, output, dtype=settings.dtype, max_shard_size=settings.max_shard_size,
+                            copy_tokenizer_files=settings.copy_tokenizer, overwrite=overwrite, dry_run=dry_run,
+                            progress=progress.counter("writing weights", "bytes"))
+    if as_json:
+        print_json(report.to_json())
+        return
+    source_line = f"{source.name} ({source.config.model_type}, {chosen.num_layers} layers)"
+    out.print(export_table(report.to_json(), source_line, layer_strip(chosen.pairs, chosen.num_layers)))

@@ -1,0 +1,187 @@
+"""The commands that judge and ship a converted model: eval (quality), bench (speed), convert (all
+stages from a recipe, for CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import LPError
+from ..settings import BenchSettings, EvalSettings, build, option_label
+from .app import (
+    BENCH,
+    EVAL,
+    BatchOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    OverwriteOpt,
+    SeqLenOpt,
+    TextFieldOpt,
+    TrustOpt,
+    app,
+    check_output_folder_early,
+    err,
+    load_source,
+    out,
+    print_json,
+    reporter,
+    settings_from_options,
+    show,
+    stage,
+)
+
+# ----------------------------------------------------------------------------------------------
+# eval
+
+
+@app.command(name="eval")
+@stage
+def eval_command(
+    source_model: Annotated[str, typer.Argument(metavar="SOURCE", help="The original model.", show_default=False)],
+    converted_model: Annotated[str, typer.Argument(metavar="CONVERTED", help="The folder written by export.",
+                                                   show_default=False)],
+    text: Annotated[str, typer.Option(help="Evaluation text: wiki, news, a file or folder, or a datasets name.",
+                                      rich_help_panel="Text")] = EVAL["text"],
+    split: Annotated[str, typer.Option(help="heldout: the windows calibration never uses; all: every window "
+                                            "(for a text never used to calibrate).", rich_help_panel="Text")
+                     ] = EVAL["split"],
+    text_field: TextFieldOpt = EVAL["text_field"],
+    tokens: Annotated[int, typer.Option(help="Evaluation tokens.", rich_help_panel="Text")] = EVAL["tokens"],
+    seq_len: SeqLenOpt = EVAL["seq_len"],
+    prompt: Annotated[str, typer.Option(help="Prompt of the side-by-side generation.",
+                                        rich_help_panel="Text")] = EVAL["prompt"],
+    max_ppl_increase: Annotated[str | None, typer.Option(
+        help="Gate: fail (exit 1) when perplexity rises more than this, e.g. 10%.", rich_help_panel="Gate",
+        show_default=False)] = None,
+    min_agreement: Annotated[float | None, typer.Option(
+        help="Gate: fail (exit 1) when greedy next-token agreement is below this, e.g. 0.85.",
+        rich_help_panel="Gate", show_default=False)] = None,
+    batch_size: BatchOpt = EVAL["batch_size"],
+    device: DeviceOpt = EVAL["device"],
+    dtype: DtypeOpt = EVAL["dtype"],
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare a converted model with its source on held-out text: perplexity, agreement, KL, generations.
+    With --max-ppl-increase / --min-agreement it is a gate: exit 1 when a bound is broken."""
+    from ..evaluate import evaluate
+    from ..render import eval_table
+
+    settings = settings_from_options(EvalSettings, text=text, split=split, text_field=text_field, tokens=tokens,
+                         seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype, prompt=prompt,
+                         max_ppl_increase=max_ppl_increase, min_agreement=min_agreement)
+    with reporter() as progress:
+        source = load_source(source_model, trust_remote_code, progress)
+        converted = load_source(converted_model, trust_remote_code, progress)
+        report = evaluate(source, converted, settings, progress.counter("evaluating both models", "batches"))
+    show(report, as_json, eval_table)
+    if not report["passed"]:
+        err.print(f"[bold red]gate failed:[/] {'; '.join(report['failures'])}", highlight=False)
+        raise typer.Exit(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# bench
+
+
+def _comma_ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise LPError(f"{option} takes comma-separated integers, got '{text}'", f"e.g. {option} 1,8") from None
+
+
+@app.command()
+@stage
+def bench(
+    model: Annotated[str | None, typer.Argument(help="The model to time (e.g. a converted folder).",
+                                                show_default=False)] = None,
+    baseline: Annotated[str | None, typer.Option(help="Also time this model (e.g. the source) in the same process "
+                                                      "and print the speedup.", show_default=False)] = None,
+    random_weights: Annotated[str | None, typer.Option(
+        help="Instead of MODEL: build a source with random weights at this shape on the device "
+             "(llama2-7b, llama3-8b, llama3.2-3b, qwen2.5-0.5b-shape, tiny) and convert it in memory.",
+        rich_help_panel="Random weights", show_default=False)] = None,
+    pair_counts: Annotated[str, typer.Option(help="With --random-weights: pair counts to convert with, placed in "
+                                                  "the middle of the stack.", rich_help_panel="Random weights")] = "0,7",
+    batch_size: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8.", rich_help_panel="Workload")
+                          ] = ",".join(map(str, BENCH["batch_sizes"])),
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens.", rich_help_panel="Workload")] = BENCH["prompt_len"],
+    new_tokens: Annotated[int, typer.Option(help="Generated tokens.", rich_help_panel="Workload")] = BENCH["new_tokens"],
+    warmup: Annotated[int, typer.Option(help="Warm-up runs.", rich_help_panel="Workload")] = BENCH["warmup"],
+    repeats: Annotated[int, typer.Option(help="Timed runs (median reported).", rich_help_panel="Workload")
+                       ] = BENCH["repeats"],
+    compile_: Annotated[bool, typer.Option("--compile", help="Static cache, compiled decode step.",
+                                           rich_help_panel="Runtime")] = BENCH["compile"],
+    device: DeviceOpt = BENCH["device"],
+    dtype: DtypeOpt = BENCH["dtype"],
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Prefill and decode tokens/s with transformers generate, eager or compiled; with a baseline, the speedup."""
+    from ..bench import bench_models, bench_random_weights
+    from ..render import bench_table
+
+    if (model is None) == (random_weights is None):
+        raise LPError("give MODEL or --random-weights SHAPE (one of them)", "e.g. lpconvert bench out/ --baseline src/")
+    counts = _comma_ints(pair_counts, "--pair-counts")
+    labels = {"batch_sizes": "--batch-size", "compile": "--compile"}
+    settings = build(BenchSettings, dict(batch_sizes=_comma_ints(batch_size, "--batch-size"), prompt_len=prompt_len,
+                                         new_tokens=new_tokens, warmup=warmup, repeats=repeats, compile=compile_,
+                                         device=device, dtype=dtype), lambda key: labels.get(key, option_label(key)))
+    with reporter() as progress:
+        def note(text: str) -> None:
+            progress.step("benchmarking", detail=text)
+
+        if random_weights is not None:
+            report = bench_random_weights(random_weights, counts, settings, note)
+        else:
+            target = load_source(model, trust_remote_code, progress)
+            base = load_source(baseline, trust_remote_code, progress) if baseline is not None else None
+            report = bench_models(target, base, settings, note)
+    show(report, as_json, bench_table)
+
+
+# ----------------------------------------------------------------------------------------------
+# convert
+
+
+@app.command()
+@stage
+def convert(
+    model: ModelArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the converted model and its reports.",
+                                         show_default=False)],
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe with the settings of every stage "
+                                                     "(see configs/).", show_default=False)] = None,
+    keep_failed: Annotated[bool, typer.Option("--keep-failed", help="Keep OUT even when the gate fails.")] = False,
+    overwrite: OverwriteOpt = False,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """score -> plan -> export -> eval in one step, for CI. Exit 0: converted and passed the gate;
+    1: the gate failed (nothing written unless --keep-failed); 2: bad input."""
+    from ..convert import convert as run_convert
+    from ..convert import load_recipe
+    from ..render import eval_table
+
+    settings = load_recipe(recipe)
+    check_output_folder_early(output, overwrite, model)
+    with reporter() as progress:
+        source = load_source(model, trust_remote_code, progress)
+        # A failed gate raises GateFailed, an LPError with exit code 1, and leaves nothing at OUT.
+        summary = run_convert(source, output, settings, overwrite=overwrite, keep_failed=keep_failed,
+                              progress=progress.step)
+    if as_json:
+        print_json(summary)
+    else:
+        out.print(eval_table(summary["eval"]))
+        out.print(f"converted model in [bold]{output}[/]: {len(summary['pairs'])} pairs, "
+                  f"{summary['effective_depth']} blocks (recipe, scores, plan and eval report alongside)")
+    if not summary["passed"]:
+        err.print(f"[bold red]gate failed[/] (kept because of --keep-failed): {'; '.join(summary['eval']['failures'])}")
+        raise typer.Exit(1)
