@@ -307,7 +307,8 @@ def _header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
         header[t.name] = {"dtype": DTYPE_CODES[t.info.dtype], "shape": list(t.info.shape),
                           "data_offsets": [offset, offset + t.info.nbytes]}
         offset += t.info.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
+    # UTF-8 as the reference writer writes it (not \uXXXX escapes): a source path in the metadata may not be ASCII
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
     return struct.pack("<Q", len(raw)) + raw
 

@@ -140,8 +140,6 @@ def test_non_ascii_metadata_reads_back_the_same(tmp_path):
         assert f.metadata() == metadata
 
 
-@pytest.mark.xfail(strict=True, reason="checkpoint._header_bytes escapes non-ASCII as \\uXXXX (json.dumps' "
-                   "ensure_ascii) where the reference writer writes UTF-8; exports write ASCII metadata only")
 def test_non_ascii_metadata_is_byte_for_byte_what_the_reference_writer_writes(tmp_path):
     metadata = {"format": "pt", "source": "/models/modèle-ä"}
     want = reference_shard(tmp_path / "reference.safetensors", {"a": torch.ones(2)}, metadata)
