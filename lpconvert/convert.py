@@ -146,7 +146,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     target = parse_target(**planned.target)
 
     scores = compute_scores(source, settings["score"],
-                            lambda label, done, total: step(f"score: {label.lower()}", done, total))
+                            lambda label, done, total: step(f"score: {label}", done, total))
 
     def planning(message: str) -> None:
         step("plan", detail=message)

@@ -199,7 +199,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
     if progress:
-        progress("Reading the calibration text and loading the model", None, None)
+        progress("reading the calibration text and loading the model", None, None)
     _, windows = text_windows(source.load_tokenizer(), settings.calib, text_field=settings.text_field,
                               tokens=settings.tokens, seq_len=settings.seq_len, seed=settings.seed, split="calib")
     model = source.load_model(dtype=dtype, device=device, device_map=settings.device_map)
@@ -222,7 +222,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
     with torch.inference_mode():
         t0 = time.perf_counter()
         layer_sums, pair_sums, nll_total, nll_count = _capture_cheap_metrics(
-            runner, windows.input_ids, settings, tick_for("Scoring layers and pairs", n_batches * num_layers))
+            runner, windows.input_ids, settings, tick_for("scoring layers and pairs", n_batches * num_layers))
         timings["metrics_seconds"] = time.perf_counter() - t0
         loss_result = None
         if settings.measure_loss or "loss" in settings.metrics:
@@ -230,7 +230,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
             n_loss = math.ceil(settings.loss_tokens / settings.seq_len)
             loss_ids = windows.input_ids[:n_loss]
             loss_result = _measure_pair_losses(runner, loss_ids, settings,
-                                               tick_for("Measuring the loss of each pair", num_layers))
+                                               tick_for("measuring the loss of each pair", num_layers))
             timings["loss_seconds"] = time.perf_counter() - t0
 
     base_loss = nll_total / nll_count
