@@ -141,7 +141,7 @@ def test_non_ascii_metadata_reads_back_the_same(tmp_path):
 
 
 def test_non_ascii_metadata_is_byte_for_byte_what_the_reference_writer_writes(tmp_path):
-    metadata = {"format": "pt", "source": "/models/modèle-ä"}
+    metadata = {"source": "/models/modèle-ä"}  # one key: the reference writer's key order varies between runs
     want = reference_shard(tmp_path / "reference.safetensors", {"a": torch.ones(2)}, metadata)
     write_shard(tmp_path / "mine.safetensors", [whole("a", torch.ones(2))], metadata)
     assert (tmp_path / "mine.safetensors").read_bytes() == want
