@@ -16,8 +16,10 @@ Every OS refusal (a path under a file, a name too long, no permission) is one LP
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -85,6 +87,15 @@ def _check_parent(out: Path) -> Path:
     return parent
 
 
+# Every name export and convert write. A folder holding anything else (notes, a .git of a cloned
+# model, a subfolder) is not lpconvert's alone, and --overwrite will not remove it.
+WRITTEN_NAMES = re.compile(
+    r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|config\.json|"
+    r"configuration_lpconvert\.py|modeling_lpconvert\.py|generation_config\.json|README\.md|"
+    r"lpconvert-[\w.-]+\.(json|yaml)|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|"
+    r"tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json)")
+
+
 def written_by_lpconvert(folder: Path) -> bool:
     """A folder that export or convert wrote: its config.json names the source it came from."""
     try:
@@ -92,6 +103,14 @@ def written_by_lpconvert(folder: Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(config, dict) and isinstance(config.get(MARKER_KEY), dict)
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """What a folder holds that lpconvert never writes."""
+    try:
+        return sorted(p.name for p in folder.iterdir() if not (p.is_file() and WRITTEN_NAMES.fullmatch(p.name)))
+    except OSError:
+        return ["(unreadable)"]
 
 
 def _is_empty_folder(folder: Path) -> bool:
@@ -120,6 +139,10 @@ def check_output_folder(out: Path, overwrite: bool, protect: Iterable[Path] = ()
             if not (written_by_lpconvert(out) or _is_empty_folder(out)):
                 raise LPError(f"output folder {out} was not written by lpconvert, so --overwrite will not remove it",
                               "choose a new output path, or remove the folder yourself")
+            if foreign := foreign_entries(out):
+                raise LPError(f"output folder {out} holds {', '.join(foreign[:3])}"
+                              f"{' and more' if len(foreign) > 3 else ''}, which lpconvert did not write, so "
+                              "--overwrite will not remove it", "move those out, or choose a new output path")
         _check_parent(out)
         os.stat(out.parent / (out.name + ".lpconvert-tmp"), follow_symlinks=False)
     except FileNotFoundError:
@@ -128,8 +151,9 @@ def check_output_folder(out: Path, overwrite: bool, protect: Iterable[Path] = ()
         raise _os_problem(out, exc) from None
 
 
-def check_output_file(path: Path, protect: Iterable[Path] = ()) -> None:
-    """Refuse an output file that can't be written, or that is one of the source's own files."""
+def check_output_file(path: Path, protect: Iterable[Path] = (), inputs: Iterable[Path] = ()) -> None:
+    """Refuse an output file that can't be written, that is one of the source's own files (`protect`),
+    or that is a file the command reads (`inputs`: a calibration text, a scores file)."""
     path = Path(path)
     try:
         if path.exists() and path.is_dir():
@@ -140,6 +164,9 @@ def check_output_file(path: Path, protect: Iterable[Path] = ()) -> None:
             if path.exists() and (real == root or root in real.parents):
                 raise LPError(f"output {path} is a file of the source model ({protected})",
                               "write it outside the model folder, or under a new name")
+        for read in inputs:
+            if path.exists() and real == _real(read):
+                raise LPError(f"output {path} is a file this command reads", "write the result under a new name")
         _check_parent(path)
         os.stat(path.parent / f".{path.name}.tmp", follow_symlinks=False)
     except FileNotFoundError:
@@ -150,13 +177,19 @@ def check_output_file(path: Path, protect: Iterable[Path] = ()) -> None:
 
 def write_text_atomically(path: Path, text: str) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = None
     try:
-        tmp.write_text(text)
+        # a fresh name: two runs writing the same output never share a temporary file, nor follow a link
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_real(path).parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        tmp.chmod(0o666 & ~_umask())  # what open() would have made, not mkstemp's 0600
         tmp.replace(path)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise _os_problem(path, exc) from None
 
 
@@ -176,7 +209,11 @@ def _make_temporary_folder(out: Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lpconvert-tmp-", dir=parent))
     except OSError as exc:
         raise _os_problem(out, exc) from None
-    tmp.chmod(0o777 & ~_umask())  # what mkdir would have made, not mkdtemp's 0700
+    try:
+        tmp.chmod(0o777 & ~_umask())  # what mkdir would have made, not mkdtemp's 0700
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_problem(out, exc) from None
     return tmp
 
 
@@ -203,9 +240,11 @@ def atomic_output_dir(out: Path, overwrite: bool = False, protect: Iterable[Path
         _move_into_place(tmp, out, overwrite, protect)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == 28:  # ENOSPC
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise LPError(f"disk full while writing {out}; nothing was left behind",
                           "free space or choose another output path") from None
+        if exc.filename is not None and Path(exc.filename).parent == _real(out).parent:
+            raise _os_problem(out, exc) from None  # the rename into place (a busy mount point, a permission)
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,7 +260,29 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool, protect: list[Path])
         return
     # The folder may have changed while we wrote: check once more before removing anything.
     check_output_folder(out, overwrite, protect)
-    old = out.with_name(f".{out.name}.lpconvert-old")
-    out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.lpconvert-old-", dir=_real(out).parent))
+    old = holder / out.name
+    try:
+        with _signals_held():  # between the two renames OUT is missing: finish them before an interrupt lands
+            out.rename(old)
+            try:
+                tmp.rename(out)
+            except OSError:
+                old.rename(out)  # put the old folder back: OUT stays as it was
+                raise
+    finally:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends (in the main thread; elsewhere nothing to hold)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

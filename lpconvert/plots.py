@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .errors import LPError
 
+FORMATS = ("png", "pdf", "svg")  # what --plot writes, by the file's extension (matplotlib's savefig)
+
 
 def _pyplot():
     try:

@@ -108,3 +108,79 @@ def test_score_output_file_of_the_source_is_refused(tiny_models, tmp_path):
     result = invoke("score", model, "-o", model / "config.json")
     assert result.exit_code == 2 and "is a file of the source model" in result.stderr
     assert tree_digest(model) == before
+
+
+def test_overwrite_keeps_an_export_folder_that_holds_other_things(tiny_models, tmp_path):
+    """A cloned model repo (.git), notes or a subfolder beside an export are not lpconvert's to remove."""
+    out = tmp_path / "out"
+    cli_export(tiny_models["llama"], out, "--pairs", "2")
+    for extra in (".git", "notes.txt"):
+        (out / extra).mkdir() if extra == ".git" else (out / extra).write_text("mine")
+        before = tree_digest(out)
+        result = invoke("export", tiny_models["llama"], "--pairs", "1", "-o", out, "--overwrite")
+        assert result.exit_code == 2 and f"holds {extra}" in result.stderr, result.output
+        assert tree_digest(out) == before and (out / extra).exists()
+        shutil.rmtree(out / extra) if extra == ".git" else (out / extra).unlink()
+
+
+def test_overwrite_survives_a_stale_folder_of_an_interrupted_run(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    cli_export(tiny_models["llama"], out, "--pairs", "2")
+    (tmp_path / ".out.lpconvert-old").mkdir()  # what an older lpconvert killed mid-swap left behind
+    (tmp_path / ".out.lpconvert-old" / "x").write_text("stale")
+    result = invoke("export", tiny_models["llama"], "--pairs", "1", "-o", out, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.lpconvert-old-")]
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tiny_models, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    cli_export(tiny_models["llama"], out, "--pairs", "2")
+    before = tree_digest(out)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if ".lpconvert-tmp-" in self.name:  # the new folder's move into place fails
+            raise OSError(16, "Device or resource busy", str(target))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    result = invoke("export", tiny_models["llama"], "--pairs", "1", "-o", out, "--overwrite")
+    assert result.exit_code == 2 and "Device or resource busy" in result.stderr, result.output
+    assert tree_digest(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_outputs_never_replace_what_the_command_reads(tiny_models, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("Some calibration text. " * 200)
+    result = invoke("score", tiny_models["llama"], "--calib", text, "-o", text)
+    assert result.exit_code == 2 and "is a file this command reads" in result.stderr
+    scores = tmp_path / "scores.json"
+    assert invoke("score", tiny_models["llama"], "--calib", "news", "--tokens", "256", "--seq-len", "64",
+                  "-o", scores).exit_code == 0
+    before = scores.read_bytes()
+    result = invoke("plan", scores, "--pairs", "1", "-o", scores)
+    assert result.exit_code == 2 and "is a file this command reads" in result.stderr
+    assert scores.read_bytes() == before
+
+
+def test_outputs_are_checked_against_a_resolved_source_too(tiny_models, tmp_path, monkeypatch):
+    """A built-in or Hub model has no path as typed: its files are protected once it is resolved."""
+    model = tmp_path / "cache" / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    import lpconvert.sources as sources
+
+    real = sources.resolve_model
+    monkeypatch.setattr(sources, "resolve_model", lambda name, **kw: real(str(model), **kw))
+    before = tree_digest(model)
+    result = invoke("score", "some/hub-model", "--calib", "news", "--tokens", "256", "--seq-len", "64",
+                    "-o", model / "config.json")
+    assert result.exit_code == 2 and "is a file of the source model" in result.stderr, result.output
+    assert tree_digest(model) == before
+
+
+def test_plot_must_be_a_picture_format(tiny_models, tmp_path):
+    result = invoke("score", tiny_models["llama"], "-o", tmp_path / "s.json", "--plot", tmp_path / "p.txt")
+    assert result.exit_code == 2 and "a picture is written as .png, .pdf, .svg" in result.stderr
+    assert not (tmp_path / "s.json").exists()

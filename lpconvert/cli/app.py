@@ -151,11 +151,30 @@ def check_output_folder_early(output: Path, overwrite: bool, model: str) -> None
     check_output_folder(output, overwrite, typed_paths(model))
 
 
-def check_output_file_early(path: Path | None, model: str | None) -> None:
+def check_output_file_early(path: Path | None, model: str | None, *inputs: str | Path | None) -> None:
+    """Refuse an output file that is one of the model's files (as typed) or one of the command's
+    `inputs`, before the work; `check_output_file_against` checks again with the resolved source."""
     from ..outputs import check_output_file
 
     if path is not None:
-        check_output_file(path, typed_paths(model))
+        check_output_file(path, typed_paths(model), [Path(p) for p in inputs if p and Path(p).exists()])
+
+
+def check_output_file_against(source, *paths: Path | None) -> None:
+    """Output files against every file of the resolved source (a built-in or Hub model has no typed path)."""
+    from ..outputs import check_output_file, protected_paths
+
+    for path in paths:
+        if path is not None:
+            check_output_file(path, protected_paths(source))
+
+
+def check_plot_path(path: Path | None) -> None:
+    from ..plots import FORMATS
+
+    if path is not None and path.suffix.lower().lstrip(".") not in FORMATS:
+        raise LPError(f"--plot {path}: a picture is written as {', '.join('.' + f for f in FORMATS)}",
+                      f"e.g. --plot {path.with_suffix('.png')}")
 
 
 def load_source(model: str, trust_remote_code: bool, report=None):

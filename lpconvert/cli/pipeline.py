@@ -25,8 +25,10 @@ from .app import (
     TextFieldOpt,
     TrustOpt,
     app,
+    check_output_file_against,
     check_output_file_early,
     check_output_folder_early,
+    check_plot_path,
     err,
     load_source,
     out,
@@ -92,13 +94,17 @@ def score(
     from ..render import scores_table
     from ..score import compute_scores, parse_metrics
 
-    settings = settings_from_options(ScoreSettings, calib=calib, text_field=text_field, tokens=tokens, seq_len=seq_len,
-                         seed=seed, batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
-                         metrics=list(parse_metrics(metrics)), measure_loss=measure_loss, loss_tokens=loss_tokens)
-    check_output_file_early(output, model)
-    check_output_file_early(plot, model)  # before the scoring, not after it
+    settings = settings_from_options(
+        ScoreSettings, calib=calib, text_field=text_field, tokens=tokens, seq_len=seq_len, seed=seed,
+        batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
+        metrics=list(parse_metrics(metrics)), measure_loss=measure_loss, loss_tokens=loss_tokens)
+    for path in (output, plot):  # before the scoring, not after it
+        check_output_file_early(path, model, calib)
+    check_plot_path(plot)
     with reporter() as report:
-        scores = compute_scores(load_source(model, trust_remote_code, report), settings, report.step)
+        source = load_source(model, trust_remote_code, report)
+        check_output_file_against(source, output, plot)
+        scores = compute_scores(source, settings, report.step)
     write_json_atomically(output, scores)
     if plot is not None:
         plot_scores(scores, plot)
@@ -184,16 +190,20 @@ def plan(
     from ..render import plan_table
 
     target = parse_target(pairs, depth, speedup, max_loss_increase)
-    settings = settings_from_options(PlanSettings, strategy=strategy, metric=metric, objective=objective, candidates=candidates,
-                         beam=beam, verify=verify, allow_edge_layers=allow_edge_layers, calib=calib, tokens=tokens,
-                         heldout_tokens=heldout_tokens, seq_len=seq_len, seed=seed, batch_size=batch_size,
-                         device=device, dtype=dtype, use_model=model is not None)
+    settings = settings_from_options(
+        PlanSettings, strategy=strategy, metric=metric, objective=objective, candidates=candidates, beam=beam,
+        verify=verify, allow_edge_layers=allow_edge_layers, calib=calib, tokens=tokens,
+        heldout_tokens=heldout_tokens, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
+        dtype=dtype, use_model=model is not None)
     if output is None and not as_json:
         raise LPError("give -o plan.json (or --json to print the plan)", "e.g. lpconvert plan scores.json -o plan.json")
     for path in (output, plot):
-        check_output_file_early(path, model)
+        check_output_file_early(path, model, scores, calib)
+    check_plot_path(plot)
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress) if model is not None else None
+        if source is not None:
+            check_output_file_against(source, output, plot)
         scores_data = load_scores(scores, source_fingerprint(source.config, source.store) if source else None)
         result = plan_stage(scores_data, target, settings, source, scores_path=f"scores {scores}",
                             progress=lambda message: progress.step("planning", detail=message))
