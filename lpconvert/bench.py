@@ -176,13 +176,14 @@ def bench_random_weights(shape: str, pair_counts: list[int], settings: BenchSett
 
 def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict:
     """TARGET (a resolved source, e.g. a converted folder) and, if given, BASELINE timed in one process
-    under the same settings; a converted TARGET must have been converted from BASELINE."""
-    from .formats import check_converted_from
+    under the same settings; both must come from one source model (a source and its export, or two
+    exports of it, in either order)."""
+    from .formats import check_same_origin
     from .runtime import check_positions, dtype_from_name, resolve_device
 
     device, dtype = resolve_device(settings.device), dtype_from_name(settings.dtype)
     if baseline is not None:
-        check_converted_from(target, baseline, role="MODEL")
+        check_same_origin(target, baseline)
     for checked in (target, baseline):
         if checked is not None:
             check_positions(checked.name, checked.config, settings.prompt_len + settings.new_tokens,

@@ -242,6 +242,27 @@ def all_output_tensors(arch: Architecture, config, store: TensorStore, blocks: l
     return tensors + _outer_tensors(arch.post_weights, config, store, dtype)
 
 
+def content_digest(arch: Architecture, store: TensorStore, rows: int = 8) -> str:
+    """A hash of a few of the source's weights: the final norm and the first rows of the embedding.
+
+    The fingerprint covers shapes only, so a fine-tune or the base model of the same shape would pass
+    for the source; these values tell them apart. Hashed as bfloat16, so the same weights stored in
+    float32 or cast to bfloat16 (or read from an F32 GGUF) give the same digest.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in (*arch.post_weights[:1], *arch.pre_weights[:1]):
+        if weight.name not in store.infos():
+            continue
+        info = store.infos()[weight.name]
+        tensor = store.read_rows(weight.name, 0, min(rows, info.shape[0])) if len(info.shape) > 1 \
+            else store.read(weight.name)
+        digest.update(weight.name.encode())
+        digest.update(tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # Checks on the source tensors, before anything is built
 

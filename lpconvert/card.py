@@ -62,7 +62,8 @@ def rope_parameters_of(config) -> dict:
     return scaling
 
 
-def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, source_name: str) -> dict:
+def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, source_name: str,
+                   content_sha256: str | None = None) -> dict:
     """The exported model's config.json (LPConfig): the source's config with the blocks of the plan."""
     blocks = plan.blocks()
     types = block_layer_types(config, blocks)
@@ -90,6 +91,7 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
             "architecture": (getattr(config, "architectures", None) or [arch.hf_class])[0],
             "num_hidden_layers": config.num_hidden_layers,
             "fingerprint": plan.source,
+            **({"content_sha256": content_sha256} if content_sha256 else {}),  # blocks.content_digest
         },
         "lpconvert_version": __version__,
     }

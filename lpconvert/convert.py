@@ -13,11 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LPError
-from .settings import SETTINGS, TARGETS, build, check_setting, closest, defaults_of, recipe_label
+from .settings import SETTINGS, build, check_setting, closest, defaults_of, recipe_label
 
 EXIT_GATE_FAILED = 1
 RECIPE_SECTIONS = ("score", "plan", "export", "eval")  # in pipeline order; each a settings.py dataclass
-TARGET_KEYS = tuple(TARGETS)  # pairs, depth, speedup, max_loss_increase
 
 
 class GateFailed(LPError):
@@ -89,6 +88,13 @@ def _calibrates(use_model: bool, strategy: str | None) -> bool:
 def _check_across_stages(recipe: dict) -> None:
     """Combinations the stages would only refuse after scoring has run (plan.make_plan, build_calibrator)."""
     score, plan = recipe["score"], recipe["plan"]
+    for section, key in (("score", "tokens"), ("score", "loss_tokens"), ("eval", "tokens")):
+        values = recipe[section]
+        if key == "loss_tokens" and not (values["measure_loss"] or "loss" in values["metrics"]):
+            continue
+        if values[key] < values["seq_len"]:
+            raise LPError(f"recipe key {section}.{key} {values[key]} is less than one window of {section}.seq_len "
+                          f"{values['seq_len']}", f"e.g. {key}: {values['seq_len']} or more")
     if plan["strategy"] == "search" and not plan["use_model"]:
         raise LPError("recipe key plan.strategy search measures the model at every step, but plan.use_model "
                       "is false", "set use_model: true, or strategy: greedy")
@@ -132,6 +138,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     from .export import export
     from .outputs import atomic_output_dir, check_output_folder, protected_paths
     from .plan import parse_target, plan_stage
+    from .runtime import check_positions
     from .score import compute_scores
     from .sources import resolve_model
 
@@ -142,6 +149,8 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     protect = protected_paths(source)
     check_output_folder(Path(out), overwrite, protect)
     settings = stage_settings(recipe)
+    for section in ("score", "plan", "eval"):  # lengths the model cannot take: refused before any work
+        check_positions(source.name, source.config, settings[section].seq_len, f"recipe key {section}.seq_len")
     planned = settings["plan"]
     target = parse_target(**planned.target)
 

@@ -22,11 +22,17 @@ import torch
 
 from . import __version__
 from .archs import architecture_for
-from .blocks import all_output_tensors, check_config_matches_weights, check_float_weights, check_layer_tensors
+from .blocks import (
+    all_output_tensors,
+    check_config_matches_weights,
+    check_float_weights,
+    check_layer_tensors,
+    content_digest,
+)
 from .card import PLAN_FILE, lp_config_dict, model_card
 from .checkpoint import OutputTensor, TensorStore, plan_shards, shard_file_names, write_index, write_shard
 from .folders import TOKENIZER_FILES
-from .formats import Plan, check_fingerprint, source_fingerprint
+from .formats import Plan, check_fingerprint, plan_for_source, source_fingerprint
 from .outputs import atomic_output_dir, check_output_folder, protected_paths
 from .runtime import dtype_from_name
 from .settings import parse_size
@@ -181,7 +187,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
     check_layer_tensors(arch, config, store, config.num_hidden_layers)
     target_dtype = resolve_dtype(dtype, store)
     blocks = plan.blocks()
-    lp_config = lp_config_dict(arch, config, plan, target_dtype, source.name)
+    lp_config = lp_config_dict(arch, config, plan, target_dtype, source.name, content_digest(arch, store))
     tensors = all_output_tensors(arch, config, store, blocks, target_dtype)
     shards = plan_shards(tensors, parse_size(max_shard_size))
     names = shard_file_names(len(shards))
@@ -231,9 +237,6 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
 
 
 def plan_for_pairs(source, pairs: list[int], allow_edge_layers: bool = False) -> Plan:
-    """A manual plan (`--pairs`) for this source."""
-    from .formats import validate_pairs
-
-    config = source.config
-    ordered = validate_pairs(pairs, config.num_hidden_layers, allow_edge_layers)
-    return Plan(source=source_fingerprint(config, source.store), pairs=ordered, strategy="manual")
+    """A manual plan (`--pairs`) for this source: the library's shortcut to formats.plan_for_source."""
+    return plan_for_source(source_fingerprint(source.config, source.store), pairs=pairs,
+                           allow_edge_layers=allow_edge_layers)

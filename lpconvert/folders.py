@@ -46,6 +46,9 @@ def load_hf_config(folder: Path, raw: dict, trust_remote_code: bool):
     from transformers import CONFIG_MAPPING, AutoConfig
 
     model_type = raw.get("model_type")
+    if not model_type and "auto_map" not in raw:
+        raise LPError(f"{folder / 'config.json'} has no model_type, so it is not a model's config",
+                      "use the config.json that came with these weights")
     if not trust_remote_code:
         if "auto_map" in raw:
             raise LPError(f"{folder} needs custom code (auto_map in config.json), which lpconvert does not run "

@@ -69,6 +69,38 @@ def check_converted_from(converted, source, role: str = "CONVERTED") -> None:
         raise LPError(f"{converted.name} was converted from another model ({lp_source.get('name')}, "
                       f"{expected.get('num_layers')} layers) than {source.name} ({actual['num_layers']} layers, "
                       "or different shapes)", "compare a converted model with the model it was converted from")
+    if lp_source.get("content_sha256") and lp_source["content_sha256"] != _content_of(source):
+        raise LPError(f"{converted.name} was converted from another model ({lp_source.get('name')}) than "
+                      f"{source.name}: same shapes, other weights (a fine-tune or a base model?)",
+                      "compare a converted model with the model it was converted from")
+
+
+def _content_of(source) -> str | None:
+    from .archs import architecture_for
+    from .blocks import content_digest
+
+    try:
+        return content_digest(architecture_for(source.config), source.store)
+    except LPError:  # an architecture without a table: its shapes are all that can be compared
+        return None
+
+
+def origin_of(model) -> tuple[dict, str | None]:
+    """Where a model's weights come from: an export's recorded source, or the model itself."""
+    lp_source = getattr(model.config, "lp_source", None)
+    if isinstance(lp_source, dict) and isinstance(lp_source.get("fingerprint"), dict):
+        return lp_source["fingerprint"], lp_source.get("content_sha256")
+    return source_fingerprint(model.config, model.store), _content_of(model)
+
+
+def check_same_origin(a, b) -> None:
+    """Two models timed side by side (bench) must come from one source model, in either order: a
+    source and its export, or two exports of it."""
+    (fa, ca), (fb, cb) = origin_of(a), origin_of(b)
+    keys = ("architecture", "num_layers", "config_sha256", "weights_sha256")
+    if any(fa.get(k) != fb.get(k) for k in keys) or (ca and cb and ca != cb):
+        raise LPError(f"{a.name} and {b.name} do not come from the same source model",
+                      "time a converted model against the model it was converted from")
 
 
 def check_fingerprint(expected: dict, actual: dict, what: str) -> None:

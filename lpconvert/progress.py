@@ -28,11 +28,12 @@ HEARTBEAT_S = 8.0  # checked every second: a CI log never goes 10 s without a li
 
 
 def resolve_mode(mode: str | None, console) -> str:
+    where = "--progress" if mode else "LPCONVERT_PROGRESS"
     mode = mode or os.environ.get("LPCONVERT_PROGRESS") or "auto"
     if mode not in MODES:
         from .errors import LPError
 
-        raise LPError(f"--progress '{mode}' does not exist", f"use one of {', '.join(MODES)}")
+        raise LPError(f"{where} '{mode}' does not exist", f"use one of {', '.join(MODES)}")
     if mode == "auto":
         return "bars" if console.is_terminal else "lines"
     return mode
@@ -68,7 +69,7 @@ class Reporter:
         self.started = time.monotonic()
         self.current: _Step | None = None
         self._lock = threading.Lock()
-        self._last_line = 0.0
+        self._last_line = self.started  # silence is counted from the start, not from the epoch
         self._stop = threading.Event()
         self._bars = None
         self._tasks: dict[str, int] = {}

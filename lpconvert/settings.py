@@ -39,7 +39,7 @@ TEXT_SPLITS = ("calib", "heldout", "all")
 EVAL_SPLITS = ("heldout", "all")  # eval reads the held-out windows of a calibration text, or a whole text
 STRATEGIES = ("contiguous", "greedy", "search")  # how plan chooses pairs (lpconvert/plan/)
 OBJECTIVES = ("kl", "loss")  # what plan's measuring minimises
-DEVICE_MAPS = ("auto",)  # sources.load_model passes it to transformers; "auto" is what the CLI documents
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies (sources.load_model)
 
 
 def setting(default: Any, spec: Spec) -> Any:

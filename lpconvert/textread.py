@@ -198,7 +198,7 @@ def load_dataset(source: str, split: str, column: str, budget: Budget) -> str:
     if column not in rows.column_names:
         raise LPError(
             f"dataset {source} has no column '{column}' (columns: {', '.join(rows.column_names)})",
-            "name the text column with --column",
+            "name the text column with --text-field",
         )
     texts = []
     for value in rows[column]:

@@ -83,7 +83,7 @@ def test_failed_gate_exits_1_and_leaves_nothing(tiny_models, tmp_path):
     ("score: {device: gpu}", "score.device", "did you mean 'cpu'"),
     ("score: {device: 'cuda:x'}", "score.device", "cuda:N"),
     ("score: {dtype: auto}", "score.dtype", "one of float32, bfloat16, float16"),
-    ("score: {device_map: balanced}", "score.device_map", "one of auto"),
+    ("score: {device_map: everywhere}", "score.device_map", "one of auto, balanced"),
     ("score: {metrics: loss}", "score.metrics", "list"),
     ("score: {metrics: []}", "score.metrics", "non-empty list"),
     ("score: {metrics: [loss, pair_eror]}", "score.metrics", "did you mean 'pair_error'"),

@@ -393,6 +393,23 @@ def case_eval_tokens_zero(t, p):
 
 
 # --- cases: recipes (convert.py) ---
+
+
+def case_recipe_eval_budget_below_one_window(t, p):
+    # refused before any stage runs, not after score, plan and export
+    return _convert(t["llama"], p, "eval: {tokens: 32, seq_len: 64}"), \
+        "recipe key eval.tokens 32 is less than one window of eval.seq_len 64"
+
+
+def case_recipe_seq_len_beyond_positions(t, p):
+    return _convert(t["llama"], p, "eval: {seq_len: 4096, tokens: 4096}"), \
+        "recipe key eval.seq_len is 4096 tokens, beyond the 1024 positions"
+
+
+def case_config_without_model_type(t, p):
+    folder = _copy(t, "llama", p)
+    _edit_json(folder / "config.json", model_type=None)
+    return _export(folder, p, "--pairs", "2"), "has no model_type"
 # A bad value is refused by load_recipe before any stage runs (no scoring pass, no traceback).
 
 
@@ -477,6 +494,17 @@ def case_final_norm_missing(t, p):
     return _export(folder, p, "--pairs", "2"), "the checkpoint has no tensor model.norm.weight"
 
 
+def case_eval_source_with_the_same_shapes_but_other_weights(t, p):
+    # a fine-tune or the base model of the same shape: the fingerprint alone (shapes) would pass it
+    from builders import make_tiny_model
+
+    other = p / "same-shapes"
+    make_tiny_model("llama", seed=7).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(t["llama"] / name, other / name)
+    return ["eval", str(other), str(_converted(t, p))], "same shapes, other weights"
+
+
 def _converted(t, p, arch="llama"):
     return cli_export(t[arch], p / "converted")
 
@@ -492,7 +520,7 @@ def case_eval_arguments_swapped(t, p):
 
 def case_bench_unrelated_baseline(t, p):
     return ["bench", str(_converted(t, p)), "--baseline", str(t["qwen2"]), "--device", "cpu"], \
-        "was converted from another model"
+        "do not come from the same source model"
 
 
 def case_eval_min_agreement_above_one(t, p):
@@ -667,6 +695,17 @@ def case_bench_batch_size_not_numbers(t, p):
 
 def case_inspect_missing_model(t, p):
     return ["inspect", str(p / "nope")], "does not exist"
+
+
+def case_plan_plot_without_measured_losses(t, p):
+    scores = json.loads(write_scores(p / "scores.json", t["llama"]).read_text())
+    for row in scores["pairs"]:
+        row.pop("loss_increase", None)
+        row.pop("loss", None)
+        row.pop("perplexity", None)
+    (p / "scores.json").write_text(json.dumps(scores))
+    return ["plan", str(p / "scores.json"), "--pairs", "1", "--metric", "pair_rel_l2", "-o", str(p / "out"),
+            "--plot", str(p / "front.png")], "--plot needs measured losses"
 
 
 def case_progress_mode_unknown(t, p):

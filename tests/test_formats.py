@@ -60,3 +60,40 @@ def test_bad_plan_files_are_refused_saying_what_is_wrong(tmp_path, content, mess
     (tmp_path / "plan.json").write_text(content)
     with pytest.raises(LPError, match=message):
         load_plan(tmp_path / "plan.json")
+
+
+def test_same_origin_accepts_a_source_and_its_exports_in_either_order(tiny_models, tmp_path):
+    from builders import cli_export
+
+    from lpconvert.formats import check_same_origin
+    from lpconvert.sources import resolve_model
+
+    source = resolve_model(str(tiny_models["llama"]))
+    a = resolve_model(str(cli_export(tiny_models["llama"], tmp_path / "a", "--pairs", "1")))
+    b = resolve_model(str(cli_export(tiny_models["llama"], tmp_path / "b", "--pairs", "2")))
+    for x, y in ((a, source), (source, a), (a, b)):
+        check_same_origin(x, y)
+    other = resolve_model(str(cli_export(tiny_models["qwen2"], tmp_path / "c", "--pairs", "2")))
+    with pytest.raises(LPError, match="do not come from the same source model"):
+        check_same_origin(a, other)
+
+
+def test_an_export_records_a_digest_of_its_source_weights(tiny_models, tmp_path):
+    """Shapes alone cannot tell a model from its fine-tune; a few of its values can, in any float dtype."""
+    import json
+
+    import torch
+    from builders import cli_export, make_tiny_model
+    from transformers import AutoModelForCausalLM
+
+    def digest_of(model_dir, out):
+        return json.loads((cli_export(model_dir, out, "--pairs", "2") / "config.json").read_text()
+                          )["lp_source"]["content_sha256"]
+
+    bf16 = tmp_path / "bf16"  # the same weights stored in bfloat16
+    AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.bfloat16).save_pretrained(bf16)
+    tuned = tmp_path / "tuned"  # same shapes, other weights
+    make_tiny_model("llama", seed=7).save_pretrained(tuned)
+    digest = digest_of(tiny_models["llama"], tmp_path / "a")
+    assert len(digest) == 64 and digest_of(bf16, tmp_path / "b") == digest
+    assert digest_of(tuned, tmp_path / "c") != digest

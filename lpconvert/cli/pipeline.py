@@ -205,6 +205,9 @@ def plan(
         if source is not None:
             check_output_file_against(source, output, plot)
         scores_data = load_scores(scores, source_fingerprint(source.config, source.store) if source else None)
+        if plot is not None and source is None and not any("loss_increase" in p for p in scores_data["pairs"]):
+            raise LPError("--plot needs measured losses: none are known for this plan",  # before -o is written
+                          "pass --model, or scores measured with --measure-loss")
         result = plan_stage(scores_data, target, settings, source, scores_path=f"scores {scores}",
                             progress=lambda message: progress.step("planning", detail=message))
     data = result.to_json()
