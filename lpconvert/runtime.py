@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 
 from .errors import LPError
+from .settings import COMPUTE_DTYPES, DTYPE_NAMES  # noqa: F401  (the names are settings.py's)
 
-# The dtypes a user may ask for by name (--dtype).
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Measuring (plan) may also say "auto": float32 on the CPU, where 16-bit matmuls are slow, else bfloat16.
-COMPUTE_DTYPES = ("auto", *DTYPES)
+# The dtypes a user may ask for by name (--dtype). Measuring (plan) may also say "auto" (COMPUTE_DTYPES):
+# float32 on the CPU, where 16-bit matmuls are slow, else bfloat16.
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def resolve_device(name: str) -> str:

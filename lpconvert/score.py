@@ -35,14 +35,6 @@ from .settings import CHEAP_METRICS, SCORE_METRICS, ScoreSettings  # noqa: F401 
 ALL_METRICS = SCORE_METRICS
 
 
-def parse_metrics(text: str) -> tuple[str, ...]:
-    names = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in names if m not in ALL_METRICS]
-    if unknown or not names:
-        raise LPError(f"unknown metric {unknown[0] if unknown else text!r}", f"choose from {', '.join(ALL_METRICS)}")
-    return names
-
-
 # ----------------------------------------------------------------------------------------------
 # Accumulators: sums over windows, so memory does not grow with the calibration set
 

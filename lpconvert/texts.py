@@ -36,13 +36,14 @@ from pathlib import Path
 import torch
 
 from lpconvert.errors import LPError
+from lpconvert.settings import TEXT_SPLITS
 from lpconvert.textread import TEXT_SUFFIXES, Budget, load_dataset, read_file, read_folder, size_text
 from lpconvert.wikitext import clean_wikitext, wiki_articles
 
 GENSIM_FIX = "run `make install` or `pip install --no-deps gensim==4.4.0` (it ships the built-in texts)"
 WIKI_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 NEWS_FILE = "test/test_data/lee_background.cor"
-SPLITS = ("calib", "heldout", "all")  # settings.TEXT_SPLITS (a test keeps them equal)
+SPLITS = TEXT_SPLITS
 # `wikitext`, `user/name`, optionally `:config`; anything else that isn't a path is "missing path".
 DATASET_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]+)?$")
 HELDOUT_EVERY = 10  # window i is held out when i % 10 == 9

@@ -674,7 +674,8 @@ def case_scores_without_losses_for_a_loss_target(t, p):
 
 
 def case_score_unknown_metric(t, p):
-    return ["score", str(t["llama"]), "-o", str(p / "out"), "--metrics", "bogus"], "unknown metric"
+    return ["score", str(t["llama"]), "-o", str(p / "out"), "--metrics", "bogus"], \
+        "--metrics holds 'bogus', which is not one of angular_distance, block_influence, pair_error, loss"
 
 
 def case_bench_without_model(t, p):

@@ -50,8 +50,8 @@ out = Console()
 _state: dict = {"debug": False, "progress": None}
 
 # Defaults shown by --help come from the stages' settings (settings.py): one source.
-SCORE, PLAN, EXPORT, EVAL, BENCH = (defaults_of(cls) for cls in (ScoreSettings, PlanSettings, ExportSettings,
-                                                                   EvalSettings, BenchSettings))
+SCORE_DEFAULTS, PLAN_DEFAULTS, EXPORT_DEFAULTS, EVAL_DEFAULTS, BENCH_DEFAULTS = (
+    defaults_of(cls) for cls in (ScoreSettings, PlanSettings, ExportSettings, EvalSettings, BenchSettings))
 
 # ----------------------------------------------------------------------------------------------
 # Options shared by several commands, declared once

@@ -10,9 +10,9 @@ import typer
 from ..errors import LPError
 from ..settings import ExportSettings, PlanSettings, ScoreSettings
 from .app import (
-    EXPORT,
-    PLAN,
-    SCORE,
+    EXPORT_DEFAULTS,
+    PLAN_DEFAULTS,
+    SCORE_DEFAULTS,
     AllowEdgeOpt,
     BatchOpt,
     DeviceOpt,
@@ -64,25 +64,25 @@ def score(
     output: Annotated[Path, typer.Option("--output", "-o", help="Where to write the scores JSON.",
                                          rich_help_panel="Output")] = Path("scores.json"),
     calib: Annotated[str, typer.Option(help="Calibration text: wiki, news, a .txt/.jsonl/.json file or folder, "
-                                             "or a datasets name.", rich_help_panel="Text")] = SCORE["calib"],
-    text_field: TextFieldOpt = SCORE["text_field"],
-    tokens: Annotated[int, typer.Option(help="Calibration tokens.", rich_help_panel="Text")] = SCORE["tokens"],
-    seq_len: SeqLenOpt = SCORE["seq_len"],
-    seed: SeedOpt = SCORE["seed"],
+                                             "or a datasets name.", rich_help_panel="Text")] = SCORE_DEFAULTS["calib"],
+    text_field: TextFieldOpt = SCORE_DEFAULTS["text_field"],
+    tokens: Annotated[int, typer.Option(help="Calibration tokens.", rich_help_panel="Text")] = SCORE_DEFAULTS["tokens"],
+    seq_len: SeqLenOpt = SCORE_DEFAULTS["seq_len"],
+    seed: SeedOpt = SCORE_DEFAULTS["seed"],
     metrics: Annotated[str, typer.Option(
         help="Comma-separated: angular_distance, block_influence, pair_error, loss.",
-        rich_help_panel="Metrics")] = ",".join(SCORE["metrics"]),
+        rich_help_panel="Metrics")] = ",".join(SCORE_DEFAULTS["metrics"]),
     measure_loss: Annotated[bool, typer.Option(
         "--measure-loss", help="Also measure the calibration loss with each single pair in parallel (slow, decisive).",
-        rich_help_panel="Metrics")] = SCORE["measure_loss"],
+        rich_help_panel="Metrics")] = SCORE_DEFAULTS["measure_loss"],
     loss_tokens: Annotated[int, typer.Option(help="Token budget of --measure-loss.",
-                                             rich_help_panel="Metrics")] = SCORE["loss_tokens"],
-    batch_size: BatchOpt = SCORE["batch_size"],
-    device: DeviceOpt = SCORE["device"],
-    dtype: DtypeOpt = SCORE["dtype"],
+                                             rich_help_panel="Metrics")] = SCORE_DEFAULTS["loss_tokens"],
+    batch_size: BatchOpt = SCORE_DEFAULTS["batch_size"],
+    device: DeviceOpt = SCORE_DEFAULTS["device"],
+    dtype: DtypeOpt = SCORE_DEFAULTS["dtype"],
     device_map: Annotated[str | None, typer.Option(
         help="'auto' spreads a model too large for one device (accelerate).", rich_help_panel="Runtime",
-        show_default=False)] = SCORE["device_map"],
+        show_default=False)] = SCORE_DEFAULTS["device_map"],
     plot: Annotated[Path | None, typer.Option(help="Also draw the scores into this PNG.", rich_help_panel="Output",
                                               show_default=False)] = None,
     trust_remote_code: TrustOpt = False,
@@ -92,12 +92,13 @@ def score(
     from ..outputs import write_json_atomically
     from ..plots import plot_scores
     from ..render import scores_table
-    from ..score import compute_scores, parse_metrics
+    from ..score import compute_scores
 
     settings = settings_from_options(
         ScoreSettings, calib=calib, text_field=text_field, tokens=tokens, seq_len=seq_len, seed=seed,
         batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
-        metrics=list(parse_metrics(metrics)), measure_loss=measure_loss, loss_tokens=loss_tokens)
+        metrics=[name.strip() for name in metrics.split(",") if name.strip()], measure_loss=measure_loss,
+        loss_tokens=loss_tokens)
     for path in (output, plot):  # before the scoring, not after it
         check_output_file_early(path, model, calib)
     check_plot_path(plot)
@@ -139,43 +140,43 @@ def plan(
     strategy: Annotated[str | None, typer.Option(
         "--strategy", help="contiguous (the paper's rule), greedy (best pairs by --metric) or search (measure the "
         "model with all pairs at every step). Default: search with --model, else greedy.",
-        rich_help_panel="Strategy", show_default=False)] = PLAN["strategy"],
+        rich_help_panel="Strategy", show_default=False)] = PLAN_DEFAULTS["strategy"],
     metric: Annotated[str | None, typer.Option(
         "--metric", help="Per-pair metric of the scores used to rank pairs: loss_increase, pair_rel_l2, pair_cosine "
         "or angular_distance. Default: loss_increase when the scores have it, else pair_cosine (the cheap metric "
         "that agreed best with measured loss on SmolLM2).",
-        rich_help_panel="Strategy", show_default=False)] = PLAN["metric"],
-    allow_edge_layers: AllowEdgeOpt = PLAN["allow_edge_layers"],
+        rich_help_panel="Strategy", show_default=False)] = PLAN_DEFAULTS["metric"],
+    allow_edge_layers: AllowEdgeOpt = PLAN_DEFAULTS["allow_edge_layers"],
     model: Annotated[str | None, typer.Option(
         "--model", help="The scored model; lets the planner measure pair sets (needed by search).",
         rich_help_panel="Measuring", show_default=False)] = None,
     objective: Annotated[str, typer.Option(
         help="What measuring minimises: kl (divergence from the source's next-token distribution, resists "
         "overfitting) or loss (calibration NLL, the paper's perplexity sweep).",
-        rich_help_panel="Measuring")] = PLAN["objective"],
+        rich_help_panel="Measuring")] = PLAN_DEFAULTS["objective"],
     candidates: Annotated[int, typer.Option(help="Search: pool of pairs pre-ranked by --metric.",
-                                            rich_help_panel="Measuring")] = PLAN["candidates"],
+                                            rich_help_panel="Measuring")] = PLAN_DEFAULTS["candidates"],
     beam: Annotated[int, typer.Option(help="Search: sets kept at each step (2 keeps a runner-up path: a pair "
                                            "that is best alone can block two better ones).",
-                                      rich_help_panel="Measuring")] = PLAN["beam"],
+                                      rich_help_panel="Measuring")] = PLAN_DEFAULTS["beam"],
     verify: Annotated[int, typer.Option(
         help="Search: best sets of each step re-measured on the calibration text's held-out split before one is "
-        "kept (0: off).", rich_help_panel="Measuring")] = PLAN["verify"],
+        "kept (0: off).", rich_help_panel="Measuring")] = PLAN_DEFAULTS["verify"],
     calib: Annotated[str, typer.Option(help="Calibration text: wiki, a .txt/.jsonl/.json file or folder, or a "
-                                            "datasets name.", rich_help_panel="Text")] = PLAN["calib"],
+                                            "datasets name.", rich_help_panel="Text")] = PLAN_DEFAULTS["calib"],
     tokens: Annotated[int, typer.Option(
         help="Calibration tokens every candidate set is measured on (the search's screening).",
-        rich_help_panel="Text")] = PLAN["tokens"],
+        rich_help_panel="Text")] = PLAN_DEFAULTS["tokens"],
     heldout_tokens: Annotated[int, typer.Option(
         help="Held-out tokens (same text, windows calibration never uses) the --verify best sets of each search "
         "step are re-measured on; they then count with the calibration tokens.",
-        rich_help_panel="Text")] = PLAN["heldout_tokens"],
-    seq_len: SeqLenOpt = PLAN["seq_len"],
-    seed: SeedOpt = PLAN["seed"],
-    batch_size: BatchOpt = PLAN["batch_size"],
-    device: DeviceOpt = PLAN["device"],
+        rich_help_panel="Text")] = PLAN_DEFAULTS["heldout_tokens"],
+    seq_len: SeqLenOpt = PLAN_DEFAULTS["seq_len"],
+    seed: SeedOpt = PLAN_DEFAULTS["seed"],
+    batch_size: BatchOpt = PLAN_DEFAULTS["batch_size"],
+    device: DeviceOpt = PLAN_DEFAULTS["device"],
     dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.",
-                                       rich_help_panel="Runtime")] = PLAN["dtype"],
+                                       rich_help_panel="Runtime")] = PLAN_DEFAULTS["dtype"],
     plot: Annotated[Path | None, typer.Option(help="Also draw calibration perplexity against effective depth "
                                                    "(the quality/depth front) into this PNG.",
                                               rich_help_panel="Output", show_default=False)] = None,
@@ -244,12 +245,12 @@ def export(
         rich_help_panel="Pairs", show_default=False)] = None,
     allow_edge_layers: AllowEdgeOpt = False,
     dtype: Annotated[str, typer.Option(help="auto (keep the source dtype), float32, bfloat16 or float16.",
-                                       rich_help_panel="Output")] = EXPORT["dtype"],
+                                       rich_help_panel="Output")] = EXPORT_DEFAULTS["dtype"],
     max_shard_size: Annotated[str, typer.Option(help="Largest shard file, e.g. 5GB or 500MB.",
-                                                rich_help_panel="Output")] = EXPORT["max_shard_size"],
+                                                rich_help_panel="Output")] = EXPORT_DEFAULTS["max_shard_size"],
     copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
                                                  help="Copy the tokenizer files next to the weights.",
-                                                 rich_help_panel="Output")] = EXPORT["copy_tokenizer"],
+                                                 rich_help_panel="Output")] = EXPORT_DEFAULTS["copy_tokenizer"],
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the block layout and shard plan; write nothing.",
                                           rich_help_panel="Output")] = False,

@@ -11,8 +11,8 @@ import typer
 from ..errors import LPError
 from ..settings import BenchSettings, EvalSettings, build, option_label
 from .app import (
-    BENCH,
-    EVAL,
+    BENCH_DEFAULTS,
+    EVAL_DEFAULTS,
     BatchOpt,
     DeviceOpt,
     DtypeOpt,
@@ -45,24 +45,24 @@ def eval_command(
     converted_model: Annotated[str, typer.Argument(metavar="CONVERTED", help="The folder written by export.",
                                                    show_default=False)],
     text: Annotated[str, typer.Option(help="Evaluation text: wiki, news, a file or folder, or a datasets name.",
-                                      rich_help_panel="Text")] = EVAL["text"],
+                                      rich_help_panel="Text")] = EVAL_DEFAULTS["text"],
     split: Annotated[str, typer.Option(help="heldout: the windows calibration never uses; all: every window "
                                             "(for a text never used to calibrate).", rich_help_panel="Text")
-                     ] = EVAL["split"],
-    text_field: TextFieldOpt = EVAL["text_field"],
-    tokens: Annotated[int, typer.Option(help="Evaluation tokens.", rich_help_panel="Text")] = EVAL["tokens"],
-    seq_len: SeqLenOpt = EVAL["seq_len"],
+                     ] = EVAL_DEFAULTS["split"],
+    text_field: TextFieldOpt = EVAL_DEFAULTS["text_field"],
+    tokens: Annotated[int, typer.Option(help="Evaluation tokens.", rich_help_panel="Text")] = EVAL_DEFAULTS["tokens"],
+    seq_len: SeqLenOpt = EVAL_DEFAULTS["seq_len"],
     prompt: Annotated[str, typer.Option(help="Prompt of the side-by-side generation.",
-                                        rich_help_panel="Text")] = EVAL["prompt"],
+                                        rich_help_panel="Text")] = EVAL_DEFAULTS["prompt"],
     max_ppl_increase: Annotated[str | None, typer.Option(
         help="Gate: fail (exit 1) when perplexity rises more than this, e.g. 10%.", rich_help_panel="Gate",
         show_default=False)] = None,
     min_agreement: Annotated[float | None, typer.Option(
         help="Gate: fail (exit 1) when greedy next-token agreement is below this, e.g. 0.85.",
         rich_help_panel="Gate", show_default=False)] = None,
-    batch_size: BatchOpt = EVAL["batch_size"],
-    device: DeviceOpt = EVAL["device"],
-    dtype: DtypeOpt = EVAL["dtype"],
+    batch_size: BatchOpt = EVAL_DEFAULTS["batch_size"],
+    device: DeviceOpt = EVAL_DEFAULTS["device"],
+    dtype: DtypeOpt = EVAL_DEFAULTS["dtype"],
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -109,16 +109,16 @@ def bench(
     pair_counts: Annotated[str, typer.Option(help="With --random-weights: pair counts to convert with, placed in "
                                                   "the middle of the stack.", rich_help_panel="Random weights")] = "0,7",
     batch_size: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8.", rich_help_panel="Workload")
-                          ] = ",".join(map(str, BENCH["batch_sizes"])),
-    prompt_len: Annotated[int, typer.Option(help="Prompt tokens.", rich_help_panel="Workload")] = BENCH["prompt_len"],
-    new_tokens: Annotated[int, typer.Option(help="Generated tokens.", rich_help_panel="Workload")] = BENCH["new_tokens"],
-    warmup: Annotated[int, typer.Option(help="Warm-up runs.", rich_help_panel="Workload")] = BENCH["warmup"],
+                          ] = ",".join(map(str, BENCH_DEFAULTS["batch_sizes"])),
+    prompt_len: Annotated[int, typer.Option(help="Prompt tokens.", rich_help_panel="Workload")] = BENCH_DEFAULTS["prompt_len"],
+    new_tokens: Annotated[int, typer.Option(help="Generated tokens.", rich_help_panel="Workload")] = BENCH_DEFAULTS["new_tokens"],
+    warmup: Annotated[int, typer.Option(help="Warm-up runs.", rich_help_panel="Workload")] = BENCH_DEFAULTS["warmup"],
     repeats: Annotated[int, typer.Option(help="Timed runs (median reported).", rich_help_panel="Workload")
-                       ] = BENCH["repeats"],
+                       ] = BENCH_DEFAULTS["repeats"],
     compile_: Annotated[bool, typer.Option("--compile", help="Static cache, compiled decode step.",
-                                           rich_help_panel="Runtime")] = BENCH["compile"],
-    device: DeviceOpt = BENCH["device"],
-    dtype: DtypeOpt = BENCH["dtype"],
+                                           rich_help_panel="Runtime")] = BENCH_DEFAULTS["compile"],
+    device: DeviceOpt = BENCH_DEFAULTS["device"],
+    dtype: DtypeOpt = BENCH_DEFAULTS["dtype"],
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
