@@ -15,6 +15,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 
@@ -45,13 +46,16 @@ def middle_pairs(num_layers: int, count: int) -> list[int]:
     return [first + 2 * k for k in range(count)]
 
 
+RANDOM_POSITIONS = 4096  # the positions of every --random-weights model
+
+
 def random_source_model(shape: str, dtype: torch.dtype, device: str):
     """A transformers Llama model of random weights at a real shape, built on the device."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if shape not in SHAPES:
         raise LPError(f"unknown shape '{shape}'", f"use one of {', '.join(SHAPES)}")
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=RANDOM_POSITIONS)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -163,8 +167,13 @@ def bench_random_weights(shape: str, pair_counts: list[int], settings: BenchSett
     from .runtime import check_positions, dtype_from_name, resolve_device
 
     device, dtype = resolve_device(settings.device), dtype_from_name(settings.dtype)
+    # checked before a 7B model is built on the device, not after
+    check_positions(shape, SimpleNamespace(max_position_embeddings=RANDOM_POSITIONS),
+                    settings.prompt_len + settings.new_tokens, "--prompt-len + --new-tokens")
+    if shape in SHAPES:
+        for count in pair_counts:
+            middle_pairs(SHAPES[shape]["num_hidden_layers"], count)
     source = random_source_model(shape, dtype, device)
-    check_positions(shape, source.config, settings.prompt_len + settings.new_tokens, "--prompt-len + --new-tokens")
     plans = [(count, middle_pairs(source.config.num_hidden_layers, count)) for count in pair_counts]
     rows = measure(source, settings, device, "source", progress)
     for count, pairs in plans:

@@ -64,8 +64,7 @@ def check_converted_from(converted, source, role: str = "CONVERTED") -> None:
         return  # not an lpconvert export: nothing records where it came from
     actual = source_fingerprint(source.config, source.store)
     expected = lp_source["fingerprint"]
-    keys = ("architecture", "num_layers", "config_sha256", "weights_sha256")
-    if any(expected.get(k) != actual.get(k) for k in keys):
+    if not same_shapes(expected, actual):
         raise LPError(f"{converted.name} was converted from another model ({lp_source.get('name')}, "
                       f"{expected.get('num_layers')} layers) than {source.name} ({actual['num_layers']} layers, "
                       "or different shapes)", "compare a converted model with the model it was converted from")
@@ -97,15 +96,18 @@ def check_same_origin(a, b) -> None:
     """Two models timed side by side (bench) must come from one source model, in either order: a
     source and its export, or two exports of it."""
     (fa, ca), (fb, cb) = origin_of(a), origin_of(b)
-    keys = ("architecture", "num_layers", "config_sha256", "weights_sha256")
-    if any(fa.get(k) != fb.get(k) for k in keys) or (ca and cb and ca != cb):
+    if not same_shapes(fa, fb) or (ca and cb and ca != cb):
         raise LPError(f"{a.name} and {b.name} do not come from the same source model",
                       "time a converted model against the model it was converted from")
 
 
+def same_shapes(a: dict, b: dict) -> bool:
+    """Two fingerprints of one model (architecture, layers, config and weight-index hashes)."""
+    return all(a.get(k) == b.get(k) for k in ("architecture", "num_layers", "config_sha256", "weights_sha256"))
+
+
 def check_fingerprint(expected: dict, actual: dict, what: str) -> None:
-    keys = ("architecture", "num_layers", "config_sha256", "weights_sha256")
-    if any(expected.get(k) != actual.get(k) for k in keys):
+    if not same_shapes(expected, actual):
         raise LPError(
             f"{what} was made for another model ({expected.get('architecture')}, "
             f"{expected.get('num_layers')} layers) than this one ({actual['architecture']}, "
@@ -244,6 +246,8 @@ class Plan:
 
 def load_json_file(path: Path, what: str) -> dict:
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, a device, a pipe: not read at all
+        raise LPError(f"{what} file {path} is not a regular file", f"give the path of a {what} JSON file")
     if not path.is_file():
         raise LPError(f"{what} file {path} does not exist", f"give the path of a {what} JSON file")
     try:

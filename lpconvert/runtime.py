@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from . import settings
 from .errors import LPError
-from .settings import COMPUTE_DTYPES, DTYPE_NAMES  # noqa: F401  (the names are settings.py's)
+from .settings import COMPUTE_DTYPES  # noqa: F401  (re-exported: the names are settings.py's)
 
 # The dtypes a user may ask for by name (--dtype). Measuring (plan) may also say "auto" (COMPUTE_DTYPES):
 # float32 on the CPU, where 16-bit matmuls are slow, else bfloat16.
-DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
+DTYPES = {name: getattr(torch, name) for name in settings.DTYPES}
 
 
 def resolve_device(name: str) -> str:

@@ -31,7 +31,7 @@ from .checks import (  # noqa: F401  (closest, parse_size, size_bytes, TARGETS, 
 )
 from .formats import PAIR_METRICS
 
-DTYPES = DTYPE_NAMES = ("float32", "bfloat16", "float16")  # runtime.DTYPES maps them to torch dtypes
+DTYPES = ("float32", "bfloat16", "float16")  # runtime.DTYPES maps them to torch dtypes
 COMPUTE_DTYPES = ("auto", *DTYPES)  # measuring (plan): auto is float32 on the CPU, else bfloat16
 CHEAP_METRICS = ("angular_distance", "block_influence", "pair_error")
 SCORE_METRICS = (*CHEAP_METRICS, "loss")

@@ -709,6 +709,10 @@ def case_plan_plot_without_measured_losses(t, p):
             "--plot", str(p / "front.png")], "--plot needs measured losses"
 
 
+def case_scores_file_is_a_device(t, p):
+    return ["plan", "/dev/zero", "--pairs", "1", "-o", str(p / "out")], "scores file /dev/zero is not a regular file"
+
+
 def case_progress_mode_unknown(t, p):
     return ["--progress", "loud", "inspect", str(t["llama"])], "--progress 'loud' does not exist"
 
