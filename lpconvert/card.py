@@ -97,10 +97,26 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
     }
 
 
+def _healed_line(heal: dict) -> str:
+    """The card's words for a healed export: which method, which pairs, what it did on held-out text."""
+    pairs = ", ".join(f"({a}, {b})" for a, b in heal.get("pairs_healed", [])) or "none (no correction helped)"
+    ppl = heal.get("heldout_perplexity") or {}
+    calib = heal.get("calibration") or {}
+    measured = (f"; held-out perplexity {ppl['unhealed']:.2f} -> {ppl['healed']:.2f} on {ppl['tokens']} tokens of "
+                f"{calib.get('source', 'the calibration text')}") if ppl.get("unhealed") else ""
+    how = {"lsq": "least-squares refit of the pairs' down_proj on calibration activations (training-free)",
+           "distill": "least-squares refit, then a short KL fine-tune of the pairs' o_proj and down_proj"}
+    return (f"\n- Healed ({heal.get('method')}: {how.get(heal.get('method'), 'see config.json lp_heal')}): "
+            f"pairs {pairs}{measured}. Only those pairs' output projections differ from the unhealed export; "
+            "config.json `lp_heal` records how.")
+
+
 def model_card(source_name: str, plan: Plan, config: dict, hub_id: str | None = None,
                tokenizer_class: str | None = None) -> str:
     """The README of an export; `base_model` is the source's Hub id when known (the Hub links on it)."""
     pairs = ", ".join(f"({p}, {p + 1})" for p in plan.pairs) or "none"
+    heal = config.get("lp_heal")
+    healed = _healed_line(heal) if heal else ""
     # AutoTokenizer reads config.json first, and its auto_map makes transformers ask before running
     # the folder's config code; the pinned tokenizer class loads without asking anything.
     plain_tokenizer = (f"\n# or, running no code from this folder: "
@@ -117,6 +133,7 @@ lpconvert:
   effective_depth: {plan.effective_depth}
   source_layers: {plan.num_layers}
   strategy: {json.dumps(plan.strategy)}
+  healed: {json.dumps(heal["method"] if heal else None)}
 ---
 
 # Layer-parallel {source_name}
@@ -126,7 +143,7 @@ run side by side, so the model runs {plan.effective_depth} blocks instead of {pl
 
 - Pairs (layer a, layer b): {pairs}
 - Strategy: {plan.strategy}{f" (metric: {plan.metric})" if plan.metric else ""}
-- Weights dtype: {config["dtype"]}
+- Weights dtype: {config["dtype"]}{healed}
 
 Each pair is one wide block computing
 

@@ -29,7 +29,7 @@ SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10,
 class Spec:
     """What one setting accepts. `kind` is a key of CHECKS."""
 
-    kind: str  # int | ints | number | bool | text | choice | choices | size | percent | device | target
+    kind: str  # int | ints | number | numbers | bool | text | choice | choices | size | percent | device | target
     example: Any  # a good value, shown in the fix: "e.g. tokens: 16384" / "e.g. --tokens 16384"
     min: float | None = None  # inclusive
     above: float | None = None  # exclusive: a speedup above 1, a loss budget above 0
@@ -81,6 +81,7 @@ def describe(spec: Spec) -> str:
         "int": _integer_words(spec.min),
         "ints": "a non-empty list of " + _integer_words(spec.min).replace("an ", "").replace("a ", "") + "s",
         "number": "a number" + _range_words(spec),
+        "numbers": "a non-empty list of numbers" + _range_words(spec),
         "bool": "true or false",
         "text": "a non-empty string",
         "choice": "one of " + ", ".join(spec.choices),
@@ -189,6 +190,15 @@ def _check_ints(spec: Spec, value: Any, label: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _check_numbers(spec: Spec, value: Any, label: str) -> tuple[float, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise _refuse(spec, value, label)
+    for item in value:
+        if not _is_number(item) or not math.isfinite(item) or not _in_range(spec, item):
+            raise _refuse(spec, value, label)
+    return tuple(float(item) for item in value)
+
+
 def _no_such(label: str, value: str, choices, words: str) -> LPError:
     """A name that is not one of the choices: 'X 'v' does not exist (did you mean 'w'? use one of ...)'."""
     match = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
@@ -280,7 +290,8 @@ def _check_target(spec: Spec, value: Any, label: str) -> dict:
 
 
 CHECKS: dict[str, Callable[[Spec, Any, str], Any]] = {
-    "int": _check_int, "ints": _check_ints, "number": _check_number, "bool": _check_bool, "text": _check_text,
+    "int": _check_int, "ints": _check_ints, "number": _check_number, "numbers": _check_numbers,
+    "bool": _check_bool, "text": _check_text,
     "choice": _check_choice, "choices": _check_choices, "size": _check_size, "percent": _check_percent,
     "device": _check_device, "target": _check_target,
 }

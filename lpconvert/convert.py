@@ -1,7 +1,8 @@
-"""Convert: score -> plan -> export -> eval in one command, driven by a YAML recipe.
+"""Convert: score -> plan -> [heal ->] export -> eval in one command, driven by a YAML recipe.
 
 The recipe names every option of every stage (nothing is hidden); it is copied into the output
-folder with the scores, the plan and the eval report. The converted model reaches OUT only if it
+folder with the scores, the plan, the heal file and report (when the recipe has a heal: section,
+the one optional stage) and the eval report. The converted model reaches OUT only if it
 passes the recipe's gate (or with keep_failed): a CI pipeline can trust the exit code.
 """
 
@@ -16,7 +17,9 @@ from .errors import LPError
 from .settings import SETTINGS, build, check_setting, closest, defaults_of, recipe_label
 
 EXIT_GATE_FAILED = 1
-RECIPE_SECTIONS = ("score", "plan", "export", "eval")  # in pipeline order; each a settings.py dataclass
+RECIPE_SECTIONS = ("score", "plan", "heal", "export", "eval")  # in pipeline order; each a settings.py dataclass
+OPTIONAL_SECTIONS = ("heal",)  # a stage that runs only when its section is in the recipe
+HEAL_FILE = "lpconvert-heal.safetensors"
 
 
 class GateFailed(LPError):
@@ -29,8 +32,10 @@ def _section_defaults() -> dict[str, dict]:
 
 
 def stage_settings(recipe: dict) -> dict:
-    """The recipe's sections as the stages' settings objects (values checked and normalised)."""
-    return {section: build(SETTINGS[section], recipe[section], recipe_label(section)) for section in RECIPE_SECTIONS}
+    """The recipe's sections as the stages' settings objects (values checked and normalised); an
+    optional section the recipe leaves out is None."""
+    return {section: build(SETTINGS[section], recipe[section], recipe_label(section)) if section in recipe else None
+            for section in RECIPE_SECTIONS}
 
 
 def load_recipe(path: Path | None) -> dict[str, dict]:
@@ -56,7 +61,7 @@ def load_recipe(path: Path | None) -> dict[str, dict]:
     for section, values in raw.items():
         if section not in defaults:
             raise LPError(f"recipe section '{section}' is unknown ({closest(section, defaults)})",
-                          "sections are score, plan, export and eval")
+                          "sections are score, plan, heal, export and eval")
         if not isinstance(values, dict):
             raise LPError(f"recipe section '{section}' must be a mapping", f"write {section}: followed by keys")
         for key in values:
@@ -64,6 +69,8 @@ def load_recipe(path: Path | None) -> dict[str, dict]:
                 raise LPError(f"recipe key '{section}.{key}' is unknown ({closest(key, defaults[section])})",
                               "remove or rename it")
     for section, keys in defaults.items():
+        if section in OPTIONAL_SECTIONS and section not in raw:
+            continue
         recipe[section] = {**keys, **(raw.get(section) or {})}
         for key, value in recipe[section].items():
             _check_key(section, key, value)
@@ -88,7 +95,10 @@ def _calibrates(use_model: bool, strategy: str | None) -> bool:
 def _check_across_stages(recipe: dict) -> None:
     """Combinations the stages would only refuse after scoring has run (plan.make_plan, build_calibrator)."""
     score, plan = recipe["score"], recipe["plan"]
-    for section, key in (("score", "tokens"), ("score", "loss_tokens"), ("eval", "tokens")):
+    for section, key in (("score", "tokens"), ("score", "loss_tokens"), ("heal", "tokens"),
+                         ("heal", "heldout_tokens"), ("eval", "tokens")):
+        if section not in recipe:
+            continue
         values = recipe[section]
         if key == "loss_tokens" and not (values["measure_loss"] or "loss" in values["metrics"]):
             continue
@@ -136,6 +146,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     """
     from .evaluate import evaluate
     from .export import export
+    from .healfile import HealFile, write_heal_file
     from .outputs import atomic_output_dir, check_output_folder, protected_paths
     from .plan import parse_target, plan_stage
     from .runtime import check_positions
@@ -149,8 +160,9 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     protect = protected_paths(source)
     check_output_folder(Path(out), overwrite, protect)
     settings = stage_settings(recipe)
-    for section in ("score", "plan", "eval"):  # lengths the model cannot take: refused before any work
-        check_positions(source.name, source.config, settings[section].seq_len, f"recipe key {section}.seq_len")
+    for section in ("score", "plan", "heal", "eval"):  # lengths the model cannot take: refused before any work
+        if settings[section] is not None:
+            check_positions(source.name, source.config, settings[section].seq_len, f"recipe key {section}.seq_len")
     planned = settings["plan"]
     target = parse_target(**planned.target)
 
@@ -163,17 +175,26 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     planning("choosing pairs")
     plan = plan_stage(scores, target, planned, source if _calibrates(planned.use_model, planned.strategy) else None,
                       progress=planning)
+    healed = None
+    if settings["heal"] is not None and plan.pairs:
+        from .heal import heal
+
+        healed = heal(source, plan, settings["heal"], progress=lambda message: step("heal", detail=message))
     with atomic_output_dir(Path(out), overwrite=overwrite, protect=protect) as tmp:
         staged = tmp / "export"
         exporting = settings["export"]
         export(source, plan, staged, dtype=exporting.dtype, max_shard_size=exporting.max_shard_size,
                copy_tokenizer_files=exporting.copy_tokenizer,
+               heal=HealFile(healed.header, healed.tensors, HEAL_FILE) if healed else None,
                progress=lambda done, total: step(f"export: {len(plan.pairs)} pairs", done, total, unit="bytes"))
         for item in staged.iterdir():
             shutil.move(str(item), tmp / item.name)
         staged.rmdir()
         (tmp / "lpconvert-recipe.yaml").write_text(recipe_yaml(recipe))
         (tmp / "lpconvert-scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        if healed:
+            write_heal_file(tmp / HEAL_FILE, healed.tensors, healed.header)
+            (tmp / "lpconvert-heal.json").write_text(json.dumps(healed.report, indent=2) + "\n")
         step("eval: the converted model against the source")
         report = evaluate(source, resolve_model(str(tmp)), settings["eval"],
                           lambda done, total: step("eval: the converted model against the source", done, total,
@@ -185,4 +206,5 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
                              "nothing was written; relax the recipe's eval bounds, choose fewer pairs, "
                              "or pass --keep-failed to inspect it")
     return {"out": str(out), "pairs": [[p, p + 1] for p in plan.pairs], "effective_depth": plan.effective_depth,
-            "plan": plan.to_json(), "eval": report, "passed": report["passed"]}
+            "plan": plan.to_json(), "heal": healed.report if healed else None, "eval": report,
+            "passed": report["passed"]}

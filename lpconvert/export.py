@@ -33,6 +33,7 @@ from .card import PLAN_FILE, lp_config_dict, model_card
 from .checkpoint import OutputTensor, TensorStore, plan_shards, shard_file_names, write_index, write_shard
 from .folders import TOKENIZER_FILES
 from .formats import Plan, check_fingerprint, plan_for_source, source_fingerprint
+from .healfile import HEALED_PARTS, HealFile, check_heal_for, tensor_name
 from .outputs import atomic_output_dir, check_output_folder, protected_paths
 from .runtime import dtype_from_name
 from .settings import parse_size
@@ -166,35 +167,59 @@ class ExportReport:
     total_bytes: int
     seconds: float = 0.0
     tokenizer_files: list[str] = field(default_factory=list)
+    healed: list[str] = field(default_factory=list)  # tensors replaced from a heal file
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
 
+def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint: dict, content: str | None,
+           dtype: torch.dtype) -> list[OutputTensor]:
+    """The export's tensors with the heal file's in place of the pairs' output projections it holds.
+
+    Only the pairs' fused o_proj and down_proj can be replaced; the heal file must be for this source
+    and this plan. A replacement is cast to the export's dtype once, like every other tensor.
+    """
+    healable = {tensor_name(plan, pair, part) for pair in plan.pairs for part in HEALED_PARTS}
+    check_heal_for(heal, fingerprint, content, plan, {t.name: t.info.shape for t in tensors if t.name in healable})
+
+    def replaced(tensor: OutputTensor) -> OutputTensor:
+        weight = heal.tensors[tensor.name]
+        return OutputTensor(tensor.name, tensor.info, lambda: iter([weight.to(dtype)]))
+
+    return [replaced(t) if t.name in heal.tensors else t for t in tensors]
+
+
 def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
            copy_tokenizer_files: bool = True, overwrite: bool = False, dry_run: bool = False,
-           progress: Callable[[int, int], None] | None = None) -> ExportReport:
+           heal: HealFile | None = None, progress: Callable[[int, int], None] | None = None) -> ExportReport:
     """Write the layer-parallel checkpoint of `source` under `plan` to `out` (atomically).
 
+    `heal`: a heal file (lpconvert heal) whose weights replace the pairs' output projections.
     `progress(bytes_written, total_bytes)` is called after each tensor.
     """
     started = time.perf_counter()
     config, store = source.config, source.store
     arch = architecture_for(config)
-    check_fingerprint(plan.source, source_fingerprint(config, store), "the plan")
+    fingerprint = source_fingerprint(config, store)
+    check_fingerprint(plan.source, fingerprint, "the plan")
     check_config_matches_weights(arch, config, store)
     check_float_weights(arch, store)
     check_layer_tensors(arch, config, store, config.num_hidden_layers)
     target_dtype = resolve_dtype(dtype, store)
     blocks = plan.blocks()
-    lp_config = lp_config_dict(arch, config, plan, target_dtype, source.name, content_digest(arch, store))
+    content = content_digest(arch, store)
+    lp_config = lp_config_dict(arch, config, plan, target_dtype, source.name, content)
     tensors = all_output_tensors(arch, config, store, blocks, target_dtype)
+    if heal is not None:
+        tensors = healed(tensors, heal, plan, fingerprint, content, target_dtype)
+        lp_config["lp_heal"] = heal.summary()
     shards = plan_shards(tensors, parse_size(max_shard_size))
     names = shard_file_names(len(shards))
     report = ExportReport(
         out=str(out), dry_run=dry_run, source=source.name, num_layers=plan.num_layers,
         effective_depth=plan.effective_depth, pairs=[[p, p + 1] for p in plan.pairs], blocks=blocks,
-        dtype=lp_config["dtype"],
+        dtype=lp_config["dtype"], healed=heal.summary()["tensors"] if heal is not None else [],
         shards=[{"file": n, "tensors": len(s), "bytes": sum(t.info.nbytes for t in s)} for n, s in zip(names, shards, strict=False)],
         total_bytes=sum(t.info.nbytes for t in tensors),
     )

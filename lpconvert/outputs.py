@@ -92,7 +92,7 @@ def _check_parent(out: Path) -> Path:
 WRITTEN_NAMES = re.compile(
     r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|config\.json|"
     r"configuration_lpconvert\.py|modeling_lpconvert\.py|generation_config\.json|README\.md|"
-    r"lpconvert-[\w.-]+\.(json|yaml)|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|"
+    r"lpconvert-[\w.-]+\.(json|yaml)|lpconvert-heal\.safetensors|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|"
     r"tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json)")
 
 
@@ -175,22 +175,36 @@ def check_output_file(path: Path, protect: Iterable[Path] = (), inputs: Iterable
         raise _os_problem(path, exc) from None
 
 
-def write_text_atomically(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_output_file(path: Path) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path`; rename it to `path` only if the block succeeds."""
     path = Path(path)
     tmp = None
     try:
         # a fresh name: two runs writing the same output never share a temporary file, nor follow a link
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_real(path).parent)
+        os.close(fd)
         tmp = Path(name)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        yield tmp
         tmp.chmod(0o666 & ~_umask())  # what open() would have made, not mkstemp's 0600
         tmp.replace(path)
     except OSError as exc:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        _remove(tmp)
         raise _os_problem(path, exc) from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(tmp: Path | None) -> None:
+    if tmp is not None:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    with atomic_output_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomically(path: Path, data: dict) -> None:

@@ -121,3 +121,33 @@ def _chosen_ppl(plan, series: dict) -> float:
             return p["perplexity"]
     return math.nan
 
+
+
+def plot_heal(report: dict, path) -> None:
+    """Held-out perplexity of the model as each pair is healed in turn (heal report JSON)."""
+    plt = _pyplot()
+    rows = report["pairs"]
+    labels = ["unhealed"] + [f"({a},{b})" for a, b in (row["pair"] for row in rows)]
+    values = [math.exp(rows[0]["heldout_loss_before"])] + [math.exp(row["heldout_loss_after"]) for row in rows]
+    if report.get("distill"):
+        labels.append("distill")
+        values.append(math.exp(report["distill"]["heldout_loss_after"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(labels)), 3.6))
+    colors = ["#999999"] + ["#4c72b0" if row["accepted"] else "#dd8452" for row in rows]
+    ax.bar(range(len(values)), values, color=colors + ["#55a868"] * (len(values) - len(colors)))
+    ax.set_xticks(range(len(values)), labels)
+    ax.set_ylim(min(values) * 0.97, max(values) * 1.01)
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title(f"{report['source']['name']}: healing pair by pair ({report['method']}; orange: rejected)")
+    fig.tight_layout()
+    _save(fig, path, plt)
+
+
+def _save(fig, path, plt) -> None:
+    """Write the picture in the format its extension names (FORMATS); an unwritable path is one line."""
+    try:
+        fig.savefig(Path(path), format=Path(path).suffix.lower().lstrip(".") or "png", dpi=110)
+    except OSError as exc:
+        raise LPError(f"cannot write the plot {path}: {exc.strerror or exc}", "check the path") from None
+    finally:
+        plt.close(fig)

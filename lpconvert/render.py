@@ -6,6 +6,7 @@ returns a Rich renderable; nothing here computes a figure.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from rich.table import Table
@@ -166,6 +167,35 @@ def export_table(report: dict, source: str, layer_strip: str) -> Table:
     if not dry_run:
         table.add_row("time", f"{report['seconds']:.1f} s")
         table.add_row("load with", f'AutoModelForCausalLM.from_pretrained("{report["out"]}", trust_remote_code=True)')
+    return table
+
+
+def heal_table(report: dict) -> Table:
+    """heal.HealResult.report as a table: one row per pair, held-out perplexity before and after."""
+    ppl = report["heldout_perplexity"]
+    calib = report["calibration"]
+    table = Table(title=f"Heal ({report['method']}, target {report['settings']['target']}) of {report['source']['name']}: "
+                        f"fitted on {calib['tokens']} tokens of {calib['source']}, judged on {ppl['tokens']} "
+                        "held-out tokens")
+    for column in ("pair", "kept", "damping", "calib. residual", "held-out ppl before → after", "time"):
+        table.add_column(column, justify="left" if column == "pair" else "right")
+    for row in report["pairs"]:
+        a, b = row["pair"]
+        table.add_row(f"({a}, {b})", "yes" if row["accepted"] else "[yellow]no[/]", f"{row['damping']:g}",
+                      f"{row['calib_residual_before']:.3f} → {row['calib_residual_after']:.3f}",
+                      f"{math.exp(row['heldout_loss_before']):.3f} → {math.exp(row['heldout_loss_after']):.3f}",
+                      f"{row['seconds']:.0f} s")
+    distill = report.get("distill")
+    if distill:
+        table.add_row("distill", "yes" if distill["best_step"] else "[yellow]no[/]", f"lr {distill['lr']:g}",
+                      f"{distill['steps']} steps",
+                      f"{math.exp(distill['heldout_loss_before']):.3f} → {math.exp(distill['heldout_loss_after']):.3f}",
+                      f"{distill['seconds']:.0f} s")
+    table.add_section()
+    table.add_row("model", "", "", "", f"{ppl['unhealed']:.3f} → {ppl['healed']:.3f}",
+                  f"{report['seconds']:.0f} s")
+    table.caption = (f"{len(report['tensors'])} tensors replaced; peak memory "
+                     f"{format_bytes(report['peak_memory_bytes'])}")
     return table
 
 

@@ -13,7 +13,8 @@ computed once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,9 @@ class LayerRunner:
 
     def __init__(self, model, seq_len: int):
         self.model = model
+        # Healed output projections of pairs (heal stage): pair start -> {"o_proj"|"down_proj": weight},
+        # each a pair's [a | b] columns as the export writes them (hidden x 2 * inputs).
+        self.corrections: dict[int, dict[str, torch.Tensor]] = {}
         self.inner = model.model
         self.config = model.config
         self.num_layers = self.config.num_hidden_layers
@@ -77,8 +81,59 @@ class LayerRunner:
         return h + self.mlp(i, h)
 
     def pair(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        if i in self.corrections:
+            return self.corrected_pair(i, x)
         h = x + self.attention(i, x) + self.attention(i + 1, x)
         return h + self.mlp(i, h) + self.mlp(i + 1, h)
+
+    # --- a pair with healed output projections ---------------------------------------------------
+
+    @contextlib.contextmanager
+    def _projection_inputs(self, i: int, name: str) -> Iterator[None]:
+        """Layer i's attention or MLP returns the input of its output projection (o_proj, down_proj)."""
+        module = self.inner.layers[i].self_attn if name == "o_proj" else self.inner.layers[i].mlp
+        projection = getattr(module, name)
+        setattr(module, name, torch.nn.Identity())
+        try:
+            yield
+        finally:
+            setattr(module, name, projection)
+
+    def pair_inputs(self, i: int, x: torch.Tensor, name: str) -> torch.Tensor:
+        """[a | b]: what the pair's fused o_proj (name "o_proj", from the stream x) or down_proj
+        ("down_proj", from h) reads, as the export concatenates them."""
+        part = self.attention if name == "o_proj" else self.mlp
+        with self._projection_inputs(i, name), self._projection_inputs(i + 1, name):
+            return torch.cat([part(i, x), part(i + 1, x)], dim=-1)
+
+    def projection(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The pair's fused output projection (weight [a | b], summed bias) as the export builds it."""
+        layers = [self.inner.layers[i], self.inner.layers[i + 1]]
+        modules = [(layer.self_attn if name == "o_proj" else layer.mlp) for layer in layers]
+        weights = [getattr(m, name).weight for m in modules]
+        biases = [getattr(m, name).bias for m in modules]
+        bias = None if biases[0] is None else (biases[0].float() + biases[1].float()).to(biases[0].dtype).detach()
+        return torch.cat(weights, dim=1).detach(), bias
+
+    def _projected(self, i: int, name: str, inputs: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.projection(i, name)
+        weight = self.corrections[i].get(name, weight)
+        return F.linear(inputs, weight.to(inputs), None if bias is None else bias.to(inputs))
+
+    def pair_attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Attn_a(N1_a(x)) + Attn_b(N1_b(x)), through a healed o_proj where there is one."""
+        if "o_proj" in self.corrections.get(i, {}):
+            return self._projected(i, "o_proj", self.pair_inputs(i, x, "o_proj"))
+        return self.attention(i, x) + self.attention(i + 1, x)
+
+    def pair_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        if "down_proj" in self.corrections.get(i, {}):
+            return self._projected(i, "down_proj", self.pair_inputs(i, h, "down_proj"))
+        return self.mlp(i, h) + self.mlp(i + 1, h)
+
+    def corrected_pair(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.pair_attention(i, x)
+        return h + self.pair_mlp(i, h)
 
     # --- whole stacks ----------------------------------------------------------------------------
 
@@ -114,6 +169,22 @@ class LayerRunner:
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.inner.norm.weight.device)
         return self.model.lm_head(self.inner.norm(x).to(self.model.lm_head.weight.device)).float()
+
+
+def topk_reference(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+    """A next-token distribution kept as its top k log-probabilities and one bucket for the rest:
+    (indices, log p, p, log p_rest, p_rest). What a KL against it needs, at k/vocab of the memory."""
+    top, idx = logp.topk(k, dim=-1)
+    rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top, dim=-1)), min=1e-12))
+    return idx, top, top.exp(), rest, rest.exp()
+
+
+def kl_to_reference(reference: tuple[torch.Tensor, ...], logp: torch.Tensor) -> torch.Tensor:
+    """KL(reference || logp) per position, over the reference's top k and one bucket for the rest."""
+    idx, ref_top, ref_p, ref_rest, ref_rest_p = reference
+    top = logp.gather(-1, idx)
+    rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top, dim=-1)), min=1e-12))
+    return (ref_p * (ref_top - top)).sum(-1) + ref_rest_p * (ref_rest - rest)
 
 
 def batches(input_ids: torch.Tensor, batch_size: int):

@@ -39,6 +39,8 @@ TEXT_SPLITS = ("calib", "heldout", "all")
 EVAL_SPLITS = ("heldout", "all")  # eval reads the held-out windows of a calibration text, or a whole text
 STRATEGIES = ("contiguous", "greedy", "search")  # how plan chooses pairs (lpconvert/plan/)
 OBJECTIVES = ("kl", "loss")  # what plan's measuring minimises
+HEAL_METHODS = ("lsq", "distill")  # heal: least squares (training-free); lsq then a short KL fine-tune
+HEAL_TARGETS = ("global", "local")  # lsq fits toward the source's own stream, or the two layers run in sequence
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies (sources.load_model)
 
 
@@ -88,6 +90,25 @@ class PlanSettings:
 
 
 @dataclass
+class HealSettings:
+    method: str = setting("lsq", Spec("choice", "lsq", choices=HEAL_METHODS))
+    target: str = setting("global", Spec("choice", "global", choices=HEAL_TARGETS))
+    # ridge strengths tried per pair, as multiples of the Gram's mean diagonal; the held-out windows choose
+    damping: tuple[float, ...] = setting((0.3, 1.0, 3.0), Spec("numbers", [0.3, 1.0], above=0))
+    calib: str = setting("wiki", Spec("text", "wiki"))
+    text_field: str = setting("text", Spec("text", "text"))
+    tokens: int = setting(16384, int_spec(16384, min=1))  # fitting windows
+    heldout_tokens: int = setting(4096, int_spec(4096, min=1))  # choosing and accepting corrections
+    seq_len: int = setting(512, int_spec(512, min=2))
+    seed: int = setting(0, int_spec(0))
+    batch_size: int = setting(4, int_spec(4, min=1))
+    steps: int = setting(200, int_spec(200, min=1))  # distill: optimizer steps
+    lr: float = setting(1e-4, Spec("number", 1e-4, above=0))  # distill: Adam learning rate
+    device: str = setting("auto", Spec("device", "cpu"))
+    dtype: str = setting("float32", Spec("choice", "float32", choices=DTYPES))
+
+
+@dataclass
 class ExportSettings:
     dtype: str = setting("auto", Spec("choice", "bfloat16", choices=("auto", *DTYPES)))
     max_shard_size: str = setting("5GB", Spec("size", "5GB"))
@@ -125,8 +146,8 @@ class BenchSettings:
     dtype: str = setting("bfloat16", Spec("choice", "bfloat16", choices=DTYPES))
 
 
-SETTINGS = {"score": ScoreSettings, "plan": PlanSettings, "export": ExportSettings, "eval": EvalSettings,
-            "bench": BenchSettings}
+SETTINGS = {"score": ScoreSettings, "plan": PlanSettings, "heal": HealSettings, "export": ExportSettings,
+            "eval": EvalSettings, "bench": BenchSettings}
 
 
 def specs_of(cls) -> dict[str, Spec]:
@@ -134,7 +155,8 @@ def specs_of(cls) -> dict[str, Spec]:
 
 
 # The recipe sections and their rules (bench is not a recipe stage: it measures, it does not convert).
-STAGES: dict[str, dict[str, Spec]] = {name: specs_of(SETTINGS[name]) for name in ("score", "plan", "export", "eval")}
+STAGES: dict[str, dict[str, Spec]] = {name: specs_of(SETTINGS[name])
+                                      for name in ("score", "plan", "heal", "export", "eval")}
 SCORE, PLAN, EXPORT, EVAL = (STAGES[name] for name in ("score", "plan", "export", "eval"))
 
 

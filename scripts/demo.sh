@@ -19,11 +19,17 @@ $LP plan "$OUT/scores.json" --model smollm2-135m --depth 27 --tokens 2048 --held
     -o "$OUT/plan.json" --plot "$OUT/plan.png"
 
 echo
-echo "== 4. export the plan: 30 layers -> 27 blocks (bfloat16)"
-$LP export smollm2-135m --plan "$OUT/plan.json" --dtype bfloat16 -o "$OUT/smollm2-lp27" --overwrite
+echo "== 4. heal the plan's pairs: least-squares refit of each pair's down_proj (8k tokens to keep the demo short)"
+$LP heal smollm2-135m --plan "$OUT/plan.json" --tokens 8192 --heldout-tokens 2048 \
+    -o "$OUT/heal.safetensors" --plot "$OUT/heal.png"
 
 echo
-echo "== 5. load the export with plain transformers (trust_remote_code) and generate"
+echo "== 5. export the plan with the healed weights: 30 layers -> 27 blocks (bfloat16)"
+$LP export smollm2-135m --plan "$OUT/plan.json" --heal "$OUT/heal.safetensors" --dtype bfloat16 \
+    -o "$OUT/smollm2-lp27" --overwrite
+
+echo
+echo "== 6. load the export with plain transformers (trust_remote_code) and generate"
 .venv/bin/python - "$OUT/smollm2-lp27" <<'PY'
 import sys
 import torch
@@ -40,5 +46,5 @@ print(f"{type(model).__name__} with {model.config.num_hidden_layers} blocks:",
 PY
 
 echo
-echo "== 6. one-shot convert for CI: score -> plan -> export -> eval with the recipe configs/smollm2-135m.yaml"
+echo "== 7. one-shot convert for CI: score -> plan -> export -> eval with the recipe configs/smollm2-135m.yaml"
 $LP convert smollm2-135m -o "$OUT/smollm2-converted" --recipe configs/smollm2-135m.yaml --overwrite

@@ -717,6 +717,87 @@ def case_progress_mode_unknown(t, p):
     return ["--progress", "loud", "inspect", str(t["llama"])], "--progress 'loud' does not exist"
 
 
+def _heal_file(path: Path, model: Path, pairs: list[int], made_for: Path | None = None) -> Path:
+    """A heal file for MODEL's plan of PAIRS (its header naming MADE_FOR's model, if given)."""
+    from lpconvert.export import plan_for_pairs
+    from lpconvert.healfile import heal_header, tensor_name, write_heal_file
+    from lpconvert.sources import resolve_model
+
+    source = resolve_model(str(model))
+    plan = plan_for_pairs(source, pairs)
+    named = resolve_model(str(made_for or model))
+    header = heal_header(source_name=named.name, fingerprint=plan_for_pairs(named, pairs).source, content_sha256=None,
+                         plan=plan, method="lsq", settings={}, calibration={}, heldout={}, pairs=[], perplexity={})
+    hidden, width = TINY["hidden_size"], 2 * TINY["intermediate_size"]
+    write_heal_file(path, {tensor_name(plan, pairs[0], "down_proj"): torch.zeros(hidden, width)}, header)
+    return path
+
+
+def case_export_heal_file_for_other_pairs(t, p):
+    heal = _heal_file(p / "heal.safetensors", t["llama"], [1, 3])
+    return _export(t["llama"], p, "--pairs", "2", "--heal", str(heal)), "was made for other pairs ((1, 2), (3, 4))"
+
+
+def case_export_heal_file_for_another_model(t, p):
+    heal = _heal_file(p / "heal.safetensors", t["llama"], [2], made_for=t["qwen2"])
+    return _export(t["llama"], p, "--pairs", "2", "--heal", str(heal)), "was made for another model"
+
+
+def case_export_heal_file_is_a_checkpoint(t, p):
+    return (_export(t["llama"], p, "--pairs", "2", "--heal", str(t["llama"] / "model.safetensors")),
+            "is not an lpconvert heal file")
+
+
+def case_export_heal_file_missing(t, p):
+    return _export(t["llama"], p, "--pairs", "2", "--heal", str(p / "nope.safetensors")), "does not exist"
+
+
+def case_export_heal_file_corrupt(t, p):
+    (p / "heal.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
+    return (_export(t["llama"], p, "--pairs", "2", "--heal", str(p / "heal.safetensors")),
+            "is not a readable safetensors file")
+
+
+def _heal(t, p, *extra, pairs="2"):
+    plan = p / "plan.json"
+    plan.write_text(json.dumps(export_plan(t["llama"], p, pairs=pairs)))
+    return ["heal", str(t["llama"]), "--plan", str(plan), "-o", str(p / "out"), *extra]
+
+
+def case_heal_output_not_safetensors(t, p):
+    return _heal(t, p), "a heal file is written as .safetensors"
+
+
+def case_heal_plan_without_pairs(t, p):
+    args = _heal(t, p, pairs="none")
+    args[args.index("-o") + 1] = str(p / "out.safetensors")
+    return args, "the plan has no pairs: there is nothing to heal"
+
+
+def case_heal_method_unknown(t, p):
+    return _heal(t, p, "--method", "sgd"), "--method 'sgd' does not exist"
+
+
+def case_heal_damping_not_numbers(t, p):
+    return _heal(t, p, "--damping", "a,b"), "--damping 'a,b' is not a comma-separated list of numbers"
+
+
+def case_heal_damping_zero(t, p):
+    return _heal(t, p, "--damping", "0"), "--damping must be a non-empty list of numbers above 0"
+
+
+def case_heal_tokens_below_a_window(t, p):
+    args = _heal(t, p, "--tokens", "100", "--seq-len", "128")
+    args[args.index("-o") + 1] = str(p / "out.safetensors")
+    return args, "--tokens 100 is less than one window of --seq-len 128"
+
+
+def case_recipe_heal_key_unknown(t, p):
+    (p / "recipe.yaml").write_text("heal: {damp: 1}\n")
+    return ["convert", str(t["llama"]), "-o", str(p / "out"), "--recipe", str(p / "recipe.yaml")], \
+        "recipe key 'heal.damp' is unknown (did you mean 'damping'?)"
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 

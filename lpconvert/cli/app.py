@@ -27,6 +27,7 @@ from ..settings import (
     BenchSettings,
     EvalSettings,
     ExportSettings,
+    HealSettings,
     PlanSettings,
     ScoreSettings,
     build,
@@ -38,7 +39,7 @@ app = typer.Typer(
     name="lpconvert",
     help="Turn a pretrained Hugging Face causal LM into a faster layer-parallel checkpoint, without retraining.\n\n"
     "Pipeline: [bold]inspect[/] a model, [bold]score[/] its layers and pairs on calibration text, [bold]plan[/] "
-    "which pairs to run side by side, [bold]export[/] the converted checkpoint, then [bold]eval[/] its quality "
+    "which pairs to run side by side, [bold]heal[/] the quality they cost, [bold]export[/] the converted checkpoint, then [bold]eval[/] its quality "
     "and [bold]bench[/] its speed; [bold]convert[/] runs them all from a recipe.",
     no_args_is_help=True,
     rich_markup_mode="rich",
@@ -50,8 +51,9 @@ out = Console()
 _state: dict = {"debug": False, "progress": None}
 
 # Defaults shown by --help come from the stages' settings (settings.py): one source.
-SCORE_DEFAULTS, PLAN_DEFAULTS, EXPORT_DEFAULTS, EVAL_DEFAULTS, BENCH_DEFAULTS = (
-    defaults_of(cls) for cls in (ScoreSettings, PlanSettings, ExportSettings, EvalSettings, BenchSettings))
+SCORE_DEFAULTS, PLAN_DEFAULTS, HEAL_DEFAULTS, EXPORT_DEFAULTS, EVAL_DEFAULTS, BENCH_DEFAULTS = (
+    defaults_of(cls) for cls in (ScoreSettings, PlanSettings, HealSettings, ExportSettings, EvalSettings,
+                                 BenchSettings))
 
 # ----------------------------------------------------------------------------------------------
 # Options shared by several commands, declared once

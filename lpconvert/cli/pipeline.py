@@ -1,4 +1,4 @@
-"""The commands that make a converted model, in pipeline order: inspect, score, plan, export."""
+"""The commands that make a converted model, in pipeline order: inspect, score, plan, heal, export."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Annotated
 import typer
 
 from ..errors import LPError
-from ..settings import ExportSettings, PlanSettings, ScoreSettings
+from ..settings import ExportSettings, HealSettings, PlanSettings, ScoreSettings
 from .app import (
     EXPORT_DEFAULTS,
+    HEAL_DEFAULTS,
     PLAN_DEFAULTS,
     SCORE_DEFAULTS,
     AllowEdgeOpt,
@@ -229,6 +230,96 @@ def plan(
 
 
 # ----------------------------------------------------------------------------------------------
+# heal
+
+
+@app.command()
+@stage
+def heal(
+    model: ModelArg,
+    plan: Annotated[Path, typer.Option("--plan", help="Plan JSON from `lpconvert plan` (the pairs to heal).",
+                                       show_default=False, rich_help_panel="Pairs")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The heal file to write (.safetensors); its report "
+                                         "goes beside it as .json.", show_default=False, rich_help_panel="Output")],
+    method: Annotated[str, typer.Option(help="lsq: least-squares refit of each pair's down_proj (training-free, "
+                                        "minutes); distill: lsq, then a KL fine-tune of the pairs' o_proj and "
+                                        "down_proj.", rich_help_panel="Method")] = HEAL_DEFAULTS["method"],
+    target: Annotated[str, typer.Option(help="lsq target: global (the source's own stream after the pair) or local "
+                                        "(the pair's two layers in sequence).", rich_help_panel="Method")
+                      ] = HEAL_DEFAULTS["target"],
+    damping: Annotated[str, typer.Option(help="Ridge strengths to try per pair (multiples of the Gram's mean "
+                                         "diagonal); the held-out windows choose.", rich_help_panel="Method")
+                       ] = ",".join(f"{d:g}" for d in HEAL_DEFAULTS["damping"]),
+    steps: Annotated[int, typer.Option(help="distill: optimizer steps (one window each).", rich_help_panel="Method")
+                     ] = HEAL_DEFAULTS["steps"],
+    lr: Annotated[float, typer.Option(help="distill: Adam learning rate.", rich_help_panel="Method")
+                  ] = HEAL_DEFAULTS["lr"],
+    calib: Annotated[str, typer.Option(help="Calibration text (its held-out windows judge each correction).",
+                                       rich_help_panel="Text")] = HEAL_DEFAULTS["calib"],
+    text_field: TextFieldOpt = HEAL_DEFAULTS["text_field"],
+    tokens: Annotated[int, typer.Option(help="Calibration tokens the corrections are fitted on.",
+                                        rich_help_panel="Text")] = HEAL_DEFAULTS["tokens"],
+    heldout_tokens: Annotated[int, typer.Option(help="Held-out tokens that choose and accept each correction.",
+                                                rich_help_panel="Text")] = HEAL_DEFAULTS["heldout_tokens"],
+    seq_len: SeqLenOpt = HEAL_DEFAULTS["seq_len"],
+    seed: SeedOpt = HEAL_DEFAULTS["seed"],
+    batch_size: BatchOpt = HEAL_DEFAULTS["batch_size"],
+    device: DeviceOpt = HEAL_DEFAULTS["device"],
+    dtype: DtypeOpt = HEAL_DEFAULTS["dtype"],
+    plot: Annotated[Path | None, typer.Option(help="Also draw held-out perplexity before and after each pair.",
+                                              rich_help_panel="Output", show_default=False)] = None,
+    trust_remote_code: TrustOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Win back the quality the plan's pairs cost: refit their output projections on calibration text.
+    Writes only the replaced weights; `lpconvert export --heal` applies them."""
+    from ..formats import load_plan, plan_for_source, source_fingerprint
+    from ..healfile import write_heal_file
+    from ..outputs import write_json_atomically
+    from ..plots import plot_heal
+    from ..render import heal_table
+
+    settings = settings_from_options(
+        HealSettings, method=method, target=target, damping=_comma_numbers(damping, "--damping"), steps=steps,
+        lr=lr, calib=calib, text_field=text_field, tokens=tokens, heldout_tokens=heldout_tokens, seq_len=seq_len,
+        seed=seed, batch_size=batch_size, device=device, dtype=dtype)
+    if output.suffix != ".safetensors":
+        raise LPError(f"-o {output}: a heal file is written as .safetensors", f"e.g. -o {output.with_suffix('.safetensors')}")
+    report_path = output.with_suffix(".json")
+    loaded_plan = load_plan(plan)
+    for path in (output, report_path, plot):
+        check_output_file_early(path, model, plan, calib)
+    check_plot_path(plot)
+    with reporter() as progress:
+        source = load_source(model, trust_remote_code, progress)
+        check_output_file_against(source, output, report_path, plot)
+        chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
+                                 plan_name=f"plan {plan}", allow_edge_layers=True)
+        from ..heal import heal as run_heal
+
+        result = run_heal(source, chosen, settings, progress=lambda message: progress.step("healing", detail=message))
+    write_heal_file(output, result.tensors, result.header)
+    report = {**result.report, "output": str(output)}
+    write_json_atomically(report_path, report)
+    if plot is not None:
+        plot_heal(report, plot)
+    if as_json:
+        print_json(report)
+        return
+    out.print(heal_table(report))
+    out.print(f"heal file written to [bold]{output}[/], report to [bold]{report_path}[/]"
+              + (f", plot to [bold]{plot}[/]" if plot else ""))
+
+
+def _comma_numbers(text: str, option: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise LPError(f"{option} '{text}' is not a comma-separated list of numbers",
+                      f"write e.g. {option} 0.3,1,3") from None
+
+
+# ----------------------------------------------------------------------------------------------
 # export
 
 
@@ -244,6 +335,9 @@ def export(
         "--pairs", help="First layer of each pair, e.g. 12,14,16 (12 pairs layers 12 and 13); 'none' for a copy.",
         rich_help_panel="Pairs", show_default=False)] = None,
     allow_edge_layers: AllowEdgeOpt = False,
+    heal_file: Annotated[Path | None, typer.Option(
+        "--heal", help="Heal file from `lpconvert heal` for this plan: its weights replace the pairs' projections.",
+        rich_help_panel="Pairs", show_default=False)] = None,
     dtype: Annotated[str, typer.Option(help="auto (keep the source dtype), float32, bfloat16 or float16.",
                                        rich_help_panel="Output")] = EXPORT_DEFAULTS["dtype"],
     max_shard_size: Annotated[str, typer.Option(help="Largest shard file, e.g. 5GB or 500MB.",
@@ -261,6 +355,7 @@ def export(
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
     from ..export import export as run_export
     from ..formats import layer_strip, load_plan, parse_pairs, plan_for_source, source_fingerprint
+    from ..healfile import load_heal_file
     from ..render import export_table
 
     if (plan is None) == (pairs is None):
@@ -268,6 +363,7 @@ def export(
     if pairs is not None and not pairs.strip():
         raise LPError("--pairs is empty", "give pair starts such as --pairs 12,14, or --pairs none for an exact copy")
     loaded_plan = load_plan(plan) if plan is not None else None
+    healing = load_heal_file(heal_file) if heal_file is not None else None
     wanted = None if pairs is None or pairs.strip().lower() == "none" else parse_pairs(pairs)
     settings = settings_from_options(ExportSettings, dtype=dtype, max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer)
     check_output_folder_early(output, overwrite, model)
@@ -280,7 +376,7 @@ def export(
             err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy in lpconvert's format")
         report = run_export(source, chosen, output, dtype=settings.dtype, max_shard_size=settings.max_shard_size,
                             copy_tokenizer_files=settings.copy_tokenizer, overwrite=overwrite, dry_run=dry_run,
-                            progress=progress.counter("writing weights", "bytes"))
+                            heal=healing, progress=progress.counter("writing weights", "bytes"))
     if as_json:
         print_json(report.to_json())
         return

@@ -163,11 +163,11 @@ def convert(
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """score -> plan -> export -> eval in one step, for CI. Exit 0: converted and passed the gate;
+    """score -> plan -> [heal ->] export -> eval in one step, for CI. Exit 0: converted and passed the gate;
     1: the gate failed (nothing written unless --keep-failed); 2: bad input."""
     from ..convert import convert as run_convert
     from ..convert import load_recipe
-    from ..render import eval_table
+    from ..render import eval_table, heal_table
 
     settings = load_recipe(recipe)
     check_output_folder_early(output, overwrite, model)
@@ -179,6 +179,8 @@ def convert(
     if as_json:
         print_json(summary)
     else:
+        if summary["heal"]:
+            out.print(heal_table(summary["heal"]))
         out.print(eval_table(summary["eval"]))
         out.print(f"converted model in [bold]{output}[/]: {len(summary['pairs'])} pairs, "
                   f"{summary['effective_depth']} blocks (recipe, scores, plan and eval report alongside)")

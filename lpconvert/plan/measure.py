@@ -139,6 +139,8 @@ class Calibrator:
 
     def _reference(self, split: str) -> Measured:
         """Run the source once: its loss, and its top-k next-token distribution for the KL."""
+        from ..runner import topk_reference
+
         torch = self.torch
         started = time.perf_counter()
         refs, nll, count = [], 0.0, 0
@@ -150,22 +152,18 @@ class Calibrator:
                 targets = ids.to(logp.device)[:, 1:, None]
                 nll += float(-logp.gather(-1, targets).double().sum())
                 count += targets.numel()
-                top, idx = logp.topk(self.top_k, dim=-1)
-                rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top, dim=-1)), min=1e-12))
-                refs.append((idx, top, top.exp(), rest, rest.exp()))
+                refs.append(topk_reference(logp, self.top_k))
         self.references[split] = refs
         self.seconds += time.perf_counter() - started
         return Measured((), nll / count, 0.0, count, split)
 
     def _score(self, split: str, batch: int, x, ids) -> tuple[float, float, int]:
-        torch = self.torch
-        idx, ref_top, ref_p, ref_rest, ref_rest_p = self.references[split][batch]
+        from ..runner import kl_to_reference
+
         logp = self.runner.logprobs(x)[:, :-1]
         targets = ids.to(logp.device)[:, 1:, None]
         nll = float(-logp.gather(-1, targets).double().sum())
-        top = logp.gather(-1, idx)
-        rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top, dim=-1)), min=1e-12))
-        kl = (ref_p * (ref_top - top)).sum(-1) + ref_rest_p * (ref_rest - rest)
+        kl = kl_to_reference(self.references[split][batch], logp)
         return nll, float(kl.double().sum()), targets.numel()
 
     def measure(self, sets: Iterable[Iterable[int]], base: Iterable[int] = (), split: str = "calib"

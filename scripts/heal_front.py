@@ -1,0 +1,208 @@
+"""Heal front: how much of the quality a plan's pairs cost each heal method wins back, on SmolLM2-135M.
+
+For each effective depth and plan (the contiguous rule and the default search, with the pairs they
+chose in docs/quality.md), runs `lpconvert heal` as a user would (its own process: time and peak
+memory are the command's), and measures perplexity of the source, the unhealed and each healed model
+on two texts heal never reads:
+
+* news: the first --news-windows windows of the built-in `news` text (300 articles);
+* wiki held-out: held-out windows of the `wiki` calibration text *after* the ones heal uses to
+  choose and accept its corrections (heal reads the first heldout_tokens / seq_len of them).
+
+Recovered fraction of the gap = (ln ppl_unhealed - ln ppl_healed) / (ln ppl_unhealed - ln ppl_source).
+
+    .venv/bin/python scripts/heal_front.py                                  # every row (about an hour)
+    .venv/bin/python scripts/heal_front.py --depths 25 --plans search --methods lsq
+    .venv/bin/python scripts/heal_front.py --distill-at 25/search           # distill only there (default)
+
+Targets (issue 16), 25 blocks with the default plan: lsq recovers at least 35% on each held-out text
+and makes none worse, in at most 5 minutes on a 2-core CPU; distill at least 60% in at most 30 minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lpconvert.export import plan_for_pairs  # noqa: E402
+from lpconvert.healfile import corrections_of, load_heal_file  # noqa: E402
+from lpconvert.runner import LayerRunner  # noqa: E402
+from lpconvert.settings import HealSettings  # noqa: E402
+from lpconvert.sources import resolve_model  # noqa: E402
+from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402
+
+# Pairs chosen by scripts/quality_front.py with the CLI's defaults (docs/quality.md, issue 5 table).
+PLANS = {
+    (27, "contiguous"): [17, 19, 21],
+    (27, "search"): [7, 17, 25],
+    (25, "contiguous"): [18, 20, 22, 24, 26],
+    (25, "search"): [7, 17, 19, 24, 26],
+    (23, "contiguous"): [14, 16, 18, 20, 22, 24, 26],
+    (23, "search"): [7, 13, 17, 19, 21, 24, 26],
+}
+SEQ_LEN = 512
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def eval_windows(tokenizer, news_windows: int, wiki_windows: int) -> dict[str, torch.Tensor]:
+    news = tokenize_windows(tokenizer, resolve_text("news"), seq_len=SEQ_LEN, num_tokens=news_windows * SEQ_LEN,
+                            seed=0, split="all").input_ids
+    skip = HealSettings().heldout_tokens // SEQ_LEN  # the held-out windows heal itself reads
+    wiki = tokenize_windows(tokenizer, resolve_text("wiki"), seq_len=SEQ_LEN, num_tokens=None, seed=0,
+                            split="heldout").input_ids[skip:skip + wiki_windows]
+    return {"news": news, "wiki_heldout": wiki}
+
+
+def perplexity(runner: LayerRunner, ids: torch.Tensor, pairs: list[int], batch: int = 4) -> float:
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, ids.shape[0], batch):
+            chunk = ids[start:start + batch]
+            total, n = runner.nll(runner.run(runner.embed(chunk), pairs=pairs), chunk)
+            nll, count = nll + total, count + n
+    return math.exp(nll / count)
+
+
+def run_heal(plan_path: Path, out: Path, method: str, extra: list[str]) -> dict:
+    """`lpconvert heal` in its own process; its report (time, peak memory) as it wrote it."""
+    command = [str(ROOT / ".venv/bin/lpconvert"), "--progress", "lines", "heal", "smollm2-135m", "--plan",
+               str(plan_path), "-o", str(out), "--method", method, "--device", "cpu", *extra]
+    log("$ " + " ".join(command[1:]))
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        raise SystemExit(f"heal failed ({done.returncode}): {done.stderr[-2000:]}")
+    report = json.loads(out.with_suffix(".json").read_text())
+    report["wall_seconds"] = time.perf_counter() - started
+    return report
+
+
+def recovered(unhealed: float, healed: float, source: float) -> float:
+    return (math.log(unhealed) - math.log(healed)) / (math.log(unhealed) - math.log(source))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depths", default="27,25,23")
+    parser.add_argument("--plans", default="contiguous,search")
+    parser.add_argument("--methods", default="lsq,distill")
+    parser.add_argument("--distill-at", default="25/search", help="depth/plan rows that also run distill ('all')")
+    parser.add_argument("--news-windows", type=int, default=32)
+    parser.add_argument("--wiki-windows", type=int, default=16)
+    parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal, e.g. '--tokens 32768'")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "heal_front.json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "heal_front.png")
+    args = parser.parse_args()
+    depths = [int(d) for d in args.depths.split(",")]
+    plans = args.plans.split(",")
+    methods = args.methods.split(",")
+    distill_at = None if args.distill_at == "all" else {tuple(x.split("/")) for x in args.distill_at.split(",")}
+
+    source = resolve_model("smollm2-135m")
+    torch.manual_seed(0)
+    runner = LayerRunner(source.load_model(dtype=torch.float32, device="cpu"), seq_len=SEQ_LEN)
+    texts = eval_windows(source.load_tokenizer(), args.news_windows, args.wiki_windows)
+    log("source perplexity")
+    base = {name: perplexity(runner, ids, []) for name, ids in texts.items()}
+    rows = []
+    work = Path(tempfile.mkdtemp(prefix="heal-front-"))
+    for depth in depths:
+        for plan_name in plans:
+            pairs = PLANS[(depth, plan_name)]
+            plan = plan_for_pairs(source, pairs)
+            plan_path = work / f"plan-{depth}-{plan_name}.json"
+            plan.save(plan_path)
+            runner.corrections = {}
+            unhealed = {name: perplexity(runner, ids, pairs) for name, ids in texts.items()}
+            rows.append({"depth": depth, "plan": plan_name, "pairs": pairs, "method": "unhealed", **unhealed})
+            log(f"{depth}/{plan_name} unhealed: {unhealed}")
+            for method in methods:
+                if method == "distill" and distill_at is not None and (str(depth), plan_name) not in distill_at:
+                    continue
+                out = work / f"heal-{depth}-{plan_name}-{method}.safetensors"
+                report = run_heal(plan_path, out, method, args.heal_options.split())
+                runner.corrections = corrections_of(load_heal_file(out).tensors, plan)
+                healed = {name: perplexity(runner, ids, pairs) for name, ids in texts.items()}
+                runner.corrections = {}
+                row = {"depth": depth, "plan": plan_name, "pairs": pairs, "method": method, **healed,
+                       **{f"recovered_{name}": recovered(unhealed[name], healed[name], base[name]) for name in texts},
+                       "pairs_kept": sum(r["accepted"] for r in report["pairs"]),
+                       "heal_seconds": report["seconds"], "wall_seconds": round(report["wall_seconds"], 1),
+                       "peak_memory_bytes": report["peak_memory_bytes"],
+                       "damping": [r["damping"] for r in report["pairs"]]}
+                rows.append(row)
+                log(f"{depth}/{plan_name} {method}: {healed} recovered "
+                    f"{row['recovered_news']:.1%} / {row['recovered_wiki_heldout']:.1%} in {report['seconds']} s")
+                args.json.write_text(json.dumps({"source": base, "rows": rows, "texts": _describe(texts)}, indent=1))
+    result = {"source": base, "rows": rows, "texts": _describe(texts), "settings": {
+        "heal_defaults": {k: v for k, v in HealSettings().__dict__.items()}, "heal_options": args.heal_options}}
+    args.json.write_text(json.dumps(result, indent=1, default=list) + "\n")
+    print(table(result))
+    if args.plot:
+        plot(result, args.plot)
+
+
+def _describe(texts: dict[str, torch.Tensor]) -> dict:
+    return {name: {"windows": ids.shape[0], "tokens": ids.numel()} for name, ids in texts.items()}
+
+
+def table(result: dict) -> str:
+    base = result["source"]
+    lines = [f"Source perplexity: news {base['news']:.2f}, wiki held-out {base['wiki_heldout']:.2f}", "",
+             "| depth | plan | method | news ppl | recovered | wiki held-out ppl | recovered | pairs kept | "
+             "heal time | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        if r["method"] == "unhealed":
+            lines.append(f"| {r['depth']} | {r['plan']} | unhealed | {r['news']:.2f} | | {r['wiki_heldout']:.2f} | "
+                         f"| {len(r['pairs'])} pairs | | |")
+            continue
+        lines.append(f"| {r['depth']} | {r['plan']} | {r['method']} | {r['news']:.2f} | {r['recovered_news']:.0%} | "
+                     f"{r['wiki_heldout']:.2f} | {r['recovered_wiki_heldout']:.0%} | {r['pairs_kept']}/{len(r['pairs'])} "
+                     f"| {r['heal_seconds']:.0f} s | {r['peak_memory_bytes'] / 2**30:.1f} GiB |")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+    styles = {"unhealed": ("o", "-"), "lsq": ("s", "--"), "distill": ("^", ":")}
+    colors = {"contiguous": "#dd8452", "search": "#4c72b0"}
+    for ax, text in zip(axes, ("news", "wiki_heldout"), strict=True):
+        for plan_name in colors:
+            for method, (marker, line) in styles.items():
+                points = sorted((r["depth"], r[text]) for r in result["rows"]
+                                if r["plan"] == plan_name and r["method"] == method)
+                if points:
+                    ax.plot([30] + [d for d, _ in points], [result["source"][text]] + [p for _, p in points],
+                            marker=marker, linestyle=line, color=colors[plan_name], label=f"{plan_name}, {method}")
+        ax.axhline(result["source"][text], color="gray", linewidth=0.8, linestyle=":")
+        ax.invert_xaxis()
+        ax.set_xlabel("effective depth (blocks)")
+        ax.set_ylabel(f"perplexity ({text.replace('_', ' ')})")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M: perplexity against depth, unhealed and healed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
