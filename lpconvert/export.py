@@ -33,7 +33,7 @@ from .card import PLAN_FILE, lp_config_dict, model_card
 from .checkpoint import OutputTensor, TensorStore, plan_shards, shard_file_names, write_index, write_shard
 from .folders import TOKENIZER_FILES
 from .formats import Plan, check_fingerprint, plan_for_source, source_fingerprint
-from .healfile import HEALED_PARTS, HealFile, check_heal_for, tensor_name
+from .healfile import HEALED_PARTS, HealFile, check_heal_for, checked_tensor, tensor_name
 from .outputs import atomic_output_dir, check_output_folder, protected_paths
 from .runtime import dtype_from_name
 from .settings import parse_size
@@ -184,10 +184,10 @@ def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint:
     check_heal_for(heal, fingerprint, content, plan, {t.name: t.info.shape for t in tensors if t.name in healable})
 
     def replaced(tensor: OutputTensor) -> OutputTensor:
-        weight = heal.tensors[tensor.name]
-        return OutputTensor(tensor.name, tensor.info, lambda: iter([weight.to(dtype)]))
+        # read when its shard is written: memory holds one replacement at a time
+        return OutputTensor(tensor.name, tensor.info, lambda: iter([checked_tensor(heal, tensor.name).to(dtype)]))
 
-    return [replaced(t) if t.name in heal.tensors else t for t in tensors]
+    return [replaced(t) if t.name in heal.shapes else t for t in tensors]
 
 
 def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size: str = "5GB",

@@ -10,7 +10,8 @@ refuses one made for another source or another plan.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def tensor_name(plan: Plan, pair: int, projection: str) -> str:
     return LAYER_PREFIX.format(block_of_pair(plan, pair)) + HEALED_PARTS[projection]
 
 
-def corrections_of(tensors: dict[str, torch.Tensor], plan: Plan) -> dict[int, dict[str, torch.Tensor]]:
+def corrections_of(tensors: Mapping[str, torch.Tensor], plan: Plan) -> dict[int, dict[str, torch.Tensor]]:
     """A heal file's tensors by pair start and projection: runner.LayerRunner's `corrections`."""
     by_name = {tensor_name(plan, pair, part): (pair, part) for pair in plan.pairs for part in HEALED_PARTS}
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -45,11 +46,39 @@ def corrections_of(tensors: dict[str, torch.Tensor], plan: Plan) -> dict[int, di
     return out
 
 
+class StoredTensors(Mapping):
+    """A heal file's tensors, each read from disk only when asked for: export builds one at a time,
+    so a 70B heal file (several GB of float32) never sits in memory whole."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self.path = path
+        self.names = names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self.names:
+            raise KeyError(name)
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @dataclass
 class HealFile:
     header: dict
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # a dict in memory, or StoredTensors read on demand
     path: str = "heal file"
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # filled from `tensors` when empty
+
+    def __post_init__(self):
+        if not self.shapes:
+            self.shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
 
     @property
     def method(self) -> str:
@@ -103,7 +132,9 @@ def load_heal_file(path: Path) -> HealFile:
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            shapes = {name: tuple(piece.get_shape()) for name, piece in slices.items()}
+            dtypes = {name: piece.get_dtype() for name, piece in slices.items()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise LPError(f"heal file {path} is not a readable safetensors file ({str(exc)[:80]})",
                       "re-run `lpconvert heal`") from None
@@ -117,7 +148,11 @@ def load_heal_file(path: Path) -> HealFile:
     if header.get("schema_version") != HEAL_SCHEMA_VERSION:
         raise LPError(f"heal file {path} has schema_version {header.get('schema_version')!r}; this lpconvert reads "
                       f"{HEAL_SCHEMA_VERSION}", "re-run `lpconvert heal` with this version")
-    return HealFile(header=header, tensors=tensors, path=str(path))
+    for name, dtype in dtypes.items():
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            raise LPError(f"heal file {path}: {name} is stored as {dtype}, not as floating-point weights",
+                          "re-run `lpconvert heal`")
+    return HealFile(header=header, tensors=StoredTensors(path, sorted(shapes)), path=str(path), shapes=shapes)
 
 
 def check_heal_for(heal: HealFile, fingerprint: dict, content_sha256: str | None, plan: Plan,
@@ -134,12 +169,18 @@ def check_heal_for(heal: HealFile, fingerprint: dict, content_sha256: str | None
         shown = ", ".join(f"({a}, {b})" for a, b in made_for) or "none"
         raise LPError(f"heal file {heal.path} was made for other pairs ({shown}) than this plan's",
                       "heal with the plan you export, or export the plan the heal file was made for")
-    for name, tensor in heal.tensors.items():
+    for name, shape in heal.shapes.items():
         if name not in expected_shapes:
             raise LPError(f"heal file {heal.path} holds {name}, which is not a healed projection of this plan",
                           "re-run `lpconvert heal`")
-        if tuple(tensor.shape) != expected_shapes[name] or not tensor.is_floating_point():
-            raise LPError(f"heal file {heal.path}: {name} is {tuple(tensor.shape)}, the export's tensor is "
+        if shape != expected_shapes[name]:
+            raise LPError(f"heal file {heal.path}: {name} is {shape}, the export's tensor is "
                           f"{expected_shapes[name]}", "re-run `lpconvert heal`")
-        if not bool(torch.isfinite(tensor).all()):
-            raise LPError(f"heal file {heal.path}: {name} contains NaN or Inf", "re-run `lpconvert heal`")
+
+
+def checked_tensor(heal: HealFile, name: str) -> torch.Tensor:
+    """One of the heal file's tensors, read now, refused if it holds NaN or Inf."""
+    tensor = heal.tensors[name]
+    if not bool(torch.isfinite(tensor).all()):
+        raise LPError(f"heal file {heal.path}: {name} contains NaN or Inf", "re-run `lpconvert heal`")
+    return tensor

@@ -102,8 +102,8 @@ class HealSettings:
     seq_len: int = setting(512, int_spec(512, min=2))
     seed: int = setting(0, int_spec(0))
     batch_size: int = setting(4, int_spec(4, min=1))
-    steps: int = setting(200, int_spec(200, min=1))  # distill: optimizer steps
-    lr: float = setting(1e-4, Spec("number", 1e-4, above=0))  # distill: Adam learning rate
+    steps: int = setting(300, int_spec(300, min=1))  # distill: optimizer steps, one window each
+    lr: float = setting(3e-4, Spec("number", 3e-4, above=0))  # distill: Adam's peak learning rate (cosine decay)
     device: str = setting("auto", Spec("device", "cpu"))
     dtype: str = setting("float32", Spec("choice", "float32", choices=DTYPES))
 

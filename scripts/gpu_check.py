@@ -7,7 +7,9 @@ with lpconvert's own tables and modeling file, and reports:
      static-cache + compiled generate vs eager;
   2. bfloat16 logits of the full-size model vs the reference (bf16 tolerance);
   3. decode tokens/s of the source (plain transformers) and of the converted model at several pair
-     counts, eager (dynamic cache) and with a static cache (transformers compiles the decode step).
+     counts, eager (dynamic cache) and with a static cache (transformers compiles the decode step);
+  4. (--heal-tokens > 0) the heal stage's lsq fit of pair (1, 2) at the real width (4 layers, float32):
+     its time and peak GPU memory, the (2 x intermediate)^2 float64 Gram matrix included.
 Results are printed as they come and written to --out as JSON; measurements stop when the time
 budget runs out so a partial run still reports.
 
@@ -77,6 +79,40 @@ def check_exactness(shape_name: str, shape: dict, device: str) -> None:
         f"static cache == full forward: {torch.equal(static, tokens)}")
 
 
+def check_heal(shape_name: str, shape: dict, device: str, tokens: int) -> None:
+    """lsq heal of pair (1, 2) on random windows at the real width: does it fit and how long does it take."""
+    from lpconvert.heal.lsq import heal_lsq
+    from lpconvert.heal.streams import Streams
+    from lpconvert.runner import LayerRunner
+
+    model = narrow_model(shape_name, device)
+    model.requires_grad_(False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    seq_len = 512
+    generator = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, shape["vocab_size"], (max(2, tokens // seq_len), seq_len), generator=generator)
+    runner = LayerRunner(model, seq_len=seq_len)
+    started = time.perf_counter()
+    rows = heal_lsq(runner, [1], Streams(runner, windows[1:], 2), Streams(runner, windows[:1], 2), target="global",
+                    damping=(0.3, 1.0, 3.0), source=Streams(runner, windows[1:], 2))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - started
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    RESULTS["checks"]["heal_lsq"] = {"tokens": rows[0]["tokens"], "seconds": round(seconds, 1),
+                                     "peak_gpu_bytes": peak, "gram_size": 2 * shape["intermediate_size"],
+                                     "calib_residual": [rows[0]["calib_residual_before"],
+                                                        rows[0]["calib_residual_after"]]}
+    log(f"heal lsq, pair (1, 2) at the real width: {rows[0]['tokens']} tokens in {seconds:.1f} s, peak "
+        f"{(peak or 0) / 2**30:.1f} GiB; calibration residual {rows[0]['calib_residual_before']:.3f} -> "
+        f"{rows[0]['calib_residual_after']:.3f}")
+    del model, runner
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
 def check_bf16(model, lp, pairs, device) -> None:
     """bf16 logits of the converted model vs the two-branch reference, next to the noise floor of bf16
     itself (the same source model run with two attention backends)."""
@@ -115,6 +151,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--budget-s", type=float, default=420, help="stop measuring after this many seconds")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--heal-tokens", type=int, default=8192, help="heal lsq check at the real width; 0: skip")
     args = parser.parse_args()
     started = time.perf_counter()
     import transformers
@@ -132,6 +169,9 @@ def main() -> None:
 
     check_exactness(args.shape, shape, device)
     save()
+    if args.heal_tokens > 0:
+        check_heal(args.shape, shape, device, args.heal_tokens)
+        save()
     source = random_source_model(args.shape, dtype, device)
     layers = shape["num_hidden_layers"]
     counts = [int(c) for c in args.pairs.split(",")]

@@ -106,7 +106,13 @@ def main() -> None:
     parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal, e.g. '--tokens 32768'")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "heal_front.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "heal_front.png")
+    parser.add_argument("--redraw", action="store_true", help="only draw --plot and print the table from --json")
     args = parser.parse_args()
+    if args.redraw:
+        result = json.loads(args.json.read_text())
+        print(table(result))
+        plot(result, args.plot)
+        return
     depths = [int(d) for d in args.depths.split(",")]
     plans = args.plans.split(",")
     methods = args.methods.split(",")
@@ -188,8 +194,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, text in zip(axes, ("news", "wiki_heldout"), strict=True):
         for plan_name in colors:
             for method, (marker, line) in styles.items():
-                points = sorted((r["depth"], r[text]) for r in result["rows"]
-                                if r["plan"] == plan_name and r["method"] == method)
+                points = sorted(((r["depth"], r[text]) for r in result["rows"]
+                                 if r["plan"] == plan_name and r["method"] == method), reverse=True)
                 if points:
                     ax.plot([30] + [d for d, _ in points], [result["source"][text]] + [p for _, p in points],
                             marker=marker, linestyle=line, color=colors[plan_name], label=f"{plan_name}, {method}")

@@ -717,7 +717,7 @@ def case_progress_mode_unknown(t, p):
     return ["--progress", "loud", "inspect", str(t["llama"])], "--progress 'loud' does not exist"
 
 
-def _heal_file(path: Path, model: Path, pairs: list[int], made_for: Path | None = None) -> Path:
+def _heal_file(path: Path, model: Path, pairs: list[int], made_for: Path | None = None, fill: float = 0.0) -> Path:
     """A heal file for MODEL's plan of PAIRS (its header naming MADE_FOR's model, if given)."""
     from lpconvert.export import plan_for_pairs
     from lpconvert.healfile import heal_header, tensor_name, write_heal_file
@@ -729,7 +729,7 @@ def _heal_file(path: Path, model: Path, pairs: list[int], made_for: Path | None 
     header = heal_header(source_name=named.name, fingerprint=plan_for_pairs(named, pairs).source, content_sha256=None,
                          plan=plan, method="lsq", settings={}, calibration={}, heldout={}, pairs=[], perplexity={})
     hidden, width = TINY["hidden_size"], 2 * TINY["intermediate_size"]
-    write_heal_file(path, {tensor_name(plan, pairs[0], "down_proj"): torch.zeros(hidden, width)}, header)
+    write_heal_file(path, {tensor_name(plan, pairs[0], "down_proj"): torch.full((hidden, width), fill)}, header)
     return path
 
 
@@ -741,6 +741,11 @@ def case_export_heal_file_for_other_pairs(t, p):
 def case_export_heal_file_for_another_model(t, p):
     heal = _heal_file(p / "heal.safetensors", t["llama"], [2], made_for=t["qwen2"])
     return _export(t["llama"], p, "--pairs", "2", "--heal", str(heal)), "was made for another model"
+
+
+def case_export_heal_file_with_nan(t, p):
+    heal = _heal_file(p / "heal.safetensors", t["llama"], [2], fill=float("nan"))
+    return _export(t["llama"], p, "--pairs", "2", "--heal", str(heal)), "contains NaN or Inf"
 
 
 def case_export_heal_file_is_a_checkpoint(t, p):

@@ -1,8 +1,8 @@
 """distill: a short fine-tune of the pairs' output projections toward the source's next-token distribution.
 
 Starts where lsq left the pairs (its accepted corrections, else the pairs' own weights) and trains
-every pair's fused o_proj and down_proj, [a | b] as the export writes them, with Adam on
-KL(source || healed) over the calibration windows, one window per step. Only those tensors are
+every pair's fused o_proj and down_proj, [a | b] as the export writes them, with Adam (cosine-decayed
+learning rate) on KL(source || healed) over the calibration windows, one window per step. Only those tensors are
 trained; the rest of the model is the source's, frozen and shared, never copied. The source's
 distribution is kept as its top-k log-probabilities and one bucket for the rest (runner.topk_reference).
 The held-out loss is measured every `eval_every` steps and the best weights seen (the starting
@@ -72,6 +72,8 @@ def heal_distill(runner: LayerRunner, pairs: list[int], calib_batches: list[torc
     params = _parameters(runner, pairs)
     best_loss, best, start_loss = None, None, None
     optimizer = torch.optim.Adam(params, lr=lr)
+    # one window per step is a noisy gradient: a cosine decay lets the last steps settle
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
     trace = []
     for step in range(steps + 1):
@@ -91,6 +93,7 @@ def heal_distill(runner: LayerRunner, pairs: list[int], calib_batches: list[torc
         optimizer.zero_grad(set_to_none=True)
         kl.backward()
         optimizer.step()
+        schedule.step()
     runner.corrections.clear()
     runner.corrections.update(best)
     return {"steps": steps, "lr": lr, "eval_every": eval_every, "top_k": TOP_K,
