@@ -92,7 +92,7 @@ class PlanSettings:
 @dataclass
 class HealSettings:
     method: str = setting("lsq", Spec("choice", "lsq", choices=HEAL_METHODS))
-    target: str = setting("global", Spec("choice", "global", choices=HEAL_TARGETS))
+    target: str = setting("local", Spec("choice", "local", choices=HEAL_TARGETS))
     # ridge strengths tried per pair, as multiples of the Gram's mean diagonal; the held-out windows choose
     damping: tuple[float, ...] = setting((0.3, 1.0, 3.0), Spec("numbers", [0.3, 1.0], above=0))
     calib: str = setting("wiki", Spec("text", "wiki"))

@@ -203,3 +203,11 @@ def test_recipe_without_heal_section_does_not_heal(tiny_models, tmp_path):
     assert json.loads(result.stdout)["heal"] is None
     assert "heal:" not in (tmp_path / "out" / "lpconvert-recipe.yaml").read_text()
     assert "lp_heal" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_global_target_fits_toward_the_source_stream(tiny_models):
+    _, _, result = _healed(tiny_models["mistral"], target="global")
+    assert result.header["settings"]["target"] == "global"
+    for row in result.report["pairs"]:
+        assert row["calib_residual_after"] < row["calib_residual_before"]
+    assert result.report["heldout_perplexity"]["healed"] <= result.report["heldout_perplexity"]["unhealed"]

@@ -244,8 +244,8 @@ def heal(
     method: Annotated[str, typer.Option(help="lsq: least-squares refit of each pair's down_proj (training-free, "
                                         "minutes); distill: lsq, then a KL fine-tune of the pairs' o_proj and "
                                         "down_proj.", rich_help_panel="Method")] = HEAL_DEFAULTS["method"],
-    target: Annotated[str, typer.Option(help="lsq target: global (the source's own stream after the pair) or local "
-                                        "(the pair's two layers in sequence).", rich_help_panel="Method")
+    target: Annotated[str, typer.Option(help="lsq target: local (the pair's two layers in sequence) or global "
+                                        "(the source's own stream after the pair).", rich_help_panel="Method")
                       ] = HEAL_DEFAULTS["target"],
     damping: Annotated[str, typer.Option(help="Ridge strengths to try per pair (multiples of the Gram's mean "
                                          "diagonal); the held-out windows choose.", rich_help_panel="Method")

@@ -4,9 +4,10 @@ For a pair of layers (a, b) the wide block computes h = x + Attn_a(x) + Attn_b(x
 y = h + W z, where z = [inner_a(h) | inner_b(h)] is what the fused down_proj W reads. The target
 for y is, per token of the calibration windows,
 
-* global: the source model's own stream after layer b on the same tokens. The fit then also
-  corrects what the pairs below left wrong (their errors are in x and h);
-* local: layer b after layer a, run in sequence on the same (healed) input x.
+* local (default): layer b after layer a, run in sequence on the same (healed) input x;
+* global: the source model's own stream after layer b on the same tokens, so the fit also tries to
+  correct what the pairs below left wrong (measured 1-2 points of recovered gap worse than local on
+  SmolLM2, docs/quality.md).
 
 W = argmin ||Z W^T - (T - h)||^2 + d m ||W - W_0||^2 (m the mean diagonal of Z^T Z, W_0 the
 pair's current weights), solved by Cholesky from the Gram matrix Z^T Z and Z^T (T - h) summed
