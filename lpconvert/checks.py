@@ -180,23 +180,22 @@ def _check_text(spec: Spec, value: Any, label: str) -> str:
     return value
 
 
-def _check_ints(spec: Spec, value: Any, label: str) -> tuple[int, ...]:
+def _check_list(spec: Spec, value: Any, label: str, item_ok: Callable[[Any], bool]) -> tuple:
     # A list (recipe) or the CLI's comma-separated text already split into a list.
     if not isinstance(value, (list, tuple)) or not value:
         raise _refuse(spec, value, label)
     for item in value:
-        if not _is_number(item) or not isinstance(item, int) or not _in_range(spec, item):
+        if not _is_number(item) or not item_ok(item) or not _in_range(spec, item):
             raise _refuse(spec, value, label)
     return tuple(value)
 
 
+def _check_ints(spec: Spec, value: Any, label: str) -> tuple[int, ...]:
+    return _check_list(spec, value, label, lambda item: isinstance(item, int))
+
+
 def _check_numbers(spec: Spec, value: Any, label: str) -> tuple[float, ...]:
-    if not isinstance(value, (list, tuple)) or not value:
-        raise _refuse(spec, value, label)
-    for item in value:
-        if not _is_number(item) or not math.isfinite(item) or not _in_range(spec, item):
-            raise _refuse(spec, value, label)
-    return tuple(float(item) for item in value)
+    return tuple(float(item) for item in _check_list(spec, value, label, math.isfinite))
 
 
 def _no_such(label: str, value: str, choices, words: str) -> LPError:

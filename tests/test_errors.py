@@ -779,6 +779,14 @@ def case_heal_plan_without_pairs(t, p):
     return args, "the plan has no pairs: there is nothing to heal"
 
 
+def case_heal_output_inside_the_model_folder(t, p):
+    model = _copy(t, "llama", p)
+    args = _heal(t, p)
+    args[1] = str(model)
+    args[args.index("-o") + 1] = str(model / "heal.safetensors")
+    return args, "is inside the model folder"
+
+
 def case_heal_method_unknown(t, p):
     return _heal(t, p, "--method", "sgd"), "--method 'sgd' does not exist"
 

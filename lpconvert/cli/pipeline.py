@@ -290,9 +290,13 @@ def heal(
     for path in (output, report_path, plot):
         check_output_file_early(path, model, plan, calib)
     check_plot_path(plot)
+    if Path(model).expanduser().is_dir():
+        _check_outside_model_folder(output, Path(model).expanduser())
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress)
         check_output_file_against(source, output, report_path, plot)
+        if getattr(source, "path", None):
+            _check_outside_model_folder(output, Path(source.path))
         chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
                                  plan_name=f"plan {plan}", allow_edge_layers=True)
         from ..heal import heal as run_heal
@@ -309,6 +313,14 @@ def heal(
     out.print(heal_table(report))
     out.print(f"heal file written to [bold]{output}[/], report to [bold]{report_path}[/]"
               + (f", plot to [bold]{plot}[/]" if plot else ""))
+
+
+def _check_outside_model_folder(output: Path, folder: Path) -> None:
+    """A model folder without an index is read as every *.safetensors in it: a heal file written
+    there would become part of the source's weights the next time it is read."""
+    if folder.resolve() in output.expanduser().resolve().parents:
+        raise LPError(f"-o {output} is inside the model folder {folder}, where a .safetensors file would be read "
+                      "as part of the model's weights", "write the heal file outside the model folder")
 
 
 def _comma_numbers(text: str, option: str) -> list[float]:

@@ -12,14 +12,12 @@ ones included) are kept: a fine-tune that does not help the held-out windows cha
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 
 from ..runner import LayerRunner, kl_to_reference, topk_reference
-from .streams import Streams
+from .streams import Progress, Streams
 
-Progress = Callable[[str], None] | None
 TOP_K = 64
 PROJECTIONS = ("o_proj", "down_proj")
 

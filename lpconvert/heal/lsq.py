@@ -19,14 +19,11 @@ does not lower the held-out loss keeps its weights (rejected).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import torch
 
 from ..runner import LayerRunner
-from .streams import Streams
-
-Progress = Callable[[str], None] | None
+from .streams import Progress, Streams
 
 
 class Normal:
@@ -98,6 +95,7 @@ def heal_lsq(runner: LayerRunner, pairs: list[int], calib: Streams, heldout: Str
              damping: tuple[float, ...], source: Streams | None = None, progress: Progress = None) -> list[dict]:
     """Fit every pair in order of depth; accepted fits are left in runner.corrections. One report row per pair."""
     rows = []
+    before = None  # the held-out loss with the pairs below settled: the last pair's outcome, once known
     for number, pair in enumerate(sorted(pairs), start=1):
         started = time.perf_counter()
         if progress:
@@ -108,7 +106,8 @@ def heal_lsq(runner: LayerRunner, pairs: list[int], calib: Streams, heldout: Str
             source.advance(pair)
         normal = pair_normal_equations(runner, pair, calib, source if target == "global" else None)
         current, _ = runner.projection(pair, "down_proj")
-        before = heldout.loss(pairs)
+        if before is None:
+            before = heldout.loss(pairs)
         tried = []
         for strength in damping:
             weight = normal.solve(current, strength)
@@ -132,4 +131,6 @@ def heal_lsq(runner: LayerRunner, pairs: list[int], calib: Streams, heldout: Str
             "seconds": round(time.perf_counter() - started, 1),
         })
         del normal
+        # The streams run exactly the layers the evaluation ran: the next pair's "before" is this outcome.
+        before = best["heldout_loss"] if accepted else before
     return rows

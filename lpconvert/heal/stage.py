@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,9 +24,7 @@ from ..runtime import check_positions, dtype_from_name, resolve_device, text_win
 from ..settings import HealSettings
 from .distill import heal_distill
 from .lsq import heal_lsq
-from .streams import Streams
-
-Progress = Callable[[str], None] | None
+from .streams import Progress, Streams
 
 
 @dataclass

@@ -7,11 +7,13 @@ as the pairs below are settled, never recomputed from the embedding.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 
 import torch
 
 from ..runner import LayerRunner
+
+Progress = Callable[[str], None] | None  # the heal stage's progress: one message per step
 
 
 class Streams:
@@ -44,7 +46,3 @@ class Streams:
                 total, n = self.runner.nll(self.runner.run(x, start=self.layer, pairs=pairs), ids)
                 nll, count = nll + total, count + n
         return nll / count
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss)
