@@ -104,10 +104,12 @@ def _healed_line(heal: dict) -> str:
     calib = heal.get("calibration") or {}
     measured = (f"; held-out perplexity {ppl['unhealed']:.2f} -> {ppl['healed']:.2f} on {ppl['tokens']} tokens of "
                 f"{calib.get('source', 'the calibration text')}") if ppl.get("unhealed") else ""
+    trained = {"all": "projections", "output": "o_proj and down_proj"}.get((heal.get("settings") or {}).get("train"),
+                                                                            "projections")
     how = {"lsq": "least-squares refit of the pairs' down_proj on calibration activations (training-free)",
-           "distill": "least-squares refit, then a short KL fine-tune of the pairs' o_proj and down_proj"}
+           "distill": f"least-squares refit, then a short KL fine-tune of the pairs' {trained}"}
     return (f"\n- Healed ({heal.get('method')}: {how.get(heal.get('method'), 'see config.json lp_heal')}): "
-            f"pairs {pairs}{measured}. Only those pairs' output projections differ from the unhealed export; "
+            f"pairs {pairs}{measured}. Only those pairs' weights differ from the unhealed export; "
             "config.json `lp_heal` records how.")
 
 

@@ -177,7 +177,7 @@ def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint:
            dtype: torch.dtype) -> list[OutputTensor]:
     """The export's tensors with the heal file's in place of the pairs' output projections it holds.
 
-    Only the pairs' fused o_proj and down_proj can be replaced; the heal file must be for this source
+    Only the pairs' fused projections (healfile.HEALED_PARTS) can be replaced; the heal file must be for this source
     and this plan. A replacement is cast to the export's dtype once, like every other tensor.
     """
     healable = {tensor_name(plan, pair, part) for pair in plan.pairs for part in HEALED_PARTS}

@@ -1,7 +1,9 @@
 """The heal file (written by the heal stage, read by export): the replacement weights of the paired blocks, and what they were made for.
 
 A safetensors file holding, under the export's own tensor names (`model.layers.{block}.mlp.down_proj.weight`,
-`...self_attn.o_proj.weight`), the healed weights of the pairs whose correction was kept, in float32,
+`...self_attn.o_proj.weight`, and after distill `...self_attn.qkv_proj.weight` and `...mlp.gate_up_proj.weight`
+with each layer's norm folded in, exactly as the export builds them), the healed weights of the pairs
+whose correction was kept, in float32,
 with a JSON header in the safetensors metadata: schema version, the source's fingerprint and content
 digest, the plan's pairs, calibration provenance, method and settings. `export --heal` reads it and
 refuses one made for another source or another plan.
@@ -24,7 +26,9 @@ from .formats import Plan, same_shapes
 HEAL_KIND = "lpconvert-heal"
 HEAL_SCHEMA_VERSION = 1
 METADATA_KEY = "lpconvert_heal"
-HEALED_PARTS = {"o_proj": "self_attn.o_proj.weight", "down_proj": "mlp.down_proj.weight"}
+# A pair's fused projections a heal may replace (runner.LayerRunner's names -> the export's).
+HEALED_PARTS = {"qkv_proj": "self_attn.qkv_proj.weight", "o_proj": "self_attn.o_proj.weight",
+                "gate_up_proj": "mlp.gate_up_proj.weight", "down_proj": "mlp.down_proj.weight"}
 
 
 def block_of_pair(plan: Plan, pair: int) -> int:
@@ -32,7 +36,7 @@ def block_of_pair(plan: Plan, pair: int) -> int:
 
 
 def tensor_name(plan: Plan, pair: int, projection: str) -> str:
-    """The export's name of a pair's fused output projection."""
+    """The export's name of a pair's fused projection."""
     return LAYER_PREFIX.format(block_of_pair(plan, pair)) + HEALED_PARTS[projection]
 
 
@@ -86,7 +90,7 @@ class HealFile:
 
     def summary(self) -> dict:
         """What an export records about the heal it applied (config.json lp_heal, the model card)."""
-        healed = [row["pair"] for row in self.header.get("pairs", []) if row.get("accepted")]
+        healed = [row["pair"] for row in self.header.get("pairs", []) if row.get("changed", row.get("accepted"))]
         return {"method": self.method, "pairs_healed": healed, "tensors": sorted(self.tensors),
                 "calibration": self.header.get("calibration"), "settings": self.header.get("settings"),
                 "heldout_perplexity": self.header.get("heldout_perplexity"),

@@ -19,6 +19,27 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
+# A pair's fused input projections (the export's names) -> the module holding them, their parts in
+# row order, and the norm folded into them.
+INPUT_PROJECTIONS = {
+    "qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"),
+    "gate_up_proj": ("mlp", ("gate_proj", "up_proj"), "post_attention_layernorm"),
+}
+
+
+def _call(module: torch.nn.Module, weights: dict[str, torch.Tensor] | None, *args, **kwargs):
+    """module(*args, **kwargs), with `weights` in place of its own parameters of those names."""
+    if weights is None:
+        return module(*args, **kwargs)
+    return torch.func.functional_call(module, weights, args, kwargs)
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor, folded: dict | None) -> torch.Tensor:
+    # A healed input projection has the norm's weight folded in (as the export's does): the norm is unit.
+    if folded is None:
+        return norm(x)
+    return _call(norm, {"weight": torch.ones_like(norm.weight)}, x)
+
 
 def _causal_mask(seq: int, window: int | None, dtype: torch.dtype, device) -> torch.Tensor:
     q = torch.arange(seq, device=device)[:, None]
@@ -35,8 +56,9 @@ class LayerRunner:
 
     def __init__(self, model, seq_len: int):
         self.model = model
-        # Healed output projections of pairs (heal stage): pair start -> {"o_proj"|"down_proj": weight},
-        # each a pair's [a | b] columns as the export writes them (hidden x 2 * inputs).
+        # Healed projections of pairs (heal stage): pair start -> {name: weight}, each as the export
+        # writes the pair's fused tensor: "o_proj"/"down_proj" [a | b] columns (hidden x 2 * inputs),
+        # "qkv_proj"/"gate_up_proj" rows with each layer's norm folded in (INPUT_PROJECTIONS).
         self.corrections: dict[int, dict[str, torch.Tensor]] = {}
         self.inner = model.model
         self.config = model.config
@@ -63,18 +85,20 @@ class LayerRunner:
         # With a device_map the layers of a pair may sit on different devices.
         return x.to(self.inner.layers[i].input_layernorm.weight.device)
 
-    def attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def attention(self, i: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Attn_i(N1_i(x)); `weights`: a healed pair's q/k/v for this layer, its norm folded in (norm then unit)."""
         layer = self.inner.layers[i]
         local = self._on_layer_device(i, x)
         cos, sin = (t.to(local.device) for t in self.position_embeddings)
-        out = layer.self_attn(hidden_states=layer.input_layernorm(local), position_embeddings=(cos, sin),
-                              attention_mask=self.masks[i].to(local.device), position_ids=self.position_ids)
+        out = _call(layer.self_attn, weights, hidden_states=_norm(layer.input_layernorm, local, weights),
+                    position_embeddings=(cos, sin), attention_mask=self.masks[i].to(local.device),
+                    position_ids=self.position_ids)
         return out[0].to(x.device)
 
-    def mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+    def mlp(self, i: int, h: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         layer = self.inner.layers[i]
         local = self._on_layer_device(i, h)
-        return layer.mlp(layer.post_attention_layernorm(local)).to(h.device)
+        return _call(layer.mlp, weights, _norm(layer.post_attention_layernorm, local, weights)).to(h.device)
 
     def layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(i, x)
@@ -86,7 +110,7 @@ class LayerRunner:
         h = x + self.attention(i, x) + self.attention(i + 1, x)
         return h + self.mlp(i, h) + self.mlp(i + 1, h)
 
-    # --- a pair with healed output projections ---------------------------------------------------
+    # --- a pair with healed projections ----------------------------------------------------------
 
     @contextlib.contextmanager
     def _projection_inputs(self, i: int, name: str) -> Iterator[None]:
@@ -99,16 +123,39 @@ class LayerRunner:
         finally:
             setattr(module, name, projection)
 
+    def _layer_inputs(self, i: int, name: str) -> tuple[dict | None, dict | None]:
+        """Layers i and i+1's halves of a healed fused input projection (qkv_proj, gate_up_proj), as
+        {"q_proj.weight": ..} for each, or (None, None) where the pair keeps its own."""
+        fused = self.corrections.get(i, {}).get(name)
+        if fused is None:
+            return None, None
+        module_name, parts, _ = INPUT_PROJECTIONS[name]
+        halves: tuple[dict, dict] = ({}, {})
+        row = 0
+        for part in parts:  # rows [p1_a, p1_b, p2_a, p2_b, ...] as archs' "rows" rule writes them
+            for layer, half in zip((i, i + 1), halves, strict=True):
+                weight = getattr(getattr(self.inner.layers[layer], module_name), part).weight
+                half[f"{part}.weight"] = fused[row:row + weight.shape[0]].to(weight)
+                row += weight.shape[0]
+        return halves
+
     def pair_inputs(self, i: int, x: torch.Tensor, name: str) -> torch.Tensor:
         """[a | b]: what the pair's fused o_proj (name "o_proj", from the stream x) or down_proj
         ("down_proj", from h) reads, as the export concatenates them."""
         part = self.attention if name == "o_proj" else self.mlp
+        inputs = self._layer_inputs(i, "qkv_proj" if name == "o_proj" else "gate_up_proj")
         with self._projection_inputs(i, name), self._projection_inputs(i + 1, name):
-            return torch.cat([part(i, x), part(i + 1, x)], dim=-1)
+            return torch.cat([part(i, x, inputs[0]), part(i + 1, x, inputs[1])], dim=-1)
 
     def projection(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The pair's fused output projection (weight [a | b], summed bias) as the export builds it."""
+        """The pair's fused projection as the export builds it: an output projection's weight [a | b]
+        and summed bias; an input projection's rows with each layer's norm folded in (float32), no bias."""
         layers = [self.inner.layers[i], self.inner.layers[i + 1]]
+        if name in INPUT_PROJECTIONS:
+            module_name, parts, norm = INPUT_PROJECTIONS[name]
+            rows = [getattr(getattr(layer, module_name), part).weight.float()
+                    * getattr(layer, norm).weight.float()[None, :] for part in parts for layer in layers]
+            return torch.cat(rows, dim=0).detach(), None
         modules = [(layer.self_attn if name == "o_proj" else layer.mlp) for layer in layers]
         weights = [getattr(m, name).weight for m in modules]
         biases = [getattr(m, name).bias for m in modules]
@@ -121,15 +168,17 @@ class LayerRunner:
         return F.linear(inputs, weight.to(inputs), None if bias is None else bias.to(inputs))
 
     def pair_attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Attn_a(N1_a(x)) + Attn_b(N1_b(x)), through a healed o_proj where there is one."""
+        """Attn_a(N1_a(x)) + Attn_b(N1_b(x)), through the pair's healed projections where it has them."""
         if "o_proj" in self.corrections.get(i, {}):
             return self._projected(i, "o_proj", self.pair_inputs(i, x, "o_proj"))
-        return self.attention(i, x) + self.attention(i + 1, x)
+        a, b = self._layer_inputs(i, "qkv_proj")
+        return self.attention(i, x, a) + self.attention(i + 1, x, b)
 
     def pair_mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         if "down_proj" in self.corrections.get(i, {}):
             return self._projected(i, "down_proj", self.pair_inputs(i, h, "down_proj"))
-        return self.mlp(i, h) + self.mlp(i + 1, h)
+        a, b = self._layer_inputs(i, "gate_up_proj")
+        return self.mlp(i, h, a) + self.mlp(i + 1, h, b)
 
     def corrected_pair(self, i: int, x: torch.Tensor) -> torch.Tensor:
         h = x + self.pair_attention(i, x)

@@ -40,6 +40,7 @@ EVAL_SPLITS = ("heldout", "all")  # eval reads the held-out windows of a calibra
 STRATEGIES = ("contiguous", "greedy", "search")  # how plan chooses pairs (lpconvert/plan/)
 OBJECTIVES = ("kl", "loss")  # what plan's measuring minimises
 HEAL_METHODS = ("lsq", "distill")  # heal: least squares (training-free); lsq then a short KL fine-tune
+HEAL_TRAINED = ("all", "output")  # distill trains every fused projection of a pair, or o_proj and down_proj only
 HEAL_TARGETS = ("global", "local")  # lsq fits toward the source's own stream, or the two layers run in sequence
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies (sources.load_model)
 
@@ -102,7 +103,8 @@ class HealSettings:
     seq_len: int = setting(512, int_spec(512, min=2))
     seed: int = setting(0, int_spec(0))
     batch_size: int = setting(4, int_spec(4, min=1))
-    steps: int = setting(300, int_spec(300, min=1))  # distill: optimizer steps, one window each
+    train: str = setting("all", Spec("choice", "all", choices=HEAL_TRAINED))  # distill: which projections
+    steps: int = setting(150, int_spec(150, min=1))  # distill: optimizer steps, one window each
     lr: float = setting(3e-4, Spec("number", 3e-4, above=0))  # distill: Adam's peak learning rate (cosine decay)
     device: str = setting("auto", Spec("device", "cpu"))
     dtype: str = setting("float32", Spec("choice", "float32", choices=DTYPES))

@@ -13,7 +13,7 @@ Recovered fraction of the gap = (ln ppl_unhealed - ln ppl_healed) / (ln ppl_unhe
 
     .venv/bin/python scripts/heal_front.py                                  # every row (about an hour)
     .venv/bin/python scripts/heal_front.py --depths 25 --plans search --methods lsq
-    .venv/bin/python scripts/heal_front.py --distill-at 25/search           # distill only there (default)
+    .venv/bin/python scripts/heal_front.py --distill-at 25/search           # distill only there
 
 Targets (issue 16), 25 blocks with the default plan: lsq recovers at least 35% on each held-out text
 and makes none worse, in at most 5 minutes on a 2-core CPU; distill at least 60% in at most 30 minutes.
@@ -100,15 +100,21 @@ def main() -> None:
     parser.add_argument("--depths", default="27,25,23")
     parser.add_argument("--plans", default="contiguous,search")
     parser.add_argument("--methods", default="lsq,distill")
-    parser.add_argument("--distill-at", default="25/search", help="depth/plan rows that also run distill ('all')")
+    parser.add_argument("--distill-at", default="all", help="depth/plan rows that also run distill, e.g. 25/search")
     parser.add_argument("--news-windows", type=int, default=32)
     parser.add_argument("--wiki-windows", type=int, default=16)
     parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal, e.g. '--tokens 32768'")
+    parser.add_argument("--distill-options", default="", help="extra options for the distill rows only (after "
+                        "--heal-options), e.g. '--tokens 32768 --steps 150'")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "heal_front.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "heal_front.png")
     parser.add_argument("--redraw", action="store_true", help="only draw --plot and print the table from --json")
+    parser.add_argument("--merge", type=Path, help="put this run's rows (another --json) into --json in place of "
+                        "the same depth/plan/method, then redraw")
     args = parser.parse_args()
-    if args.redraw:
+    if args.merge:
+        merge(args.json, args.merge)
+    if args.redraw or args.merge:
         result = json.loads(args.json.read_text())
         print(table(result))
         plot(result, args.plot)
@@ -140,7 +146,8 @@ def main() -> None:
                 if method == "distill" and distill_at is not None and (str(depth), plan_name) not in distill_at:
                     continue
                 out = work / f"heal-{depth}-{plan_name}-{method}.safetensors"
-                report = run_heal(plan_path, out, method, args.heal_options.split())
+                extra = args.heal_options.split() + (args.distill_options.split() if method == "distill" else [])
+                report = run_heal(plan_path, out, method, extra)
                 runner.corrections = corrections_of(load_heal_file(out).tensors, plan)
                 healed = {name: perplexity(runner, ids, pairs) for name, ids in texts.items()}
                 runner.corrections = {}
@@ -149,21 +156,41 @@ def main() -> None:
                        "pairs_kept": sum(r["accepted"] for r in report["pairs"]),
                        "heal_seconds": report["seconds"], "wall_seconds": round(report["wall_seconds"], 1),
                        "peak_memory_bytes": report["peak_memory_bytes"],
-                       "damping": [r["damping"] for r in report["pairs"]]}
+                       "damping": [r["damping"] for r in report["pairs"]], "options": " ".join(extra)}
                 rows.append(row)
                 log(f"{depth}/{plan_name} {method}: {healed} recovered "
                     f"{row['recovered_news']:.1%} / {row['recovered_wiki_heldout']:.1%} in {report['seconds']} s")
                 args.json.write_text(json.dumps({"source": base, "rows": rows, "texts": _describe(texts)}, indent=1))
     result = {"source": base, "rows": rows, "texts": _describe(texts), "settings": {
-        "heal_defaults": {k: v for k, v in HealSettings().__dict__.items()}, "heal_options": args.heal_options}}
+        "heal_defaults": {k: v for k, v in HealSettings().__dict__.items()}, "heal_options": args.heal_options,
+        "distill_options": args.distill_options}}
     args.json.write_text(json.dumps(result, indent=1, default=list) + "\n")
     print(table(result))
     if args.plot:
         plot(result, args.plot)
 
 
+def merge(into: Path, other: Path) -> None:
+    """Rows measured by separate runs (e.g. distill with its own options) in one table: the source and
+    the texts must be the same."""
+    result, added = json.loads(into.read_text()), json.loads(other.read_text())
+    if result["texts"] != added["texts"] or any(abs(result["source"][k] - added["source"][k]) > 1e-6
+                                                for k in result["source"]):
+        raise SystemExit(f"{other} measured other texts or another source than {into}")
+    key = lambda row: (row["depth"], row["plan"], row["method"])  # noqa: E731
+    replaced = {key(row) for row in added["rows"]}
+    result["rows"] = [row for row in result["rows"] if key(row) not in replaced] + added["rows"]
+    result.setdefault("runs", []).append({"merged": other.name, "settings": added.get("settings")})
+    into.write_text(json.dumps(result, indent=1, default=list) + "\n")
+
+
 def _describe(texts: dict[str, torch.Tensor]) -> dict:
     return {name: {"windows": ids.shape[0], "tokens": ids.numel()} for name, ids in texts.items()}
+
+
+def row_order(row: dict) -> tuple:
+    """Deepest first, then the plan, then unhealed, lsq, distill (rows may come from several runs)."""
+    return (-row["depth"], row["plan"], ["unhealed", "lsq", "distill"].index(row["method"]))
 
 
 def table(result: dict) -> str:
@@ -171,12 +198,13 @@ def table(result: dict) -> str:
     lines = [f"Source perplexity: news {base['news']:.2f}, wiki held-out {base['wiki_heldout']:.2f}", "",
              "| depth | plan | method | news ppl | recovered | wiki held-out ppl | recovered | pairs kept | "
              "heal time | peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+    for r in sorted(result["rows"], key=row_order):
         if r["method"] == "unhealed":
             lines.append(f"| {r['depth']} | {r['plan']} | unhealed | {r['news']:.2f} | | {r['wiki_heldout']:.2f} | "
                          f"| {len(r['pairs'])} pairs | | |")
             continue
-        lines.append(f"| {r['depth']} | {r['plan']} | {r['method']} | {r['news']:.2f} | {r['recovered_news']:.0%} | "
+        method = r["method"] + (f" `{r['options']}`" if r.get("options") else "")
+        lines.append(f"| {r['depth']} | {r['plan']} | {method} | {r['news']:.2f} | {r['recovered_news']:.0%} | "
                      f"{r['wiki_heldout']:.2f} | {r['recovered_wiki_heldout']:.0%} | {r['pairs_kept']}/{len(r['pairs'])} "
                      f"| {r['heal_seconds']:.0f} s | {r['peak_memory_bytes'] / 2**30:.1f} GiB |")
     return "\n".join(lines)

@@ -791,6 +791,10 @@ def case_heal_method_unknown(t, p):
     return _heal(t, p, "--method", "sgd"), "--method 'sgd' does not exist"
 
 
+def case_heal_train_unknown(t, p):
+    return _heal(t, p, "--train", "norms"), "--train 'norms' does not exist"
+
+
 def case_heal_damping_not_numbers(t, p):
     return _heal(t, p, "--damping", "a,b"), "--damping 'a,b' is not a comma-separated list of numbers"
 

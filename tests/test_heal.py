@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from lpconvert.export import export, plan_for_pairs
 from lpconvert.heal import heal
-from lpconvert.healfile import heal_header, load_heal_file, tensor_name, write_heal_file
+from lpconvert.healfile import HEALED_PARTS, heal_header, load_heal_file, tensor_name, write_heal_file
 from lpconvert.runner import LayerRunner
 from lpconvert.settings import HealSettings, build
 from lpconvert.sources import resolve_model
@@ -76,12 +76,13 @@ def test_healed_export_equals_the_model_heal_measured(arch, healed, tmp_path):
     source, plan, result = healed[arch]
     model = source.load_model()
     runner = LayerRunner(model, seq_len=8)
-    # The heal stage's own corrections where it kept some, and a perturbed down_proj and o_proj on
-    # every pair besides, so each architecture's replacement path is exercised whatever was kept.
+    # The heal stage's own corrections where it kept some, and every other fused projection of every
+    # pair perturbed (distill's input projections with the norms folded in too), so each
+    # architecture's replacement path is exercised whatever was kept.
     corrections = {p: dict(fitted) for p, fitted in result.corrections.items()}
     generator = torch.Generator().manual_seed(1)
     for pair in PAIRS:
-        for name in ("o_proj", "down_proj"):
+        for name in HEALED_PARTS:
             if name not in corrections.get(pair, {}):
                 weight, _ = runner.projection(pair, name)
                 noise = 0.05 * torch.randn(weight.shape, generator=generator)
@@ -107,8 +108,7 @@ def test_heal_that_changes_nothing_is_bit_identical(dtype, tiny_models, tmp_path
     source = resolve_model(str(tiny_models["qwen2"]))
     plan = plan_for_pairs(source, PAIRS)
     runner = LayerRunner(source.load_model(), seq_len=8)
-    tensors = {tensor_name(plan, p, name): runner.projection(p, name)[0] for p in PAIRS
-               for name in ("o_proj", "down_proj")}
+    tensors = {tensor_name(plan, p, name): runner.projection(p, name)[0] for p in PAIRS for name in HEALED_PARTS}
     header = heal_header(source_name=source.name, fingerprint=plan.source, content_sha256=None, plan=plan,
                          method="lsq", settings={}, calibration={}, heldout={}, pairs=[], perplexity={})
     write_heal_file(tmp_path / "same.safetensors", tensors, header)
@@ -144,13 +144,32 @@ def test_cli_heal_then_export(tiny_models, tmp_path):
     assert as_json.exit_code == 0 and json.loads(as_json.stdout)["tensors"] == report["tensors"]  # deterministic
 
 
-def test_distill_keeps_the_best_held_out_weights(tiny_models):
-    _, _, result = _healed(tiny_models["llama"], method="distill", steps=6, lr=1e-3)
+@pytest.mark.parametrize("train", ["all", "output"])
+def test_distill_keeps_the_best_held_out_weights(train, tiny_models, tmp_path):
+    source, plan, result = _healed(tiny_models["llama"], method="distill", steps=6, lr=1e-3, train=train)
     distill = result.report["distill"]
     trace = [t["heldout_loss"] for t in distill["trace"]]
     assert [t["step"] for t in distill["trace"]] == [0, 6]
     assert distill["heldout_loss_after"] == pytest.approx(min(trace), abs=1e-6)
     assert distill["heldout_loss_after"] <= distill["heldout_loss_before"]
+    trained = {"all": set(HEALED_PARTS), "output": {"o_proj", "down_proj"}}[train]
+    assert set(distill["train"]) == trained
+    if train == "all":  # on this model 6 steps of every projection lower the held-out loss (output alone does not)
+        assert distill["heldout_loss_after"] < distill["heldout_loss_before"]
+    if distill["heldout_loss_after"] < distill["heldout_loss_before"]:  # it changed the weights: only those trained
+        assert {name for fitted in result.corrections.values() for name in fitted} <= trained | {"down_proj"}
+        assert {n.rsplit(".", 2)[-2] for n in result.tensors} == trained
+        # the healed export computes what distill measured on the held-out windows
+        write_heal_file(tmp_path / "heal.safetensors", result.tensors, result.header)
+        export(source, plan, tmp_path / "out", dtype="float32", heal=load_heal_file(tmp_path / "heal.safetensors"))
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+        ids = _ids()
+        with torch.no_grad():
+            got = exported(ids).logits
+        torch.testing.assert_close(got, _runner_logits(source.load_model(), ids, result.corrections),
+                                   atol=2e-5, rtol=1e-4)
+        card = (tmp_path / "out" / "README.md").read_text()
+        assert "Healed (distill" in card and ("projections" if train == "all" else "o_proj and down_proj") in card
 
 
 def test_healed_export_loads_without_lpconvert(healed, tmp_path):

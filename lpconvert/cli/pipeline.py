@@ -242,14 +242,17 @@ def heal(
     output: Annotated[Path, typer.Option("--output", "-o", help="The heal file to write (.safetensors); its report "
                                          "goes beside it as .json.", show_default=False, rich_help_panel="Output")],
     method: Annotated[str, typer.Option(help="lsq: least-squares refit of each pair's down_proj (training-free, "
-                                        "minutes); distill: lsq, then a KL fine-tune of the pairs' o_proj and "
-                                        "down_proj.", rich_help_panel="Method")] = HEAL_DEFAULTS["method"],
+                                        "minutes); distill: lsq, then a KL fine-tune of the pairs' projections "
+                                        "(--train).", rich_help_panel="Method")] = HEAL_DEFAULTS["method"],
     target: Annotated[str, typer.Option(help="lsq target: local (the pair's two layers in sequence) or global "
                                         "(the source's own stream after the pair).", rich_help_panel="Method")
                       ] = HEAL_DEFAULTS["target"],
     damping: Annotated[str, typer.Option(help="Ridge strengths to try per pair (multiples of the Gram's mean "
                                          "diagonal); the held-out windows choose.", rich_help_panel="Method")
                        ] = ",".join(f"{d:g}" for d in HEAL_DEFAULTS["damping"]),
+    train: Annotated[str, typer.Option(help="distill trains each pair's fused projections: all (q/k/v, o, gate/up, "
+                                       "down) or output (o and down only: less memory).", rich_help_panel="Method")
+                     ] = HEAL_DEFAULTS["train"],
     steps: Annotated[int, typer.Option(help="distill: optimizer steps (one window each).", rich_help_panel="Method")
                      ] = HEAL_DEFAULTS["steps"],
     lr: Annotated[float, typer.Option(help="distill: Adam learning rate.", rich_help_panel="Method")
@@ -271,8 +274,9 @@ def heal(
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Win back the quality the plan's pairs cost: refit their output projections on calibration text.
-    Writes only the replaced weights; `lpconvert export --heal` applies them."""
+    """Win back the quality the plan's pairs cost: refit the pairs' weights on calibration text (lsq: down_proj by
+    least squares; distill: then a KL fine-tune). Writes only the replaced weights; `lpconvert export --heal`
+    applies them."""
     from ..formats import load_plan, plan_for_source, source_fingerprint
     from ..healfile import write_heal_file
     from ..outputs import write_json_atomically
@@ -280,7 +284,7 @@ def heal(
     from ..render import heal_table
 
     settings = settings_from_options(
-        HealSettings, method=method, target=target, damping=_comma_numbers(damping, "--damping"), steps=steps,
+        HealSettings, method=method, target=target, damping=_comma_numbers(damping, "--damping"), train=train, steps=steps,
         lr=lr, calib=calib, text_field=text_field, tokens=tokens, heldout_tokens=heldout_tokens, seq_len=seq_len,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype)
     if output.suffix != ".safetensors":

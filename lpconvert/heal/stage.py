@@ -18,7 +18,7 @@ from ..archs import architecture_for
 from ..blocks import content_digest
 from ..errors import LPError
 from ..formats import Plan, check_fingerprint, source_fingerprint
-from ..healfile import heal_header, tensor_name
+from ..healfile import HEALED_PARTS, heal_header, tensor_name
 from ..runner import LayerRunner
 from ..runtime import check_positions, dtype_from_name, resolve_device, text_windows
 from ..settings import HealSettings
@@ -94,7 +94,7 @@ def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Pro
     if progress:
         progress(f"loading {source.name} ({s.dtype} on {device})")
     model = source.load_model(dtype=dtype_from_name(s.dtype), device=device)
-    model.requires_grad_(False)  # distill trains copies of the pairs' projections, nothing of the model
+    model.requires_grad_(False)  # distill trains copies of the pairs' fused projections, nothing of the model
     runner = LayerRunner(model, seq_len=s.seq_len)
     pairs = sorted(plan.pairs)
     rows = heal_lsq(runner, pairs, Streams(runner, calib.input_ids, s.batch_size),
@@ -106,9 +106,11 @@ def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Pro
     if s.method == "distill":
         batches = [calib.input_ids[i:i + 1] for i in range(calib.input_ids.shape[0])]
         distilled = heal_distill(runner, pairs, batches, Streams(runner, heldout.input_ids, s.batch_size),
-                                 steps=s.steps, lr=s.lr, seed=s.seed, progress=progress)
+                                 steps=s.steps, lr=s.lr, seed=s.seed, train=s.train, progress=progress)
         after = distilled["heldout_loss_after"]
     tensors = changed_tensors(runner, plan)
+    for pair, row in zip(pairs, rows, strict=True):  # lsq's verdict, and whether the pair's weights changed at all
+        row["changed"] = any(name in tensors for name in (tensor_name(plan, pair, part) for part in HEALED_PARTS))
     perplexity = {"unhealed": round(math.exp(before), 4), "healed": round(math.exp(after), 4),
                   "tokens": heldout.provenance["tokens"]}
     settings_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(s).items()}
