@@ -152,15 +152,22 @@ class LayerRunner:
         and summed bias; an input projection's rows with each layer's norm folded in (float32), no bias."""
         layers = [self.inner.layers[i], self.inner.layers[i + 1]]
         if name in INPUT_PROJECTIONS:
-            module_name, parts, norm = INPUT_PROJECTIONS[name]
-            rows = [getattr(getattr(layer, module_name), part).weight.float()
-                    * getattr(layer, norm).weight.float()[None, :] for part in parts for layer in layers]
-            return torch.cat(rows, dim=0).detach(), None
+            blocks, norms = self.input_parts(i, name)
+            return torch.cat([w.float() * norms[half].float()[None, :] for w, half in blocks]).detach(), None
         modules = [(layer.self_attn if name == "o_proj" else layer.mlp) for layer in layers]
         weights = [getattr(m, name).weight for m in modules]
         biases = [getattr(m, name).bias for m in modules]
         bias = None if biases[0] is None else (biases[0].float() + biases[1].float()).to(biases[0].dtype).detach()
         return torch.cat(weights, dim=1).detach(), bias
+
+    def input_parts(self, i: int, name: str) -> tuple[list[tuple[torch.Tensor, int]], dict[int, torch.Tensor]]:
+        """What a pair's fused input projection is made of: the layers' weights in the export's row order,
+        each with its half (0: layer i, 1: layer i+1), and each half's norm weight (folded into its rows)."""
+        module_name, parts, norm = INPUT_PROJECTIONS[name]
+        layers = [self.inner.layers[i], self.inner.layers[i + 1]]
+        blocks = [(getattr(getattr(layer, module_name), part).weight, half)
+                  for part in parts for half, layer in enumerate(layers)]
+        return blocks, {half: getattr(layer, norm).weight for half, layer in enumerate(layers)}
 
     def _projected(self, i: int, name: str, inputs: torch.Tensor) -> torch.Tensor:
         weight, bias = self.projection(i, name)

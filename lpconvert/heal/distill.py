@@ -72,17 +72,12 @@ class _TrainedPair:
 
 
 def _factors(runner: LayerRunner, pair: int, name: str) -> tuple[list, dict]:
-    """The layers' weights of a fused input projection, in the export's row order, and their norms."""
-    module_name, parts, norm = INPUT_PROJECTIONS[name]
-    layers = [runner.inner.layers[pair], runner.inner.layers[pair + 1]]
-
+    """Trainable float32 copies of what a fused input projection is made of (runner.input_parts)."""
     def leaf(t: torch.Tensor) -> torch.Tensor:
         return t.detach().float().clone().requires_grad_(True)
 
-    norms = {i: leaf(getattr(layer, norm).weight) for i, layer in enumerate(layers)}
-    blocks = [(leaf(getattr(getattr(layer, module_name), part).weight), i)
-              for part in parts for i, layer in enumerate(layers)]
-    return blocks, norms
+    blocks, norms = runner.input_parts(pair, name)
+    return [(leaf(w), half) for w, half in blocks], {half: leaf(n) for half, n in norms.items()}
 
 
 def _use(runner: LayerRunner, trained: list[_TrainedPair]) -> None:
