@@ -17,23 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .errors import LPError
-from .formats import check_converted_from
+from .formats import check_converted_from, check_same_tokenizer
 from .runner import batches
 from .runtime import check_positions, dtype_from_name, resolve_device, text_windows
 from .settings import EvalSettings  # noqa: F401  (the stage's API)
-
-
-def check_same_tokenizer(source, converted) -> None:
-    """Two models can only be compared token by token if they share a vocabulary."""
-    a, b = source.config.vocab_size, converted.config.vocab_size
-    if a != b:
-        raise LPError(f"the models have different vocabulary sizes ({a} and {b})",
-                      "compare a converted model with the model it was converted from")
-    if source.tokenizer_path and converted.tokenizer_path:
-        if source.load_tokenizer().get_vocab() != converted.load_tokenizer().get_vocab():
-            raise LPError("the models have different tokenizers",
-                          "compare a converted model with the model it was converted from")
 
 
 def _token_stats(source_logits: torch.Tensor, converted_logits: torch.Tensor, input_ids: torch.Tensor) -> dict:

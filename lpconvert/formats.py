@@ -74,6 +74,18 @@ def check_converted_from(converted, source, role: str = "CONVERTED") -> None:
                       "compare a converted model with the model it was converted from")
 
 
+def check_same_tokenizer(source, converted) -> None:
+    """Two models can only be compared token by token if they share a vocabulary."""
+    a, b = source.config.vocab_size, converted.config.vocab_size
+    if a != b:
+        raise LPError(f"the models have different vocabulary sizes ({a} and {b})",
+                      "compare a converted model with the model it was converted from")
+    if source.tokenizer_path and converted.tokenizer_path:
+        if source.load_tokenizer().get_vocab() != converted.load_tokenizer().get_vocab():
+            raise LPError("the models have different tokenizers",
+                          "compare a converted model with the model it was converted from")
+
+
 def _content_of(source) -> str | None:
     from .archs import architecture_for
     from .blocks import content_digest

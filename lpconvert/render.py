@@ -223,6 +223,60 @@ def eval_table(report: dict) -> Table:
     return table
 
 
+def _percent(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def _accuracy(figure: dict) -> str:
+    stderr = figure["stderr"]
+    return f"{100 * figure['accuracy']:.1f} ± {100 * stderr:.1f}" if stderr == stderr else f"{100 * figure['accuracy']:.1f}"
+
+
+def tasks_table(report: dict) -> Table:
+    """Accuracy per task in the paper's terms: each model's (± standard error), retained %, the paired
+    difference (± its standard error) and agreement; then the average and the gate."""
+    counts = sorted({row["items"] for row in report["tasks"]})
+    items = f"{counts[0]} items per task" if len(counts) == 1 else "items per task as listed"
+    table = Table(title=f"{report['converted']} ({report['converted_depth']} blocks) vs {report['source']} "
+                        f"({report['source_depth']} layers): task accuracy, %, {items}")
+    for column in ("task", "metric", "items", "source", "converted", "retained", "difference", "agreement"):
+        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+    for row in report["tasks"]:
+        title = row["title"]
+        if "perplexity" in row:
+            ppl = row["perplexity"]
+            title += f" (ppl {ppl['source']:.1f} -> {ppl['converted']:.1f})"
+        table.add_row(title, row["metric"], str(row["items"]), _accuracy(row["source"]), _accuracy(row["converted"]),
+                      _percent(row["retained"]),
+                      f"{_percent(row['difference'], True)} ± {100 * row['difference_stderr']:.1f}",
+                      f"{100 * row['agreement']:.1f}")
+    average = report["average"]
+    table.add_row("[bold]average[/]", "", "", f"{100 * average['source']:.1f}", f"{100 * average['converted']:.1f}",
+                  f"[bold]{_percent(average['retained'])}[/]",
+                  f"{_percent(average['difference'], True)} ± {100 * average['difference_stderr']:.1f}", "",
+                  end_section=True)
+    gate = report["gate"]["min_retained"]
+    table.caption = ("± one standard error; difference is converted - source on the same items (paired); "
+                     "agreement: same choice picked (LAMBADA: same outcome)")
+    if gate is not None:
+        table.caption += f"\ngate: min_retained={100 * gate:.1f}% " + ("passed" if report["passed"] else "FAILED")
+    return table
+
+
+def task_list_table(listing: dict) -> Table:
+    table = Table(title="benchmark tasks (lpconvert eval --tasks NAME,...; core: the set --tasks core scores)")
+    for column in ("task", "title", "metric", "items", "split", "core", "note"):
+        table.add_column(column, justify="right" if column == "items" else "left")
+    for task in listing["tasks"]:
+        table.add_row(task["task"], task["title"], task["metric"], f"{task['items']:,}", task["split"],
+                      "yes" if task["core"] else "", task["note"])
+    table.caption = ("in lm-evaluation-harness: task lp_NAME, group lp_core; "
+                     f"lm_eval --include_path {listing['include_path']}")
+    return table
+
+
 # ----------------------------------------------------------------------------------------------
 # bench
 

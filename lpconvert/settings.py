@@ -137,6 +137,19 @@ class EvalSettings:
 
 
 @dataclass
+class TaskSettings:
+    # core (the paper's set), all, or names: hellaswag,arc_easy (accuracy.TASKS holds them)
+    tasks: str = setting("core", Spec("text", "core"))
+    limit: int | None = setting(None, Spec("int", 200, min=1, optional=True))  # items per task; None: every item
+    seed: int = setting(0, int_spec(0))  # which items a limit keeps
+    batch_size: int = setting(16, int_spec(16, min=1))  # requests (prompt + one choice) per forward pass
+    device: str = setting("auto", Spec("device", "cpu"))
+    dtype: str = setting("float32", Spec("choice", "bfloat16", choices=DTYPES))
+    # fraction of the source's average accuracy the converted model must keep: 0.97 for 97%
+    min_retained: float | None = setting(None, Spec("percent", "97%", min=0, optional=True))
+
+
+@dataclass
 class BenchSettings:
     batch_sizes: tuple[int, ...] = setting((1,), Spec("ints", [1, 8], min=1))
     prompt_len: int = setting(128, int_spec(128, min=1))
@@ -149,7 +162,7 @@ class BenchSettings:
 
 
 SETTINGS = {"score": ScoreSettings, "plan": PlanSettings, "heal": HealSettings, "export": ExportSettings,
-            "eval": EvalSettings, "bench": BenchSettings}
+            "eval": EvalSettings, "tasks": TaskSettings, "bench": BenchSettings}
 
 
 def specs_of(cls) -> dict[str, Spec]:
@@ -158,7 +171,7 @@ def specs_of(cls) -> dict[str, Spec]:
 
 # The recipe sections and their rules (bench is not a recipe stage: it measures, it does not convert).
 STAGES: dict[str, dict[str, Spec]] = {name: specs_of(SETTINGS[name])
-                                      for name in ("score", "plan", "heal", "export", "eval")}
+                                      for name in ("score", "plan", "heal", "export", "eval", "tasks")}
 SCORE, PLAN, EXPORT, EVAL = (STAGES[name] for name in ("score", "plan", "export", "eval"))
 
 

@@ -30,6 +30,7 @@ from ..settings import (
     HealSettings,
     PlanSettings,
     ScoreSettings,
+    TaskSettings,
     build,
     defaults_of,
     option_label,
@@ -51,9 +52,9 @@ out = Console()
 _state: dict = {"debug": False, "progress": None}
 
 # Defaults shown by --help come from the stages' settings (settings.py): one source.
-SCORE_DEFAULTS, PLAN_DEFAULTS, HEAL_DEFAULTS, EXPORT_DEFAULTS, EVAL_DEFAULTS, BENCH_DEFAULTS = (
+SCORE_DEFAULTS, PLAN_DEFAULTS, HEAL_DEFAULTS, EXPORT_DEFAULTS, EVAL_DEFAULTS, TASK_DEFAULTS, BENCH_DEFAULTS = (
     defaults_of(cls) for cls in (ScoreSettings, PlanSettings, HealSettings, ExportSettings, EvalSettings,
-                                 BenchSettings))
+                                 TaskSettings, BenchSettings))
 
 # ----------------------------------------------------------------------------------------------
 # Options shared by several commands, declared once

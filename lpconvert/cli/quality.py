@@ -9,11 +9,11 @@ from typing import Annotated
 import typer
 
 from ..errors import LPError
-from ..settings import BenchSettings, EvalSettings, build, option_label
+from ..settings import BenchSettings, EvalSettings, TaskSettings, build, option_label
 from .app import (
     BENCH_DEFAULTS,
     EVAL_DEFAULTS,
-    BatchOpt,
+    TASK_DEFAULTS,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
@@ -60,28 +60,116 @@ def eval_command(
     min_agreement: Annotated[float | None, typer.Option(
         help="Gate: fail (exit 1) when greedy next-token agreement is below this, e.g. 0.85.",
         rich_help_panel="Gate", show_default=False)] = None,
-    batch_size: BatchOpt = EVAL_DEFAULTS["batch_size"],
+    tasks: Annotated[str | None, typer.Option(
+        help="Score benchmark tasks through lm-evaluation-harness instead of text: core (HellaSwag, ARC-Easy, "
+             "ARC-Challenge, PIQA, WinoGrande, LAMBADA), all, or names (see `lpconvert tasks`).",
+        rich_help_panel="Tasks", show_default=False)] = None,
+    limit: Annotated[int | None, typer.Option(
+        help="With --tasks: score this many items per task, a fixed sample drawn with --seed (default: all).",
+        rich_help_panel="Tasks", show_default=False)] = None,
+    seed: Annotated[int, typer.Option(help="With --tasks: which items --limit keeps.",
+                                      rich_help_panel="Tasks")] = TASK_DEFAULTS["seed"],
+    min_retained: Annotated[str | None, typer.Option(
+        help="Gate, with --tasks: fail (exit 1) when the converted model keeps less than this share of the "
+             "source's average accuracy, e.g. 97%.", rich_help_panel="Gate", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help=f"Windows per forward pass (default {EVAL_DEFAULTS['batch_size']}); with --tasks, requests "
+             f"(default {TASK_DEFAULTS['batch_size']}).", rich_help_panel="Runtime", show_default=False)] = None,
     device: DeviceOpt = EVAL_DEFAULTS["device"],
     dtype: DtypeOpt = EVAL_DEFAULTS["dtype"],
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Compare a converted model with its source on held-out text: perplexity, agreement, KL, generations.
-    With --max-ppl-increase / --min-agreement it is a gate: exit 1 when a bound is broken."""
-    from ..evaluate import evaluate
-    from ..render import eval_table
+    """Compare a converted model with its source on held-out text: perplexity, agreement, KL, generations;
+    with --tasks, on benchmark tasks: accuracy retained. With a bound (--max-ppl-increase, --min-agreement,
+    --min-retained) it is a gate: exit 1 when a bound is broken."""
+    if tasks is not None:
+        _refuse_options("does not apply with --tasks (it bounds the text evaluation)",
+                        {"--max-ppl-increase": max_ppl_increase, "--min-agreement": min_agreement})
+        batch = {} if batch_size is None else {"batch_size": batch_size}
+        settings = settings_from_options(TaskSettings, tasks=tasks, limit=limit, seed=seed, device=device,
+                                         dtype=dtype, min_retained=min_retained, **batch)
+        report = _task_report(source_model, converted_model, settings, trust_remote_code)
+        from ..render import tasks_table
 
-    settings = settings_from_options(EvalSettings, text=text, split=split, text_field=text_field, tokens=tokens,
-                         seq_len=seq_len, batch_size=batch_size, device=device, dtype=dtype, prompt=prompt,
-                         max_ppl_increase=max_ppl_increase, min_agreement=min_agreement)
-    with reporter() as progress:
-        source = load_source(source_model, trust_remote_code, progress)
-        converted = load_source(converted_model, trust_remote_code, progress)
-        report = evaluate(source, converted, settings, progress.counter("evaluating both models", "batches"))
-    show(report, as_json, eval_table)
+        show(report, as_json, tasks_table)
+    else:
+        _refuse_options("needs --tasks", {"--limit": limit, "--min-retained": min_retained})
+        batch = {} if batch_size is None else {"batch_size": batch_size}
+        settings = settings_from_options(EvalSettings, text=text, split=split, text_field=text_field, tokens=tokens,
+                                         seq_len=seq_len, device=device, dtype=dtype, prompt=prompt,
+                                         max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, **batch)
+        report = _text_report(source_model, converted_model, settings, trust_remote_code)
+        from ..render import eval_table
+
+        show(report, as_json, eval_table)
     if not report["passed"]:
         err.print(f"[bold red]gate failed:[/] {'; '.join(report['failures'])}", highlight=False)
         raise typer.Exit(1)
+
+
+def _refuse_options(problem: str, given: dict) -> None:
+    for option, value in given.items():
+        if value is not None:
+            raise LPError(f"{option} {problem}", f"drop {option}, or run eval once per kind of evaluation")
+
+
+def _text_report(source_model: str, converted_model: str, settings: EvalSettings, trust_remote_code: bool) -> dict:
+    from ..evaluate import evaluate
+
+    with reporter() as progress:
+        source = load_source(source_model, trust_remote_code, progress)
+        converted = load_source(converted_model, trust_remote_code, progress)
+        return evaluate(source, converted, settings, progress.counter("evaluating both models", "batches"))
+
+
+def task_progress(progress):
+    """task_accuracy's progress as Reporter steps: the items read, then each model's requests."""
+    def step(role: str, done: int, total: int | None) -> None:
+        if role == "items":
+            progress.step("tasks: reading the items")
+        else:
+            progress.step(f"tasks: the {role} model", done if total else None, total, unit="requests")
+
+    return step
+
+
+def _task_report(source_model: str, converted_model: str, settings: TaskSettings, trust_remote_code: bool) -> dict:
+    from ..accuracy import check_installed, resolve_tasks, task_accuracy
+
+    check_installed()  # before loading anything: a missing extra is one line at once
+    resolve_tasks(settings.tasks)
+    with reporter() as progress:
+        source = load_source(source_model, trust_remote_code, progress)
+        converted = load_source(converted_model, trust_remote_code, progress)
+        return task_accuracy(source, converted, settings, task_progress(progress))
+
+
+# ----------------------------------------------------------------------------------------------
+# tasks
+
+
+@app.command(name="tasks")
+@stage
+def tasks_command(
+    path: Annotated[bool, typer.Option("--path", help="Print only the folder of the task definitions, for "
+                                                      "`lm_eval --include_path`.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The benchmark tasks `eval --tasks` can score, with the items installed for each, and the folder of their
+    lm-evaluation-harness definitions."""
+    from ..accuracy import harness_path, list_tasks
+
+    if path:
+        print(harness_path())
+        return
+    with reporter() as progress:
+        progress.step("reading the installed benchmark data")
+        listing = {"tasks": list_tasks(), "include_path": str(harness_path())}
+        progress.end()
+    from ..render import task_list_table
+
+    show(listing, as_json, task_list_table)
 
 
 # ----------------------------------------------------------------------------------------------

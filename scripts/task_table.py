@@ -1,0 +1,164 @@
+"""Task table: benchmark accuracy of SmolLM2-135M and its conversions, through lm-evaluation-harness.
+
+Every row is made the way a user makes it (`lpconvert export`, and `lpconvert heal` for the healed
+rows, each in its own process) and scored with lpconvert's task definitions on the same fixed, seeded
+subset of each task's items (`lpconvert eval --tasks core --limit N` picks the same ones). The source
+answers once; each conversion is compared with it item by item (lpconvert.accuracy.compare_task).
+
+    .venv/bin/python scripts/task_table.py                          # the table in docs/tasks.md (about an hour)
+    .venv/bin/python scripts/task_table.py --limit 20 --rows 27/contiguous --json /tmp/t.json   # a quick look
+    .venv/bin/python scripts/task_table.py --redraw                 # the table again from --json
+
+On a GPU, every item of every task (the command docs/tasks.md gives):
+
+    .venv/bin/python scripts/task_table.py --full --device cuda --batch-size 64 --json tasks-full.json
+
+Rows: depth/plan[/heal method]. Plans are the pairs the CLI's defaults chose (docs/quality.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from lpconvert.accuracy import CORE, TASKS, answer_tasks, compare_task, item_lists, summarize  # noqa: E402
+from lpconvert.export import plan_for_pairs  # noqa: E402
+from lpconvert.settings import TaskSettings  # noqa: E402
+from lpconvert.sources import resolve_model  # noqa: E402
+
+PLANS = {  # the same pairs as scripts/heal_front.py and docs/quality.md
+    (27, "contiguous"): [17, 19, 21],
+    (27, "search"): [7, 17, 25],
+    (25, "contiguous"): [18, 20, 22, 24, 26],
+    (25, "search"): [7, 17, 19, 24, 26],
+    (23, "contiguous"): [14, 16, 18, 20, 22, 24, 26],
+    (23, "search"): [7, 13, 17, 19, 21, 24, 26],
+}
+DEFAULT_ROWS = "27/contiguous,27/search,25/contiguous,25/search,25/search/lsq,25/search/distill"
+HEAL_OPTIONS = {"lsq": [], "distill": ["--tokens", "32768"]}  # distill as docs/quality.md recommends
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def lpconvert(*arguments: str) -> None:
+    command = [str(ROOT / ".venv/bin/lpconvert"), "--progress", "lines", *arguments]
+    log("$ lpconvert " + " ".join(arguments))
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if done.returncode != 0:
+        raise SystemExit(f"lpconvert {arguments[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
+
+
+def build_row(row: str, work: Path, device: str) -> Path:
+    """The converted model of one row, exported (and healed) by the CLI into `work`."""
+    depth, plan_name, *heal = row.split("/")
+    plan_path = work / f"plan-{depth}-{plan_name}.json"
+    plan_for_pairs(resolve_model("smollm2-135m"), PLANS[(int(depth), plan_name)]).save(plan_path)
+    out = work / row.replace("/", "-")
+    extra = []
+    if heal:
+        heal_path = work / f"heal-{row.replace('/', '-')}.safetensors"
+        lpconvert("heal", "smollm2-135m", "--plan", str(plan_path), "-o", str(heal_path), "--method", heal[0],
+                  "--device", device, *HEAL_OPTIONS[heal[0]])
+        extra = ["--heal", str(heal_path)]
+    lpconvert("export", "smollm2-135m", "--plan", str(plan_path), "-o", str(out), *extra)
+    return out
+
+
+def answers_of(model_source, names, items, settings: TaskSettings, label: str) -> dict:
+    started = time.perf_counter()
+    model = model_source.load_model(dtype=getattr(torch, settings.dtype), device=settings.device)
+    last = [0.0]
+
+    def progress(done: int, total: int) -> None:
+        if time.perf_counter() - last[0] > 60 or done == total:
+            last[0] = time.perf_counter()
+            log(f"{label}: {done}/{total} requests")
+
+    answers = answer_tasks(model, model_source.load_tokenizer(), names, items, settings.batch_size, progress)
+    log(f"{label}: answered in {time.perf_counter() - started:.0f} s")
+    return answers
+
+
+def table(result: dict) -> str:
+    """Markdown: accuracy per task and model (± standard error), the average, and retained %."""
+    names = result["tasks"]
+    source = result["source"]
+    head = ["model", "blocks"] + [f"{TASKS[n].title} ({TASKS[n].metric})" for n in names] + \
+        ["average", "retained", "difference (paired)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| source | 30 | " + " | ".join(
+        f"{100 * source[n]['accuracy']:.1f} ± {100 * source[n]['stderr']:.1f}" for n in names)
+        + f" | {100 * result['source_average']:.1f} | 100 | |")
+    for row in result["rows"]:
+        cells = []
+        for task in row["tasks"]:
+            cells.append(f"{100 * task['converted']['accuracy']:.1f} ({100 * task['difference']:+.1f} ± "
+                         f"{100 * task['difference_stderr']:.1f})")
+        average = row["average"]
+        lines.append(f"| {row['row']} | {row['depth']} | " + " | ".join(cells) +
+                     f" | {100 * average['converted']:.1f} | {100 * average['retained']:.1f} | "
+                     f"{100 * average['difference']:+.1f} ± {100 * average['difference_stderr']:.1f} |")
+    lambada = [r for r in result["rows"] if any("perplexity" in t for t in r["tasks"])]
+    if lambada:
+        lines.append("")
+        lines.append("LAMBADA perplexity of the last word: source "
+                     f"{result['rows'][0]['tasks'][-1]['perplexity']['source']:.1f}; " + ", ".join(
+                         f"{r['row']} {next(t for t in r['tasks'] if 'perplexity' in t)['perplexity']['converted']:.1f}"
+                         for r in lambada))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help="depth/plan[/lsq|distill], comma-separated")
+    parser.add_argument("--tasks", default=",".join(CORE))
+    parser.add_argument("--limit", type=int, default=200, help="items per task (a seeded sample)")
+    parser.add_argument("--full", action="store_true", help="every item of every task (for a GPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "tasks.json")
+    parser.add_argument("--redraw", action="store_true", help="only print the table from --json")
+    args = parser.parse_args()
+    if args.redraw:
+        print(table(json.loads(args.json.read_text())))
+        return
+    started = time.perf_counter()
+    names = args.tasks.split(",")
+    settings = TaskSettings(tasks=args.tasks, limit=None if args.full else args.limit, seed=args.seed,
+                            batch_size=args.batch_size, device=args.device)
+    items = item_lists(names, settings)
+    source = resolve_model("smollm2-135m")
+    source_answers = answers_of(source, names, items, settings, "source")
+    source_rows = {name: compare_task(name, source_answers[name], source_answers[name])["source"] for name in names}
+    result = {"tasks": names, "limit": settings.limit, "seed": args.seed, "items": items,
+              "source": source_rows, "source_average": sum(r["accuracy"] for r in source_rows.values()) / len(names),
+              "rows": []}
+    work = Path(tempfile.mkdtemp(prefix="task-table-"))
+    for row in args.rows.split(","):
+        built = time.perf_counter()
+        converted = resolve_model(str(build_row(row, work, args.device)))
+        answers = answers_of(converted, names, items, settings, row)
+        rows = [compare_task(name, source_answers[name], answers[name]) for name in names]
+        result["rows"].append({"row": row, "depth": converted.config.num_hidden_layers, "tasks": rows,
+                               "average": summarize(rows), "seconds": round(time.perf_counter() - built)})
+        log(f"{row}: average retained {100 * result['rows'][-1]['average']['retained']:.1f}%")
+        result["seconds"] = round(time.perf_counter() - started)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
