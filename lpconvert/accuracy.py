@@ -163,6 +163,12 @@ def item_lists(names: list[str], settings: TaskSettings) -> dict[str, list[int]]
 def _harness_model(model, tokenizer, batch_size: int, progress: Callable[[int, int], None] | None):
     from lm_eval.models.huggingface import HFLM
 
+    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:
+        # the harness scores every request after this token (it crashes without one)
+        raise LPError("the tokenizer has neither a beginning- nor an end-of-sequence token, which "
+                      "lm-evaluation-harness puts before every request", "set bos_token or eos_token in the "
+                      "source's tokenizer_config.json")
+
     class CountingHFLM(HFLM):
         """The harness's HF model, reporting how many requests it has scored."""
 
@@ -268,6 +274,18 @@ def lm_eval_command(model_path: str, names: list[str], items: dict | None, batch
                f"--include_path {harness_path()} --tasks {','.join(TASKS[name].harness for name in names)} "
                f"--batch_size {batch_size}")
     return command + (f" --samples {samples_file}" if items else "")
+
+
+def as_steps(step: Callable[..., None]) -> Callable[[str, int, int | None], None]:
+    """task_accuracy's progress as labelled steps (a progress.Reporter's `step`): reading the items,
+    then each model's requests."""
+    def progress(role: str, done: int, total: int | None) -> None:
+        if role == "items":
+            step("tasks: reading the items")
+        else:
+            step(f"tasks: the {role} model", done if total else None, total, unit="requests")
+
+    return progress
 
 
 def task_accuracy(source, converted, settings: TaskSettings,

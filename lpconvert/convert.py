@@ -17,8 +17,8 @@ from .errors import LPError
 from .settings import SETTINGS, build, check_setting, closest, defaults_of, recipe_label
 
 EXIT_GATE_FAILED = 1
-RECIPE_SECTIONS = ("score", "plan", "heal", "export", "eval")  # in pipeline order; each a settings.py dataclass
-OPTIONAL_SECTIONS = ("heal",)  # a stage that runs only when its section is in the recipe
+RECIPE_SECTIONS = ("score", "plan", "heal", "export", "eval", "tasks")  # pipeline order; each a settings.py dataclass
+OPTIONAL_SECTIONS = ("heal", "tasks")  # stages that run only when their section is in the recipe
 HEAL_FILE = "lpconvert-heal.safetensors"
 
 
@@ -61,7 +61,7 @@ def load_recipe(path: Path | None) -> dict[str, dict]:
     for section, values in raw.items():
         if section not in defaults:
             raise LPError(f"recipe section '{section}' is unknown ({closest(section, defaults)})",
-                          "sections are score, plan, heal, export and eval")
+                          "sections are score, plan, heal, export, eval and tasks")
         if not isinstance(values, dict):
             raise LPError(f"recipe section '{section}' must be a mapping", f"write {section}: followed by keys")
         for key in values:
@@ -75,6 +75,11 @@ def load_recipe(path: Path | None) -> dict[str, dict]:
         for key, value in recipe[section].items():
             _check_key(section, key, value)
     _check_across_stages(recipe)
+    if "tasks" in recipe:
+        from .accuracy import check_installed, resolve_tasks
+
+        resolve_tasks(recipe["tasks"]["tasks"], "recipe key tasks.tasks")
+        check_installed()
     return recipe
 
 
@@ -201,10 +206,27 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
                                                    unit="batches"))
         report["converted"] = str(out)  # not the temporary folder it was evaluated in
         (tmp / "lpconvert-eval.json").write_text(json.dumps(report, indent=2) + "\n")
-        if not report["passed"] and not keep_failed:
-            raise GateFailed(f"the converted model failed the gate: {'; '.join(report['failures'])}",
-                             "nothing was written; relax the recipe's eval bounds, choose fewer pairs, "
+        failures = list(report["failures"])
+        tasks = None
+        if settings["tasks"] is not None:
+            tasks = _task_accuracy(source, tmp, out, settings["tasks"], step)
+            (tmp / "lpconvert-tasks.json").write_text(json.dumps(tasks, indent=2) + "\n")
+            failures += tasks["failures"]
+        if failures and not keep_failed:
+            raise GateFailed(f"the converted model failed the gate: {'; '.join(failures)}",
+                             "nothing was written; relax the recipe's eval or tasks bounds, choose fewer pairs, "
                              "or pass --keep-failed to inspect it")
     return {"out": str(out), "pairs": [[p, p + 1] for p in plan.pairs], "effective_depth": plan.effective_depth,
-            "plan": plan.to_json(), "heal": healed.report if healed else None, "eval": report,
-            "passed": report["passed"]}
+            "plan": plan.to_json(), "heal": healed.report if healed else None, "eval": report, "tasks": tasks,
+            "passed": not failures, "failures": failures}
+
+
+def _task_accuracy(source, staged: Path, out: Path, settings, step) -> dict:
+    """The recipe's tasks section: benchmark accuracy of the staged model against the source."""
+    from .accuracy import as_steps, task_accuracy
+    from .sources import resolve_model
+
+    report = task_accuracy(source, resolve_model(str(staged)), settings, as_steps(step))
+    report["converted"] = str(out)
+    report["lm_eval_command"] = report["lm_eval_command"].replace(str(staged), str(out))
+    return report

@@ -231,37 +231,37 @@ def _percent(value: float | None, signed: bool = False) -> str:
 
 def _accuracy(figure: dict) -> str:
     stderr = figure["stderr"]
-    return f"{100 * figure['accuracy']:.1f} ± {100 * stderr:.1f}" if stderr == stderr else f"{100 * figure['accuracy']:.1f}"
+    return f"{100 * figure['accuracy']:.1f}±{100 * stderr:.1f}" if stderr == stderr else f"{100 * figure['accuracy']:.1f}"
 
 
 def tasks_table(report: dict) -> Table:
     """Accuracy per task in the paper's terms: each model's (± standard error), retained %, the paired
     difference (± its standard error) and agreement; then the average and the gate."""
     counts = sorted({row["items"] for row in report["tasks"]})
-    items = f"{counts[0]} items per task" if len(counts) == 1 else "items per task as listed"
+    items = f"{counts[0]} items per task" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} items per task"
     table = Table(title=f"{report['converted']} ({report['converted_depth']} blocks) vs {report['source']} "
-                        f"({report['source_depth']} layers): task accuracy, %, {items}")
-    for column in ("task", "metric", "items", "source", "converted", "retained", "difference", "agreement"):
-        table.add_column(column, justify="left" if column in ("task", "metric") else "right")
+                        f"({report['source_depth']} layers): task accuracy %, {items}")
+    table.add_column("task", no_wrap=True)
+    for column in ("source", "converted", "retained", "difference", "agree"):
+        table.add_column(column, justify="right", no_wrap=True)
     for row in report["tasks"]:
-        title = row["title"]
-        if "perplexity" in row:
-            ppl = row["perplexity"]
-            title += f" (ppl {ppl['source']:.1f} -> {ppl['converted']:.1f})"
-        table.add_row(title, row["metric"], str(row["items"]), _accuracy(row["source"]), _accuracy(row["converted"]),
-                      _percent(row["retained"]),
-                      f"{_percent(row['difference'], True)} ± {100 * row['difference_stderr']:.1f}",
-                      f"{100 * row['agreement']:.1f}")
+        table.add_row(row["title"] + ("*" if row["metric"] == "acc_norm" else ""), _accuracy(row["source"]),
+                      _accuracy(row["converted"]), _percent(row["retained"]),
+                      f"{_percent(row['difference'], True)}±{100 * row['difference_stderr']:.1f}",
+                      f"{100 * row['agreement']:.0f}")
     average = report["average"]
-    table.add_row("[bold]average[/]", "", "", f"{100 * average['source']:.1f}", f"{100 * average['converted']:.1f}",
+    table.add_row("[bold]average[/]", f"{100 * average['source']:.1f}", f"{100 * average['converted']:.1f}",
                   f"[bold]{_percent(average['retained'])}[/]",
-                  f"{_percent(average['difference'], True)} ± {100 * average['difference_stderr']:.1f}", "",
-                  end_section=True)
+                  f"{_percent(average['difference'], True)}±{100 * average['difference_stderr']:.1f}", "")
+    notes = ["accuracy (acc; *: acc_norm, per character of the choice) ± one standard error; difference: "
+             "converted - source on the same items; agree: % of items where both picked the same choice "
+             "(LAMBADA: the same outcome)"]
+    notes += [f"{row['title']} perplexity of the last word: {row['perplexity']['source']:.2f} -> "
+              f"{row['perplexity']['converted']:.2f}" for row in report["tasks"] if "perplexity" in row]
     gate = report["gate"]["min_retained"]
-    table.caption = ("± one standard error; difference is converted - source on the same items (paired); "
-                     "agreement: same choice picked (LAMBADA: same outcome)")
     if gate is not None:
-        table.caption += f"\ngate: min_retained={100 * gate:.1f}% " + ("passed" if report["passed"] else "FAILED")
+        notes.append(f"gate: min_retained={100 * gate:.1f}% " + ("passed" if report["passed"] else "FAILED"))
+    table.caption = "\n".join(notes)
     return table
 
 

@@ -55,8 +55,9 @@ def make_tiny_model(arch: str, seed: int = 0):
     return model.eval()
 
 
-def make_tiny_tokenizer(vocab_size: int = 128):
-    """A character-level BPE tokenizer of `vocab_size` tokens, trained on the built-in news text."""
+def make_tiny_tokenizer(vocab_size: int = 128, eos_token: str | None = None):
+    """A character-level BPE tokenizer of `vocab_size` tokens, trained on the built-in news text; with
+    `eos_token`, that special token too."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -64,9 +65,10 @@ def make_tiny_tokenizer(vocab_size: int = 128):
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], show_progress=False)
+    specials = ["<unk>"] + ([eos_token] if eos_token else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tokenizer.train_from_iterator([resolve_text("news").text[:100_000]], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token=eos_token)
 
 
 def tiny_seed(arch: str) -> int:

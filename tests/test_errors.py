@@ -815,6 +815,41 @@ def case_recipe_heal_key_unknown(t, p):
         "recipe key 'heal.damp' is unknown (did you mean 'damping'?)"
 
 
+def _tasks(t, *options):
+    return ["eval", str(t["llama"]), str(t["llama"]), *options]
+
+
+def case_tasks_unknown(t, p):
+    return _tasks(t, "--tasks", "hellaswag,arc_esy"), "--tasks: task 'arc_esy' does not exist (did you mean 'arc_easy'?)"
+
+
+def case_tasks_limit_without_tasks(t, p):
+    return _tasks(t, "--limit", "100"), "--limit needs --tasks"
+
+
+def case_tasks_with_a_text_gate(t, p):
+    return _tasks(t, "--tasks", "core", "--max-ppl-increase", "5%"), "--max-ppl-increase does not apply with --tasks"
+
+
+def case_tasks_limit_zero(t, p):
+    return _tasks(t, "--tasks", "core", "--limit", "0"), "--limit must be a positive integer"
+
+
+def case_tasks_min_retained_not_a_percentage(t, p):
+    return _tasks(t, "--tasks", "core", "--min-retained", "most"), "--min-retained must be a percentage"
+
+
+def case_tasks_tokenizer_without_bos_or_eos(t, p):
+    return _tasks(t, "--tasks", "arc_easy", "--limit", "1", "--device", "cpu"), \
+        "the tokenizer has neither a beginning- nor an end-of-sequence token"
+
+
+def case_recipe_tasks_unknown_task(t, p):
+    (p / "recipe.yaml").write_text("tasks: {tasks: 'piqa,hellaswg'}\n")
+    return ["convert", str(t["llama"]), "-o", str(p / "out"), "--recipe", str(p / "recipe.yaml")], \
+        "recipe key tasks.tasks: task 'hellaswg' does not exist"
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 

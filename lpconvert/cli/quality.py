@@ -123,26 +123,15 @@ def _text_report(source_model: str, converted_model: str, settings: EvalSettings
         return evaluate(source, converted, settings, progress.counter("evaluating both models", "batches"))
 
 
-def task_progress(progress):
-    """task_accuracy's progress as Reporter steps: the items read, then each model's requests."""
-    def step(role: str, done: int, total: int | None) -> None:
-        if role == "items":
-            progress.step("tasks: reading the items")
-        else:
-            progress.step(f"tasks: the {role} model", done if total else None, total, unit="requests")
-
-    return step
-
-
 def _task_report(source_model: str, converted_model: str, settings: TaskSettings, trust_remote_code: bool) -> dict:
-    from ..accuracy import check_installed, resolve_tasks, task_accuracy
+    from ..accuracy import as_steps, check_installed, resolve_tasks, task_accuracy
 
     check_installed()  # before loading anything: a missing extra is one line at once
     resolve_tasks(settings.tasks)
     with reporter() as progress:
         source = load_source(source_model, trust_remote_code, progress)
         converted = load_source(converted_model, trust_remote_code, progress)
-        return task_accuracy(source, converted, settings, task_progress(progress))
+        return task_accuracy(source, converted, settings, as_steps(progress.step))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,7 +244,7 @@ def convert(
     1: the gate failed (nothing written unless --keep-failed); 2: bad input."""
     from ..convert import convert as run_convert
     from ..convert import load_recipe
-    from ..render import eval_table, heal_table
+    from ..render import eval_table, heal_table, tasks_table
 
     settings = load_recipe(recipe)
     check_output_folder_early(output, overwrite, model)
@@ -270,8 +259,10 @@ def convert(
         if summary["heal"]:
             out.print(heal_table(summary["heal"]))
         out.print(eval_table(summary["eval"]))
+        if summary["tasks"]:
+            out.print(tasks_table(summary["tasks"]))
         out.print(f"converted model in [bold]{output}[/]: {len(summary['pairs'])} pairs, "
                   f"{summary['effective_depth']} blocks (recipe, scores, plan and eval report alongside)")
     if not summary["passed"]:
-        err.print(f"[bold red]gate failed[/] (kept because of --keep-failed): {'; '.join(summary['eval']['failures'])}")
+        err.print(f"[bold red]gate failed[/] (kept because of --keep-failed): {'; '.join(summary['failures'])}")
         raise typer.Exit(1)
