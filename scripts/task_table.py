@@ -31,19 +31,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from heal_front import PLANS  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
+
 from lpconvert.accuracy import CORE, TASKS, answer_tasks, compare_task, item_lists, summarize  # noqa: E402
 from lpconvert.export import plan_for_pairs  # noqa: E402
 from lpconvert.settings import TaskSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 
-PLANS = {  # the same pairs as scripts/heal_front.py and docs/quality.md
-    (27, "contiguous"): [17, 19, 21],
-    (27, "search"): [7, 17, 25],
-    (25, "contiguous"): [18, 20, 22, 24, 26],
-    (25, "search"): [7, 17, 19, 24, 26],
-    (23, "contiguous"): [14, 16, 18, 20, 22, 24, 26],
-    (23, "search"): [7, 13, 17, 19, 21, 24, 26],
-}
 DEFAULT_ROWS = "27/contiguous,27/search,25/contiguous,25/search,25/search/lsq,25/search/distill"
 HEAL_OPTIONS = {"lsq": [], "distill": ["--tokens", "32768"]}  # distill as docs/quality.md recommends
 
@@ -96,11 +90,11 @@ def table(result: dict) -> str:
     names = result["tasks"]
     source = result["source"]
     head = ["model", "blocks"] + [f"{TASKS[n].title} ({TASKS[n].metric})" for n in names] + \
-        ["average", "retained", "difference (paired)"]
+        ["average", "retained %", "difference (paired)", "agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| source | 30 | " + " | ".join(
         f"{100 * source[n]['accuracy']:.1f} ± {100 * source[n]['stderr']:.1f}" for n in names)
-        + f" | {100 * result['source_average']:.1f} | 100 | |")
+        + f" | {100 * result['source_average']:.1f} | 100 | | |")
     for row in result["rows"]:
         cells = []
         for task in row["tasks"]:
@@ -109,14 +103,13 @@ def table(result: dict) -> str:
         average = row["average"]
         lines.append(f"| {row['row']} | {row['depth']} | " + " | ".join(cells) +
                      f" | {100 * average['converted']:.1f} | {100 * average['retained']:.1f} | "
-                     f"{100 * average['difference']:+.1f} ± {100 * average['difference_stderr']:.1f} |")
-    lambada = [r for r in result["rows"] if any("perplexity" in t for t in r["tasks"])]
-    if lambada:
-        lines.append("")
-        lines.append("LAMBADA perplexity of the last word: source "
-                     f"{result['rows'][0]['tasks'][-1]['perplexity']['source']:.1f}; " + ", ".join(
-                         f"{r['row']} {next(t for t in r['tasks'] if 'perplexity' in t)['perplexity']['converted']:.1f}"
-                         for r in lambada))
+                     f"{100 * average['difference']:+.1f} ± {100 * average['difference_stderr']:.1f} | "
+                     f"{100 * sum(t['agreement'] for t in row['tasks']) / len(row['tasks']):.0f}% |")
+    with_ppl = [(r["row"], next(t for t in r["tasks"] if "perplexity" in t)["perplexity"]) for r in result["rows"]
+                if any("perplexity" in t for t in r["tasks"])]
+    if with_ppl:
+        lines += ["", f"LAMBADA perplexity of the last word: source {with_ppl[0][1]['source']:.1f}; " +
+                  ", ".join(f"{row} {ppl['converted']:.1f}" for row, ppl in with_ppl)]
     return "\n".join(lines)
 
 
