@@ -113,6 +113,37 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(result: dict, path: Path) -> None:
+    """The paired difference per task (converted - source, percentage points, ± one standard error), a
+    group of bars per task and one bar per row, the average last."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = result["tasks"]
+    labels = [TASKS[name].title for name in names] + ["average"]
+    rows = result["rows"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    colors = plt.cm.tab10.colors
+    for i, row in enumerate(rows):
+        values = [100 * t["difference"] for t in row["tasks"]] + [100 * row["average"]["difference"]]
+        errors = [100 * t["difference_stderr"] for t in row["tasks"]] + [100 * row["average"]["difference_stderr"]]
+        xs = [x + (i - (len(rows) - 1) / 2) * width for x in range(len(labels))]
+        ax.bar(xs, values, width, yerr=errors, capsize=2, color=colors[i % len(colors)],
+               label=f"{row['row']} ({100 * row['average']['retained']:.1f}% retained)")
+    ax.axhline(0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("accuracy: converted - source (points)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    count = f"{result['limit']} items per task" if result["limit"] else "every item"
+    ax.set_title(f"SmolLM2-135M: accuracy change per task, paired on the same items ({count}), ± 1 s.e.")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="depth/plan[/lsq|distill], comma-separated")
@@ -123,10 +154,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "tasks.json")
-    parser.add_argument("--redraw", action="store_true", help="only print the table from --json")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "tasks.png")
+    parser.add_argument("--redraw", action="store_true", help="only print the table and draw --plot from --json")
     args = parser.parse_args()
     if args.redraw:
-        print(table(json.loads(args.json.read_text())))
+        result = json.loads(args.json.read_text())
+        print(table(result))
+        plot(result, args.plot)
         return
     started = time.perf_counter()
     names = args.tasks.split(",")
@@ -151,6 +185,7 @@ def main() -> None:
         result["seconds"] = round(time.perf_counter() - started)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
+    plot(result, args.plot)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,24 @@ def test_comparison_figures_are_the_paired_statistics():
         compare_task("arc_easy", source, converted[:3])
 
 
+def test_the_choice_picked_is_the_one_the_harness_scores(source):
+    """agreement compares picks: a pick must be right exactly when the harness counts the item right."""
+    import torch
+
+    from lpconvert.accuracy import answer_tasks
+    from lpconvert.sources import resolve_model
+
+    model_source = resolve_model(str(source))
+    names = ["hellaswag", "arc_challenge", "winogrande"]  # acc_norm, acc_norm, several contexts
+    items = {TASKS[name].harness: list(range(8)) for name in names}
+    answers = answer_tasks(model_source.load_model(dtype=torch.float32, device="cpu"), model_source.load_tokenizer(),
+                           names, items, batch_size=8)
+    for name in names:
+        golds = [getattr(data, name)()[data.SPLIT][i]["gold"] for i in range(8)]
+        assert [a["doc"] for a in answers[name]] == list(range(8))
+        assert [a["correct"] == 1.0 for a in answers[name]] == [a["pick"] == g for a, g in zip(answers[name], golds)]
+
+
 # ----------------------------------------------------------------------------------------------
 # lpconvert eval --tasks
 
