@@ -42,6 +42,7 @@ class Task:
     metric: str  # the accuracy reported: acc, or acc_norm (log-likelihood per character of the choice)
     split: str  # where its items come from
     note: str = ""
+    choices: str | None = "choices"  # the items' field listing what is scored (its size sets chance); None: one word
 
 
 # The core set is the paper's; the others are there by name. Metrics follow common practice for
@@ -51,8 +52,8 @@ TASKS: dict[str, Task] = {
     "arc_easy": Task("lp_arc_easy", "ARC-Easy", "acc", "test"),
     "arc_challenge": Task("lp_arc_challenge", "ARC-Challenge", "acc_norm", "test"),
     "piqa": Task("lp_piqa", "PIQA", "acc", "validation"),
-    "winogrande": Task("lp_winogrande", "WinoGrande", "acc", "validation (xl)"),
-    "lambada": Task("lp_lambada", "LAMBADA-OpenAI", "acc", "test", "also the last word's perplexity"),
+    "winogrande": Task("lp_winogrande", "WinoGrande", "acc", "validation (xl)", choices="contexts"),
+    "lambada": Task("lp_lambada", "LAMBADA-OpenAI", "acc", "test", "also the last word's perplexity", choices=None),
     "boolq": Task("lp_boolq", "BoolQ", "acc", "validation"),
     "openbookqa": Task("lp_openbookqa", "OpenBookQA", "acc_norm", "validation"),
     "copa": Task("lp_copa", "COPA", "acc", "validation"),
@@ -61,6 +62,7 @@ TASKS: dict[str, Task] = {
 }
 CORE = ("hellaswag", "arc_easy", "arc_challenge", "piqa", "winogrande", "lambada")
 SETS = {"core": CORE, "all": tuple(TASKS)}
+ABOVE_CHANCE_BY = 2.0  # standard errors: a task the source answers no better than this carries no signal
 
 
 def harness_path() -> Path:
@@ -156,6 +158,24 @@ def item_lists(names: list[str], settings: TaskSettings) -> dict[str, list[int]]
             for name in names}
 
 
+def chance_levels(names: list[str], items: dict[str, list[int]] | None) -> dict[str, float]:
+    """Each task's accuracy by guessing, over the items scored: the mean of 1 / number of choices (0 for
+    a word to predict)."""
+    from .harness import data
+
+    levels = {}
+    with _quiet_harness():
+        for name in names:
+            field = TASKS[name].choices
+            if field is None:
+                levels[name] = 0.0
+                continue
+            column = getattr(data, name)()[data.SPLIT][field]
+            chosen = items[TASKS[name].harness] if items else range(len(column))
+            levels[name] = sum(1 / len(column[i]) for i in chosen) / len(chosen)
+    return levels
+
+
 # ----------------------------------------------------------------------------------------------
 # One model through the harness
 
@@ -193,7 +213,7 @@ def _pick(sample: dict, metric: str) -> int:
 
 def _answers(sample: dict, task: Task) -> dict:
     """One item as one model answered it: right or wrong, what it picked, and (LAMBADA) the log-likelihood."""
-    if task.harness == TASKS["lambada"].harness:
+    if task.choices is None:
         response = sample["filtered_resps"]
         loglik, greedy = response[0] if isinstance(response, list) else response
         return {"doc": int(sample["doc_id"]), "correct": float(sample["acc"]), "pick": int(bool(greedy)),
@@ -234,8 +254,9 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def compare_task(name: str, source: list[dict], converted: list[dict]) -> dict:
-    """One task's row: each model's accuracy, what the converted model retains, and how often they agree."""
+def compare_task(name: str, source: list[dict], converted: list[dict], chance: float | None = None) -> dict:
+    """One task's row: each model's accuracy, what the converted model retains, and how often they agree;
+    with `chance`, whether the source answers clearly better than guessing."""
     if [a["doc"] for a in source] != [a["doc"] for a in converted]:
         raise ValueError(f"{name}: the two models answered different items")
     task = TASKS[name]
@@ -250,14 +271,16 @@ def compare_task(name: str, source: list[dict], converted: list[dict]) -> dict:
         "difference": difference, "difference_stderr": difference_se,
         "agreement": sum(s["pick"] == c["pick"] for s, c in zip(source, converted, strict=True)) / len(source),
     }
+    if chance is not None:
+        row["chance"] = chance
+        row["above_chance"] = source_acc - chance > ABOVE_CHANCE_BY * source_se
     if "loglik" in source[0]:
         row["perplexity"] = {role: math.exp(-sum(a["loglik"] for a in answers) / len(answers))
                              for role, answers in (("source", source), ("converted", converted))}
     return row
 
 
-def summarize(rows: list[dict]) -> dict:
-    """The average over tasks of each model's accuracy, the share retained, and the paired difference."""
+def _average(rows: list[dict]) -> dict:
     count = len(rows)
     source = sum(row["source"]["accuracy"] for row in rows) / count
     converted = sum(row["converted"]["accuracy"] for row in rows) / count
@@ -265,6 +288,17 @@ def summarize(rows: list[dict]) -> dict:
     difference_se = math.sqrt(sum(row["difference_stderr"] ** 2 for row in rows)) / count
     return {"source": source, "converted": converted, "retained": _ratio(converted, source),
             "difference": converted - source, "difference_stderr": difference_se, "tasks": count}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """The average over tasks of each model's accuracy, the share retained and the paired difference; and
+    the same over the tasks the source answers clearly better than chance (`above_chance`), where a
+    small model's loss shows: a task it only guesses at moves by noise."""
+    average = _average(rows)
+    informative = [row for row in rows if row.get("above_chance")]
+    if informative and len(informative) < len(rows):
+        average["above_chance"] = {**_average(informative), "names": [row["task"] for row in informative]}
+    return average
 
 
 def lm_eval_command(model_path: str, names: list[str], items: dict | None, batch_size: int, dtype: str,
@@ -312,7 +346,8 @@ def task_accuracy(source, converted, settings: TaskSettings,
         answers[role] = answer_tasks(model, tokenizer, names, items, settings.batch_size,
                                      (lambda done, total, role=role: progress(role, done, total)) if progress else None)
         del model
-    rows = [compare_task(name, answers["source"][name], answers["converted"][name]) for name in names]
+    chance = chance_levels(names, items)
+    rows = [compare_task(name, answers["source"][name], answers["converted"][name], chance[name]) for name in names]
     average = summarize(rows)
     failures = []
     if settings.min_retained is not None and (average["retained"] or 0.0) < settings.min_retained:

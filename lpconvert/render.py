@@ -253,9 +253,17 @@ def tasks_table(report: dict) -> Table:
     table.add_row("[bold]average[/]", f"{100 * average['source']:.1f}", f"{100 * average['converted']:.1f}",
                   f"[bold]{_percent(average['retained'])}[/]",
                   f"{_percent(average['difference'], True)}±{100 * average['difference_stderr']:.1f}", "")
+    clear = average.get("above_chance")
+    if clear:
+        table.add_row(f"above chance ({clear['tasks']})", f"{100 * clear['source']:.1f}", f"{100 * clear['converted']:.1f}",
+                      _percent(clear["retained"]),
+                      f"{_percent(clear['difference'], True)}±{100 * clear['difference_stderr']:.1f}", "")
     notes = ["accuracy (acc; *: acc_norm, per character of the choice) ± one standard error; difference: "
              "converted - source on the same items; agree: % of items where both picked the same choice "
              "(LAMBADA: the same outcome)"]
+    if clear:
+        notes.append(f"above chance: the tasks the source answers more than 2 standard errors better than by "
+                     f"guessing ({', '.join(clear['names'])})")
     notes += [f"{row['title']} perplexity of the last word: {row['perplexity']['source']:.2f} -> "
               f"{row['perplexity']['converted']:.2f}" for row in report["tasks"] if "perplexity" in row]
     gate = report["gate"]["min_retained"]

@@ -33,7 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from heal_front import PLANS  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
 
-from lpconvert.accuracy import CORE, TASKS, answer_tasks, compare_task, item_lists, summarize  # noqa: E402
+from lpconvert.accuracy import (  # noqa: E402
+    ABOVE_CHANCE_BY,
+    CORE,
+    TASKS,
+    answer_tasks,
+    chance_levels,
+    compare_task,
+    item_lists,
+    summarize,
+)
 from lpconvert.export import plan_for_pairs  # noqa: E402
 from lpconvert.settings import TaskSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
@@ -90,11 +99,11 @@ def table(result: dict) -> str:
     names = result["tasks"]
     source = result["source"]
     head = ["model", "blocks"] + [f"{TASKS[n].title} ({TASKS[n].metric})" for n in names] + \
-        ["average", "retained %", "difference (paired)", "agreement"]
+        ["average", "retained %", "difference (paired)", "above chance: retained %", "difference", "agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines.append("| source | 30 | " + " | ".join(
         f"{100 * source[n]['accuracy']:.1f} ± {100 * source[n]['stderr']:.1f}" for n in names)
-        + f" | {100 * result['source_average']:.1f} | 100 | | |")
+        + f" | {100 * result['source_average']:.1f} | 100 | | | | |")
     for row in result["rows"]:
         cells = []
         for task in row["tasks"]:
@@ -104,13 +113,34 @@ def table(result: dict) -> str:
         lines.append(f"| {row['row']} | {row['depth']} | " + " | ".join(cells) +
                      f" | {100 * average['converted']:.1f} | {100 * average['retained']:.1f} | "
                      f"{100 * average['difference']:+.1f} ± {100 * average['difference_stderr']:.1f} | "
-                     f"{100 * sum(t['agreement'] for t in row['tasks']) / len(row['tasks']):.0f}% |")
+                     + (f"{100 * clear['retained']:.1f} | {100 * clear['difference']:+.1f} ± "
+                        f"{100 * clear['difference_stderr']:.1f} | " if (clear := average.get("above_chance")) else " | | ")
+                     + f"{100 * sum(t['agreement'] for t in row['tasks']) / len(row['tasks']):.0f}% |")
+    clear = result["rows"][0]["average"].get("above_chance") if result["rows"] else None
+    if clear:
+        chance = result["rows"][0]["tasks"]
+        lines += ["", "Above chance: the tasks the source answers more than "
+                  f"{ABOVE_CHANCE_BY:g} standard errors better than guessing ({', '.join(TASKS[n].title for n in clear['names'])}); "
+                  "chance on the items scored: " + ", ".join(f"{TASKS[t['task']].title} {100 * t['chance']:.1f}%" for t in chance)]
     with_ppl = [(r["row"], next(t for t in r["tasks"] if "perplexity" in t)["perplexity"]) for r in result["rows"]
                 if any("perplexity" in t for t in r["tasks"])]
     if with_ppl:
         lines += ["", f"LAMBADA perplexity of the last word: source {with_ppl[0][1]['source']:.1f}; " +
                   ", ".join(f"{row} {ppl['converted']:.1f}" for row, ppl in with_ppl)]
     return "\n".join(lines)
+
+
+def add_chance(result: dict) -> None:
+    """Chance levels and the above-chance averages, for a result written before they existed."""
+    if all("chance" in task for row in result["rows"] for task in row["tasks"]):
+        return
+    chance = chance_levels(result["tasks"], result["items"])
+    for row in result["rows"]:
+        for task in row["tasks"]:
+            source = task["source"]
+            task["chance"] = chance[task["task"]]
+            task["above_chance"] = source["accuracy"] - task["chance"] > ABOVE_CHANCE_BY * source["stderr"]
+        row["average"] = summarize(row["tasks"])
 
 
 def plot(result: dict, path: Path) -> None:
@@ -159,6 +189,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.redraw:
         result = json.loads(args.json.read_text())
+        add_chance(result)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(table(result))
         plot(result, args.plot)
         return
@@ -167,6 +199,7 @@ def main() -> None:
     settings = TaskSettings(tasks=args.tasks, limit=None if args.full else args.limit, seed=args.seed,
                             batch_size=args.batch_size, device=args.device)
     items = item_lists(names, settings)
+    chance = chance_levels(names, items)
     source = resolve_model("smollm2-135m")
     source_answers = answers_of(source, names, items, settings, "source")
     source_rows = {name: compare_task(name, source_answers[name], source_answers[name])["source"] for name in names}
@@ -178,7 +211,7 @@ def main() -> None:
         built = time.perf_counter()
         converted = resolve_model(str(build_row(row, work, args.device)))
         answers = answers_of(converted, names, items, settings, row)
-        rows = [compare_task(name, source_answers[name], answers[name]) for name in names]
+        rows = [compare_task(name, source_answers[name], answers[name], chance[name]) for name in names]
         result["rows"].append({"row": row, "depth": converted.config.num_hidden_layers, "tasks": rows,
                                "average": summarize(rows), "seconds": round(time.perf_counter() - built)})
         log(f"{row}: average retained {100 * result['rows'][-1]['average']['retained']:.1f}%")

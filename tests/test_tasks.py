@@ -125,7 +125,25 @@ def test_the_choice_picked_is_the_one_the_harness_scores(source):
     for name in names:
         golds = [getattr(data, name)()[data.SPLIT][i]["gold"] for i in range(8)]
         assert [a["doc"] for a in answers[name]] == list(range(8))
-        assert [a["correct"] == 1.0 for a in answers[name]] == [a["pick"] == g for a, g in zip(answers[name], golds)]
+        assert [a["correct"] == 1.0 for a in answers[name]] == [a["pick"] == g for a, g in zip(answers[name], golds, strict=True)]
+
+
+def test_chance_levels_and_the_above_chance_average():
+    from lpconvert.accuracy import chance_levels
+
+    levels = chance_levels(["piqa", "winogrande", "lambada", "hellaswag", "arc_easy"],
+                           {"lp_arc_easy": list(range(50))} | {TASKS[n].harness: [0, 1] for n in
+                                                                ("piqa", "winogrande", "lambada", "hellaswag")})
+    assert levels["piqa"] == levels["winogrande"] == 0.5 and levels["lambada"] == 0 and levels["hellaswag"] == 0.25
+    assert 0.2 < levels["arc_easy"] < 0.34  # mostly four choices, a few three or five
+    source = [{"doc": i, "correct": float(i % 4 != 0), "pick": 0} for i in range(40)]  # 75%
+    converted = [{"doc": i, "correct": float(i % 2 == 0), "pick": 0} for i in range(40)]  # 50%
+    clear = compare_task("piqa", source, converted, chance=0.25)
+    guessing = compare_task("winogrande", source, source, chance=0.75)
+    assert clear["above_chance"] and not guessing["above_chance"]
+    average = summarize([clear, guessing])
+    assert average["above_chance"]["names"] == ["piqa"] and average["above_chance"]["retained"] == pytest.approx(2 / 3)
+    assert average["retained"] == pytest.approx(1.25 / 1.5) and "above_chance" not in summarize([clear])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,6 +161,7 @@ def test_eval_tasks_json_holds_every_task_on_the_same_items(quick_report, conver
     assert items == {TASKS[name].harness: choose_items(SIZES[name], 3, 0) for name in ("arc_easy", "winogrande",
                                                                                           "lambada")}
     assert quick_report["passed"] and quick_report["gate"] == {"min_retained": None}
+    assert [row["chance"] for row in quick_report["tasks"]][1:] == [0.5, 0.0]
     assert quick_report["lm_eval_command"].startswith(f"lm_eval run --model hf --model_args pretrained={converted}")
 
 
