@@ -145,29 +145,31 @@ def add_chance(result: dict) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """The paired difference per task (converted - source, percentage points, ± one standard error), a
-    group of bars per task and one bar per row, the average last."""
+    group of bars per task and one bar per row, then the averages (all tasks, and above chance)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = result["tasks"]
-    labels = [TASKS[name].title for name in names] + ["average"]
-    rows = result["rows"]
+    clear = bool(rows := result["rows"]) and "above_chance" in rows[0]["average"]
+    labels = [TASKS[name].title.removesuffix("-OpenAI") for name in names] + ["average"] + (["above chance"] if clear else [])
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5.2))
     colors = plt.cm.tab10.colors
     for i, row in enumerate(rows):
-        values = [100 * t["difference"] for t in row["tasks"]] + [100 * row["average"]["difference"]]
-        errors = [100 * t["difference_stderr"] for t in row["tasks"]] + [100 * row["average"]["difference_stderr"]]
+        averages = [row["average"]] + ([row["average"]["above_chance"]] if clear else [])
+        values = [100 * t["difference"] for t in row["tasks"]] + [100 * a["difference"] for a in averages]
+        errors = [100 * t["difference_stderr"] for t in row["tasks"]] + [100 * a["difference_stderr"] for a in averages]
         xs = [x + (i - (len(rows) - 1) / 2) * width for x in range(len(labels))]
         ax.bar(xs, values, width, yerr=errors, capsize=2, color=colors[i % len(colors)],
-               label=f"{row['row']} ({100 * row['average']['retained']:.1f}% retained)")
+               label=f"{row['row']} ({100 * row['average']['retained']:.1f}% retained"
+                     + (f", {100 * row['average']['above_chance']['retained']:.1f}% above chance)" if clear else ")"))
     ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_ylabel("accuracy: converted - source (points)")
     ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     count = f"{result['limit']} items per task" if result["limit"] else "every item"
     ax.set_title(f"SmolLM2-135M: accuracy change per task, paired on the same items ({count}), ± 1 s.e.")
     fig.tight_layout()
