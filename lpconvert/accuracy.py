@@ -301,12 +301,12 @@ def summarize(rows: list[dict]) -> dict:
     return average
 
 
-def lm_eval_command(model_path: str, names: list[str], items: dict | None, batch_size: int, dtype: str,
+def lm_eval_command(model_path: str, names: list[str], items: dict | None, settings: TaskSettings, device: str,
                     samples_file: str = "items.json") -> str:
     """The plain lm_eval command that scores `model_path` on the same items."""
-    command = (f"lm_eval run --model hf --model_args pretrained={model_path},trust_remote_code=True,dtype={dtype} "
-               f"--include_path {harness_path()} --tasks {','.join(TASKS[name].harness for name in names)} "
-               f"--batch_size {batch_size}")
+    command = (f"lm_eval run --model hf --model_args pretrained={model_path},trust_remote_code=True,"
+               f"dtype={settings.dtype} --device {device} --include_path {harness_path()} "
+               f"--tasks {','.join(TASKS[name].harness for name in names)} --batch_size {settings.batch_size}")
     return command + (f" --samples {samples_file}" if items else "")
 
 
@@ -362,7 +362,7 @@ def task_accuracy(source, converted, settings: TaskSettings,
         "tasks": rows,
         "average": average,
         "items": items,
-        "lm_eval_command": lm_eval_command(converted.name, names, items, settings.batch_size, settings.dtype),
+        "lm_eval_command": lm_eval_command(converted.name, names, items, settings, device),
         "gate": {"min_retained": settings.min_retained},
         "passed": not failures,
         "failures": failures,

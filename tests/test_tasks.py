@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -242,10 +243,10 @@ def test_plain_lm_eval_on_the_export_gives_the_same_numbers(quick_report, conver
     items = tmp_path / "items.json"
     accuracy.write_items(items, quick_report["items"])
     lm_eval = shutil.which("lm_eval", path=str(Path(sys.executable).parent)) or "lm_eval"
-    command = [lm_eval, "run", "--model", "hf", "--model_args",
-               f"pretrained={converted},trust_remote_code=True,dtype=float32", "--device", "cpu",
-               "--include_path", str(accuracy.harness_path()), "--tasks", "lp_arc_easy,lp_winogrande,lp_lambada",
-               "--batch_size", "16", "--samples", str(items), "--output_path", str(tmp_path / "out")]
+    # the command the report prints, as printed: only the samples file's place and an output folder added
+    command = shlex.split(quick_report["lm_eval_command"])
+    assert command[:2] == ["lm_eval", "run"] and command[-2:] == ["--samples", "items.json"]
+    command = [lm_eval, *command[1:-1], str(items), "--output_path", str(tmp_path / "out")]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
