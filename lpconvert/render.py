@@ -262,8 +262,9 @@ def tasks_table(report: dict) -> Table:
              "converted - source on the same items; agree: % of items where both picked the same choice "
              "(LAMBADA: the same outcome)"]
     if clear:
+        titles = {row["task"]: row["title"] for row in report["tasks"]}
         notes.append(f"above chance: the tasks the source answers more than 2 standard errors better than by "
-                     f"guessing ({', '.join(clear['names'])})")
+                     f"guessing ({', '.join(titles[name] for name in clear['names'])})")
     notes += [f"{row['title']} perplexity of the last word: {row['perplexity']['source']:.2f} -> "
               f"{row['perplexity']['converted']:.2f}" for row in report["tasks"] if "perplexity" in row]
     gate = report["gate"]["min_retained"]

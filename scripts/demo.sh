@@ -46,5 +46,9 @@ print(f"{type(model).__name__} with {model.config.num_hidden_layers} blocks:",
 PY
 
 echo
-echo "== 7. one-shot convert for CI: score -> plan -> export -> eval with the recipe configs/smollm2-135m.yaml"
+echo "== 7. benchmark accuracy through lm-evaluation-harness: the source and the export on the same 20 items per core task"
+$LP eval smollm2-135m "$OUT/smollm2-lp27" --tasks core --limit 20 --device cpu
+
+echo
+echo "== 8. one-shot convert for CI: score -> plan -> export -> eval with the recipe configs/smollm2-135m.yaml"
 $LP convert smollm2-135m -o "$OUT/smollm2-converted" --recipe configs/smollm2-135m.yaml --overwrite
