@@ -241,11 +241,12 @@ def answer_tasks(model, tokenizer, names: list[str], items: dict[str, list[int]]
 # Comparing two models' answers
 
 
-def _mean_stderr(values: list[float]) -> tuple[float, float]:
+def _mean_stderr(values: list[float]) -> tuple[float, float | None]:
+    """The mean and its standard error (None from one value: JSON has no NaN)."""
     n = len(values)
     mean = sum(values) / n
     if n < 2:
-        return mean, float("nan")
+        return mean, None
     variance = sum((value - mean) ** 2 for value in values) / (n - 1)
     return mean, math.sqrt(variance / n)
 
@@ -273,7 +274,7 @@ def compare_task(name: str, source: list[dict], converted: list[dict], chance: f
     }
     if chance is not None:
         row["chance"] = chance
-        row["above_chance"] = source_acc - chance > ABOVE_CHANCE_BY * source_se
+        row["above_chance"] = source_se is not None and source_acc - chance > ABOVE_CHANCE_BY * source_se
     if "loglik" in source[0]:
         row["perplexity"] = {role: math.exp(-sum(a["loglik"] for a in answers) / len(answers))
                              for role, answers in (("source", source), ("converted", converted))}
@@ -285,7 +286,8 @@ def _average(rows: list[dict]) -> dict:
     source = sum(row["source"]["accuracy"] for row in rows) / count
     converted = sum(row["converted"]["accuracy"] for row in rows) / count
     # the tasks' items are independent: the average's variance is the mean of the variances over count
-    difference_se = math.sqrt(sum(row["difference_stderr"] ** 2 for row in rows)) / count
+    errors = [row["difference_stderr"] for row in rows]
+    difference_se = None if None in errors else math.sqrt(sum(se ** 2 for se in errors)) / count
     return {"source": source, "converted": converted, "retained": _ratio(converted, source),
             "difference": converted - source, "difference_stderr": difference_se, "tasks": count}
 

@@ -223,15 +223,18 @@ def eval_table(report: dict) -> Table:
     return table
 
 
-def _percent(value: float | None, signed: bool = False) -> str:
-    if value is None:
-        return "n/a"
-    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def _plus_minus(value: float, stderr: float | None, signed: bool = False) -> str:
+    """A percentage with its standard error (none from a single item)."""
+    text = f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+    return text if stderr is None else f"{text}±{100 * stderr:.1f}"
 
 
 def _accuracy(figure: dict) -> str:
-    stderr = figure["stderr"]
-    return f"{100 * figure['accuracy']:.1f}±{100 * stderr:.1f}" if stderr == stderr else f"{100 * figure['accuracy']:.1f}"
+    return _plus_minus(figure["accuracy"], figure["stderr"])
 
 
 def tasks_table(report: dict) -> Table:
@@ -247,17 +250,16 @@ def tasks_table(report: dict) -> Table:
     for row in report["tasks"]:
         table.add_row(row["title"] + ("*" if row["metric"] == "acc_norm" else ""), _accuracy(row["source"]),
                       _accuracy(row["converted"]), _percent(row["retained"]),
-                      f"{_percent(row['difference'], True)}±{100 * row['difference_stderr']:.1f}",
+                      _plus_minus(row["difference"], row["difference_stderr"], signed=True),
                       f"{100 * row['agreement']:.0f}")
     average = report["average"]
     table.add_row("[bold]average[/]", f"{100 * average['source']:.1f}", f"{100 * average['converted']:.1f}",
                   f"[bold]{_percent(average['retained'])}[/]",
-                  f"{_percent(average['difference'], True)}±{100 * average['difference_stderr']:.1f}", "")
+                  _plus_minus(average["difference"], average["difference_stderr"], signed=True), "")
     clear = average.get("above_chance")
     if clear:
         table.add_row(f"above chance ({clear['tasks']})", f"{100 * clear['source']:.1f}", f"{100 * clear['converted']:.1f}",
-                      _percent(clear["retained"]),
-                      f"{_percent(clear['difference'], True)}±{100 * clear['difference_stderr']:.1f}", "")
+                      _percent(clear["retained"]), _plus_minus(clear["difference"], clear["difference_stderr"], signed=True), "")
     notes = ["accuracy (acc; *: acc_norm, per character of the choice) ± one standard error; difference: "
              "converted - source on the same items; agree: % of items where both picked the same choice "
              "(LAMBADA: the same outcome)"]

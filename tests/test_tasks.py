@@ -109,6 +109,9 @@ def test_comparison_figures_are_the_paired_statistics():
     assert average["difference_stderr"] == pytest.approx(row["difference_stderr"] * math.sqrt(2) / 2)
     with pytest.raises(ValueError, match="different items"):
         compare_task("arc_easy", source, converted[:3])
+    single = compare_task("piqa", source[:1], converted[:1], chance=0.5)  # one item: no standard error
+    assert single["source"]["stderr"] is None and single["difference_stderr"] is None and not single["above_chance"]
+    json.dumps({"row": single, "average": summarize([single])}, allow_nan=False)  # strict JSON: no NaN
 
 
 def test_the_choice_picked_is_the_one_the_harness_scores(source):
