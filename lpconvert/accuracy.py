@@ -72,9 +72,10 @@ def harness_path() -> Path:
 
 def check_installed() -> None:
     """The harness and the benchmark data, or one line naming what to install."""
-    if importlib.util.find_spec("lm_eval") is None:
-        raise LPError("task accuracy needs lm-evaluation-harness, which is not installed",
-                      f"{HARNESS_INSTALL} (or make install)")
+    for package in ("lm_eval", "datasets"):  # the harness reads every task through datasets
+        if importlib.util.find_spec(package) is None:
+            raise LPError(f"task accuracy needs lm-evaluation-harness, and {package} is not installed",
+                          f"{HARNESS_INSTALL} (or make install)")
     from .harness.data import data_root
 
     root = data_root()
