@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 import random
@@ -98,7 +97,7 @@ def resolve_tasks(spec: str, label: str = "--tasks") -> list[str]:
         if name not in names:
             names.append(name)
     if not names:
-        raise LPError(f"{label} names no task", "e.g. --tasks core or --tasks hellaswag,piqa")
+        raise LPError(f"{label} names no task", "e.g. core, or task names such as hellaswag,piqa")
     return names
 
 
@@ -326,8 +325,9 @@ def as_steps(step: Callable[..., None]) -> Callable[[str, int, int | None], None
 
 
 def task_accuracy(source, converted, settings: TaskSettings,
-                  progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Both models through the harness on the same items; the report (with `passed`)."""
+                  progress: Callable[[str, int, int], None] | None = None, shown_as: str | None = None) -> dict:
+    """Both models through the harness on the same items; the report (with `passed`). `shown_as`: the
+    converted model's path as the report names it (convert scores a staged copy before it moves it)."""
     from .runtime import dtype_from_name, resolve_device
 
     started = time.perf_counter()
@@ -359,13 +359,13 @@ def task_accuracy(source, converted, settings: TaskSettings,
     return {
         "kind": "lpconvert-tasks",
         "source": source.name,
-        "converted": converted.name,
+        "converted": shown_as or converted.name,
         "source_depth": source.config.num_hidden_layers,
         "converted_depth": getattr(converted.config, "num_hidden_layers", None),
         "tasks": rows,
         "average": average,
         "items": items,
-        "lm_eval_command": lm_eval_command(converted.name, names, items, settings, device),
+        "lm_eval_command": lm_eval_command(shown_as or converted.name, names, items, settings, device),
         "gate": {"min_retained": settings.min_retained},
         "passed": not failures,
         "failures": failures,
@@ -381,8 +381,3 @@ def list_tasks() -> list[dict]:
     return [{"task": name, "title": task.title, "harness_task": task.harness, "metric": task.metric,
              "split": task.split, "items": sizes[name], "core": name in CORE, "note": task.note}
             for name, task in TASKS.items()]
-
-
-def write_items(path: Path, items: dict[str, list[int]]) -> None:
-    """The items, as `lm_eval --samples FILE` reads them."""
-    Path(path).write_text(json.dumps(items) + "\n")

@@ -226,7 +226,4 @@ def _task_accuracy(source, staged: Path, out: Path, settings, step) -> dict:
     from .accuracy import as_steps, task_accuracy
     from .sources import resolve_model
 
-    report = task_accuracy(source, resolve_model(str(staged)), settings, as_steps(step))
-    report["converted"] = str(out)
-    report["lm_eval_command"] = report["lm_eval_command"].replace(str(staged), str(out))
-    return report
+    return task_accuracy(source, resolve_model(str(staged)), settings, as_steps(step), shown_as=str(out))

@@ -130,19 +130,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def add_chance(result: dict) -> None:
-    """Chance levels and the above-chance averages, for a result written before they existed."""
-    if all("chance" in task for row in result["rows"] for task in row["tasks"]):
-        return
-    chance = chance_levels(result["tasks"], result["items"])
-    for row in result["rows"]:
-        for task in row["tasks"]:
-            source = task["source"]
-            task["chance"] = chance[task["task"]]
-            task["above_chance"] = source["accuracy"] - task["chance"] > ABOVE_CHANCE_BY * source["stderr"]
-        row["average"] = summarize(row["tasks"])
-
-
 def plot(result: dict, path: Path) -> None:
     """The paired difference per task (converted - source, percentage points, ± one standard error), a
     group of bars per task and one bar per row, then the averages (all tasks, and above chance)."""
@@ -191,8 +178,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.redraw:
         result = json.loads(args.json.read_text())
-        add_chance(result)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(table(result))
         plot(result, args.plot)
         return

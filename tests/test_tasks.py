@@ -245,7 +245,7 @@ def test_a_recipe_tasks_section_scores_the_conversion_and_gates_it(source, tmp_p
 
 def test_plain_lm_eval_on_the_export_gives_the_same_numbers(quick_report, converted, tmp_path):
     items = tmp_path / "items.json"
-    accuracy.write_items(items, quick_report["items"])
+    items.write_text(json.dumps(quick_report["items"]))
     lm_eval = shutil.which("lm_eval", path=str(Path(sys.executable).parent)) or "lm_eval"
     # the command the report prints, as printed: only the samples file's place and an output folder added
     command = shlex.split(quick_report["lm_eval_command"])

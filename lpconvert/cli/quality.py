@@ -83,10 +83,10 @@ def eval_command(
     """Compare a converted model with its source on held-out text: perplexity, agreement, KL, generations;
     with --tasks, on benchmark tasks: accuracy retained. With a bound (--max-ppl-increase, --min-agreement,
     --min-retained) it is a gate: exit 1 when a bound is broken."""
+    batch = {} if batch_size is None else {"batch_size": batch_size}  # unset: each kind keeps its own default
     if tasks is not None:
         _refuse_options("does not apply with --tasks (it bounds the text evaluation)",
                         {"--max-ppl-increase": max_ppl_increase, "--min-agreement": min_agreement})
-        batch = {} if batch_size is None else {"batch_size": batch_size}
         settings = settings_from_options(TaskSettings, tasks=tasks, limit=limit, seed=seed, device=device,
                                          dtype=dtype, min_retained=min_retained, **batch)
         report = _task_report(source_model, converted_model, settings, trust_remote_code)
@@ -95,7 +95,6 @@ def eval_command(
         show(report, as_json, tasks_table)
     else:
         _refuse_options("needs --tasks", {"--limit": limit, "--min-retained": min_retained})
-        batch = {} if batch_size is None else {"batch_size": batch_size}
         settings = settings_from_options(EvalSettings, text=text, split=split, text_field=text_field, tokens=tokens,
                                          seq_len=seq_len, device=device, dtype=dtype, prompt=prompt,
                                          max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, **batch)
