@@ -168,6 +168,8 @@ class ExportReport:
     seconds: float = 0.0
     tokenizer_files: list[str] = field(default_factory=list)
     healed: list[str] = field(default_factory=list)  # tensors replaced from a heal file
+    format: str = "safetensors"  # or gguf (ggufexport.py)
+    notes: list[str] = field(default_factory=list)  # what the user should know about the result
 
     def to_json(self) -> dict:
         return dict(self.__dict__)

@@ -4,7 +4,8 @@
   before anything is written or removed: `-o <folder holding MODEL> --overwrite` would otherwise
   delete the model it reads.
 - `--overwrite` removes only a folder lpconvert itself wrote (its config.json carries `lp_source`)
-  or an empty one; any other folder is refused, whatever it holds.
+  or an empty one; any other folder is refused, whatever it holds. Likewise a GGUF file is replaced
+  only when lpconvert wrote it (its metadata holds lpconvert.version).
 - Folders are built in a temporary folder beside OUT and renamed into place at the end; files are
   written to a temporary file and renamed over the target. An interrupted run leaves OUT as it was.
 - A new folder gets the mode `mkdir` would give it under the user's umask: the temporary folder's
@@ -175,6 +176,35 @@ def check_output_file(path: Path, protect: Iterable[Path] = (), inputs: Iterable
         raise _os_problem(path, exc) from None
 
 
+def written_gguf(path: Path) -> bool:
+    """A GGUF file that lpconvert's GGUF export wrote (its metadata holds lpconvert.version)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return False
+        from gguf import GGUFReader
+
+        return "lpconvert.version" in GGUFReader(path).fields
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def check_output_gguf(path: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuse a GGUF output path that can't be written, or whose file would be lost if it were."""
+    path = Path(path)
+    if path.suffix.lower() != ".gguf":
+        raise LPError(f"output {path} does not end in .gguf", f"name the file, e.g. -o {path.with_suffix('.gguf').name}")
+    check_output_file(path, protect)
+    if path.is_symlink():
+        raise LPError(f"output path {path} is a symbolic link", "give the real path of the file")
+    if path.exists():
+        if not overwrite:
+            raise LPError(f"output file {path} already exists", "pass --overwrite or choose another path")
+        if not written_gguf(path):
+            raise LPError(f"output file {path} was not written by lpconvert, so --overwrite will not replace it",
+                          "choose a new output path, or remove the file yourself")
+
+
 @contextlib.contextmanager
 def atomic_output_file(path: Path) -> Iterator[Path]:
     """Yield a fresh temporary path beside `path`; rename it to `path` only if the block succeeds."""
@@ -243,14 +273,9 @@ def atomic_output_dir(out: Path, overwrite: bool = False, protect: Iterable[Path
     protect = list(protect)
     check_output_folder(out, overwrite, protect)
     tmp = _make_temporary_folder(out)
-
-    def on_sigterm(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
     try:
-        yield tmp
+        with sigterm_as_interrupt():
+            yield tmp
         _move_into_place(tmp, out, overwrite, protect)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -263,6 +288,19 @@ def atomic_output_dir(out: Path, overwrite: bool = False, protect: Iterable[Path
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the block (main thread only), so an interrupted write (Ctrl-C
+    or a CI timeout) runs its cleanup and removes what it had written."""
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        yield
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -160,13 +160,16 @@ def export_table(report: dict, source: str, layer_strip: str) -> Table:
     table.add_row("pairs", pairs_text(report["pairs"]))
     table.add_row("layer stack", layer_strip)
     table.add_row("effective depth", f"{report['effective_depth']} blocks (from {report['num_layers']})")
-    table.add_row("dtype", report["dtype"])
-    table.add_row("shards", "\n".join(f"{s['file']}  {format_bytes(s['bytes'])}  ({s['tensors']} tensors)"
+    table.add_row("GGUF type" if report.get("format") == "gguf" else "dtype", report["dtype"])
+    table.add_row("file" if report.get("format") == "gguf" else "shards", "\n".join(f"{s['file']}  {format_bytes(s['bytes'])}  ({s['tensors']} tensors)"
                                       for s in report["shards"]))
     table.add_row("total", format_bytes(report["total_bytes"]))
     if not dry_run:
         table.add_row("time", f"{report['seconds']:.1f} s")
-        table.add_row("load with", f'AutoModelForCausalLM.from_pretrained("{report["out"]}", trust_remote_code=True)')
+        if report.get("format") == "gguf":
+            table.add_row("run with", f"llama-cli -m {report['out']}   (llama.cpp, architecture deci)")
+        else:
+            table.add_row("load with", f'AutoModelForCausalLM.from_pretrained("{report["out"]}", trust_remote_code=True)')
     return table
 
 

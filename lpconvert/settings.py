@@ -31,7 +31,9 @@ from .checks import (  # noqa: F401  (closest, parse_size, size_bytes, TARGETS, 
 )
 from .formats import PAIR_METRICS
 
-DTYPES = ("float32", "bfloat16", "float16")  # runtime.DTYPES maps them to torch dtypes
+DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_FORMATS = ("auto", "safetensors", "gguf")  # auto: gguf when OUT ends in .gguf (ggufexport.py)
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")  # how a GGUF export stores its matrices (norms stay f32)  # runtime.DTYPES maps them to torch dtypes
 COMPUTE_DTYPES = ("auto", *DTYPES)  # measuring (plan): auto is float32 on the CPU, else bfloat16
 CHEAP_METRICS = ("angular_distance", "block_influence", "pair_error")
 SCORE_METRICS = (*CHEAP_METRICS, "loss")
@@ -115,6 +117,14 @@ class ExportSettings:
     dtype: str = setting("auto", Spec("choice", "bfloat16", choices=("auto", *DTYPES)))
     max_shard_size: str = setting("5GB", Spec("size", "5GB"))
     copy_tokenizer: bool = setting(True, Spec("bool", False))
+    format: str = setting("auto", Spec("choice", "gguf", choices=EXPORT_FORMATS))
+    gguf_type: str = setting("f16", Spec("choice", "q8_0", choices=GGUF_TYPES))
+
+    def output_format(self, out) -> str:
+        """safetensors or gguf: `format`, or when auto the output path's suffix."""
+        if self.format != "auto":
+            return self.format
+        return "gguf" if str(out).lower().endswith(".gguf") else "safetensors"
 
 
 @dataclass

@@ -154,6 +154,13 @@ def check_output_folder_early(output: Path, overwrite: bool, model: str) -> None
     check_output_folder(output, overwrite, typed_paths(model))
 
 
+def check_output_gguf_early(output: Path, overwrite: bool, model: str) -> None:
+    """The GGUF output's checks before the source is read (loading it takes time); again once it is."""
+    from ..outputs import check_output_gguf
+
+    check_output_gguf(output, overwrite, typed_paths(model))
+
+
 def check_output_file_early(path: Path | None, model: str | None, *inputs: str | Path | None) -> None:
     """Refuse an output file that is one of the model's files (as typed) or one of the command's
     `inputs`, before the work; `check_output_file_against` checks again with the resolved source."""

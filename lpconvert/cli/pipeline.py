@@ -29,6 +29,7 @@ from .app import (
     check_output_file_against,
     check_output_file_early,
     check_output_folder_early,
+    check_output_gguf_early,
     check_plot_path,
     err,
     load_source,
@@ -343,7 +344,7 @@ def _comma_numbers(text: str, option: str) -> list[float]:
 @stage
 def export(
     model: ModelArg,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the checkpoint to.",
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the checkpoint to, or a .gguf file.",
                                          show_default=False, rich_help_panel="Output")],
     plan: Annotated[Path | None, typer.Option("--plan", help="Plan JSON from `lpconvert plan`.",
                                               rich_help_panel="Pairs", show_default=False)] = None,
@@ -361,6 +362,11 @@ def export(
     copy_tokenizer: Annotated[bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer",
                                                  help="Copy the tokenizer files next to the weights.",
                                                  rich_help_panel="Output")] = EXPORT_DEFAULTS["copy_tokenizer"],
+    output_format: Annotated[str, typer.Option(
+        "--format", help="safetensors (a folder for transformers), gguf (one file for llama.cpp), or auto: gguf "
+        "when OUT ends in .gguf.", rich_help_panel="Output")] = EXPORT_DEFAULTS["format"],
+    gguf_type: Annotated[str, typer.Option(help="GGUF only: how matrices are stored: f32, f16, bf16 or q8_0.",
+                                           rich_help_panel="Output")] = EXPORT_DEFAULTS["gguf_type"],
     overwrite: OverwriteOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the block layout and shard plan; write nothing.",
                                           rich_help_panel="Output")] = False,
@@ -368,7 +374,8 @@ def export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a layer-parallel checkpoint: each pair becomes one wide block, loadable with
-    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)."""
+    AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); or, with -o FILE.gguf, one GGUF
+    file that stock llama.cpp runs (architecture deci)."""
     from ..export import export as run_export
     from ..formats import layer_strip, load_plan, parse_pairs, plan_for_source, source_fingerprint
     from ..healfile import load_heal_file
@@ -381,8 +388,15 @@ def export(
     loaded_plan = load_plan(plan) if plan is not None else None
     healing = load_heal_file(heal_file) if heal_file is not None else None
     wanted = None if pairs is None or pairs.strip().lower() == "none" else parse_pairs(pairs)
-    settings = settings_from_options(ExportSettings, dtype=dtype, max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer)
-    check_output_folder_early(output, overwrite, model)
+    settings = settings_from_options(ExportSettings, dtype=dtype, max_shard_size=max_shard_size,
+                                     copy_tokenizer=copy_tokenizer, format=output_format, gguf_type=gguf_type)
+    gguf = settings.output_format(output) == "gguf"
+    _refuse_other_format_options(gguf, dtype=dtype, max_shard_size=max_shard_size, copy_tokenizer=copy_tokenizer,
+                                 gguf_type=gguf_type)
+    if gguf:
+        check_output_gguf_early(output, overwrite, model)
+    else:
+        check_output_folder_early(output, overwrite, model)
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress)
         chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
@@ -390,11 +404,33 @@ def export(
         if not chosen.pairs:
             progress.end()
             err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy in lpconvert's format")
-        report = run_export(source, chosen, output, dtype=settings.dtype, max_shard_size=settings.max_shard_size,
-                            copy_tokenizer_files=settings.copy_tokenizer, overwrite=overwrite, dry_run=dry_run,
-                            heal=healing, progress=progress.counter("writing weights", "bytes"))
+        writing = progress.counter("writing weights", "bytes")
+        if gguf:
+            from ..ggufexport import export_gguf
+
+            report = export_gguf(source, chosen, output, gguf_type=settings.gguf_type, overwrite=overwrite,
+                                 dry_run=dry_run, heal=healing, progress=writing)
+        else:
+            report = run_export(source, chosen, output, dtype=settings.dtype, max_shard_size=settings.max_shard_size,
+                                copy_tokenizer_files=settings.copy_tokenizer, overwrite=overwrite, dry_run=dry_run,
+                                heal=healing, progress=writing)
     if as_json:
         print_json(report.to_json())
         return
     source_line = f"{source.name} ({source.config.model_type}, {chosen.num_layers} layers)"
     out.print(export_table(report.to_json(), source_line, layer_strip(chosen.pairs, chosen.num_layers)))
+    for note in report.notes:
+        err.print(f"[yellow]note:[/] {note}")
+
+
+def _refuse_other_format_options(gguf: bool, **given) -> None:
+    """Options of the other format, given with a value other than their default, are one clear line."""
+    other = ("dtype", "max_shard_size", "copy_tokenizer") if gguf else ("gguf_type",)
+    changed = [name for name in other if given[name] != EXPORT_DEFAULTS[name]]
+    if changed:
+        flag = "--" + changed[0].replace("_", "-")
+        if gguf:
+            raise LPError(f"{flag} applies to the safetensors format, and this export writes a GGUF",
+                          "choose how the GGUF stores its matrices with --gguf-type f32|f16|bf16|q8_0")
+        raise LPError(f"{flag} applies to a GGUF export, and this export writes a safetensors folder",
+                      "write to a path ending in .gguf, or pass --format gguf")
