@@ -26,8 +26,13 @@ import torch
 
 from . import __version__
 from .archs import Architecture, architecture_for
-from .blocks import all_output_tensors, check_config_matches_weights, check_float_weights, check_layer_tensors, \
-    content_digest
+from .blocks import (
+    all_output_tensors,
+    check_config_matches_weights,
+    check_float_weights,
+    check_layer_tensors,
+    content_digest,
+)
 from .card import layer_types_of, rope_parameters_of
 from .checkpoint import FileSlice, OutputTensor
 from .errors import LPError
