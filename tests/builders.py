@@ -44,11 +44,12 @@ def _randomise_norms_and_biases(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
 
 
-def make_tiny_model(arch: str, seed: int = 0):
+def make_tiny_model(arch: str, seed: int = 0, **overrides):
+    """ARCH's tiny random model; `overrides` replace fields of TINY and of ARCH's extras."""
     import transformers
 
     config_cls, extra = TINY_ARCHS[arch]
-    config = getattr(transformers, config_cls)(**TINY, **extra)
+    config = getattr(transformers, config_cls)(**{**TINY, **extra, **overrides})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomise_norms_and_biases(model, seed)
@@ -69,6 +70,39 @@ def make_tiny_tokenizer(vocab_size: int = 128, eos_token: str | None = None):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
     tokenizer.train_from_iterator([resolve_text("news").text[:100_000]], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token=eos_token)
+
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def make_byte_level_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer (GPT-2's kind, which a GGUF carries) of `vocab_size` tokens trained on
+    the built-in news text, with ChatML's special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lpconvert.texts import resolve_text
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([resolve_text("news").text[:100_000]], trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>")
+    wrapped.chat_template = CHATML
+    return wrapped
+
+
+def save_byte_level_model(folder: Path, arch: str, seed: int = 0, **overrides) -> Path:
+    """ARCH's tiny random model with a byte-level tokenizer of 320 tokens (what a GGUF export needs), in FOLDER."""
+    tokenizer = make_byte_level_tokenizer(320)
+    make_tiny_model(arch, seed=seed, vocab_size=320, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, **overrides).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 def tiny_seed(arch: str) -> int:

@@ -1,0 +1,273 @@
+"""GGUF export: llama.cpp (through llama-cpp-python) runs the exported file as transformers runs the
+safetensors export of the same plan: same logits, same greedy text, same tokens, same chat template.
+
+Tolerance: the largest logit difference over every position and vocabulary entry, relative to the
+largest logit, must stay under 1e-4 with a float32 GGUF and a float32 KV cache (measured: about 2e-6,
+the order of float32 summation differences between two engines).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from builders import CHATML, invoke, save_byte_level_model
+
+from lpconvert.llamacpp import gguf_metadata, greedy, logits, open_gguf
+from lpconvert.sources import resolve_model
+
+TOLERANCE = 1e-4
+PROMPT_LEN = 24
+
+# name -> (architecture, config overrides): every layout llama.cpp's deci graph must express
+VARIANTS = {
+    "llama": ("llama", {}),  # tied embeddings
+    "llama-bias": ("llama-bias", {}),  # q/k/v/o and MLP biases, linear rope scaling
+    "llama3-rope": ("llama", {"tie_word_embeddings": False,
+                              "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 64}}),
+    "mistral": ("mistral", {"sliding_window": None}),  # Mistral 7B v0.2 and later
+    "qwen2": ("qwen2", {}),  # q/k/v biases, rotate-half rope
+}
+
+
+@pytest.fixture(scope="module")
+def gguf_models(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("gguf-models")
+    return {name: save_byte_level_model(root / name, arch, seed=i, **overrides)
+            for i, (name, (arch, overrides)) in enumerate(VARIANTS.items())}
+
+
+def export_both(model, folder, pairs: str, *options):
+    """The safetensors export and the f32 GGUF of the same plan."""
+    edge = ("--allow-edge-layers",) if pairs.startswith("0") else ()
+    st = folder / f"st-{pairs}"
+    gg = folder / f"lp-{pairs}.gguf"
+    for out, extra in ((st, ()), (gg, ("--gguf-type", "f32", *options))):
+        result = invoke("export", model, "--pairs", pairs, "-o", out, *edge, *extra)
+        assert result.exit_code == 0, result.output
+    return st, gg
+
+
+def transformers_logits(folder, ids: list[int]):
+    model = resolve_model(str(folder)).load_model(dtype=torch.float32)
+    with torch.no_grad():
+        return model, model(torch.tensor([ids])).logits[0].numpy()
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def random_ids(vocab: int, n: int = PROMPT_LEN, seed: int = 0) -> list[int]:
+    return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("pairs", ["2", "0,3"])  # a middle pair; block 0 wide (and another pair)
+def test_llama_cpp_matches_transformers(variant, pairs, gguf_models, tmp_path):
+    st, gg = export_both(gguf_models[variant], tmp_path, pairs)
+    ids = random_ids(320)
+    model, want = transformers_logits(st, ids)
+    with open_gguf(gg, n_ctx=128, logits_all=True, n_threads=2) as llm:
+        got = logits(llm, ids)
+        assert relative_error(got, want) < TOLERANCE
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(ids):].tolist()
+        assert greedy(llm, ids, 32) == out
+    meta = gguf_metadata(gg)
+    blocks = json.loads(meta["lpconvert.blocks"])
+    assert meta["general.architecture"] == "deci"
+    assert meta["deci.attention.head_count"] == [4 * len(b) for b in blocks]
+    assert meta["deci.attention.head_count_kv"] == [2 * len(b) for b in blocks]
+    assert meta["deci.feed_forward_length"] == [96 * len(b) for b in blocks]
+    assert len(blocks) == 6 - len(pairs.split(","))
+
+
+def test_no_pairs_is_the_source(gguf_models, tmp_path):
+    """--pairs none: the source as a deci GGUF, the fair baseline; it computes what the source computes."""
+    gg = tmp_path / "base.gguf"
+    assert invoke("export", gguf_models["llama"], "--pairs", "none", "-o", gg, "--gguf-type", "f32").exit_code == 0
+    ids = random_ids(320, seed=1)
+    _, want = transformers_logits(gguf_models["llama"], ids)
+    with open_gguf(gg, n_ctx=128, logits_all=True, n_threads=2) as llm:
+        assert relative_error(logits(llm, ids), want) < TOLERANCE
+    assert gguf_metadata(gg)["deci.block_count"] == 6
+
+
+@pytest.mark.parametrize("gguf_type, tolerance", [("f16", 2e-2), ("bf16", 5e-2), ("q8_0", 5e-2)])
+def test_stored_types(gguf_type, tolerance, gguf_models, tmp_path):
+    """Matrices in the chosen type, norms and biases in f32 (llama.cpp's own converter keeps them so)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    st = tmp_path / "st"
+    gg = tmp_path / f"lp-{gguf_type}.gguf"
+    assert invoke("export", gguf_models["llama-bias"], "--pairs", "2", "-o", st).exit_code == 0
+    assert invoke("export", gguf_models["llama-bias"], "--pairs", "2", "-o", gg, "--gguf-type", gguf_type).exit_code == 0
+    types = {t.name: t.tensor_type for t in GGUFReader(gg).tensors}
+    wanted = GGMLQuantizationType[gguf_type.upper()]
+    assert types["blk.2.attn_q.weight"] == wanted and types["token_embd.weight"] == wanted
+    assert types["blk.2.attn_norm.weight"] == GGMLQuantizationType.F32
+    assert types["blk.2.attn_q.bias"] == GGMLQuantizationType.F32
+    ids = random_ids(320, seed=2)
+    _, want = transformers_logits(st, ids)
+    with open_gguf(gg, n_ctx=128, logits_all=True, n_threads=2) as llm:
+        assert relative_error(logits(llm, ids), want) < tolerance
+
+
+def test_sliding_window_is_noted(tmp_path):
+    """deci has no sliding window: the file declares the window as its context, and the user is told."""
+    model = save_byte_level_model(tmp_path / "m", "mistral")  # sliding_window=8
+    gg = tmp_path / "m.gguf"
+    result = invoke("export", model, "--pairs", "2", "-o", gg)
+    assert result.exit_code == 0, result.output
+    assert "exact up to 8 tokens" in result.stderr
+    assert gguf_metadata(gg)["deci.context_length"] == 8
+
+
+@pytest.mark.slow
+def test_smollm2_in_llama_cpp(smollm2_dir, tmp_path):
+    """The real model: tokens, logits, greedy text and the chat template through llama.cpp."""
+    from transformers import AutoTokenizer
+
+    st, gg = export_both("smollm2-135m", tmp_path, "12,14,16")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = "The capital of France is Paris. In 1889, 42 engineers finished the tower; it's 330 m tall."
+    ids = tokenizer(text).input_ids
+    model, want = transformers_logits(st, ids)
+    with open_gguf(gg, n_ctx=256, logits_all=True, n_threads=2) as llm:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
+        got = logits(llm, ids)
+        assert relative_error(got, want) < TOLERANCE
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()
+        assert greedy(llm, ids, 32) == out
+        assert llm.metadata["tokenizer.chat_template"] == tokenizer.chat_template
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == tokenizer(prompt).input_ids
+        # the same greedy answer in both engines, ended by the template's end-of-turn token in both
+        prompt_ids = torch.tensor([tokenizer(prompt).input_ids])
+        answer = model.generate(prompt_ids, max_new_tokens=64, do_sample=False)[0, prompt_ids.shape[1]:]
+        reply = llm.create_chat_completion(messages=messages, max_tokens=64, temperature=0)["choices"][0]
+        assert reply["message"]["content"] == tokenizer.decode(answer, skip_special_tokens=True)
+        assert (reply["finish_reason"] == "stop") == (answer[-1].item() == tokenizer.eos_token_id)
+
+
+@pytest.mark.slow
+def test_gguf_source_keeps_its_tokenizer(smollm2_gguf_source, tmp_path):
+    """From a GGUF source, the tokenizer keys are copied unchanged (SmolLM's own pre-tokenizer kept)."""
+    from lpconvert.export import plan_for_pairs
+    from lpconvert.ggufexport import export_gguf
+    from lpconvert.sources import smollm2_gguf
+
+    gg = tmp_path / "from-gguf.gguf"
+    export_gguf(smollm2_gguf_source, plan_for_pairs(smollm2_gguf_source, [12]), gg, gguf_type="q8_0")
+    ours, theirs = gguf_metadata(gg), gguf_metadata(smollm2_gguf())
+    assert ours["tokenizer.ggml.pre"] == theirs["tokenizer.ggml.pre"] == "smollm"
+    assert ours["tokenizer.chat_template"] == theirs["tokenizer.chat_template"]
+    with open_gguf(gg, n_ctx=128, n_threads=2) as llm:
+        text = "Digits 12345 split one by one."
+        assert llm.tokenize(text.encode()) == _tokenize_with(smollm2_gguf(), text)
+
+
+def _tokenize_with(path, text: str) -> list[int]:
+    with open_gguf(path, n_ctx=64, n_threads=2) as llm:
+        return llm.tokenize(text.encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals: one line, exit 2, nothing written
+
+
+def refused(tmp_path, *args):
+    result = invoke(*args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("arch, overrides, says", [
+    ("qwen3", {}, "normalises q and k per head"),
+    ("llama", {"hidden_act": "gelu"}, "SwiGLU"),
+    ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                   "original_max_position_embeddings": 256}}, "rope scaling 'yarn'"),
+])
+def test_refused_architectures(arch, overrides, says, tmp_path):
+    model = save_byte_level_model(tmp_path / "m", arch, **overrides)
+    line = refused(tmp_path, "export", model, "--pairs", "2", "-o", tmp_path / "m.gguf")
+    assert says in line and "safetensors" in line
+    assert not (tmp_path / "m.gguf").exists()
+
+
+def test_refused_tokenizer_and_options(tiny_models, gguf_models, tmp_path):
+    out = tmp_path / "x.gguf"
+    line = refused(tmp_path, "export", tiny_models["llama"], "--pairs", "2", "-o", out)  # Whitespace char-level BPE
+    assert "byte-level BPE" in line
+    assert "--dtype" in refused(tmp_path, "export", gguf_models["llama"], "--pairs", "2", "-o", out, "--dtype", "float16")
+    assert "--gguf-type" in refused(tmp_path, "export", gguf_models["llama"], "--pairs", "2", "-o", tmp_path / "f",
+                                    "--gguf-type", "q8_0")
+    assert ".gguf" in refused(tmp_path, "export", gguf_models["llama"], "--pairs", "2", "-o", tmp_path / "f.bin",
+                              "--format", "gguf")
+    assert "q8_0" in refused(tmp_path, "export", gguf_models["llama"], "--pairs", "2", "-o", out, "--gguf-type", "q4")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_overwrite_only_replaces_an_lpconvert_gguf(gguf_models, tmp_path):
+    model = gguf_models["llama"]
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"GGUF someone else's model")
+    assert "already exists" in refused(tmp_path, "export", model, "--pairs", "2", "-o", out)
+    assert "not written by lpconvert" in refused(tmp_path, "export", model, "--pairs", "2", "-o", out, "--overwrite")
+    assert out.read_bytes() == b"GGUF someone else's model"
+    out.unlink()
+    assert invoke("export", model, "--pairs", "2", "-o", out).exit_code == 0
+    assert invoke("export", model, "--pairs", "3", "-o", out, "--overwrite").exit_code == 0
+    assert json.loads(gguf_metadata(out)["lpconvert.blocks"])[3] == [3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_interrupted_gguf_export_leaves_nothing(signal_name, gguf_models, tmp_path):
+    out = tmp_path / "out.gguf"
+    script = f"""
+import time
+import lpconvert.blocks as blocks
+from lpconvert.export import plan_for_pairs
+from lpconvert.ggufexport import export_gguf
+from lpconvert.sources import resolve_model
+blocks.CHUNK_BYTES = 256  # many small pieces ...
+source = resolve_model({str(gguf_models["llama"])!r})
+real = source.store.read_rows
+source.store.read_rows = lambda *a: (time.sleep(0.02), real(*a))[1]  # ... each slow to read
+export_gguf(source, plan_for_pairs(source, [1, 3]), {str(out)!r}, gguf_type="f32")
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".out.gguf.") for p in tmp_path.iterdir()):
+        assert time.time() < deadline and proc.poll() is None, "export did not start writing"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(getattr(signal, signal_name))
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert list(tmp_path.iterdir()) == [], "an interrupted GGUF export left files behind"
+
+
+def test_chat_template_of_the_tiny_tokenizer(gguf_models, tmp_path):
+    gg = tmp_path / "chat.gguf"
+    assert invoke("export", gguf_models["llama"], "--pairs", "2", "-o", gg).exit_code == 0
+    meta = gguf_metadata(gg)
+    assert meta["tokenizer.chat_template"] == CHATML
+    assert meta["tokenizer.ggml.pre"] == "gpt-2"
