@@ -11,6 +11,7 @@ device and converts it in memory: how a GPU machine without model files is measu
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -183,6 +184,17 @@ def bench_random_weights(shape: str, pair_counts: list[int], settings: BenchSett
     return _report(rows, "source", settings, device, random_weights=shape, model=None, baseline=None)
 
 
+def _check_gguf_bench(target, baseline, ggufs: list, settings: BenchSettings) -> None:
+    """A GGUF is timed in llama.cpp, one sequence at a time, against another GGUF (the same engine)."""
+    if baseline is not None and len(ggufs) == 1:
+        raise LPError("one model is a GGUF (llama.cpp) and the other is not (transformers): a speedup across "
+                      "engines measures the engines", "time the GGUF against the source as a GGUF: lpconvert "
+                      "export SOURCE --pairs none -o source.gguf, then --baseline source.gguf")
+    if tuple(settings.batch_sizes) != (1,) or settings.compile:
+        raise LPError("a GGUF is timed in llama.cpp one sequence at a time, without --compile",
+                      "drop --batch-size and --compile")
+
+
 def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[str], None] | None = None) -> dict:
     """TARGET (a resolved source, e.g. a converted folder) and, if given, BASELINE timed in one process
     under the same settings; both must come from one source model (a source and its export, or two
@@ -193,6 +205,10 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
     device, dtype = resolve_device(settings.device), dtype_from_name(settings.dtype)
     if baseline is not None:
         check_same_origin(target, baseline)
+    ggufs = [m for m in (target, baseline) if getattr(m, "kind", None) == "llama.cpp"]
+    if ggufs:
+        _check_gguf_bench(target, baseline, ggufs, settings)
+        device = "cpu"  # where the prompts are drawn; llama.cpp runs on the CPU threads it is given
     for checked in (target, baseline):
         if checked is not None:
             check_positions(checked.name, checked.config, settings.prompt_len + settings.new_tokens,
@@ -202,7 +218,14 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
     if baseline is not None:
         base_model = baseline.load_model(dtype=dtype, device=device)
         rows += measure(base_model, settings, device, "baseline", progress)
+        if hasattr(base_model, "close"):
+            base_model.close()
         del base_model
     rows += measure(model, settings, device, "model", progress)
-    return _report(rows, "baseline", settings, device, random_weights=None, model=target.name,
-                   baseline=None if baseline is None else baseline.name)
+    if hasattr(model, "close"):
+        model.close()
+    report = _report(rows, "baseline", settings, device, random_weights=None, model=target.name,
+                     baseline=None if baseline is None else baseline.name)
+    if ggufs:
+        report["device"] = f"cpu (llama.cpp, {os.cpu_count()} threads)"
+    return report

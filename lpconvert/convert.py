@@ -2,7 +2,8 @@
 
 The recipe names every option of every stage (nothing is hidden); it is copied into the output
 folder with the scores, the plan, the heal file and report (when the recipe has a heal: section,
-the one optional stage) and the eval report. The converted model reaches OUT only if it
+the one optional stage) and the eval report; with `export: {format: gguf}` also model.gguf, the same
+model for llama.cpp. The converted model reaches OUT only if it
 passes the recipe's gate (or with keep_failed): a CI pipeline can trust the exit code.
 """
 
@@ -20,6 +21,7 @@ EXIT_GATE_FAILED = 1
 RECIPE_SECTIONS = ("score", "plan", "heal", "export", "eval", "tasks")  # pipeline order; each a settings.py dataclass
 OPTIONAL_SECTIONS = ("heal", "tasks")  # stages that run only when their section is in the recipe
 HEAL_FILE = "lpconvert-heal.safetensors"
+GGUF_FILE = "model.gguf"  # with export.format: gguf, the same model for llama.cpp (ggufexport.py)
 
 
 class GateFailed(LPError):
@@ -149,6 +151,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     `progress(label, done=None, total=None, unit=..., detail=...)` (a progress.Reporter's `step`)
     hears every stage's own progress, under labels that name the stage.
     """
+    from .archs import architecture_for
     from .evaluate import evaluate
     from .export import export
     from .healfile import HealFile, write_heal_file
@@ -170,6 +173,14 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
             check_positions(source.name, source.config, settings[section].seq_len, f"recipe key {section}.seq_len")
     planned = settings["plan"]
     target = parse_target(**planned.target)
+    exporting = settings["export"]
+    gguf = exporting.format == "gguf"
+    if gguf:  # a model or tokenizer llama.cpp can't take: refused before any work
+        from .ggufexport import check_gguf_exportable
+        from .ggufvocab import check_vocabulary
+
+        check_gguf_exportable(architecture_for(source.config), source.config)
+        check_vocabulary(source)
 
     scores = compute_scores(source, settings["score"],
                             lambda label, done, total: step(f"score: {label}", done, total))
@@ -187,11 +198,16 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
         healed = heal(source, plan, settings["heal"], progress=lambda message: step("heal", detail=message))
     with atomic_output_dir(Path(out), overwrite=overwrite, protect=protect) as tmp:
         staged = tmp / "export"
-        exporting = settings["export"]
+        heal_file = HealFile(healed.header, healed.tensors, HEAL_FILE) if healed else None
         export(source, plan, staged, dtype=exporting.dtype, max_shard_size=exporting.max_shard_size,
-               copy_tokenizer_files=exporting.copy_tokenizer,
-               heal=HealFile(healed.header, healed.tensors, HEAL_FILE) if healed else None,
+               copy_tokenizer_files=exporting.copy_tokenizer, heal=heal_file,
                progress=lambda done, total: step(f"export: {len(plan.pairs)} pairs", done, total, unit="bytes"))
+        if gguf:  # the same plan and heal for llama.cpp, beside the folder transformers loads
+            from .ggufexport import export_gguf
+
+            export_gguf(source, plan, staged / GGUF_FILE, gguf_type=exporting.gguf_type, heal=heal_file,
+                        progress=lambda done, total: step(f"export: {GGUF_FILE} ({exporting.gguf_type})", done,
+                                                          total, unit="bytes"))
         for item in staged.iterdir():
             shutil.move(str(item), tmp / item.name)
         staged.rmdir()

@@ -26,6 +26,7 @@ from .settings import EvalSettings  # noqa: F401  (the stage's API)
 def _token_stats(source_logits: torch.Tensor, converted_logits: torch.Tensor, input_ids: torch.Tensor) -> dict:
     targets = input_ids[:, 1:].reshape(-1).to(source_logits.device)
     src = F.log_softmax(source_logits[:, :-1].float(), dim=-1).reshape(-1, source_logits.shape[-1])
+    converted_logits = converted_logits.to(source_logits.device)  # a GGUF's come from llama.cpp, on the CPU
     conv = F.log_softmax(converted_logits[:, :-1].float(), dim=-1).reshape(-1, converted_logits.shape[-1])
     kl = (src.exp() * (src - conv)).sum(-1)
     return {
@@ -75,6 +76,8 @@ def evaluate(source, converted, settings: EvalSettings,
             "source": _generate(source_model, tokenizer, settings.prompt, settings.new_tokens, device),
             "converted": _generate(converted_model, tokenizer, settings.prompt, settings.new_tokens, device),
         }
+    if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
+        converted_model.close()
     n = totals["tokens"]
     ppl_source = math.exp(totals["nll_source"] / n)
     ppl_converted = math.exp(totals["nll_converted"] / n)
@@ -96,6 +99,7 @@ def evaluate(source, converted, settings: EvalSettings,
         "source": source.name,
         "converted": converted.name,
         "converted_depth": getattr(converted.config, "num_hidden_layers", None),
+        "converted_runs_in": "llama.cpp" if getattr(converted, "kind", None) == "llama.cpp" else "transformers",
         "source_depth": source.config.num_hidden_layers,
         "text": windows.provenance,
         **figures,

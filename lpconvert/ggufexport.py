@@ -224,10 +224,13 @@ def write_metadata(writer, config, blocks: list[list[int]], file_type, context_l
     return None
 
 
-def _provenance(writer, source_name: str, plan: Plan, blocks: list[list[int]], heal: HealFile | None) -> None:
+def _provenance(writer, source_name: str, plan: Plan, blocks: list[list[int]], heal: HealFile | None,
+                content: str) -> None:
+    """What eval and bench read to check a GGUF against its source (llamacpp.open_exported_gguf)."""
     writer.add_name(f"{Path(source_name).name} layer-parallel ({len(blocks)} blocks)")
     writer.add_string(f"{LP_KEY}.version", __version__)
     writer.add_string(f"{LP_KEY}.source", source_name)
+    writer.add_string(f"{LP_KEY}.content_sha256", content)  # blocks.content_digest of the source
     writer.add_string(f"{LP_KEY}.plan", json.dumps(plan.to_json(), sort_keys=True))
     writer.add_string(f"{LP_KEY}.blocks", json.dumps(blocks))
     if heal is not None:
@@ -347,8 +350,9 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
         raise LPError(f"GGUF type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}", "pass e.g. --gguf-type f16")
     blocks = plan.blocks()
     tensors = all_output_tensors(arch, config, store, blocks, torch.float32)  # rounded once, when stored
+    content = content_digest(arch, store)
     if heal is not None:
-        tensors = healed(tensors, heal, plan, fingerprint, content_digest(arch, store), torch.float32)
+        tensors = healed(tensors, heal, plan, fingerprint, content, torch.float32)
     layout = gguf_tensors(tensors, config, blocks)
     types = {t.name: storage_type(t.name, t.shape, gguf_type) for t in layout}
     total = sum(stored_bytes(t.shape, types[t.name]) for t in layout)
@@ -375,7 +379,7 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
         progress(0, total)
     with sigterm_as_interrupt(), atomic_output_file(Path(out)) as tmp, one_torch_thread():
         writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
-        _provenance(writer, source.name, plan, blocks, heal)
+        _provenance(writer, source.name, plan, blocks, heal, content)
         rope_freqs = write_metadata(writer, config, blocks, file_types[gguf_type], context)
         write_vocabulary(writer, source, config.vocab_size)
         if rope_freqs is not None:

@@ -1,7 +1,9 @@
 """Running a GGUF in llama.cpp, through llama-cpp-python (the optional extra `lpconvert[llamacpp]`).
 
 Used to check a GGUF export against the same model in transformers (tests, scripts/gguf_bench.py)
-and to measure it where people run it. `exact=True` asks llama.cpp for what the comparison needs:
+and to measure it where people run it: `GgufModel` is an lpconvert GGUF export as eval and bench
+take a model (its provenance from the file's lpconvert.* metadata, a model whose forward and greedy
+generate run in llama.cpp). `exact=True` asks llama.cpp for what the comparison needs:
 a float32 KV cache and no flash attention (the default f16 cache and flash attention each cost
 about 1e-3 relative on the logits, on an unpaired model as much as on a paired one).
 """
@@ -9,10 +11,13 @@ about 1e-3 relative on the logits, on an unpaired model as much as on a paired o
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -98,3 +103,86 @@ def nll(llm, ids: list[int]) -> tuple[float, int]:
     log_z = np.log(np.exp(scores - peak).sum(-1)) + peak[:, 0]
     targets = np.asarray(ids[1:])
     return float((log_z - scores[np.arange(len(targets)), targets]).sum()), len(targets)
+
+
+# ----------------------------------------------------------------------------------------------
+# An exported GGUF as eval and bench take a model
+
+
+def is_exported_gguf(name: str | Path) -> bool:
+    """A .gguf file that lpconvert's GGUF export wrote (transformers can't load its deci architecture)."""
+    from .outputs import written_gguf
+
+    path = Path(name).expanduser()
+    return path.suffix.lower() == ".gguf" and path.is_file() and written_gguf(path)
+
+
+class LlamaCppLM:
+    """A llama.cpp model with the two calls eval and bench make of a transformers one: a forward that
+    returns `.logits` and a greedy `generate`. Rows of a batch run one after another."""
+
+    def __init__(self, path: Path, n_ctx: int, vocab_size: int, n_threads: int | None = None):
+        self._closing = contextlib.ExitStack()
+        self.llm = self._closing.enter_context(open_gguf(path, n_ctx=n_ctx, exact=False, logits_all=True,
+                                                         n_threads=n_threads))
+        self.config = SimpleNamespace(vocab_size=vocab_size)
+
+    def close(self) -> None:
+        self._closing.close()
+
+    def __call__(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep: int = 0, **_):
+        import torch
+
+        rows = [torch.from_numpy(logits(self.llm, row.tolist())) for row in input_ids]
+        out = torch.stack(rows)
+        return SimpleNamespace(logits=out[:, -logits_to_keep:] if logits_to_keep else out)
+
+    def generate(self, input_ids, max_new_tokens: int, min_new_tokens: int = 0, attention_mask=None, **_):
+        """Greedy; stops at the end-of-text token once min_new_tokens are out (as transformers does)."""
+        import torch
+
+        rows = []
+        for row in input_ids:
+            ids = row.tolist()
+            self.llm.reset()
+            self.llm.eval(ids)
+            new = []
+            while len(new) < max_new_tokens:
+                token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+                new.append(token)
+                if token == self.llm.token_eos() and len(new) >= min_new_tokens:
+                    break
+                self.llm.eval([token])
+            rows.append(torch.tensor(ids + new))
+        return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+
+
+@dataclass
+class GgufModel:
+    """An lpconvert GGUF export, as eval and bench take a model source."""
+
+    name: str
+    path: Path
+    config: SimpleNamespace
+    kind: str = "llama.cpp"
+    tokenizer_path: Path | None = None  # the tokenizer is inside the file; the source's is used
+    n_threads: int | None = None
+
+    def load_model(self, dtype=None, device: str = "cpu", **_) -> LlamaCppLM:
+        return LlamaCppLM(self.path, self.config.max_position_embeddings, self.config.vocab_size, self.n_threads)
+
+
+def open_exported_gguf(name: str) -> GgufModel:
+    """An lpconvert GGUF export (is_exported_gguf), its provenance read from its metadata."""
+    check_installed()
+    path = Path(name).expanduser()
+    meta = gguf_metadata(path)
+    arch = meta["general.architecture"]
+    plan = json.loads(meta["lpconvert.plan"])
+    lp_source = {"name": meta["lpconvert.source"], "fingerprint": plan["source"]}
+    if "lpconvert.content_sha256" in meta:
+        lp_source["content_sha256"] = meta["lpconvert.content_sha256"]
+    config = SimpleNamespace(model_type=arch, vocab_size=int(meta[f"{arch}.vocab_size"]),
+                             num_hidden_layers=int(meta[f"{arch}.block_count"]),
+                             max_position_embeddings=int(meta[f"{arch}.context_length"]), lp_source=lp_source)
+    return GgufModel(name=name, path=path, config=config)

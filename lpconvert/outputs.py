@@ -94,7 +94,7 @@ WRITTEN_NAMES = re.compile(
     r"model\.safetensors|model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|config\.json|"
     r"configuration_lpconvert\.py|modeling_lpconvert\.py|generation_config\.json|README\.md|"
     r"lpconvert-[\w.-]+\.(json|yaml)|lpconvert-heal\.safetensors|tokenizer\.json|tokenizer_config\.json|special_tokens_map\.json|"
-    r"tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json)")
+    r"tokenizer\.model|vocab\.json|merges\.txt|added_tokens\.json|chat_template\.(jinja|json)|model\.gguf")
 
 
 def written_by_lpconvert(folder: Path) -> bool:

@@ -189,6 +189,12 @@ def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code:
 
 
 def _gguf_source(name: str, folder: Path, gguf_file: str, progress: Progress) -> ModelSource:
+    from .outputs import written_gguf
+
+    if written_gguf(folder / gguf_file):
+        raise LPError(f"{folder / gguf_file} is a GGUF that lpconvert exported for llama.cpp (architecture deci), "
+                      "which transformers cannot load",
+                      "run it in llama.cpp, or give it to lpconvert eval or bench as the converted model")
     if progress:
         progress(f"loading and dequantising {gguf_file}")
     model = _load_gguf_model(folder, gguf_file, torch.float32)

@@ -17,7 +17,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from builders import CHATML, invoke, save_byte_level_model
+from builders import CHATML, QUICK_RECIPE, invoke, save_byte_level_model
 
 from lpconvert.llamacpp import gguf_metadata, greedy, logits, open_gguf
 from lpconvert.sources import resolve_model
@@ -271,3 +271,101 @@ def test_chat_template_of_the_tiny_tokenizer(gguf_models, tmp_path):
     meta = gguf_metadata(gg)
     assert meta["tokenizer.chat_template"] == CHATML
     assert meta["tokenizer.ggml.pre"] == "gpt-2"
+
+
+def test_convert_recipe_writes_the_gguf_too(gguf_models, tiny_models, tmp_path):
+    """export: {format: gguf} in a recipe: OUT holds model.gguf beside the folder export, same plan."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(QUICK_RECIPE + "export: {format: gguf, gguf_type: f32}\n")
+    out = tmp_path / "out"
+    result = invoke("convert", gguf_models["llama"], "-o", out, "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "lpconvert-plan.json").read_text())
+    ids = random_ids(320, seed=3)
+    _, want = transformers_logits(out, ids)
+    with open_gguf(out / "model.gguf", n_ctx=128, logits_all=True, n_threads=2) as llm:
+        assert relative_error(logits(llm, ids), want) < TOLERANCE
+    assert json.loads(gguf_metadata(out / "model.gguf")["lpconvert.plan"])["pairs"] == plan["pairs"]
+    # a tokenizer the GGUF can't carry is refused before any stage runs
+    line = refused(tmp_path, "convert", tiny_models["llama"], "-o", tmp_path / "out2", "--recipe", recipe)
+    assert "byte-level BPE" in line and not (tmp_path / "out2").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# eval and bench run a GGUF in llama.cpp
+
+EVAL_QUICK = ("--text", "news", "--split", "all", "--tokens", "256", "--seq-len", "64", "--device", "cpu",
+              "--dtype", "float32", "--json")
+
+
+def test_eval_runs_a_gguf_in_llama_cpp(gguf_models, tmp_path):
+    """The GGUF's quality, measured in llama.cpp, is the safetensors export's (llama.cpp's default f16
+    KV cache costs a little), and a GGUF of another model is refused as a folder would be."""
+    model = gguf_models["llama"]
+    st, gg = export_both(model, tmp_path, "2")
+    result = invoke("eval", model, gg, *EVAL_QUICK)
+    assert result.exit_code == 0, result.output
+    in_llama = json.loads(result.stdout)
+    in_transformers = json.loads(invoke("eval", model, st, *EVAL_QUICK).stdout)
+    assert in_llama["converted_runs_in"] == "llama.cpp" and in_transformers["converted_runs_in"] == "transformers"
+    assert in_llama["converted_depth"] == 5
+    assert in_llama["perplexity_converted"] == pytest.approx(in_transformers["perplexity_converted"], rel=1e-3)
+    assert in_llama["agreement"] >= in_transformers["agreement"] - 0.02
+    assert in_llama["generation"]["converted"] == in_transformers["generation"]["converted"]
+    line = refused(tmp_path, "eval", gguf_models["qwen2"], gg, *EVAL_QUICK)
+    assert "converted from another model" in line
+    assert "not a GGUF" in refused(tmp_path, "eval", model, gg, "--tasks", "core", "--limit", "2")
+    assert "transformers cannot load" in refused(tmp_path, "inspect", gg)
+
+
+def test_bench_times_two_ggufs(gguf_models, tmp_path):
+    model = gguf_models["llama"]
+    base, converted = tmp_path / "base.gguf", tmp_path / "lp.gguf"
+    assert invoke("export", model, "--pairs", "none", "-o", base).exit_code == 0
+    assert invoke("export", model, "--pairs", "2", "-o", converted).exit_code == 0
+    quick = ("--prompt-len", "8", "--new-tokens", "8", "--warmup", "0", "--repeats", "1")
+    result = invoke("bench", converted, "--baseline", base, *quick, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["device"].startswith("cpu (llama.cpp")
+    assert {row["model"] for row in report["rows"]} == {"baseline", "model"}
+    assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in report["rows"])
+    assert report["speedups"][0]["decode"] > 0
+    assert "across engines" in refused(tmp_path, "bench", converted, "--baseline", model, *quick)
+    assert "one sequence at a time" in refused(tmp_path, "bench", converted, "--batch-size", "2", *quick)
+
+
+def test_healed_gguf_matches_the_healed_folder(gguf_models, tmp_path):
+    """--heal: a heal file's projections land in the GGUF as in the folder. Every healable tensor of
+    both pairs is replaced (the fused q/k/v and gate/up rows too, as distill trains them), so the
+    split and the rope permutation of healed rows are exercised."""
+    from safetensors.torch import load_file
+
+    from lpconvert.export import plan_for_pairs
+    from lpconvert.healfile import HEALED_PARTS, heal_header, tensor_name, write_heal_file
+
+    model = gguf_models["llama-bias"]
+    plain = tmp_path / "plain"
+    assert invoke("export", model, "--pairs", "1,3", "-o", plain).exit_code == 0
+    source = resolve_model(str(model))
+    plan = plan_for_pairs(source, [1, 3])
+    weights = load_file(plain / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    healed = {name: weights[name] * (1 + 0.2 * torch.randn(weights[name].shape, generator=g))
+              for name in (tensor_name(plan, pair, part) for pair in plan.pairs for part in HEALED_PARTS)}
+    header = heal_header(source_name=source.name, fingerprint=plan.source, content_sha256=None, plan=plan,
+                         method="distill", settings={}, calibration={}, heldout={}, pairs=[], perplexity={})
+    heal = tmp_path / "heal.safetensors"
+    write_heal_file(heal, healed, header)
+    (tmp_path / "plan.json").write_text((plain / "lpconvert-plan.json").read_text())
+    st, gg = tmp_path / "healed", tmp_path / "healed.gguf"
+    for out, extra in ((st, ()), (gg, ("--gguf-type", "f32"))):
+        result = invoke("export", model, "--plan", tmp_path / "plan.json", "--heal", heal, "-o", out, *extra)
+        assert result.exit_code == 0, result.output
+    ids = random_ids(320, seed=4)
+    _, want = transformers_logits(st, ids)
+    _, unhealed = transformers_logits(plain, ids)
+    assert relative_error(unhealed, want) > 100 * TOLERANCE  # the heal changed the model
+    with open_gguf(gg, n_ctx=128, logits_all=True, n_threads=2) as llm:
+        assert relative_error(logits(llm, ids), want) < TOLERANCE
+    assert json.loads(gguf_metadata(gg)["lpconvert.heal"])["tensors"] == sorted(healed)

@@ -403,7 +403,8 @@ def export(
                                  plan_name=f"plan {plan}", pairs=wanted, allow_edge_layers=allow_edge_layers)
         if not chosen.pairs:
             progress.end()
-            err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy in lpconvert's format")
+            err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy "
+                      + ("of the source as a deci GGUF (the baseline)" if gguf else "in lpconvert's format"))
         writing = progress.counter("writing weights", "bytes")
         if gguf:
             from ..ggufexport import export_gguf

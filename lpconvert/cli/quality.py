@@ -25,6 +25,7 @@ from .app import (
     app,
     check_output_folder_early,
     err,
+    load_converted,
     load_source,
     out,
     print_json,
@@ -118,7 +119,7 @@ def _text_report(source_model: str, converted_model: str, settings: EvalSettings
 
     with reporter() as progress:
         source = load_source(source_model, trust_remote_code, progress)
-        converted = load_source(converted_model, trust_remote_code, progress)
+        converted = load_converted(converted_model, trust_remote_code, progress)
         return evaluate(source, converted, settings, progress.counter("evaluating both models", "batches"))
 
 
@@ -127,6 +128,10 @@ def _task_report(source_model: str, converted_model: str, settings: TaskSettings
 
     check_installed()  # before loading anything: a missing extra is one line at once
     resolve_tasks(settings.tasks)
+    if converted_model.lower().endswith(".gguf") and Path(converted_model).is_file():
+        raise LPError("--tasks scores models in transformers through lm-evaluation-harness, not a GGUF",
+                      "score the safetensors export of the same plan (lpconvert export ... -o FOLDER), or the GGUF "
+                      "without --tasks")
     with reporter() as progress:
         source = load_source(source_model, trust_remote_code, progress)
         converted = load_source(converted_model, trust_remote_code, progress)
@@ -216,8 +221,8 @@ def bench(
         if random_weights is not None:
             report = bench_random_weights(random_weights, counts, settings, note)
         else:
-            target = load_source(model, trust_remote_code, progress)
-            base = load_source(baseline, trust_remote_code, progress) if baseline is not None else None
+            target = load_converted(model, trust_remote_code, progress)
+            base = load_converted(baseline, trust_remote_code, progress) if baseline is not None else None
             report = bench_models(target, base, settings, note)
     show(report, as_json, bench_table)
 
