@@ -110,7 +110,8 @@ def check_vocabulary(source) -> None:
     model = tokenizer.get("model") or {}
     decoder = (tokenizer.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
-        kind = "SentencePiece-style" if model.get("byte_fallback") else f"{model.get('type')} ({decoder} decoder)"
+        kind = ("SentencePiece-style (BPE with byte fallback)" if model.get("byte_fallback")
+                else f"{model.get('type')} without byte-level decoding")
         raise LPError(f"the tokenizer is {kind}; lpconvert writes byte-level BPE tokenizers into a GGUF "
                       "(GPT-2, Llama 3, Qwen2, SmolLM)",
                       "export the GGUF from a GGUF of the source model (lpconvert reads .gguf), or the safetensors format")

@@ -58,7 +58,7 @@ FROM_COMMAND_TESTS = {
 
 # Cases added with a later stage, by the start of their name: the issue that added the stage.
 ADDED_WITH = {"16": ("heal_", "export_heal_", "recipe_heal_"), "13": ("tasks_", "recipe_tasks_"),
-              "14": ("gguf_", "recipe_gguf_")}
+              "14": ("export_gguf_", "recipe_gguf_")}
 
 
 def _issue(name: str, number: int | None) -> str:

@@ -854,31 +854,31 @@ def _gguf(t, p, arch="llama", *extra):
     return ["export", str(t[arch]), "--pairs", "2", "-o", str(p / "out.gguf"), *extra]
 
 
-def case_gguf_qk_norms(t, p):
+def case_export_gguf_qk_norms(t, p):
     return _gguf(t, p, "qwen3"), "Qwen3 normalises q and k per head, which llama.cpp's deci architecture has no tensors for"
 
 
-def case_gguf_tokenizer_not_byte_level(t, p):
+def case_export_gguf_tokenizer_not_byte_level(t, p):
     return _gguf(t, p), "lpconvert writes byte-level BPE tokenizers into a GGUF"
 
 
-def case_gguf_dtype_option(t, p):
+def case_export_gguf_dtype_option(t, p):
     return _gguf(t, p, "llama", "--dtype", "float16"), "--dtype applies to the safetensors format"
 
 
-def case_gguf_type_for_a_folder(t, p):
+def case_export_gguf_type_for_a_folder(t, p):
     return _export(t["llama"], p, "--pairs", "2", "--gguf-type", "q8_0"), "--gguf-type applies to a GGUF export"
 
 
-def case_gguf_type_unknown(t, p):
+def case_export_gguf_type_unknown(t, p):
     return _gguf(t, p, "llama", "--gguf-type", "q4_k"), "--gguf-type"
 
 
-def case_gguf_path_without_suffix(t, p):
+def case_export_gguf_path_without_suffix(t, p):
     return _export(t["llama"], p, "--pairs", "2", "--format", "gguf"), "does not end in .gguf"
 
 
-def case_gguf_overwrite_of_a_foreign_file(t, p):
+def case_export_gguf_overwrite_of_a_foreign_file(t, p):
     (p / "out.gguf").write_bytes(b"GGUF not ours")
     return _gguf(t, p, "llama", "--overwrite"), "was not written by lpconvert, so --overwrite will not replace it"
 
