@@ -1,6 +1,7 @@
 """GGUF benchmark: SmolLM2-135M and its conversions in llama.cpp (llama-cpp-python), on this machine.
 
-Every model is made the way a user makes it (`lpconvert export ... -o FILE.gguf`), then, in one run:
+Every model is made the way a user makes it (`lpconvert export ... -o FILE.gguf`; the healed row with
+`lpconvert heal` first), then, in one run:
 
 - decode speed: tokens/s generating NEW tokens one at a time after a short prompt, every model in turn,
   ROUNDS times (interleaved, so drift in the machine's speed hits every model alike); the median;
@@ -12,7 +13,7 @@ llama.cpp runs as people run it: its default f16 KV cache, flash attention as it
 thread count for every model. OMP_WAIT_POLICY=PASSIVE stops OpenMP's spin-waiting, which on 2 busy
 cores makes decode times erratic.
 
-    .venv/bin/python scripts/gguf_bench.py                        # the table in docs/benchmarks.md
+    .venv/bin/python scripts/gguf_bench.py                        # the table in docs/benchmarks.md (about 15 min)
     .venv/bin/python scripts/gguf_bench.py --rounds 2 --windows 2 # a quick look
 """
 
@@ -41,7 +42,9 @@ from lpconvert.llamacpp import decode_seconds, nll, open_gguf  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402
 
-ROWS = {"30 (source)": [], "27/search": PLANS[(27, "search")], "25/search": PLANS[(25, "search")]}
+# row -> (pairs, heal method or None): the source, the default plans at 27 and 25 blocks, and 25 healed (lsq)
+ROWS = {"30 (source)": ([], None), "27/search": (PLANS[(27, "search")], None),
+        "25/search": (PLANS[(25, "search")], None), "25/search + lsq": (PLANS[(25, "search")], "lsq")}
 TYPES = ("f16", "q8_0")
 SEQ_LEN = 512
 
@@ -59,14 +62,22 @@ def lpconvert(*arguments: str) -> None:
 def export_all(folder: Path) -> dict:
     """Row -> {"folder": safetensors export, TYPE: GGUF path}."""
     made = {}
-    for row, pairs in ROWS.items():
-        name = row.split()[0].replace("/", "-")
+    for row, (pairs, method) in ROWS.items():
+        name = row.split()[0].replace("/", "-") + (f"-{method}" if method else "")
         spec = ",".join(map(str, pairs)) or "none"
         made[row] = {"folder": folder / name}
         lpconvert("export", "smollm2-135m", "--pairs", spec, "-o", str(folder / name))
+        pairs_or_plan = ["--pairs", spec]
+        if method:  # heal the plan of the plain export, then export it healed, as a user would
+            plan, heal = folder / f"{name}-plan.json", folder / f"{name}-heal.safetensors"
+            plan.write_text((folder / name / "lpconvert-plan.json").read_text())
+            lpconvert("heal", "smollm2-135m", "--plan", str(plan), "--method", method, "-o", str(heal))
+            pairs_or_plan = ["--plan", str(plan), "--heal", str(heal)]
+            made[row]["folder"] = folder / f"{name}-healed"
+            lpconvert("export", "smollm2-135m", *pairs_or_plan, "-o", str(made[row]["folder"]))
         for kind in TYPES:
             made[row][kind] = folder / f"{name}-{kind}.gguf"
-            lpconvert("export", "smollm2-135m", "--pairs", spec, "-o", str(made[row][kind]), "--gguf-type", kind)
+            lpconvert("export", "smollm2-135m", *pairs_or_plan, "-o", str(made[row][kind]), "--gguf-type", kind)
     return made
 
 
@@ -98,7 +109,7 @@ def prefill_seconds(llm, ids: list[int]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--windows", type=int, default=16, help="held-out news windows of 512 tokens")
     parser.add_argument("--threads", type=int, default=2)
@@ -111,7 +122,8 @@ def main() -> None:
     prompt = windows[0, :64].tolist()
     with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
         made = export_all(Path(tmp))
-        results = {row: {"blocks": 30 - len(ROWS[row]), "pairs": ROWS[row]} for row in ROWS}
+        results = {row: {"blocks": 30 - len(pairs), "pairs": pairs, "heal": method}
+                   for row, (pairs, method) in ROWS.items()}
         for row in ROWS:
             log(f"transformers perplexity: {row}")
             results[row]["ppl_transformers"] = transformers_perplexity(made[row]["folder"], windows)
@@ -156,14 +168,16 @@ def main() -> None:
 
 def table(report: dict) -> str:
     base = report["rows"]["30 (source)"]
-    lines = ["| model | blocks | GGUF | size | decode tok/s | vs source | prefill tok/s | vs source | "
-             "ppl llama.cpp | ppl transformers (f32) |",
+    lines = ["| model | blocks | GGUF | size | decode tok/s (min-max) | vs source | prefill tok/s (min-max) | "
+             "vs source | ppl llama.cpp | ppl transformers (f32) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row, r in report["rows"].items():
         for kind in TYPES:
             g, b = r[kind], base[kind]
-            lines.append(f"| {row} | {r['blocks']} | {kind} | {g['bytes'] / 1e6:.0f} MB | {g['decode_tok_s']:.1f} | "
-                         f"{g['decode_tok_s'] / b['decode_tok_s']:.3f}x | {g['prefill_tok_s']:.0f} | "
+            lines.append(f"| {row} | {r['blocks']} | {kind} | {g['bytes'] / 1e6:.0f} MB | {g['decode_tok_s']:.1f} "
+                         f"({min(g['decode_runs']):.1f}-{max(g['decode_runs']):.1f}) | "
+                         f"{g['decode_tok_s'] / b['decode_tok_s']:.3f}x | {g['prefill_tok_s']:.0f} "
+                         f"({min(g['prefill_runs']):.0f}-{max(g['prefill_runs']):.0f}) | "
                          f"{g['prefill_tok_s'] / b['prefill_tok_s']:.3f}x | {g['ppl_llama_cpp']:.3f} | "
                          f"{r['ppl_transformers']:.3f} |")
     return "\n".join(lines)
