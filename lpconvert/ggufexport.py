@@ -9,8 +9,8 @@ The tensors are the export's own (blocks.all_output_tensors, built in float32 an
 the GGUF type), renamed and split the way llama.cpp's converter writes a Llama: the fused q/k/v
 rows become attn_q, attn_k and attn_v, the q and k rows permuted per head for GGML's rope, and
 gate_up becomes ffn_gate and ffn_up. They stream: the header (every tensor's name, shape and type)
-is written first, then each tensor in row chunks, so memory stays at a chunk or two whatever the
-model size; the file is written beside OUT and renamed into place at the end.
+is written first, then each tensor in row chunks of about 16 MB (blocks.CHUNK_BYTES), so memory
+stays at a few chunks whatever the model size; the file is written beside OUT and renamed into place at the end.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from . import __version__
 from .archs import Architecture, architecture_for
 from .blocks import (
+    CHUNK_BYTES,
     all_output_tensors,
     check_config_matches_weights,
     check_float_weights,
@@ -285,9 +286,11 @@ def _float_rows(tensor: OutputTensor) -> Iterator[torch.Tensor]:
         yield piece.reshape(-1, *shape[1:]) if len(shape) > 1 else piece.reshape(-1)
 
 
-def _rechunked(chunks: Iterator[torch.Tensor], bounds: list[int], unit: dict[int, int]) -> Iterator[tuple[int, torch.Tensor]]:
+def _rechunked(chunks: Iterator[torch.Tensor], bounds: list[int], unit: dict[int, int],
+               limit_rows: int) -> Iterator[tuple[int, torch.Tensor]]:
     """(part index, rows) for parts cut at `bounds` from a stream of row chunks, each piece a whole
-    number of `unit[part]` rows (a head, for a part whose rows are permuted per head)."""
+    number of `unit[part]` rows (a head, for a part whose rows are permuted per head) and, unless a
+    part ends sooner, at least `limit_rows` rows (about CHUNK_BYTES)."""
     part, pending, pending_rows, row = 0, [], 0, 0
     for chunk in chunks:
         offset = 0
@@ -298,7 +301,7 @@ def _rechunked(chunks: Iterator[torch.Tensor], bounds: list[int], unit: dict[int
             offset += take
             row += take
             whole = pending_rows - pending_rows % unit.get(part, 1)
-            if row == bounds[part + 1] or whole >= 4096:
+            if row == bounds[part + 1] or (whole and whole >= limit_rows):
                 rows = torch.cat(pending) if len(pending) > 1 else pending[0]
                 yield part, rows[:whole] if row != bounds[part + 1] else rows
                 rest = rows[whole:] if row != bounds[part + 1] else rows[:0]
@@ -313,7 +316,9 @@ def tensor_data(group: list[GgufTensor], head_dim: int) -> Iterator[tuple[GgufTe
     """(GGUF tensor, float32 rows ready to store) for the GGUF tensors cut from one export tensor."""
     bounds = [group[0].start] + [t.stop for t in group]
     unit = {i: head_dim for i, t in enumerate(group) if t.rope_heads}
-    for index, rows in _rechunked(_float_rows(group[0].source), bounds, unit):
+    row_bytes = 4 * int(np.prod(group[0].shape[1:], dtype=np.int64))  # float32 rows
+    limit_rows = max(1, CHUNK_BYTES // row_bytes)
+    for index, rows in _rechunked(_float_rows(group[0].source), bounds, unit, limit_rows):
         tensor = group[index]
         if tensor.rope_heads:
             rows = rope_permuted(rows, rows.shape[0] // head_dim)

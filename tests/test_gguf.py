@@ -369,3 +369,34 @@ def test_healed_gguf_matches_the_healed_folder(gguf_models, tmp_path):
     with open_gguf(gg, n_ctx=128, logits_all=True, n_threads=2) as llm:
         assert relative_error(logits(llm, ids), want) < TOLERANCE
     assert json.loads(gguf_metadata(gg)["lpconvert.heal"])["tensors"] == sorted(healed)
+
+
+def test_small_chunks_write_the_same_file(gguf_models, tmp_path, monkeypatch):
+    """Streaming in chunks of a few rows (cut at part boundaries and whole heads) gives the very bytes
+    that one chunk per tensor gives."""
+    import lpconvert.blocks as blocks
+    import lpconvert.ggufexport as ggufexport
+    from lpconvert.export import plan_for_pairs
+
+    source = resolve_model(str(gguf_models["llama-bias"]))
+    plan = plan_for_pairs(source, [0, 2])
+    for name, chunk in (("large", 1 << 30), ("small", 200)):
+        monkeypatch.setattr(blocks, "CHUNK_BYTES", chunk)
+        monkeypatch.setattr(ggufexport, "CHUNK_BYTES", chunk)
+        ggufexport.export_gguf(source, plan, tmp_path / f"{name}.gguf", gguf_type="q8_0")
+    assert (tmp_path / "small.gguf").read_bytes() == (tmp_path / "large.gguf").read_bytes()
+
+
+def test_rechunked_cuts_at_bounds_and_whole_heads():
+    from lpconvert.ggufexport import _rechunked
+
+    rows = torch.arange(40, dtype=torch.float32)[:, None].repeat(1, 2)
+    chunks = [rows[:3], rows[3:11], rows[11:12], rows[12:40]]
+    pieces = list(_rechunked(iter(chunks), [0, 16, 32, 40], {0: 4, 1: 4}, limit_rows=5))
+    assert torch.equal(torch.cat([p for _, p in pieces]), rows)
+    starts = 0
+    for part, piece in pieces:
+        assert [0, 16, 32, 40][part] <= starts and starts + piece.shape[0] <= [0, 16, 32, 40][part + 1]
+        if part < 2:
+            assert piece.shape[0] % 4 == 0
+        starts += piece.shape[0]
