@@ -209,6 +209,8 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
     if ggufs:
         _check_gguf_bench(target, baseline, ggufs, settings)
         device = "cpu"  # where the prompts are drawn; llama.cpp runs on the CPU threads it is given
+        for gguf in ggufs:
+            gguf.all_logits = False  # a timed prefill computes the last position's logits only, as in transformers
     for checked in (target, baseline):
         if checked is not None:
             check_positions(checked.name, checked.config, settings.prompt_len + settings.new_tokens,
@@ -226,6 +228,10 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
         model.close()
     report = _report(rows, "baseline", settings, device, random_weights=None, model=target.name,
                      baseline=None if baseline is None else baseline.name)
-    if ggufs:
+    if ggufs:  # the weights' type is the file's, and there is one way to run it
         report["device"] = f"cpu (llama.cpp, {os.cpu_count()} threads)"
+        report["settings"]["dtype"] = "as stored in the GGUF"
+        for row in rows:
+            row["mode"] = "llama.cpp"
+        report["speedups"] = speedups(rows, "baseline")
     return report

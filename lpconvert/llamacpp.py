@@ -121,19 +121,41 @@ class LlamaCppLM:
     """A llama.cpp model with the two calls eval and bench make of a transformers one: a forward that
     returns `.logits` and a greedy `generate`. Rows of a batch run one after another."""
 
-    def __init__(self, path: Path, n_ctx: int, vocab_size: int, n_threads: int | None = None):
-        self._closing = contextlib.ExitStack()
-        self.llm = self._closing.enter_context(open_gguf(path, n_ctx=n_ctx, exact=False, logits_all=True,
-                                                         n_threads=n_threads))
+    def __init__(self, path: Path, max_positions: int, vocab_size: int, n_threads: int | None = None,
+                 all_logits: bool = True):
+        self.path, self.max_positions, self.n_threads = path, max_positions, n_threads
+        self.all_logits = all_logits  # False: only the last position's (bench: a prefill computes no others)
         self.config = SimpleNamespace(vocab_size=vocab_size)
+        self._closing, self.llm, self.n_ctx = contextlib.ExitStack(), None, 0
+
+    def _ready(self, tokens: int):
+        """The model opened with room for `tokens` positions. llama-cpp-python keeps n_ctx x vocab logits
+        (200 MB at 1024 x 49k), so the context grows to what the calls need, not the model's maximum."""
+        if tokens > self.n_ctx:
+            self.close()
+            self.n_ctx = min(self.max_positions, max(1024, 1 << (tokens - 1).bit_length()))
+            self.llm = self._closing.enter_context(open_gguf(self.path, n_ctx=self.n_ctx, exact=False,
+                                                             logits_all=self.all_logits, n_threads=self.n_threads))
+        return self.llm
 
     def close(self) -> None:
         self._closing.close()
+        self.llm, self.n_ctx = None, 0
 
     def __call__(self, input_ids, attention_mask=None, use_cache=None, logits_to_keep: int = 0, **_):
         import torch
 
-        rows = [torch.from_numpy(logits(self.llm, row.tolist())) for row in input_ids]
+        llm = self._ready(input_ids.shape[1])
+        if not self.all_logits:
+            if logits_to_keep != 1:
+                raise ValueError("opened without all logits: call with logits_to_keep=1")
+            rows = []
+            for row in input_ids:
+                llm.reset()
+                llm.eval(row.tolist())
+                rows.append(torch.from_numpy(np.array(llm.scores[llm.n_tokens - 1: llm.n_tokens], dtype=np.float32)))
+            return SimpleNamespace(logits=torch.stack(rows))
+        rows = [torch.from_numpy(logits(llm, row.tolist())) for row in input_ids]
         out = torch.stack(rows)
         return SimpleNamespace(logits=out[:, -logits_to_keep:] if logits_to_keep else out)
 
@@ -141,18 +163,19 @@ class LlamaCppLM:
         """Greedy; stops at the end-of-text token once min_new_tokens are out (as transformers does)."""
         import torch
 
+        llm = self._ready(input_ids.shape[1] + max_new_tokens)
         rows = []
         for row in input_ids:
             ids = row.tolist()
-            self.llm.reset()
-            self.llm.eval(ids)
+            llm.reset()
+            llm.eval(ids)
             new = []
             while len(new) < max_new_tokens:
-                token = int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
                 new.append(token)
-                if token == self.llm.token_eos() and len(new) >= min_new_tokens:
+                if token == llm.token_eos() and len(new) >= min_new_tokens:
                     break
-                self.llm.eval([token])
+                llm.eval([token])
             rows.append(torch.tensor(ids + new))
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
@@ -167,9 +190,11 @@ class GgufModel:
     kind: str = "llama.cpp"
     tokenizer_path: Path | None = None  # the tokenizer is inside the file; the source's is used
     n_threads: int | None = None
+    all_logits: bool = True  # bench sets False: it reads the last position's logits only
 
     def load_model(self, dtype=None, device: str = "cpu", **_) -> LlamaCppLM:
-        return LlamaCppLM(self.path, self.config.max_position_embeddings, self.config.vocab_size, self.n_threads)
+        return LlamaCppLM(self.path, self.config.max_position_embeddings, self.config.vocab_size, self.n_threads,
+                          self.all_logits)
 
 
 def open_exported_gguf(name: str) -> GgufModel:

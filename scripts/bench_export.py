@@ -7,6 +7,7 @@ pending, the source read into the page cache), and prints a table and JSON.
 
     python scripts/bench_export.py                      # about 1 GB, bf16, 20 layers, 8 pairs
     python scripts/bench_export.py --shape llama2-7b    # 13.5 GB, 32 layers
+    python scripts/bench_export.py --gguf q8_0          # the same, exported as one GGUF (ggufexport.py)
 Targets (issue 3): time <= 1.5x cp, peak RSS <= 1.5 GB whatever the model size.
 """
 
@@ -98,13 +99,23 @@ def timed_sync() -> float:
 
 
 def timed_child(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+    """Wall seconds and peak RSS (bytes) of one child process.
+
+    The peak comes from GNU time (`-f %M`) when it is installed: a child forked from this script starts
+    with this script's memory, and Linux keeps that high-water mark across exec, so the child's own
+    ru_maxrss would report this script's peak (building the random checkpoint) when it is the larger.
+    """
+    gnu_time = Path("/usr/bin/time")
+    measured = [str(gnu_time), "-f", "%M", *cmd] if gnu_time.exists() else cmd
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(measured, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
+    stderr = proc.stderr.read().decode()
     if status != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr.read().decode()[-2000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
+    if gnu_time.exists():
+        return seconds, int(stderr.strip().splitlines()[-1]) * 1024
     return seconds, usage.ru_maxrss * 1024
 
 
@@ -116,9 +127,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the random source here and reuse it on the next run (else a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--gguf", choices=("f32", "f16", "bf16", "q8_0"), default=None,
+                        help="export one GGUF of this type instead of the safetensors folder (the source gets "
+                             "SmolLM2's tokenizer, and its vocabulary size)")
     args = parser.parse_args()
 
-    shape = SHAPES[args.shape]
+    shape = dict(SHAPES[args.shape], **({"vocab_size": 49152} if args.gguf else {}))
     layers = shape["num_hidden_layers"]
     first = (layers - 2 * args.pairs) // 2  # pairs in the middle of the stack
     pairs = ",".join(str(first + 2 * k) for k in range(args.pairs))
@@ -128,6 +142,11 @@ def main() -> None:
         if not (source / "config.json").exists():
             print(f"building a random {args.shape} checkpoint in {source} ...", flush=True)
             random_checkpoint(source, shape)
+            if args.gguf:  # a GGUF carries its tokenizer
+                from lpconvert.sources import resolve_model
+
+                for name in ("tokenizer.json", "tokenizer_config.json"):
+                    shutil.copy2(resolve_model("smollm2-135m").path / name, source / name)
         size = sum(p.stat().st_size for p in source.iterdir())
         cp_times, export_times, rss, cp_synced, export_synced = [], [], [], [], []
         for _ in range(args.repeats):
@@ -135,13 +154,15 @@ def main() -> None:
             cp_times.append(timed_child(["cp", "-r", str(source), str(copy)])[0])
             cp_synced.append(cp_times[-1] + timed_sync())
             same_start(source, copy, out)
+            target = ["-o", str(out) + ".gguf", "--gguf-type", args.gguf] if args.gguf else ["-o", str(out)]
             seconds, peak = timed_child([sys.executable, "-m", "lpconvert", "export", str(source), "--pairs", pairs,
-                                         "-o", str(out), "--overwrite", "--json"])
+                                         *target, "--overwrite", "--json"])
+            Path(str(out) + ".gguf").unlink(missing_ok=True)
             export_times.append(seconds)
             export_synced.append(seconds + timed_sync())
             rss.append(peak)
         result = {
-            "shape": args.shape, "checkpoint_bytes": size, "pairs": pairs,
+            "shape": args.shape, "checkpoint_bytes": size, "pairs": pairs, "gguf": args.gguf,
             "cp_seconds": min(cp_times), "export_seconds": min(export_times),
             "cp_runs": [round(t, 2) for t in cp_times], "export_runs": [round(t, 2) for t in export_times],
             # The same runs until their data is on disk (the command, then `sync`): no dirty-page head start.
