@@ -252,6 +252,50 @@ eval: {text: news, split: all, tokens: 256, seq_len: 64, device: cpu, new_tokens
 
 
 # ----------------------------------------------------------------------------------------------
+# Interrupting a writer
+
+
+def slow_export_script(model: Path, call: str) -> str:
+    """Python that exports MODEL (pairs 1 and 3) with `call` (on `source` and `plan`), reading tiny pieces slowly,
+    so that a signal lands while it writes."""
+    return f"""
+import time
+import lpconvert.blocks as blocks
+from lpconvert.export import export, plan_for_pairs, Path
+from lpconvert.ggufexport import export_gguf
+from lpconvert.sources import resolve_model
+blocks.CHUNK_BYTES = 256  # many small pieces ...
+source = resolve_model({str(model)!r})
+real = source.store.read_rows
+source.store.read_rows = lambda *a: (time.sleep(0.02), real(*a))[1]  # ... each slow to read
+plan = plan_for_pairs(source, [1, 3])
+{call}
+"""
+
+
+def interrupt_while_writing(script: str, folder: Path, temporary_prefix: str, signal_name: str) -> int:
+    """Run SCRIPT, send it SIGNAL_NAME once a temporary entry named TEMPORARY_PREFIX... appears in FOLDER;
+    return its exit code."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    # A shell that starts jobs in the background (nohup, `&`) makes them ignore SIGINT, and Python then
+    # keeps ignoring it: give the child the default disposition so Ctrl-C reaches it as it would a user's.
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while not any(p.name.startswith(temporary_prefix) for p in folder.iterdir()):
+        assert time.time() < deadline and proc.poll() is None, "the export did not start writing"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    proc.send_signal(getattr(signal, signal_name))
+    proc.wait(timeout=60)
+    return proc.returncode
+
+
+# ----------------------------------------------------------------------------------------------
 # The command line
 
 

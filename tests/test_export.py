@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import interrupt_while_writing, slow_export_script
 from reference import reference_logits
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
@@ -386,31 +387,7 @@ def test_16bit_fold_fast_path_equals_float32_fold(dtype):
 
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_interrupted_export_leaves_nothing(signal_name, tiny_models, tmp_path):
-    import signal
-    import time
-
     out = tmp_path / "out"
-    script = f"""
-import time
-import lpconvert.blocks as blocks
-import lpconvert.export as ex
-from lpconvert.sources import resolve_model
-blocks.CHUNK_BYTES = 256  # many small pieces ...
-source = resolve_model({str(tiny_models["llama"])!r})
-real = source.store.read_rows
-source.store.read_rows = lambda *a: (time.sleep(0.02), real(*a))[1]  # ... each slow to read
-ex.export(source, ex.plan_for_pairs(source, [1, 3]), ex.Path({str(out)!r}))
-"""
-    # A shell that starts jobs in the background (nohup, `&`) makes them ignore SIGINT, and Python then
-    # keeps ignoring it: give the child the default disposition so Ctrl-C reaches it as it would a user's.
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 60
-    while not any(p.name.startswith(".out.lpconvert-tmp-") for p in tmp_path.iterdir()):
-        assert time.time() < deadline and proc.poll() is None, "export did not start writing"
-        time.sleep(0.1)
-    time.sleep(0.3)
-    proc.send_signal(getattr(signal, signal_name))
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
+    script = slow_export_script(tiny_models["llama"], f"export(source, plan, Path({str(out)!r}))")
+    assert interrupt_while_writing(script, tmp_path, ".out.lpconvert-tmp-", signal_name) != 0
     assert list(tmp_path.iterdir()) == [], "an interrupted export left files behind"

@@ -9,15 +9,18 @@ the order of float32 summation differences between two engines).
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import torch
-from builders import CHATML, QUICK_RECIPE, invoke, save_byte_level_model
+from builders import (
+    CHATML,
+    QUICK_RECIPE,
+    interrupt_while_writing,
+    invoke,
+    save_byte_level_model,
+    slow_export_script,
+)
 
 from lpconvert.llamacpp import gguf_metadata, greedy, logits, open_gguf
 from lpconvert.sources import resolve_model
@@ -240,28 +243,8 @@ def test_overwrite_only_replaces_an_lpconvert_gguf(gguf_models, tmp_path):
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
 def test_interrupted_gguf_export_leaves_nothing(signal_name, gguf_models, tmp_path):
     out = tmp_path / "out.gguf"
-    script = f"""
-import time
-import lpconvert.blocks as blocks
-from lpconvert.export import plan_for_pairs
-from lpconvert.ggufexport import export_gguf
-from lpconvert.sources import resolve_model
-blocks.CHUNK_BYTES = 256  # many small pieces ...
-source = resolve_model({str(gguf_models["llama"])!r})
-real = source.store.read_rows
-source.store.read_rows = lambda *a: (time.sleep(0.02), real(*a))[1]  # ... each slow to read
-export_gguf(source, plan_for_pairs(source, [1, 3]), {str(out)!r}, gguf_type="f32")
-"""
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 60
-    while not any(p.name.startswith(".out.gguf.") for p in tmp_path.iterdir()):
-        assert time.time() < deadline and proc.poll() is None, "export did not start writing"
-        time.sleep(0.1)
-    time.sleep(0.3)
-    proc.send_signal(getattr(signal, signal_name))
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
+    script = slow_export_script(gguf_models["llama"], f"export_gguf(source, plan, {str(out)!r}, gguf_type='f32')")
+    assert interrupt_while_writing(script, tmp_path, ".out.gguf.", signal_name) != 0
     assert list(tmp_path.iterdir()) == [], "an interrupted GGUF export left files behind"
 
 
