@@ -192,8 +192,17 @@ def written_gguf(path: Path) -> bool:
 def check_output_gguf(path: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
     """Refuse a GGUF output path that can't be written, or whose file would be lost if it were."""
     path = Path(path)
-    if path.suffix.lower() != ".gguf":
-        raise LPError(f"output {path} does not end in .gguf", f"name the file, e.g. -o {path.with_suffix('.gguf').name}")
+    if not path.name.lower().endswith(".gguf"):
+        raise LPError(f"output {path} does not end in .gguf", f"name the file, e.g. -o {path.name or 'model'}.gguf")
+    if path.is_dir():
+        raise LPError(f"output {path} is a folder", f"give a file path such as {path / 'model.gguf'}")
+    protect = list(protect)
+    try:
+        overlap = _overlap(path, protect)
+    except OSError as exc:
+        raise _os_problem(path, exc) from None
+    if overlap:  # a file inside the model's folder too, as for folder outputs: a Hub cache is no place for it
+        raise LPError(f"output path {path} {overlap}", "write the GGUF outside the source model's folder")
     check_output_file(path, protect)
     if path.is_symlink():
         raise LPError(f"output path {path} is a symbolic link", "give the real path of the file")

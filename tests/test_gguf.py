@@ -383,3 +383,13 @@ def test_rechunked_cuts_at_bounds_and_whole_heads():
         if part < 2:
             assert piece.shape[0] % 4 == 0
         starts += piece.shape[0]
+
+
+def test_gguf_output_inside_the_source_is_refused(gguf_models, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(gguf_models["llama"], model)
+    before = sorted(p.name for p in model.iterdir())
+    assert "lies inside the source model" in refused(tmp_path, "export", model, "--pairs", "2", "-o", model / "lp.gguf")
+    assert sorted(p.name for p in model.iterdir()) == before
