@@ -66,7 +66,8 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow runni
                                         rich_help_panel="Source")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel="Output")]
 OverwriteOpt = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace an existing output folder that lpconvert wrote (never any other folder).",
+    "--overwrite", help="Replace an existing output that lpconvert wrote (a folder, or a .gguf file); never "
+    "anything else.",
     rich_help_panel="Output")]
 AllowEdgeOpt = Annotated[bool, typer.Option(
     "--allow-edge-layers", help="Allow pairing the first or last layer (most damaging).", rich_help_panel="Pairs")]
