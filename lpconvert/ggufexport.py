@@ -21,8 +21,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf.quants import quantize
 
 from . import __version__
 from .archs import Architecture, architecture_for
@@ -196,9 +200,10 @@ def _llama3_rope_factors(rope: dict, head_dim: int) -> np.ndarray:
     return factors.astype(np.float32)
 
 
-def write_metadata(writer, config, blocks: list[list[int]], file_type, context_length: int) -> np.ndarray | None:
+def write_metadata(writer, config, blocks: list[list[int]], gguf_type: str, context_length: int) -> np.ndarray | None:
     """The deci hyperparameters (per-block widths as arrays); returns rope_freqs when the scaling needs it."""
-    import gguf
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type]
 
     widths = block_widths(config, blocks)
     head_dim = head_dim_of(config)
@@ -245,8 +250,6 @@ def _provenance(writer, source_name: str, plan: Plan, blocks: list[list[int]], h
 def storage_type(name: str, shape: tuple[int, ...], wanted: str):
     """The GGML type a tensor is stored in: norms and biases stay float32 (as llama.cpp's converter
     keeps them); a matrix whose rows don't split into q8_0's 32-value blocks falls back to f16."""
-    from gguf import GGMLQuantizationType as T
-
     if len(shape) < 2 or wanted == "f32":
         return T.F32
     if wanted == "q8_0" and shape[-1] % 32:
@@ -255,17 +258,12 @@ def storage_type(name: str, shape: tuple[int, ...], wanted: str):
 
 
 def stored_bytes(shape: tuple[int, ...], qtype) -> int:
-    from gguf import GGML_QUANT_SIZES
-
     block, size = GGML_QUANT_SIZES[qtype]
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * size
 
 
 def encoded(rows: torch.Tensor, qtype) -> np.ndarray:
     """Float32 rows as the bytes of `qtype` (rounded to nearest even, as llama.cpp's converter does)."""
-    from gguf import GGMLQuantizationType as T
-    from gguf.quants import quantize
-
     if qtype == T.F32:
         return rows.numpy()
     if qtype == T.F16:
@@ -339,9 +337,9 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
                 dry_run: bool = False, heal: HealFile | None = None,
                 progress: Callable[[int, int], None] | None = None) -> ExportReport:
     """Write `source` under `plan` as one llama.cpp GGUF file at `out` (atomically)."""
-    import gguf
-
     started = time.perf_counter()
+    if gguf_type not in GGUF_TYPES:
+        raise LPError(f"GGUF type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}", "pass e.g. --gguf-type f16")
     config, store = source.config, source.store
     arch = architecture_for(config)
     check_gguf_exportable(arch, config)
@@ -351,8 +349,6 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
     check_config_matches_weights(arch, config, store)
     check_float_weights(arch, store)
     check_layer_tensors(arch, config, store, config.num_hidden_layers)
-    if gguf_type not in GGUF_TYPES:
-        raise LPError(f"GGUF type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}", "pass e.g. --gguf-type f16")
     blocks = plan.blocks()
     tensors = all_output_tensors(arch, config, store, blocks, torch.float32)  # rounded once, when stored
     content = content_digest(arch, store)
@@ -362,7 +358,6 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
     types = {t.name: storage_type(t.name, t.shape, gguf_type) for t in layout}
     total = sum(stored_bytes(t.shape, types[t.name]) for t in layout)
     window = sliding_window_limit(config)
-    context = min(window, config.max_position_embeddings) if window else config.max_position_embeddings
     report = ExportReport(
         out=str(out), dry_run=dry_run, source=source.name, num_layers=plan.num_layers,
         effective_depth=plan.effective_depth, pairs=[[p, p + 1] for p in plan.pairs], blocks=blocks,
@@ -375,51 +370,51 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
     check_output_gguf(Path(out), overwrite, protected_paths(source))
     if dry_run:
         return report
-
-    file_types = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
-    head_dim = head_dim_of(config)
-    written = 0
-    if progress:
-        progress(0, total)
+    context = min(window, config.max_position_embeddings) if window else config.max_position_embeddings
     with sigterm_as_interrupt(), atomic_output_file(Path(out)) as tmp, one_torch_thread():
         writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
         _provenance(writer, source.name, plan, blocks, heal, content)
-        rope_freqs = write_metadata(writer, config, blocks, file_types[gguf_type], context)
+        rope_freqs = write_metadata(writer, config, blocks, gguf_type, context)
         write_vocabulary(writer, source, config.vocab_size)
-        if rope_freqs is not None:
-            writer.add_tensor_info("rope_freqs.weight", rope_freqs.shape, np.float32, rope_freqs.nbytes)
-        for t in layout:
-            writer.add_tensor_info(t.name, t.shape, np.float32, stored_bytes(t.shape, types[t.name]),
-                                   raw_dtype=types[t.name])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        f = writer.fout[0]
-        if rope_freqs is not None:
-            _write_tensor(writer, f, [rope_freqs])
-        index = 0
-        while index < len(layout):  # the GGUF tensors cut from one export tensor are consecutive
-            group = [layout[index]]
-            while index + len(group) < len(layout) and layout[index + len(group)].source is group[0].source:
-                group.append(layout[index + len(group)])
-            data = tensor_data(group, head_dim)
-            for tensor in group:
-                stored = _write_tensor(writer, f, (encoded(rows, types[tensor.name])
-                                                   for t, rows in _take(data, tensor)))
-                if stored != stored_bytes(tensor.shape, types[tensor.name]):
-                    raise RuntimeError(f"{tensor.name}: wrote {stored} bytes, planned "
-                                       f"{stored_bytes(tensor.shape, types[tensor.name])}")
-                written += stored
-                if progress:
-                    progress(written, total)
-            index += len(group)
+        _write_tensors(writer, layout, types, rope_freqs, head_dim_of(config), progress)
         writer.close()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _take(data: Iterator[tuple[GgufTensor, torch.Tensor]], tensor: GgufTensor) -> Iterator[tuple[GgufTensor, torch.Tensor]]:
+def _write_tensors(writer, layout: list[GgufTensor], types: dict, rope_freqs: np.ndarray | None, head_dim: int,
+                   progress: Callable[[int, int], None] | None) -> None:
+    """The header (metadata, then every tensor's name, shape and type), then each tensor's data in chunks."""
+    if rope_freqs is not None:
+        writer.add_tensor_info("rope_freqs.weight", rope_freqs.shape, np.float32, rope_freqs.nbytes)
+    for t in layout:
+        writer.add_tensor_info(t.name, t.shape, np.float32, stored_bytes(t.shape, types[t.name]), raw_dtype=types[t.name])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    f = writer.fout[0]
+    if rope_freqs is not None:
+        _write_tensor(writer, f, [rope_freqs])
+    total = sum(stored_bytes(t.shape, types[t.name]) for t in layout)
+    written, index = 0, 0
+    if progress:
+        progress(0, total)
+    while index < len(layout):  # the GGUF tensors cut from one export tensor are consecutive
+        group = [layout[index]]
+        while index + len(group) < len(layout) and layout[index + len(group)].source is group[0].source:
+            group.append(layout[index + len(group)])
+        data = tensor_data(group, head_dim)
+        for tensor in group:
+            planned = stored_bytes(tensor.shape, types[tensor.name])
+            stored = _write_tensor(writer, f, (encoded(rows, types[tensor.name]) for rows in _take(data, tensor)))
+            if stored != planned:
+                raise RuntimeError(f"{tensor.name}: wrote {stored} bytes, planned {planned}")
+            written += stored
+            if progress:
+                progress(written, total)
+        index += len(group)
+
+def _take(data: Iterator[tuple[GgufTensor, torch.Tensor]], tensor: GgufTensor) -> Iterator[torch.Tensor]:
     """The chunks of `data` that belong to `tensor` (they come in file order), stopping at its last row."""
     rows = 0
     while rows < tensor.stop - tensor.start:
@@ -427,7 +422,7 @@ def _take(data: Iterator[tuple[GgufTensor, torch.Tensor]], tensor: GgufTensor) -
         if owner is not tensor:
             raise RuntimeError(f"rows of {owner.name} came while writing {tensor.name}")
         rows += chunk.shape[0]
-        yield owner, chunk
+        yield chunk
 
 
 def _write_tensor(writer, f, chunks) -> int:
