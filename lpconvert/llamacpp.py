@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import LPError
 
-INSTALL = "pip install 'lpconvert[llamacpp]' (llama-cpp-python 0.3.36, built from source in about 9 minutes)"
+INSTALL = "pip install 'lpconvert[llamacpp]' (llama-cpp-python 0.3.36, built from source in 5-9 minutes)"
 
 
 def check_installed() -> None:
