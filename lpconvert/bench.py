@@ -11,6 +11,7 @@ device and converts it in memory: how a GPU machine without model files is measu
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -104,14 +105,26 @@ def measure(model, settings: BenchSettings, device: str, label: str,
         for _ in range(settings.repeats):
             first = _time_generate(model, prompt, mask, 1, kwargs, device)
             full = _time_generate(model, prompt, mask, settings.new_tokens + 1, kwargs, device)
-            decode.append(settings.new_tokens * batch / max(full - first, 1e-9))
+            # the difference of two timings: noise can make it nothing or less on a tiny workload
+            decode.append(settings.new_tokens * batch / (full - first) if full > first else math.nan)
             prefills.append(settings.prompt_len * batch / _time_prefill(model, prompt, mask, device))
         rows.append({
             "model": label, "batch": batch, "mode": "compile" if settings.compile else "eager",
-            "decode_tokens_per_s": statistics.median(decode), "decode_spread": [min(decode), max(decode)],
+            "decode_tokens_per_s": _median(decode), "decode_spread": _spread(decode),
             "prefill_tokens_per_s": statistics.median(prefills), "prefill_spread": [min(prefills), max(prefills)],
         })
     return rows
+
+
+def _median(values: list[float]) -> float | None:
+    """The median of the measurable values; None when none was (the JSON stays strict: no NaN)."""
+    measured = [v for v in values if not math.isnan(v)]
+    return statistics.median(measured) if measured else None
+
+
+def _spread(values: list[float]) -> list[float] | None:
+    measured = [v for v in values if not math.isnan(v)]
+    return [min(measured), max(measured)] if measured else None
 
 
 def _time_generate(model, prompt, mask, new_tokens: int, kwargs: dict, device: str) -> float:
@@ -139,9 +152,13 @@ def speedups(rows: list[dict], baseline: str) -> list[dict]:
         ref = base.get((row["batch"], row["mode"]))
         if row["model"] != baseline and ref:
             out.append({"model": row["model"], "baseline": baseline, "batch": row["batch"], "mode": row["mode"],
-                        "decode": row["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
+                        "decode": _ratio(row["decode_tokens_per_s"], ref["decode_tokens_per_s"]),
                         "prefill": row["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]})
     return out
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return value / reference if value is not None and reference else None
 
 
 def settings_json(settings: BenchSettings) -> dict:

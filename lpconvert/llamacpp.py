@@ -45,6 +45,31 @@ def gguf_metadata(path: Path) -> dict:
     return fields
 
 
+# llama.cpp logs a paired model's V-cache padding (every layer padded to the widest layer's width when
+# flash attention is off; docs/gguf.md) at error level: expected here, so not shown.
+_EXPECTED_ERRORS = ("padding V cache",)
+_log_callback = []  # the installed callback, kept alive for as long as llama.cpp may call it
+
+
+def _quiet_llama_logs() -> None:
+    """llama.cpp's messages at error level reach stderr, less the expected ones; nothing else does."""
+    if _log_callback:
+        return
+    import ctypes
+    import sys
+
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, user_data) -> None:
+        message = text.decode("utf-8", "replace")
+        if level == 3 and not any(expected in message for expected in _EXPECTED_ERRORS):
+            sys.stderr.write(message)
+
+    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
+    _log_callback.append(forward)
+
+
 @contextlib.contextmanager
 def open_gguf(path: Path, *, n_ctx: int = 2048, n_threads: int | None = None, exact: bool = True,
               logits_all: bool = False) -> Iterator:
@@ -52,6 +77,7 @@ def open_gguf(path: Path, *, n_ctx: int = 2048, n_threads: int | None = None, ex
     check_installed()
     from llama_cpp import Llama
 
+    _quiet_llama_logs()
     options = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads or os.cpu_count(), verbose=False,
                    logits_all=logits_all)
     if exact:
@@ -127,6 +153,7 @@ class LlamaCppLM:
         self.all_logits = all_logits  # False: only the last position's (bench: a prefill computes no others)
         self.config = SimpleNamespace(vocab_size=vocab_size)
         self._closing, self.llm, self.n_ctx = contextlib.ExitStack(), None, 0
+        self._ready(1)  # loaded now, as a transformers model is by load_model: not inside a timed call
 
     def _ready(self, tokens: int):
         """The model opened with room for `tokens` positions. llama-cpp-python keeps n_ctx x vocab logits
@@ -136,6 +163,8 @@ class LlamaCppLM:
             self.n_ctx = min(self.max_positions, max(1024, 1 << (tokens - 1).bit_length()))
             self.llm = self._closing.enter_context(open_gguf(self.path, n_ctx=self.n_ctx, exact=False,
                                                              logits_all=self.all_logits, n_threads=self.n_threads))
+            self.llm.eval([0])  # llama.cpp allocates its compute buffers on the first call: not in a timed one
+            self.llm.reset()
         return self.llm
 
     def close(self) -> None:

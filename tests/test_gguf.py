@@ -306,13 +306,14 @@ def test_bench_times_two_ggufs(gguf_models, tmp_path):
     base, converted = tmp_path / "base.gguf", tmp_path / "lp.gguf"
     assert invoke("export", model, "--pairs", "none", "-o", base).exit_code == 0
     assert invoke("export", model, "--pairs", "2", "-o", converted).exit_code == 0
-    quick = ("--prompt-len", "8", "--new-tokens", "8", "--warmup", "0", "--repeats", "1")
+    quick = ("--prompt-len", "8", "--new-tokens", "16", "--warmup", "0", "--repeats", "2")
     result = invoke("bench", converted, "--baseline", base, *quick, "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["device"].startswith("cpu (llama.cpp")
     assert {row["model"] for row in report["rows"]} == {"baseline", "model"}
-    assert all(row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0 for row in report["rows"])
+    # no warm-up: the model's first call (llama.cpp allocating its buffers) is made when it loads, untimed
+    assert all(0 < row["decode_tokens_per_s"] < 1e5 and row["prefill_tokens_per_s"] > 0 for row in report["rows"])
     assert report["speedups"][0]["decode"] > 0
     assert "across engines" in refused(tmp_path, "bench", converted, "--baseline", model, *quick)
     assert "one sequence at a time" in refused(tmp_path, "bench", converted, "--batch-size", "2", *quick)
