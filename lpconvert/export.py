@@ -192,6 +192,18 @@ def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint:
     return [replaced(t) if t.name in heal.shapes else t for t in tensors]
 
 
+def checked_source(source, plan: Plan):
+    """(architecture, fingerprint) of a source every export format can read, and that `plan` was made for."""
+    config, store = source.config, source.store
+    arch = architecture_for(config)
+    fingerprint = source_fingerprint(config, store)
+    check_fingerprint(plan.source, fingerprint, "the plan")
+    check_config_matches_weights(arch, config, store)
+    check_float_weights(arch, store)
+    check_layer_tensors(arch, config, store, config.num_hidden_layers)
+    return arch, fingerprint
+
+
 def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size: str = "5GB",
            copy_tokenizer_files: bool = True, overwrite: bool = False, dry_run: bool = False,
            heal: HealFile | None = None, progress: Callable[[int, int], None] | None = None) -> ExportReport:
@@ -202,12 +214,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
     """
     started = time.perf_counter()
     config, store = source.config, source.store
-    arch = architecture_for(config)
-    fingerprint = source_fingerprint(config, store)
-    check_fingerprint(plan.source, fingerprint, "the plan")
-    check_config_matches_weights(arch, config, store)
-    check_float_weights(arch, store)
-    check_layer_tensors(arch, config, store, config.num_hidden_layers)
+    arch, fingerprint = checked_source(source, plan)
     target_dtype = resolve_dtype(dtype, store)
     blocks = plan.blocks()
     content = content_digest(arch, store)

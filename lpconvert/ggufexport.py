@@ -29,20 +29,17 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
 from . import __version__
-from .archs import Architecture, architecture_for
+from .archs import Architecture, config_size
 from .blocks import (
     CHUNK_BYTES,
     all_output_tensors,
-    check_config_matches_weights,
-    check_float_weights,
-    check_layer_tensors,
     content_digest,
 )
 from .card import layer_types_of, rope_parameters_of
 from .checkpoint import FileSlice, OutputTensor
 from .errors import LPError
-from .export import ExportReport, healed, one_torch_thread
-from .formats import Plan, check_fingerprint, source_fingerprint
+from .export import ExportReport, checked_source, healed, one_torch_thread
+from .formats import Plan
 from .ggufvocab import check_vocabulary, write_vocabulary
 from .healfile import HealFile
 from .outputs import atomic_output_file, check_output_gguf, protected_paths, sigterm_as_interrupt
@@ -93,12 +90,12 @@ class BlockWidths:
 
 
 def block_widths(config, blocks: list[list[int]]) -> list[BlockWidths]:
-    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads, kv = config.num_attention_heads, config_size(config, "num_key_value_heads")
     return [BlockWidths(heads * len(b), kv * len(b), config.intermediate_size * len(b)) for b in blocks]
 
 
 def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config_size(config, "head_dim")  # the config's, or hidden_size // num_attention_heads
 
 
 @dataclass
@@ -232,7 +229,8 @@ def write_metadata(writer, config, blocks: list[list[int]], gguf_type: str, cont
 
 def _provenance(writer, source_name: str, plan: Plan, blocks: list[list[int]], heal: HealFile | None,
                 content: str) -> None:
-    """What eval and bench read to check a GGUF against its source (llamacpp.open_exported_gguf)."""
+    """What eval and bench read to check a GGUF against its source (llamacpp.open_exported_gguf). Written
+    before everything else but general.architecture: ggufhead reads the entries before the tokenizer."""
     writer.add_name(f"{Path(source_name).name} layer-parallel ({len(blocks)} blocks)")
     writer.add_string(f"{LP_KEY}.version", __version__)
     writer.add_string(f"{LP_KEY}.source", source_name)
@@ -247,7 +245,7 @@ def _provenance(writer, source_name: str, plan: Plan, blocks: list[list[int]], h
 # Tensor data
 
 
-def storage_type(name: str, shape: tuple[int, ...], wanted: str):
+def storage_type(shape: tuple[int, ...], wanted: str):
     """The GGML type a tensor is stored in: norms and biases stay float32 (as llama.cpp's converter
     keeps them); a matrix whose rows don't split into q8_0's 32-value blocks falls back to f16."""
     if len(shape) < 2 or wanted == "f32":
@@ -341,21 +339,16 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
     if gguf_type not in GGUF_TYPES:
         raise LPError(f"GGUF type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}", "pass e.g. --gguf-type f16")
     config, store = source.config, source.store
-    arch = architecture_for(config)
+    arch, fingerprint = checked_source(source, plan)
     check_gguf_exportable(arch, config)
-    check_vocabulary(source)
-    fingerprint = source_fingerprint(config, store)
-    check_fingerprint(plan.source, fingerprint, "the plan")
-    check_config_matches_weights(arch, config, store)
-    check_float_weights(arch, store)
-    check_layer_tensors(arch, config, store, config.num_hidden_layers)
+    tokenizer = check_vocabulary(source)
     blocks = plan.blocks()
     tensors = all_output_tensors(arch, config, store, blocks, torch.float32)  # rounded once, when stored
     content = content_digest(arch, store)
     if heal is not None:
         tensors = healed(tensors, heal, plan, fingerprint, content, torch.float32)
     layout = gguf_tensors(tensors, config, blocks)
-    types = {t.name: storage_type(t.name, t.shape, gguf_type) for t in layout}
+    types = {t.name: storage_type(t.shape, gguf_type) for t in layout}
     total = sum(stored_bytes(t.shape, types[t.name]) for t in layout)
     window = sliding_window_limit(config)
     report = ExportReport(
@@ -375,15 +368,15 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
         writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
         _provenance(writer, source.name, plan, blocks, heal, content)
         rope_freqs = write_metadata(writer, config, blocks, gguf_type, context)
-        write_vocabulary(writer, source, config.vocab_size)
-        _write_tensors(writer, layout, types, rope_freqs, head_dim_of(config), progress)
+        write_vocabulary(writer, source, config.vocab_size, tokenizer)
+        _write_tensors(writer, layout, types, total, rope_freqs, head_dim_of(config), progress)
         writer.close()
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _write_tensors(writer, layout: list[GgufTensor], types: dict, rope_freqs: np.ndarray | None, head_dim: int,
-                   progress: Callable[[int, int], None] | None) -> None:
+def _write_tensors(writer, layout: list[GgufTensor], types: dict, total: int, rope_freqs: np.ndarray | None,
+                   head_dim: int, progress: Callable[[int, int], None] | None) -> None:
     """The header (metadata, then every tensor's name, shape and type), then each tensor's data in chunks."""
     if rope_freqs is not None:
         writer.add_tensor_info("rope_freqs.weight", rope_freqs.shape, np.float32, rope_freqs.nbytes)
@@ -395,7 +388,6 @@ def _write_tensors(writer, layout: list[GgufTensor], types: dict, rope_freqs: np
     f = writer.fout[0]
     if rope_freqs is not None:
         _write_tensor(writer, f, [rope_freqs])
-    total = sum(stored_bytes(t.shape, types[t.name]) for t in layout)
     written, index = 0, 0
     if progress:
         progress(0, total)

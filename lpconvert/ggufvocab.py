@@ -102,10 +102,11 @@ def _read_tokenizer_json(folder: Path | None, name: str) -> dict:
         raise LPError(f"cannot read {path}: {exc}", "re-download the tokenizer") from None
 
 
-def check_vocabulary(source) -> None:
-    """Refuse, before anything is written, a tokenizer the GGUF cannot carry."""
+def check_vocabulary(source) -> dict | None:
+    """Refuse, before anything is written, a tokenizer the GGUF cannot carry; returns the tokenizer.json
+    that write_vocabulary writes (None for a GGUF source, whose keys are copied)."""
     if getattr(source, "gguf_file", None):
-        return
+        return None
     tokenizer = _read_tokenizer_json(source.tokenizer_path, source.name)
     model = tokenizer.get("model") or {}
     decoder = (tokenizer.get("decoder") or {}).get("type")
@@ -117,6 +118,7 @@ def check_vocabulary(source) -> None:
                       "export the GGUF from a GGUF of the source model (lpconvert reads .gguf), or the safetensors format")
     pre_tokenizer_name(tokenizer)
     bpe_vocabulary(tokenizer, source.config.vocab_size)
+    return tokenizer
 
 
 def copy_gguf_vocabulary(writer, path: Path) -> None:
@@ -129,14 +131,13 @@ def copy_gguf_vocabulary(writer, path: Path) -> None:
             writer.add_key_value(key, field.contents(), types[0], sub_type=types[1] if len(types) > 1 else None)
 
 
-def write_vocabulary(writer, source, vocab_size: int) -> None:
-    """The source's tokenizer into the GGUF being written (check_vocabulary has passed)."""
+def write_vocabulary(writer, source, vocab_size: int, tokenizer: dict | None) -> None:
+    """The source's tokenizer into the GGUF being written: `tokenizer` is what check_vocabulary returned."""
     import gguf
 
-    if getattr(source, "gguf_file", None):
+    if tokenizer is None:
         copy_gguf_vocabulary(writer, Path(source.path) / source.gguf_file)
         return
-    tokenizer = _read_tokenizer_json(source.tokenizer_path, source.name)
     tokens, types = bpe_vocabulary(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre_tokenizer_name(tokenizer))

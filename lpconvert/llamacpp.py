@@ -135,14 +135,6 @@ def nll(llm, ids: list[int]) -> tuple[float, int]:
 # An exported GGUF as eval and bench take a model
 
 
-def is_exported_gguf(name: str | Path) -> bool:
-    """A .gguf file that lpconvert's GGUF export wrote (transformers can't load its deci architecture)."""
-    from .outputs import written_gguf
-
-    path = Path(name).expanduser()
-    return path.suffix.lower() == ".gguf" and path.is_file() and written_gguf(path)
-
-
 class LlamaCppLM:
     """A llama.cpp model with the two calls eval and bench make of a transformers one: a forward that
     returns `.logits` and a greedy `generate`. Rows of a batch run one after another."""
@@ -226,11 +218,21 @@ class GgufModel:
                           self.all_logits)
 
 
-def open_exported_gguf(name: str) -> GgufModel:
-    """An lpconvert GGUF export (is_exported_gguf), its provenance read from its metadata."""
-    check_installed()
+def open_exported_gguf(name: str) -> GgufModel | None:
+    """NAME as an lpconvert GGUF export, its provenance read from its metadata; None when NAME is not one
+    (not a .gguf file, or a GGUF lpconvert did not write)."""
+    from .ggufhead import read_gguf_head
+
     path = Path(name).expanduser()
-    meta = gguf_metadata(path)
+    if path.suffix.lower() != ".gguf" or not path.is_file():
+        return None
+    try:
+        meta = read_gguf_head(path)
+    except (OSError, ValueError):
+        return None
+    if "lpconvert.version" not in meta:
+        return None
+    check_installed()
     arch = meta["general.architecture"]
     plan = json.loads(meta["lpconvert.plan"])
     lp_source = {"name": meta["lpconvert.source"], "fingerprint": plan["source"]}

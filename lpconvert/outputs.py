@@ -178,14 +178,11 @@ def check_output_file(path: Path, protect: Iterable[Path] = (), inputs: Iterable
 
 def written_gguf(path: Path) -> bool:
     """A GGUF file that lpconvert's GGUF export wrote (its metadata holds lpconvert.version)."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                return False
-        from gguf import GGUFReader
+    from .ggufhead import read_gguf_head
 
-        return "lpconvert.version" in GGUFReader(path).fields
-    except (OSError, ValueError, IndexError):
+    try:
+        return "lpconvert.version" in read_gguf_head(path)
+    except (OSError, ValueError):
         return False
 
 

@@ -149,6 +149,8 @@ def test_smollm2_in_llama_cpp(smollm2_dir, tmp_path):
     with open_gguf(gg, n_ctx=256, logits_all=True, n_threads=2) as llm:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids
         got = logits(llm, ids)
+        print(f"SmolLM2, llama.cpp against transformers: largest logit difference {relative_error(got, want):.1e} "
+              "of the largest logit")  # the figure docs/gguf.md quotes (pytest -s)
         assert relative_error(got, want) < TOLERANCE
         assert (got.argmax(-1) == want.argmax(-1)).all()
         out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()

@@ -190,11 +190,11 @@ def check_plot_path(path: Path | None) -> None:
 
 def load_converted(model: str, trust_remote_code: bool, report):
     """The converted model of eval and bench: a GGUF export runs in llama.cpp, anything else as load_source."""
-    from ..llamacpp import is_exported_gguf, open_exported_gguf
+    from ..llamacpp import open_exported_gguf
 
-    if is_exported_gguf(model):
+    converted = open_exported_gguf(model)
+    if converted is not None:
         report.step(f"loading {model} (llama.cpp)")
-        converted = open_exported_gguf(model)
         report.end()
         return converted
     return load_source(model, trust_remote_code, report)

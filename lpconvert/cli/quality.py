@@ -128,7 +128,9 @@ def _task_report(source_model: str, converted_model: str, settings: TaskSettings
 
     check_installed()  # before loading anything: a missing extra is one line at once
     resolve_tasks(settings.tasks)
-    if converted_model.lower().endswith(".gguf") and Path(converted_model).is_file():
+    from ..outputs import written_gguf
+
+    if written_gguf(Path(converted_model).expanduser()):  # a GGUF transformers reads (a source's) is scored
         raise LPError("--tasks scores models in transformers through lm-evaluation-harness, not a GGUF",
                       "score the safetensors export of the same plan (lpconvert export ... -o FOLDER), or the GGUF "
                       "without --tasks")
