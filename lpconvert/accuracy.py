@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from . import __version__
+from .checks import percent_text
 from .errors import LPError
 from .formats import check_converted_from, check_same_tokenizer
 from .settings import TaskSettings, closest
@@ -84,18 +85,16 @@ def check_installed() -> None:
 
 
 def resolve_tasks(spec: str, label: str = "--tasks") -> list[str]:
-    """core, all, or comma-separated names, as a list of TASKS keys (in the order given)."""
-    if spec.strip() in SETS:
-        return list(SETS[spec.strip()])
+    """Comma-separated task names and sets (core, all), as a list of TASKS keys in the order given, each once:
+    core,arc_easy is the core tasks and arc_easy."""
     names: list[str] = []
     for name in (part.strip() for part in spec.split(",")):
         if not name:
             continue
-        if name not in TASKS:
+        if name not in TASKS and name not in SETS:
             raise LPError(f"{label}: task '{name}' does not exist ({closest(name, [*TASKS, *SETS])})",
                           "run `lpconvert tasks` to list them, or use core")
-        if name not in names:
-            names.append(name)
+        names += [task for task in SETS.get(name, [name]) if task not in names]
     if not names:
         raise LPError(f"{label} names no task", "e.g. core, or task names such as hellaswag,piqa")
     return names
@@ -255,6 +254,10 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700 else math.inf  # math.exp raises OverflowError past ~709
+
+
 def compare_task(name: str, source: list[dict], converted: list[dict], chance: float | None = None) -> dict:
     """One task's row: each model's accuracy, what the converted model retains, and how often they agree;
     with `chance`, whether the source answers clearly better than guessing."""
@@ -276,7 +279,7 @@ def compare_task(name: str, source: list[dict], converted: list[dict], chance: f
         row["chance"] = chance
         row["above_chance"] = source_se is not None and source_acc - chance > ABOVE_CHANCE_BY * source_se
     if "loglik" in source[0]:
-        row["perplexity"] = {role: math.exp(-sum(a["loglik"] for a in answers) / len(answers))
+        row["perplexity"] = {role: _exp(-sum(a["loglik"] for a in answers) / len(answers))
                              for role, answers in (("source", source), ("converted", converted))}
     return row
 
@@ -352,10 +355,7 @@ def task_accuracy(source, converted, settings: TaskSettings,
     chance = chance_levels(names, items)
     rows = [compare_task(name, answers["source"][name], answers["converted"][name], chance[name]) for name in names]
     average = summarize(rows)
-    failures = []
-    if settings.min_retained is not None and (average["retained"] or 0.0) < settings.min_retained:
-        failures.append(f"average accuracy retained {100 * (average['retained'] or 0):.1f}% is below "
-                        f"{100 * settings.min_retained:.1f}%")
+    failures = retained_failures(average, rows, settings.min_retained)
     return {
         "kind": "lpconvert-tasks",
         "source": source.name,
@@ -373,6 +373,24 @@ def task_accuracy(source, converted, settings: TaskSettings,
         "seconds": time.perf_counter() - started,
         "created_by": f"lpconvert {__version__}",
     }
+
+
+def retained_failures(average: dict, rows: list[dict], min_retained: float | None) -> list[str]:
+    """Why the tasks gate fails, if it does. What the table shows as n/a (a source that answers no item
+    right) is not a number, and neither is a NaN log-likelihood: the gate fails on both, never passes."""
+    broken = [row["task"] for row in rows
+              if not all(math.isfinite(p) for p in (row.get("perplexity") or {}).values())]
+    if broken:
+        return [f"the models' log-likelihoods are NaN or Inf on {', '.join(broken)}: a model is broken"]
+    if min_retained is None:
+        return []
+    retained = average["retained"]
+    if retained is None:
+        return [f"average accuracy retained is n/a (the source answers no item right), so it cannot be shown to "
+                f"be at least {percent_text(min_retained)}"]
+    if not retained >= min_retained:
+        return [f"average accuracy retained {percent_text(retained)} is below {percent_text(min_retained)}"]
+    return []
 
 
 def list_tasks() -> list[dict]:

@@ -295,3 +295,25 @@ def read_source_config(raw: dict) -> SourceConfig:
             fields["layer_types"] = ["sliding_attention" if sliding_from is not None and i >= sliding_from
                                      else "full_attention" for i in range(fields["num_hidden_layers"])]
     return SourceConfig(fields)
+
+
+def layer_types_of(config) -> list[str]:
+    """Attention type of each source layer (full or sliding window)."""
+    num_layers = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    sliding = getattr(config, "sliding_window", None)
+    return ["sliding_attention" if sliding else "full_attention"] * num_layers
+
+
+def rope_parameters_of(config) -> dict:
+    """The rotary settings as transformers 5 names them (rope_parameters), also from an older config's
+    rope_scaling and rope_theta."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        return dict(params)
+    scaling = dict(getattr(config, "rope_scaling", None) or {})
+    scaling.setdefault("rope_type", scaling.get("type", "default"))  # transformers keeps "type" too
+    scaling["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    return scaling

@@ -2,16 +2,15 @@
 
 Modes: eager (the default dynamic cache) and `compile` (a static cache; transformers compiles the
 decode step itself on CUDA, and on the CPU we wrap the forward in torch.compile). Decode speed is
-measured as the difference between a generation of N+1 tokens and one of 1 token, so prefill
-does not count; each figure is the median of `repeats` runs after `warmup` runs.
+timed step by step inside one generation of N+1 tokens, from the first new token (the prefill's) to
+the last, so prefill does not count; each figure is the median of `repeats` runs after `warmup` runs.
 
-`random_weights_models` builds a source model with random weights at a real shape directly on the
+`bench_random_weights` builds a source model with random weights at a real shape directly on the
 device and converts it in memory: how a GPU machine without model files is measured.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
@@ -98,41 +97,53 @@ def measure(model, settings: BenchSettings, device: str, label: str,
         mask = torch.ones_like(prompt)
 
         for _ in range(settings.warmup):
-            _time_generate(model, prompt, mask, settings.new_tokens + 1, kwargs, device)
-            _time_generate(model, prompt, mask, 1, kwargs, device)
+            _time_decode(model, prompt, mask, settings.new_tokens, kwargs)
             _time_prefill(model, prompt, mask, device)
         decode, prefills = [], []
         for _ in range(settings.repeats):
-            first = _time_generate(model, prompt, mask, 1, kwargs, device)
-            full = _time_generate(model, prompt, mask, settings.new_tokens + 1, kwargs, device)
-            # the difference of two timings: noise can make it nothing or less on a tiny workload
-            decode.append(settings.new_tokens * batch / (full - first) if full > first else math.nan)
+            steps, seconds = _time_decode(model, prompt, mask, settings.new_tokens, kwargs)
+            decode.append(steps * batch / seconds)
             prefills.append(settings.prompt_len * batch / _time_prefill(model, prompt, mask, device))
         rows.append({
             "model": label, "batch": batch, "mode": "compile" if settings.compile else "eager",
-            "decode_tokens_per_s": _median(decode), "decode_spread": _spread(decode),
+            "decode_tokens_per_s": statistics.median(decode), "decode_spread": [min(decode), max(decode)],
             "prefill_tokens_per_s": statistics.median(prefills), "prefill_spread": [min(prefills), max(prefills)],
         })
     return rows
 
 
-def _median(values: list[float]) -> float | None:
-    """The median of the measurable values; None when none was (the JSON stays strict: no NaN)."""
-    measured = [v for v in values if not math.isnan(v)]
-    return statistics.median(measured) if measured else None
+class _TokenClock:
+    """A `generate` streamer that reads the clock each time tokens come out: once when the prompt goes
+    in, then once per generated token. transformers copies each step's tokens to the CPU before handing
+    them over, which waits for the step's GPU work: a reading falls after its step has run."""
+
+    def __init__(self):
+        self.readings: list[float] = []
+
+    def put(self, _tokens) -> None:
+        self.readings.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode(self) -> tuple[int, float]:
+        """(decode steps, their seconds): from the first new token (the prefill's) to the last."""
+        steps = len(self.readings) - 2
+        if steps < 1:  # a generate that ignores its streamer argument
+            raise RuntimeError("generate told bench's clock of no decode step: it needs a streamer argument, "
+                               "told each new token as transformers' generate tells it")
+        return steps, self.readings[-1] - self.readings[1]
 
 
-def _spread(values: list[float]) -> list[float] | None:
-    measured = [v for v in values if not math.isnan(v)]
-    return [min(measured), max(measured)] if measured else None
+def _time_decode(model, prompt, mask, new_tokens: int, kwargs: dict) -> tuple[int, float]:
+    """`new_tokens` decode steps after the prefill's token, timed step by step inside one generate.
 
-
-def _time_generate(model, prompt, mask, new_tokens: int, kwargs: dict, device: str) -> float:
-    _sync(device)
-    started = time.perf_counter()
-    model.generate(prompt, attention_mask=mask, min_new_tokens=new_tokens, max_new_tokens=new_tokens, **kwargs)
-    _sync(device)
-    return time.perf_counter() - started
+    Timing the steps themselves, not a long generate minus a short one, keeps prefill out without a
+    difference of two noisy totals (which a loaded machine made zero or negative on small models)."""
+    clock = _TokenClock()
+    model.generate(prompt, attention_mask=mask, min_new_tokens=new_tokens + 1, max_new_tokens=new_tokens + 1,
+                   streamer=clock, **kwargs)
+    return clock.decode()
 
 
 def _time_prefill(model, prompt, mask, device: str) -> float:
@@ -152,13 +163,9 @@ def speedups(rows: list[dict], baseline: str) -> list[dict]:
         ref = base.get((row["batch"], row["mode"]))
         if row["model"] != baseline and ref:
             out.append({"model": row["model"], "baseline": baseline, "batch": row["batch"], "mode": row["mode"],
-                        "decode": _ratio(row["decode_tokens_per_s"], ref["decode_tokens_per_s"]),
+                        "decode": row["decode_tokens_per_s"] / ref["decode_tokens_per_s"],
                         "prefill": row["prefill_tokens_per_s"] / ref["prefill_tokens_per_s"]})
     return out
-
-
-def _ratio(value: float | None, reference: float | None) -> float | None:
-    return value / reference if value is not None and reference else None
 
 
 def settings_json(settings: BenchSettings) -> dict:

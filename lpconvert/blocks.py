@@ -19,7 +19,9 @@ from .archs import LAYER_PREFIX, Architecture, Rule, Weight, architecture_for
 from .card import lp_config_dict
 from .checkpoint import FileSlice, MemoryStore, OutputTensor, TensorInfo, TensorStore
 from .errors import LPError
-from .formats import Plan, source_fingerprint
+
+# content_digest is formats.py's: re-exported only while ggufexport.py imports it from here
+from .formats import Plan, content_digest, source_fingerprint  # noqa: F401
 
 Piece = torch.Tensor | FileSlice
 
@@ -63,7 +65,7 @@ def fold_norm(matrix: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> t
     return (matrix.float() * norm.float()[None, :]).to(dtype)
 
 
-def _all_finite(tensor: torch.Tensor) -> bool:
+def all_finite(tensor: torch.Tensor) -> bool:
     # min and max are NaN when any element is, and +-inf when one is; 20x faster than isfinite().all()
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) and torch.isfinite(high))
@@ -106,7 +108,7 @@ class BlockBuilder:
             yield chunk
 
     def _check_finite(self, tensor: torch.Tensor, layer: int, part: str) -> None:
-        if tensor.is_floating_point() and not _all_finite(tensor):
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise LPError(f"tensor {self.name(layer, part)} (layer {layer}) contains NaN or Inf",
                           "the source weights are corrupt; they cannot be combined into a pair")
 
@@ -240,27 +242,6 @@ def all_output_tensors(arch: Architecture, config, store: TensorStore, blocks: l
     for block, layers in enumerate(blocks):
         tensors += block_output_tensors(arch, config, store, block, layers, dtype)
     return tensors + _outer_tensors(arch.post_weights, config, store, dtype)
-
-
-def content_digest(arch: Architecture, store: TensorStore, rows: int = 8) -> str:
-    """A hash of a few of the source's weights: the final norm and the first rows of the embedding.
-
-    The fingerprint covers shapes only, so a fine-tune or the base model of the same shape would pass
-    for the source; these values tell them apart. Hashed as bfloat16, so the same weights stored in
-    float32 or cast to bfloat16 (or read from an F32 GGUF) give the same digest.
-    """
-    import hashlib
-
-    digest = hashlib.sha256()
-    for weight in (*arch.post_weights[:1], *arch.pre_weights[:1]):
-        if weight.name not in store.infos():
-            continue
-        info = store.infos()[weight.name]
-        tensor = store.read_rows(weight.name, 0, min(rows, info.shape[0])) if len(info.shape) > 1 \
-            else store.read(weight.name)
-        digest.update(weight.name.encode())
-        digest.update(tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

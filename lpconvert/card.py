@@ -11,21 +11,11 @@ import json
 import torch
 
 from . import __version__
-from .archs import Architecture
+from .archs import Architecture, layer_types_of, rope_parameters_of
 from .errors import LPError
 from .formats import Plan
 
 PLAN_FILE = "lpconvert-plan.json"
-
-
-def layer_types_of(config) -> list[str]:
-    """Attention type of each source layer (full or sliding window)."""
-    num_layers = config.num_hidden_layers
-    types = getattr(config, "layer_types", None)
-    if types:
-        return list(types)
-    sliding = getattr(config, "sliding_window", None)
-    return ["sliding_attention" if sliding else "full_attention"] * num_layers
 
 
 def block_layer_types(config, blocks: list[list[int]]) -> list[str]:
@@ -50,16 +40,6 @@ _DROPPED_CONFIG_FIELDS = ("architectures", "auto_map", "model_type", "transforme
                           "torch_dtype", "dtype", "layer_types", "num_hidden_layers", "use_sliding_window",
                           "max_window_layers", "rope_scaling", "rope_theta", "quantization_config",
                           "attention_bias", "mlp_bias", "_commit_hash")
-
-
-def rope_parameters_of(config) -> dict:
-    params = getattr(config, "rope_parameters", None)
-    if params:
-        return dict(params)
-    scaling = dict(getattr(config, "rope_scaling", None) or {})
-    scaling.setdefault("rope_type", scaling.get("type", "default"))  # transformers keeps "type" too
-    scaling["rope_theta"] = getattr(config, "rope_theta", 10000.0)
-    return scaling
 
 
 def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, source_name: str,
@@ -91,7 +71,7 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
             "architecture": (getattr(config, "architectures", None) or [arch.hf_class])[0],
             "num_hidden_layers": config.num_hidden_layers,
             "fingerprint": plan.source,
-            **({"content_sha256": content_sha256} if content_sha256 else {}),  # blocks.content_digest
+            **({"content_sha256": content_sha256} if content_sha256 else {}),  # formats.content_digest
         },
         "lpconvert_version": __version__,
     }

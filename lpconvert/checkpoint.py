@@ -279,6 +279,7 @@ class OutputTensor:
     name: str
     info: TensorInfo
     build: Callable[[], Iterator[torch.Tensor | FileSlice]]
+    origin: str = ""  # where its values come from when not the source ("heal file X"), for messages
 
 
 def plan_shards(tensors: list[OutputTensor], max_shard_bytes: int) -> list[list[OutputTensor]]:

@@ -38,8 +38,8 @@ class Spec:
     optional: bool = False  # null (None) is valid: "not set, the stage decides"
 
 
-def int_spec(example: int, min: int | None = None) -> Spec:
-    return Spec("int", example, min=min)
+def int_spec(example: int, min: int | None = None, max: int | None = None) -> Spec:
+    return Spec("int", example, min=min, max=max)
 
 
 # plan.target holds exactly one of these; each mirrors plan.parse_target (and pairs_for_target for depth).
@@ -78,7 +78,7 @@ def _refuse(spec: Spec, value: Any, label: str, fix: str | None = None) -> LPErr
 def describe(spec: Spec) -> str:
     """What a spec accepts, in words: 'a positive integer', 'one of kl, loss'."""
     text = {
-        "int": _integer_words(spec.min),
+        "int": _integer_words(spec.min) + (f" up to {spec.max:,}" if spec.max is not None else ""),
         "ints": "a non-empty list of " + _integer_words(spec.min).replace("an ", "").replace("a ", "") + "s",
         "number": "a number" + _range_words(spec),
         "numbers": "a non-empty list of numbers" + _range_words(spec),
@@ -113,8 +113,25 @@ def shown(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = repr(value)
+    text = _bounded_repr(value, 60)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bounded_repr(value: Any, limit: int) -> str:
+    """repr(value), stopped soon after `limit` characters: a YAML alias bomb is billions of items once
+    expanded, and a self-referencing alias never ends, so the rest is never rendered."""
+    if not isinstance(value, (list, tuple, dict)) or limit <= 0:
+        return repr(value)[: max(limit, 0) + 1]
+    items = (f"{_bounded_repr(k, limit - 2)}: {_bounded_repr(v, limit - 2)}" for k, v in value.items()) \
+        if isinstance(value, dict) else (_bounded_repr(item, limit - 2) for item in value)
+    opener, closer = "{}" if isinstance(value, dict) else "()" if isinstance(value, tuple) else "[]"
+    parts, used = [], 2
+    for part in items:
+        parts.append(part)
+        used += len(part) + 2
+        if used > limit:
+            break
+    return opener + ", ".join(parts) + closer
 
 
 def example_fix(spec: Spec, label: str) -> str:
@@ -253,20 +270,43 @@ def _check_size(spec: Spec, value: Any, label: str) -> str:
 
 
 def _check_percent(spec: Spec, value: Any, label: str) -> float:
-    # As the stages read it today: text is a percentage ('5%' or '5' -> 0.05), a number is already a
-    # fraction (0.05) -- formats.parse_percent, plan.parse_target, convert().
-    if isinstance(value, str):
-        try:
-            fraction = float(value.strip().rstrip("%").strip()) / 100
-        except ValueError:
-            raise _refuse(spec, value, label) from None
-    elif _is_number(value):
-        fraction = float(value)
-    else:
-        raise _refuse(spec, value, label)
-    if not math.isfinite(fraction) or not _in_range(spec, fraction):
+    fraction = percent_fraction(value, label, spec.example)
+    if not _in_range(spec, fraction):
         raise _refuse(spec, value, label)
     return fraction
+
+
+def percent_fraction(value: Any, label: str, example: str = "5%") -> float:
+    """'97%' -> 0.97, the one way to write a percentage, on the command line and in a recipe alike. A bare
+    number is ambiguous (0.97 reads as 97% to some, 0.97% to others) and is refused, except 0."""
+    if _is_number(value) or (isinstance(value, str) and not value.strip().endswith("%")):
+        number = _number_or_none(value)
+        if number == 0:
+            return 0.0
+        if number is not None and math.isfinite(number):
+            meant = f"{number * 100:g}% or {number:g}%" if 0 < abs(number) <= 1 else f"{number:g}%"
+            typed = value.strip() if isinstance(value, str) else shown(value)
+            raise LPError(f"{label} {typed} has no % sign, so it is ambiguous", f"write e.g. {meant}")
+    text = value.strip()[:-1].strip() if isinstance(value, str) else None
+    number = _number_or_none(text)
+    if number is None or not math.isfinite(number):
+        raise LPError(f"{label} must be a percentage like {example}, got {shown(value)}",
+                      f"e.g. {label} {example}" if label.startswith("-") else f"e.g. {label.rsplit('.', 1)[-1]}: {example}")
+    return number / 100
+
+
+def percent_text(fraction: float) -> str:
+    """0.0097 -> '0.97%', 0.25 -> '25%': exact enough that a bound never reads as another number."""
+    return f"{100 * fraction:.4g}%"
+
+
+def _number_or_none(value: Any) -> float | None:
+    if _is_number(value):
+        return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _check_device(spec: Spec, value: Any, label: str) -> str:

@@ -43,22 +43,13 @@ def stage_settings(recipe: dict) -> dict:
 def load_recipe(path: Path | None) -> dict[str, dict]:
     """The recipe with every section and key filled in, every value checked (settings.py) before any stage
     runs: unknown keys are refused naming the closest, bad values naming the key as written."""
-    import yaml
-
     defaults = _section_defaults()
     raw: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise LPError(f"recipe {path} does not exist", "pass a YAML file, e.g. configs/smollm2-135m.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where else ""
-            raise LPError(f"recipe {path} is not valid YAML{line}", "fix the YAML syntax") from None
+        raw = _read_recipe(Path(path)) or {}
         if not isinstance(raw, dict):
             raise LPError(f"recipe {path} must be a mapping of sections", "write score:, plan:, export:, eval:")
+        _check_size(raw, path)
     recipe = {}
     for section, values in raw.items():
         if section not in defaults:
@@ -83,6 +74,73 @@ def load_recipe(path: Path | None) -> dict[str, dict]:
         resolve_tasks(recipe["tasks"]["tasks"], "recipe key tasks.tasks")
         check_installed()
     return recipe
+
+
+MAX_RECIPE_BYTES = 2**20  # recipes are a page of YAML; anything this large is not one
+MAX_RECIPE_VALUES = 10_000  # every number, string, list and mapping, counted with aliases expanded
+
+
+def _read_recipe(path: Path):
+    """The YAML of a recipe file, or one line saying why it can't be one."""
+    import yaml
+
+    if path.is_dir():
+        raise LPError(f"recipe {path} is a folder", "pass a YAML file, e.g. configs/smollm2-135m.yaml")
+    if not path.is_file():
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise LPError(f"recipe {path} {what}", "pass a YAML file, e.g. configs/smollm2-135m.yaml")
+    try:
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise LPError(f"recipe {path} is larger than {MAX_RECIPE_BYTES // 2**20} MiB", "pass a recipe YAML file")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise LPError(f"recipe {path} is not UTF-8 text (binary, or another encoding such as UTF-16)",
+                      "save the recipe as UTF-8 YAML") from None
+    except OSError as exc:
+        raise LPError(f"cannot read recipe {path}: {exc.strerror or exc}", "pass a readable YAML file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where else ""
+        raise LPError(f"recipe {path} is not valid YAML{line}", "fix the YAML syntax") from None
+    except RecursionError:
+        raise LPError(f"recipe {path} is nested too deeply", "write a recipe of sections and keys") from None
+
+
+def _check_size(raw: dict, path) -> None:
+    """Refuse a recipe whose values expand past MAX_RECIPE_VALUES: a YAML alias bomb (nine aliases of nine
+    aliases of...) is a few lines that expand to billions of items, and a self-referencing alias never ends.
+    Counted with a stack, not recursion, and stopped at the bound."""
+    stack, count = [raw], 0
+    while stack:
+        value = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_VALUES:
+            raise LPError(f"recipe {path} holds more than {MAX_RECIPE_VALUES:,} values once its aliases are expanded",
+                          "write the recipe's values out: a recipe is a page of keys")
+        if isinstance(value, dict):
+            stack += [*value.keys(), *value.values()]
+        elif isinstance(value, (list, tuple)):
+            stack += value
+
+
+def check_runnable_here(recipe: dict) -> None:
+    """Texts that don't exist and devices this machine lacks, refused before any stage runs: otherwise eval's
+    or heal's would be found only after scoring and planning (hours on a 7B). Apart from load_recipe, which
+    checks a recipe wherever it is read (a GPU recipe is valid on a laptop; it runs only on a GPU)."""
+    from .runtime import resolve_device
+    from .texts import check_text_name
+
+    texts = [("score", "calib"), ("heal", "calib"), ("eval", "text")]
+    if _calibrates(recipe["plan"]["use_model"], recipe["plan"]["strategy"]):
+        texts.append(("plan", "calib"))
+    for section, key in texts:
+        if section in recipe:
+            check_text_name(recipe[section][key], f"recipe key {section}.{key}")
+    for section, values in recipe.items():
+        if "device" in values:
+            resolve_device(values["device"], f"recipe key {section}.device")
 
 
 def _check_key(section: str, key: str, value) -> None:
@@ -167,6 +225,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
 
     protect = protected_paths(source)
     check_output_folder(Path(out), overwrite, protect)
+    check_runnable_here(recipe)
     settings = stage_settings(recipe)
     for section in ("score", "plan", "heal", "eval"):  # lengths the model cannot take: refused before any work
         if settings[section] is not None:

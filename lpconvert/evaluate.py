@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
+from .checks import percent_text
 from .formats import check_converted_from, check_same_tokenizer
 from .runner import batches
 from .runtime import check_positions, dtype_from_name, resolve_device, text_windows
@@ -36,6 +37,28 @@ def _token_stats(source_logits: torch.Tensor, converted_logits: torch.Tensor, in
         "kl": float(kl.sum().double()),
         "tokens": targets.numel(),
     }
+
+
+def _exp(x: float) -> float:
+    """exp that says inf where math.exp would raise OverflowError (a broken model's loss)."""
+    return math.exp(x) if x < 700 else math.inf
+
+
+def gate_failures(figures: dict, settings: EvalSettings) -> list[str]:
+    """Why the converted model fails the gate, if it does. A figure that is not a finite number (a NaN or Inf
+    logit, an overflowed weight) always fails: `nan > bound` is False, and a broken model must never pass."""
+    broken = [name for name in ("perplexity_source", "perplexity_converted", "perplexity_increase", "kl_divergence")
+              if not math.isfinite(figures[name])]
+    if broken:
+        return [f"{', '.join(broken)} {'is' if len(broken) == 1 else 'are'} not finite "
+                f"({', '.join(f'{figures[name]}' for name in broken)}): a model produced NaN or Inf"]
+    failures = []
+    increase, agreement = figures["perplexity_increase"], figures["agreement"]
+    if settings.max_ppl_increase is not None and not increase <= settings.max_ppl_increase:
+        failures.append(f"perplexity increase {percent_text(increase)} exceeds {percent_text(settings.max_ppl_increase)}")
+    if settings.min_agreement is not None and not agreement >= settings.min_agreement:
+        failures.append(f"agreement {agreement:.4g} is below {settings.min_agreement:.4g}")
+    return failures
 
 
 def _generate(model, tokenizer, prompt: str, new_tokens: int, device: str) -> str:
@@ -79,22 +102,17 @@ def evaluate(source, converted, settings: EvalSettings,
     if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
         converted_model.close()
     n = totals["tokens"]
-    ppl_source = math.exp(totals["nll_source"] / n)
-    ppl_converted = math.exp(totals["nll_converted"] / n)
+    ppl_source = _exp(totals["nll_source"] / n)
+    ppl_converted = _exp(totals["nll_converted"] / n)
     figures = {
         "perplexity_source": ppl_source,
         "perplexity_converted": ppl_converted,
-        "perplexity_increase": ppl_converted / ppl_source - 1,
+        "perplexity_increase": ppl_converted / ppl_source - 1 if math.isfinite(ppl_source) else math.nan,
         "agreement": totals["agree"] / n,
         "kl_divergence": totals["kl"] / n,
         "tokens": n,
     }
-    failures = []
-    if settings.max_ppl_increase is not None and figures["perplexity_increase"] > settings.max_ppl_increase:
-        failures.append(f"perplexity increase {100 * figures['perplexity_increase']:.1f}% exceeds "
-                        f"{100 * settings.max_ppl_increase:.1f}%")
-    if settings.min_agreement is not None and figures["agreement"] < settings.min_agreement:
-        failures.append(f"agreement {figures['agreement']:.3f} is below {settings.min_agreement:.3f}")
+    failures = gate_failures(figures, settings)
     return {
         "source": source.name,
         "converted": converted.name,

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -23,16 +23,25 @@ import torch
 from . import __version__
 from .archs import architecture_for
 from .blocks import (
+    all_finite,
     all_output_tensors,
     check_config_matches_weights,
     check_float_weights,
     check_layer_tensors,
-    content_digest,
 )
 from .card import PLAN_FILE, lp_config_dict, model_card
-from .checkpoint import OutputTensor, TensorStore, plan_shards, shard_file_names, write_index, write_shard
+from .checkpoint import (
+    FileSlice,
+    OutputTensor,
+    TensorStore,
+    plan_shards,
+    shard_file_names,
+    write_index,
+    write_shard,
+)
+from .errors import LPError
 from .folders import TOKENIZER_FILES
-from .formats import Plan, check_fingerprint, plan_for_source, source_fingerprint
+from .formats import Plan, check_fingerprint, content_digest, plan_for_source, source_fingerprint
 from .healfile import HEALED_PARTS, HealFile, check_heal_for, checked_tensor, tensor_name
 from .outputs import atomic_output_dir, check_output_folder, protected_paths
 from .runtime import dtype_from_name
@@ -187,9 +196,49 @@ def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint:
 
     def replaced(tensor: OutputTensor) -> OutputTensor:
         # read when its shard is written: memory holds one replacement at a time
-        return OutputTensor(tensor.name, tensor.info, lambda: iter([checked_tensor(heal, tensor.name).to(dtype)]))
+        return OutputTensor(tensor.name, tensor.info, lambda: iter([checked_tensor(heal, tensor.name).to(dtype)]),
+                            origin=f"heal file {heal.path}")
 
     return [replaced(t) if t.name in heal.shapes else t for t in tensors]
+
+
+# The largest magnitude each type a tensor is written in holds (q8_0: 127 steps of a float16 block scale).
+STORED_RANGES = {"float32": "3.40e38", "bfloat16": "3.39e38", "float16": "65504",
+                 "q8_0": "127 x 65504: its block scales are float16"}
+
+
+def refuse_nonfinite(values: torch.Tensor, tensor: OutputTensor, stored_as: str, wider: str | None) -> None:
+    """Refuse to write VALUES (part of TENSOR, as stored in the type STORED_AS) when they hold NaN or Inf.
+
+    The inputs are checked before they are combined and rounded (blocks.py, healfile.checked_tensor), and a
+    value that passes can still overflow on the way: a float32 1e38 is inf in float16, a float64 1e300 in
+    float32. `wider`: the option that writes a type wide enough, when there is one.
+    """
+    if not values.is_floating_point() or all_finite(values):
+        return
+    where = f"{tensor.origin}: {tensor.name}" if tensor.origin else f"tensor {tensor.name}"
+    remake = "re-run `lpconvert heal`" if tensor.origin else None  # only a heal file replaces the source's values
+    if bool(torch.isnan(values).any()):  # rounding and folding finite values never make NaN: the input held it
+        raise LPError(f"{where} contains NaN", remake or "the source weights are corrupt; re-download the checkpoint")
+    fixes = [f"export with {wider}" if wider else None, remake]
+    fix = ", or ".join(f for f in fixes if f) or "the source weights are corrupt or too large to fold; re-download them"
+    raise LPError(f"{where} holds values beyond {stored_as}'s range ({STORED_RANGES[stored_as]}), the type it is "
+                  "written in", fix)
+
+
+def refusing_nonfinite(tensor: OutputTensor, dtype: torch.dtype) -> OutputTensor:
+    """TENSOR with each piece it builds checked as it is written (`refuse_nonfinite`): one pass over what is
+    computed anyway. FileSlices, the source's bytes copied unchanged without being read, are not read for it."""
+    stored_as = str(dtype).removeprefix("torch.")
+    wider = "--dtype float32 or bfloat16" if dtype == torch.float16 else None
+
+    def build() -> Iterator:
+        for piece in tensor.build():
+            if not isinstance(piece, FileSlice):
+                refuse_nonfinite(piece, tensor, stored_as, wider)
+            yield piece
+
+    return replace(tensor, build=build)
 
 
 def checked_source(source, plan: Plan):
@@ -223,6 +272,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
     if heal is not None:
         tensors = healed(tensors, heal, plan, fingerprint, content, target_dtype)
         lp_config["lp_heal"] = heal.summary()
+    tensors = [refusing_nonfinite(t, target_dtype) for t in tensors]
     shards = plan_shards(tensors, parse_size(max_shard_size))
     names = shard_file_names(len(shards))
     report = ExportReport(

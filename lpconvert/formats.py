@@ -2,7 +2,8 @@
 
 A plan says which consecutive layers run as layer-parallel pairs. It names the model it was made
 for by a fingerprint (architecture, layer count, hashes of the shape-defining config fields and of
-the weight index), so export refuses a plan made for another model.
+the weight index), so export refuses a plan made for another model; a digest of a few weights
+(`content_digest`) tells apart models of the same shapes.
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
+from .checks import percent_fraction, shown
 from .errors import LPError
+
+if TYPE_CHECKING:
+    from .archs import Architecture
+    from .checkpoint import TensorStore
 
 PLAN_KIND = "lpconvert-plan"
 PLAN_SCHEMA_VERSION = 1
@@ -47,6 +53,27 @@ def fingerprint(config, tensor_shapes: dict[str, tuple[int, ...]]) -> dict:
 def source_fingerprint(config, store) -> dict:
     """The fingerprint of a model source: its config and the names and shapes of its tensors."""
     return fingerprint(config, {name: info.shape for name, info in store.infos().items()})
+
+
+def content_digest(arch: Architecture, store: TensorStore, rows: int = 8) -> str:
+    """A hash of a few of the source's weights: the final norm and the first rows of the embedding.
+
+    The fingerprint covers shapes only, so a fine-tune or the base model of the same shape would pass
+    for the source; these values tell them apart. Hashed as bfloat16, so the same weights stored in
+    float32 or cast to bfloat16 (or read from an F32 GGUF) give the same digest.
+    """
+    import torch  # here, not at the top: settings.py imports this module and must stay light
+
+    digest = hashlib.sha256()
+    for weight in (*arch.post_weights[:1], *arch.pre_weights[:1]):
+        if weight.name not in store.infos():
+            continue
+        info = store.infos()[weight.name]
+        tensor = store.read_rows(weight.name, 0, min(rows, info.shape[0])) if len(info.shape) > 1 \
+            else store.read(weight.name)
+        digest.update(weight.name.encode())
+        digest.update(tensor.to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def check_converted_from(converted, source, role: str = "CONVERTED") -> None:
@@ -88,7 +115,6 @@ def check_same_tokenizer(source, converted) -> None:
 
 def _content_of(source) -> str | None:
     from .archs import architecture_for
-    from .blocks import content_digest
 
     try:
         return content_digest(architecture_for(source.config), source.store)
@@ -173,15 +199,11 @@ def parse_pairs(text: str) -> list[int]:
 
 
 def parse_percent(text: str | float, option: str) -> float:
-    """'5%' or '5' -> 0.05: every percentage option reads the same way, with or without the sign."""
-    clean = str(text).strip().rstrip("%").strip()
-    try:
-        value = float(clean)
-    except ValueError:
-        raise LPError(f"{option} '{text}' is not a percentage", f"write e.g. {option} 5%") from None
-    if value != value or value < 0 or value == float("inf"):
+    """'5%' -> 0.05: every percentage is written with its sign (checks.percent_fraction), and is not negative."""
+    value = percent_fraction(text, option)
+    if value < 0:
         raise LPError(f"{option} must be a positive percentage, got '{text}'", f"write e.g. {option} 5%")
-    return value / 100
+    return value
 
 
 def blocks_for(pairs: list[int], num_layers: int) -> list[list[int]]:
@@ -264,8 +286,10 @@ def load_json_file(path: Path, what: str) -> dict:
         raise LPError(f"{what} file {path} does not exist", f"give the path of a {what} JSON file")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise LPError(f"{what} file {path} is not valid JSON ({exc})", f"regenerate the {what}") from None
+    except RecursionError:
+        raise LPError(f"{what} file {path} is nested too deeply to be one", f"regenerate the {what}") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise LPError(f"{what} file {path} is not valid JSON ({str(exc)[:80]})", f"regenerate the {what}") from None
     if not isinstance(data, dict):
         raise LPError(f"{what} file {path} does not hold a JSON object", f"regenerate the {what}")
     return data
@@ -287,11 +311,16 @@ def _check_kind(data: dict, path, kind: str, version: int, *, what: str, written
                 regenerate: str) -> None:
     """A file of this kind and schema version, or one line saying what it is instead."""
     if data.get("kind") != kind:
-        raise LPError(f"{path} is not an lpconvert {what} (kind is {data.get('kind')!r})",
+        raise LPError(f"{path} is not an lpconvert {what} (kind is {shown(data.get('kind'))})",
                       f"pass a file written by {written_by}")
     if data.get("schema_version") != version:
-        raise LPError(f"{its_version} schema_version {data.get('schema_version')!r}; this lpconvert reads {version}",
+        raise LPError(f"{its_version} schema_version {shown(data.get('schema_version'))}; this lpconvert reads {version}",
                       regenerate)
+
+
+# The plan's optional fields and the JSON types each may hold (None: not set).
+PLAN_FIELD_TYPES = {"strategy": str, "metric": (str, type(None)), "target": (dict, type(None)),
+                    "calibration": (dict, type(None)), "details": (dict, type(None))}
 
 
 def plan_from_json(data: dict, path: Path | str = "the plan") -> Plan:
@@ -299,11 +328,17 @@ def plan_from_json(data: dict, path: Path | str = "the plan") -> Plan:
     _check_kind(data, path, PLAN_KIND, PLAN_SCHEMA_VERSION, what="plan", its_version=f"plan {path} has",
                 written_by="`lpconvert plan` or `lpconvert export --pairs`",
                 regenerate="regenerate the plan with this version of lpconvert")
-    try:
-        raw_pairs = [(a, b) for a, b in data["pairs"]]
-        source = dict(data["source"])
-    except (KeyError, TypeError, ValueError):
-        raise LPError(f"plan {path} lacks valid 'pairs' or 'source' fields", "regenerate the plan") from None
+    pairs, source = data.get("pairs"), data.get("source")
+    # A mapping or a string would iterate too: {"14": 15} would read as the pair ("1", "4").
+    if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs) \
+            or not isinstance(source, dict):
+        raise LPError(f"plan {path} lacks valid 'pairs' (a list of [i, i+1]) or 'source' (a mapping) fields",
+                      "regenerate the plan")
+    raw_pairs = [(a, b) for a, b in pairs]
+    for key, kinds in PLAN_FIELD_TYPES.items():
+        if key in data and not isinstance(data[key], kinds):
+            raise LPError(f"plan {path}: '{key}' is a {type(data[key]).__name__}, not what `lpconvert plan` writes",
+                          "regenerate the plan")
     if not _is_int(source.get("num_layers")):
         raise LPError(f"plan {path} has no integer source.num_layers", "regenerate the plan")
     for a, b in raw_pairs:

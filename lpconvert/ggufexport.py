@@ -38,7 +38,7 @@ from .blocks import (
 from .card import layer_types_of, rope_parameters_of
 from .checkpoint import FileSlice, OutputTensor
 from .errors import LPError
-from .export import ExportReport, checked_source, healed, one_torch_thread
+from .export import ExportReport, checked_source, healed, one_torch_thread, refuse_nonfinite
 from .formats import Plan
 from .ggufvocab import check_vocabulary, write_vocabulary
 from .healfile import HealFile
@@ -271,6 +271,29 @@ def encoded(rows: torch.Tensor, qtype) -> np.ndarray:
     return quantize(rows.numpy(), qtype)
 
 
+# GGML type -> the name its range is given under, and the option that writes a wider type (None: none is wider)
+RANGES = {T.F32: ("float32", None), T.BF16: ("bfloat16", None), T.F16: ("float16", "--gguf-type f32 or bf16"),
+          T.Q8_0: ("q8_0", "--gguf-type f32 or bf16")}
+
+
+def stored_values(data: np.ndarray, qtype) -> torch.Tensor:
+    """The floats that `encoded` bytes hold: the values, or q8_0's block scales (its int8 codes are finite)."""
+    if qtype == T.Q8_0:  # each block: a float16 scale, then 32 int8 codes
+        return torch.from_numpy(data.reshape(-1, GGML_QUANT_SIZES[qtype][1])[:, :2].copy().view(np.float16))
+    if qtype == T.BF16:
+        return torch.from_numpy(data).view(torch.bfloat16)
+    return torch.from_numpy(data)
+
+
+def checked_encoding(rows: torch.Tensor, tensor: GgufTensor, qtype) -> np.ndarray:
+    """`encoded`, refused when what it stores is not finite: a value past 65504 in f16, or past 127 x 65504
+    in q8_0 (its float16 scale overflows), after the float32 values passed every check."""
+    with np.errstate(over="ignore", invalid="ignore"):  # gguf-py's q8_0 scale cast warns; refused just below
+        data = encoded(rows, qtype)
+    refuse_nonfinite(stored_values(data, qtype), tensor.source, *RANGES[qtype])
+    return data
+
+
 def _float_rows(tensor: OutputTensor) -> Iterator[torch.Tensor]:
     """An export tensor's rows in order, in float32 chunks (as blocks.py builds them)."""
     shape = tuple(tensor.info.shape)
@@ -398,7 +421,8 @@ def _write_tensors(writer, layout: list[GgufTensor], types: dict, total: int, ro
         data = tensor_data(group, head_dim)
         for tensor in group:
             planned = stored_bytes(tensor.shape, types[tensor.name])
-            stored = _write_tensor(writer, f, (encoded(rows, types[tensor.name]) for rows in _take(data, tensor)))
+            stored = _write_tensor(writer, f, (checked_encoding(rows, tensor, types[tensor.name])
+                                               for rows in _take(data, tensor)))
             if stored != planned:
                 raise RuntimeError(f"{tensor.name}: wrote {stored} bytes, planned {planned}")
             written += stored

@@ -12,7 +12,9 @@ refuses one made for another source or another plan.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import math
+import struct
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +22,11 @@ import torch
 
 from . import __version__
 from .archs import LAYER_PREFIX
+from .checks import shown
 from .errors import LPError
 from .formats import Plan, same_shapes
+from .outputs import OwnedFile, check_owned_output
+from .settings import HEAL_METHODS
 
 HEAL_KIND = "lpconvert-heal"
 HEAL_SCHEMA_VERSION = 1
@@ -142,16 +147,14 @@ def load_heal_file(path: Path) -> HealFile:
     except (SafetensorError, OSError, ValueError) as exc:
         raise LPError(f"heal file {path} is not a readable safetensors file ({str(exc)[:80]})",
                       "re-run `lpconvert heal`") from None
-    try:
-        header = json.loads(metadata.get(METADATA_KEY, "null"))
-    except json.JSONDecodeError:
-        header = None
+    header = _parse_header(metadata.get(METADATA_KEY, "null"), path)
     if not isinstance(header, dict) or header.get("kind") != HEAL_KIND:
         raise LPError(f"{path} is not an lpconvert heal file (no {METADATA_KEY} header)",
                       "pass a file written by `lpconvert heal`")
     if header.get("schema_version") != HEAL_SCHEMA_VERSION:
-        raise LPError(f"heal file {path} has schema_version {header.get('schema_version')!r}; this lpconvert reads "
-                      f"{HEAL_SCHEMA_VERSION}", "re-run `lpconvert heal` with this version")
+        raise LPError(f"heal file {path} has schema_version {shown(header.get('schema_version'))}; this lpconvert "
+                      f"reads {HEAL_SCHEMA_VERSION}", "re-run `lpconvert heal` with this version")
+    check_header(header, path)
     for name, dtype in dtypes.items():
         if dtype not in ("F32", "F16", "BF16", "F64"):
             raise LPError(f"heal file {path}: {name} is stored as {dtype}, not as floating-point weights",
@@ -188,3 +191,121 @@ def checked_tensor(heal: HealFile, name: str) -> torch.Tensor:
     if not bool(torch.isfinite(tensor).all()):
         raise LPError(f"heal file {heal.path}: {name} contains NaN or Inf", "re-run `lpconvert heal`")
     return tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# The header, checked as data: export prints it into config.json and the model card, so a field of
+# the wrong type is refused here in one line rather than failing (or being printed) later.
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_pair(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(map(_is_count, value)) and value[1] == value[0] + 1
+
+
+def _is_perplexity(value) -> bool:
+    """{} (nothing measured) or the held-out perplexity before and after, and on how many tokens."""
+    if not isinstance(value, dict):
+        return False
+    if not value:
+        return True
+    numbers = [value.get("unhealed"), value.get("healed")]
+    return (all(isinstance(n, (int, float)) and not isinstance(n, bool) and 0 < n < math.inf for n in numbers)
+            and _is_count(value.get("tokens")) and value["tokens"] > 0)
+
+
+def _is_row(value) -> bool:
+    flags = [value.get(key) for key in ("accepted", "changed") if key in value] if isinstance(value, dict) else [0]
+    return isinstance(value, dict) and _is_pair(value.get("pair")) and all(isinstance(f, bool) for f in flags)
+
+
+def _is_source(value) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("name"), str)
+            and isinstance(value.get("fingerprint"), dict) and isinstance(value.get("content_sha256"), (str, type(None))))
+
+
+HEADER_FIELDS: dict[str, tuple[Callable[[object], bool], str]] = {  # key: (is it valid, what it must be)
+    "source": (_is_source, "a mapping with name, fingerprint and content_sha256"),
+    "plan": (lambda v: isinstance(v, dict) and isinstance(v.get("pairs"), list) and all(map(_is_pair, v["pairs"])),
+             "a mapping whose pairs are [i, i+1] lists"),
+    "method": (lambda v: v in HEAL_METHODS, "one of " + ", ".join(HEAL_METHODS)),
+    "settings": (lambda v: isinstance(v, dict), "a mapping"),
+    "calibration": (lambda v: isinstance(v, dict), "a mapping"),
+    "heldout": (lambda v: isinstance(v, dict), "a mapping"),
+    "pairs": (lambda v: isinstance(v, list) and all(map(_is_row, v)),
+              "a list of rows, each naming its pair as [i, i+1]"),
+    "heldout_perplexity": (_is_perplexity, "{} or positive unhealed and healed perplexities with their tokens"),
+    "created_by": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def check_header(header: dict, path) -> None:
+    for key, (valid, words) in HEADER_FIELDS.items():
+        if key not in header:
+            raise LPError(f"heal file {path}: its header has no {key}", "re-run `lpconvert heal`")
+        if not valid(header[key]):
+            raise LPError(f"heal file {path}: header field {key} must be {words}, got {shown(header[key])}",
+                          "re-run `lpconvert heal`")
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _parse_header(text: str, path) -> object:
+    """The JSON header; NaN and Infinity (which Python's json accepts) and absurd nesting are refused."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except RecursionError:
+        raise LPError(f"heal file {path}: its header is nested too deeply to be a heal header",
+                      "re-run `lpconvert heal`") from None
+    except ValueError as exc:  # JSONDecodeError, or NaN/Infinity
+        raise LPError(f"heal file {path}: its header is not valid JSON ({str(exc)[:80]})",
+                      "re-run `lpconvert heal`") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Whether lpconvert wrote the file at a path: `heal --overwrite` replaces only such a heal file and report.
+
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit for a header
+
+
+def is_heal_file(path: Path) -> bool:
+    """A safetensors file whose metadata holds an lpconvert heal header (read from the header alone)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > MAX_HEADER_BYTES:
+                return False
+            metadata = json.loads(f.read(length)).get("__metadata__") or {}
+            return json.loads(metadata.get(METADATA_KEY, "null")).get("kind") == HEAL_KIND
+    except (OSError, ValueError, AttributeError, RecursionError, struct.error):
+        return False
+
+
+def is_heal_report(path: Path) -> bool:
+    """A JSON report `lpconvert heal` wrote beside its heal file (kind lpconvert-heal)."""
+    try:
+        if path.stat().st_size > MAX_HEADER_BYTES:
+            return False
+        return json.loads(path.read_text(encoding="utf-8")).get("kind") == HEAL_KIND
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
+FIX = "write the heal file outside any model folder, e.g. -o heal.safetensors"
+HEAL_OUTPUT = OwnedFile("heal file", ".safetensors", "heal", is_heal_file, FIX, outside_model_folders=True)
+HEAL_REPORT = OwnedFile("heal report", ".json", "heal", is_heal_report, FIX, outside_model_folders=True)
+
+
+def check_heal_outputs(output: Path, overwrite: bool, protect) -> Path:
+    """Refuse a heal file path, or the report path derived from it, that would replace what lpconvert did not
+    write, or that lies in a model folder; returns the report's path."""
+    protect = list(protect)
+    check_owned_output(output, HEAL_OUTPUT, overwrite, protect)
+    report = output.with_suffix(".json")
+    check_owned_output(report, HEAL_REPORT, overwrite, protect)
+    return report

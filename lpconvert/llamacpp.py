@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .checks import shown
 from .errors import LPError
 
 INSTALL = "pip install 'lpconvert[llamacpp]' (llama-cpp-python 0.3.36, built from source in 5-9 minutes)"
@@ -233,12 +234,57 @@ def open_exported_gguf(name: str) -> GgufModel | None:
     if "lpconvert.version" not in meta:
         return None
     check_installed()
-    arch = meta["general.architecture"]
-    plan = json.loads(meta["lpconvert.plan"])
-    lp_source = {"name": meta["lpconvert.source"], "fingerprint": plan["source"]}
-    if "lpconvert.content_sha256" in meta:
-        lp_source["content_sha256"] = meta["lpconvert.content_sha256"]
-    config = SimpleNamespace(model_type=arch, vocab_size=int(meta[f"{arch}.vocab_size"]),
-                             num_hidden_layers=int(meta[f"{arch}.block_count"]),
-                             max_position_embeddings=int(meta[f"{arch}.context_length"]), lp_source=lp_source)
-    return GgufModel(name=name, path=path, config=config)
+    return GgufModel(name=name, path=path, config=exported_config(ExportMetadata(path, meta)))
+
+
+EXPORTED_ARCH = "deci"  # ggufexport.GGUF_ARCH: the llama.cpp architecture every lpconvert GGUF declares
+
+
+def exported_config(read: ExportMetadata) -> SimpleNamespace:
+    """What eval and bench need of an lpconvert GGUF: sizes and provenance, every entry checked."""
+    arch = read.value("general.architecture", str)
+    if arch != EXPORTED_ARCH:
+        raise read.broken(f"its general.architecture is {shown(arch)}, not '{EXPORTED_ARCH}'")
+    lp_source = {"name": read.value("lpconvert.source", str), "fingerprint": read.plan_source()}
+    if "lpconvert.content_sha256" in read.meta:
+        lp_source["content_sha256"] = read.value("lpconvert.content_sha256", str)
+    return SimpleNamespace(model_type=arch, vocab_size=read.value(f"{arch}.vocab_size", int),
+                           num_hidden_layers=read.value(f"{arch}.block_count", int),
+                           max_position_embeddings=read.value(f"{arch}.context_length", int), lp_source=lp_source)
+
+
+@dataclass
+class ExportMetadata:
+    """The head of an lpconvert GGUF (ggufhead.read_gguf_head), read entry by entry: an entry that is missing
+    or not what ggufexport writes (the file edited, or damaged) is one line naming the file and the key."""
+
+    path: Path
+    meta: dict
+
+    def broken(self, what: str) -> LPError:
+        return LPError(f"{self.path} is an lpconvert GGUF whose metadata is damaged: {what}",
+                       f"re-export it with `lpconvert export SOURCE --plan PLAN -o {self.path.name}`")
+
+    def value(self, key: str, kind: type):
+        """META[KEY] if it is a string (KIND str) or a positive integer (KIND int)."""
+        if key not in self.meta:
+            raise self.broken(f"it has no {key} entry")
+        value = self.meta[key]
+        if kind is int and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise self.broken(f"its {key} is {shown(value)}, not a positive integer")
+        if kind is str and not isinstance(value, str):
+            raise self.broken(f"its {key} is {shown(value)}, not a string")
+        return value
+
+    def plan_source(self) -> dict:
+        """The fingerprint of the source, from the plan JSON in lpconvert.plan."""
+        text = self.value("lpconvert.plan", str)
+        try:
+            plan = json.loads(text)
+        except RecursionError:
+            raise self.broken("its lpconvert.plan is nested too deeply to be a plan") from None
+        except ValueError:  # JSONDecodeError
+            raise self.broken(f"its lpconvert.plan is not JSON: {shown(text)}") from None
+        if not isinstance(plan, dict) or not isinstance(plan.get("source"), dict):
+            raise self.broken(f"its lpconvert.plan is not a plan (a JSON object with a source): {shown(text)}")
+        return plan["source"]

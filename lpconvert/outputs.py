@@ -25,7 +25,8 @@ import shutil
 import signal
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LPError
@@ -85,7 +86,20 @@ def _check_parent(out: Path) -> Path:
         raise LPError(f"cannot write {out}: {parent} is a file, not a folder", "choose a path in a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise LPError(f"cannot write into {parent}", "choose a writable output path")
+    _probe_creatable(parent)
     return parent
+
+
+def _probe_creatable(parent: Path) -> None:
+    """Create and remove an empty file in `parent`: for root os.access says yes even where nothing can
+    be created (/proc, a read-only mount), and the refusal must come before the work, not after it."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".lpconvert-probe-", dir=parent)
+    except OSError as exc:
+        raise LPError(f"cannot create files in {parent}: {exc.strerror or exc}",
+                      "choose an output path in a writable folder") from None
+    os.close(fd)
+    os.unlink(name)
 
 
 # Every name export and convert write. A folder holding anything else (notes, a .git of a cloned
@@ -159,6 +173,9 @@ def check_output_file(path: Path, protect: Iterable[Path] = (), inputs: Iterable
     try:
         if path.exists() and path.is_dir():
             raise LPError(f"output {path} is a folder", f"give a file path such as {path / 'out.json'}")
+        if path.exists() and not path.is_file():  # the atomic rename would put a file where the device was
+            raise LPError(f"output {path} exists and is not a regular file (a device, a pipe or a socket)",
+                          "write to a new file or to a regular file")
         real = _real(path)
         for protected in protect:
             root = _real(protected)
@@ -186,29 +203,74 @@ def written_gguf(path: Path) -> bool:
         return False
 
 
-def check_output_gguf(path: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
-    """Refuse a GGUF output path that can't be written, or whose file would be lost if it were."""
+@dataclass(frozen=True)
+class OwnedFile:
+    """A kind of file lpconvert writes whole and may replace with --overwrite, but only one it wrote."""
+
+    what: str  # in messages: "GGUF", "heal file"
+    suffix: str  # ".gguf"
+    example: str  # the name a fix suggests when the path has none: "model"
+    written: Callable[[Path], bool]  # whether lpconvert wrote the file at this path
+    fix: str  # where to write it instead
+    outside_model_folders: bool = False  # refused in any model folder, not only the source's
+
+
+def check_owned_output(path: Path, kind: OwnedFile, overwrite: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuse an output file of `kind` that can't be written, or whose current file would be lost."""
     path = Path(path)
-    if not path.name.lower().endswith(".gguf"):
-        raise LPError(f"output {path} does not end in .gguf", f"name the file, e.g. -o {path.name or 'model'}.gguf")
+    name = path.name.lower()
+    if not name.endswith(kind.suffix) or name == kind.suffix:
+        problem = "has no name before" if name == kind.suffix else "does not end in"
+        raise LPError(f"output {path} {problem} {kind.suffix}: a {kind.what} is written as NAME{kind.suffix}",
+                      f"name the file, e.g. -o {_named(path, kind)}")
     if path.is_dir():
-        raise LPError(f"output {path} is a folder", f"give a file path such as {path / 'model.gguf'}")
+        raise LPError(f"output {path} is a folder", f"give a file path such as {path / (kind.example + kind.suffix)}")
     protect = list(protect)
     try:
         overlap = _overlap(path, protect)
+        folder = _model_folder_of(path) if kind.outside_model_folders else None
     except OSError as exc:
         raise _os_problem(path, exc) from None
     if overlap:  # a file inside the model's folder too, as for folder outputs: a Hub cache is no place for it
-        raise LPError(f"output path {path} {overlap}", "write the GGUF outside the source model's folder")
+        raise LPError(f"output path {path} {overlap}", kind.fix)
+    if folder is not None:
+        raise LPError(f"output {path} is inside the model folder {folder}, where a {kind.what} could be read as part "
+                      "of that model or replace one of its files", kind.fix)
     check_output_file(path, protect)
     if path.is_symlink():
         raise LPError(f"output path {path} is a symbolic link", "give the real path of the file")
     if path.exists():
         if not overwrite:
-            raise LPError(f"output file {path} already exists", "pass --overwrite or choose another path")
-        if not written_gguf(path):
-            raise LPError(f"output file {path} was not written by lpconvert, so --overwrite will not replace it",
+            raise LPError(f"{kind.what} {path} already exists", "pass --overwrite or choose another path")
+        if not kind.written(path):
+            raise LPError(f"{kind.what} {path} was not written by lpconvert, so --overwrite will not replace it",
                           "choose a new output path, or remove the file yourself")
+
+
+def _named(path: Path, kind: OwnedFile) -> Path:
+    """The path a fix suggests: out.json -> out.safetensors, .safetensors -> heal.safetensors."""
+    stem = path.name[: -len(kind.suffix)] if path.name.lower().endswith(kind.suffix) else Path(path.name).stem
+    return path.parent / ((stem or kind.example) + kind.suffix)
+
+
+# The files that make a folder a model's: lpconvert's outputs never go beside them (the source reader
+# takes every *.safetensors of a folder without an index as part of the model).
+MODEL_FOLDER_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                      "pytorch_model.bin.index.json")
+
+
+def _model_folder_of(path: Path) -> Path | None:
+    """The folder holding `path`, if it is a model's."""
+    folder = _real(path).parent
+    return folder if any((folder / name).exists() for name in MODEL_FOLDER_FILES) else None
+
+
+GGUF_OUTPUT = OwnedFile("GGUF", ".gguf", "model", written_gguf, "write the GGUF outside the source model's folder")
+
+
+def check_output_gguf(path: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
+    """Refuse a GGUF output path that can't be written, or whose file would be lost if it were."""
+    check_owned_output(path, GGUF_OUTPUT, overwrite, protect)
 
 
 @contextlib.contextmanager

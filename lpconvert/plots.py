@@ -12,6 +12,7 @@ from pathlib import Path
 from .errors import LPError
 
 FORMATS = ("png", "pdf", "svg")  # what --plot writes, by the file's extension (matplotlib's savefig)
+STRATEGY_COLORS = {"contiguous": "tab:blue", "greedy": "tab:orange", "search": "tab:green"}  # in every plot
 
 
 def _pyplot():
@@ -63,7 +64,6 @@ def plot_front(plan_json: dict, scores: dict, path) -> None:
     """The quality/depth front of a plan (its JSON) and the scores it was made from, as a PNG: calibration
     perplexity against effective depth, measured for the plan's strategy, estimated for the others."""
     from .formats import plan_from_json
-    from .plan.defaults import STRATEGY_COLORS
     from .plan.front import front_series
 
     plan = plan_from_json(plan_json)

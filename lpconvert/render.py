@@ -304,7 +304,6 @@ def bench_table(report: dict) -> Table:
     gains = {(g["model"], g["batch"], g["mode"]): g["decode"] for g in report["speedups"]}
     for row in report["rows"]:
         gain = gains.get((row["model"], row["batch"], row["mode"]))
-        decode = row["decode_tokens_per_s"]  # None: too short to measure (decode time within the noise)
-        table.add_row(row["model"], str(row["batch"]), row["mode"], "n/a" if decode is None else f"{decode:.1f}",
+        table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['decode_tokens_per_s']:.1f}",
                       f"{row['prefill_tokens_per_s']:.0f}", f"{gain:.2f}x" if gain else "")
     return table

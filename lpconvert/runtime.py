@@ -18,14 +18,15 @@ from .settings import COMPUTE_DTYPES  # noqa: F401  (re-exported: the names are 
 DTYPES = {name: getattr(torch, name) for name in settings.DTYPES}
 
 
-def resolve_device(name: str) -> str:
-    """auto -> cuda when there is a GPU, else cpu; a named device must exist."""
+def resolve_device(name: str, label: str = "--device") -> str:
+    """auto -> cuda when there is a GPU, else cpu; a named device must exist. `label` names the setting as the
+    user wrote it (--device, or recipe key eval.device)."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise LPError(f"--device '{name}' does not exist", "use auto, cpu or cuda")
+        raise LPError(f"{label} '{name}' does not exist", "use auto, cpu or cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise LPError("--device cuda was asked but this machine has no CUDA GPU", "use --device cpu or auto")
+        raise LPError(f"{label} {name} was asked but this machine has no CUDA GPU", "use cpu or auto")
     return name
 
 

@@ -41,6 +41,7 @@ TEXT_SPLITS = ("calib", "heldout", "all")
 EVAL_SPLITS = ("heldout", "all")  # eval reads the held-out windows of a calibration text, or a whole text
 STRATEGIES = ("contiguous", "greedy", "search")  # how plan chooses pairs (lpconvert/plan/)
 OBJECTIVES = ("kl", "loss")  # what plan's measuring minimises
+MAX_STEPS = 10**6
 HEAL_METHODS = ("lsq", "distill")  # heal: least squares (training-free); lsq then a short KL fine-tune
 HEAL_TRAINED = ("all", "output")  # distill trains every fused projection of a pair, or o_proj and down_proj only
 HEAL_TARGETS = ("global", "local")  # lsq fits toward the source's own stream, or the two layers run in sequence
@@ -106,7 +107,8 @@ class HealSettings:
     seed: int = setting(0, int_spec(0))
     batch_size: int = setting(4, int_spec(4, min=1))
     train: str = setting("all", Spec("choice", "all", choices=HEAL_TRAINED))  # distill: which projections
-    steps: int = setting(150, int_spec(150, min=1))  # distill: optimizer steps, one window each
+    # distill: optimizer steps, one window each (a million is days of training: more is a typo)
+    steps: int = setting(150, int_spec(150, min=1, max=MAX_STEPS))
     lr: float = setting(3e-4, Spec("number", 3e-4, above=0))  # distill: Adam's peak learning rate (cosine decay)
     device: str = setting("auto", Spec("device", "cpu"))
     dtype: str = setting("float32", Spec("choice", "float32", choices=DTYPES))

@@ -127,6 +127,16 @@ def resolve_text(
     return TextSource(source, kind, text, budget.used if budget.cut else None)
 
 
+def check_text_name(source: str, label: str) -> None:
+    """Refuse, without reading it, a text source resolve_text would not find: a stage that reads its text
+    late (eval after the export) must not learn of a typo after hours of work."""
+    if source in BUILTINS or Path(source).expanduser().exists():
+        return
+    if DATASET_NAME.match(source) and not source.lower().endswith(TEXT_SUFFIXES):
+        return  # a dataset name: whether it loads offline is known only by loading it
+    raise LPError(f"{label}: text source {source} does not exist", "check the path, or use the built-ins wiki / news")
+
+
 def _gensim_data(relative: str) -> Path:
     # find_spec on a top-level package locates it without executing its (heavy) __init__.
     spec = importlib.util.find_spec("gensim")

@@ -36,12 +36,12 @@ from lpconvert.plan import (  # noqa: E402
     DEFAULT_HELDOUT_TOKENS,
     DEFAULT_TOKENS,
     DEFAULT_VERIFY,
-    STRATEGY_COLORS,
     Calibrator,
     Target,
     build_calibrator,
     make_plan,
 )
+from lpconvert.plots import STRATEGY_COLORS  # noqa: E402
 from lpconvert.settings import PlanSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402

@@ -2,7 +2,7 @@
 
 On a GPU, transformers compiles the decode step of a static-cache `generate` by itself; this forces
 the same auto-compile on the CPU (mode "default", no CUDA graphs) and replays `lpconvert.bench.measure`'s
-call order: warm-up (N+1 tokens, 1 token, prefill), then repeats. It prints each call's time and
+call order: warm-up (a generate of N+1 tokens, a prefill), then repeats. It prints each call's time and
 the number of graphs dynamo compiled so far: a repeat that takes seconds, or a growing count, is a
 recompilation inside the timed runs.
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lpconvert.bench import _time_generate, _time_prefill, middle_pairs, random_source_model  # noqa: E402
+from lpconvert.bench import _time_decode, _time_prefill, middle_pairs, random_source_model  # noqa: E402
 from lpconvert.blocks import convert_in_memory  # noqa: E402
 
 
@@ -41,14 +41,14 @@ def main() -> None:
     kwargs = dict(do_sample=False, pad_token_id=0, cache_implementation="static", compile_config=compile_config)
     prompt = torch.randint(0, model.config.vocab_size, (1, 32))
     mask = torch.ones_like(prompt)
-    calls = [("warm-up", "N+1"), ("warm-up", "1"), ("warm-up", "prefill")]
-    calls += [(f"repeat {r}", what) for r in (1, 2, 3) for what in ("1", "N+1", "prefill")]
+    calls = [("warm-up", "N+1"), ("warm-up", "prefill")]
+    calls += [(f"repeat {r}", what) for r in (1, 2, 3) for what in ("N+1", "prefill")]
     for phase, what in calls:
         started = time.perf_counter()
         if what == "prefill":
             _time_prefill(model, prompt, mask, "cpu")
         else:
-            _time_generate(model, prompt, mask, 1 if what == "1" else args.new_tokens + 1, kwargs, "cpu")
+            _time_decode(model, prompt, mask, args.new_tokens, kwargs)
         print(f"{phase:9s} {what:8s} {time.perf_counter() - started:7.2f} s  graphs compiled: "
               f"{counters['stats']['unique_graphs']}", flush=True)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 import torch
@@ -249,6 +250,54 @@ score: {calib: news, tokens: 256, seq_len: 64, device: cpu}
 plan: {target: {pairs: 1}, strategy: greedy, use_model: false}
 eval: {text: news, split: all, tokens: 256, seq_len: 64, device: cpu, new_tokens: 4}
 """
+
+
+# ----------------------------------------------------------------------------------------------
+# GGUF files edited by hand (the file's own layout kept: every other entry and the tensor data stay valid)
+
+GGUF_ALIGNMENT = 32  # general.alignment's default, which ggufexport keeps
+
+
+def _gguf_string_entry(key: str) -> bytes:
+    """How a string entry starts in a GGUF header: the key (u64 length, bytes), then value type 8 (string)."""
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", 8)
+
+
+def rename_gguf_key(path: Path, key: str, new_key: str) -> None:
+    """Rename the metadata entry KEY to NEW_KEY, of the same length (e.g. deci.vocab_size -> deci.vocab_sizX)."""
+    assert len(new_key) == len(key)
+    data = Path(path).read_bytes()
+    old = struct.pack("<Q", len(key)) + key.encode()
+    assert data.count(old) == 1, f"{key} is not in {path} once"
+    Path(path).write_bytes(data.replace(old, struct.pack("<Q", len(new_key)) + new_key.encode()))
+
+
+def set_gguf_string(path: Path, key: str, value: str) -> None:
+    """Replace the string value of the metadata entry KEY with VALUE, padded with trailing spaces so that the
+    header's length changes by whole alignment steps: the tensor data moves by as much and stays aligned."""
+    data = Path(path).read_bytes()
+    entry = _gguf_string_entry(key)
+    assert data.count(entry) == 1, f"{key} is not a string entry of {path}"
+    start = data.index(entry) + len(entry)
+    (old_length,) = struct.unpack("<Q", data[start:start + 8])
+    raw = value.encode()
+    raw += b" " * ((old_length - len(raw)) % GGUF_ALIGNMENT)
+    Path(path).write_bytes(data[:start] + struct.pack("<Q", len(raw)) + raw + data[start + 8 + old_length:])
+
+
+def corrupt_gguf_tensor(path: Path, fill: bytes = b"\xff", tensor: str = "blk.0.ffn_down.weight") -> str:
+    """Overwrite every data byte of TENSOR in the GGUF at PATH with FILL (repeated): 0xFF bytes are NaN in
+    f32, f16 and bf16, and NaN scales in q8_0. Returns the tensor's name."""
+    from gguf import GGUFReader
+
+    found = {t.name: t for t in GGUFReader(path).tensors}
+    assert tensor in found, f"{path} has no tensor {tensor} (it has {', '.join(found)})"
+    offset, size = int(found[tensor].data_offset), int(found[tensor].n_bytes)
+    del found  # the reader's memory map, closed before the file is written
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write((fill * (size // len(fill) + 1))[:size])
+    return tensor
 
 
 # ----------------------------------------------------------------------------------------------

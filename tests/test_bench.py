@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from builders import cli_export
 from typer.testing import CliRunner
 
-from lpconvert.bench import middle_pairs
+from lpconvert.bench import _time_decode, middle_pairs, random_source_model
 from lpconvert.cli import app
 from lpconvert.errors import LPError
 
@@ -21,10 +22,20 @@ def test_random_weights_json_has_a_row_and_a_speedup_per_pair_count():
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert [r["model"] for r in report["rows"]] == ["source", "lp-0", "lp-2"]
-    row = report["rows"][0]
-    assert {"batch", "mode", "decode_tokens_per_s", "decode_spread", "prefill_tokens_per_s"} <= set(row)
-    assert row["decode_tokens_per_s"] > 0 and row["mode"] == "eager"
+    for row in report["rows"]:
+        assert row["batch"] == 1 and row["mode"] == "eager"
+        for rate in ("decode", "prefill"):  # tokens over a positive time: positive however loaded the machine
+            assert row[f"{rate}_tokens_per_s"] > 0
+            assert len(row[f"{rate}_spread"]) == 2 and min(row[f"{rate}_spread"]) > 0
     assert [s["model"] for s in report["speedups"]] == ["lp-0", "lp-2"]
+    assert all(s["decode"] > 0 and s["prefill"] > 0 for s in report["speedups"])
+
+
+def test_decode_is_timed_over_exactly_the_new_tokens_after_the_prefills_one():
+    model = random_source_model("tiny", torch.float32, "cpu")
+    prompt = torch.randint(0, model.config.vocab_size, (2, 8))
+    steps, seconds = _time_decode(model, prompt, torch.ones_like(prompt), 5, dict(do_sample=False, pad_token_id=0))
+    assert steps == 5 and seconds > 0
 
 
 def test_model_against_its_baseline_has_a_row_per_batch_size_and_a_speedup_each(tiny_models, tmp_path):

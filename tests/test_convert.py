@@ -150,8 +150,8 @@ def test_bad_values_are_refused_naming_the_key(tmp_path, content, key, message):
     "score: {seed: -1, device: 'cuda:1', device_map: auto, metrics: [loss], measure_loss: false}",
     "plan: {verify: 0, heldout_tokens: 0, strategy: null, metric: null, allow_edge_layers: true}",
     "plan: {target: {speedup: 2}}",
-    "plan: {target: {max_loss_increase: 0.05}}",
-    "plan: {target: {max_loss_increase: '7'}}",
+    "plan: {target: {max_loss_increase: 5%}}",
+    "plan: {target: {max_loss_increase: '7 %'}}",
     "plan: {use_model: false, target: {pairs: 2}, tokens: 16, seq_len: 512}",  # no calibration: tokens unused
     "export: {max_shard_size: 2GiB, dtype: auto, copy_tokenizer: false}",
     "export: {max_shard_size: ' 500 mb '}",
@@ -241,7 +241,7 @@ def test_command_line_values_are_checked_like_recipe_values_naming_the_option():
     from lpconvert.settings import check_setting, check_target
 
     assert check_setting("eval", "max_ppl_increase", "5%", "--max-ppl-increase") == pytest.approx(0.05)
-    assert check_setting("eval", "max_ppl_increase", 0.05, "--max-ppl-increase") == pytest.approx(0.05)
+    assert check_setting("eval", "max_ppl_increase", 0, "--max-ppl-increase") == 0  # the one bare number: 0 either way
     assert check_setting("score", "metrics", ["loss"], "--metrics") == ("loss",)
     assert check_setting("export", "max_shard_size", "2GiB", "--max-shard-size") == "2GiB"  # export parses it
     assert check_setting("plan", "target", {"speedup": 2}, "plan.target") == {"speedup": 2.0}

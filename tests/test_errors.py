@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import struct
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -648,7 +650,7 @@ def case_plan_search_without_model(t, p):
 
 
 def case_plan_loss_increase_not_a_percentage(t, p):
-    return _plan_llama(t, p, "--max-loss-increase", "lots"), "not a percentage"
+    return _plan_llama(t, p, "--max-loss-increase", "lots"), "must be a percentage like 5%"
 
 
 def case_plan_without_output(t, p):
@@ -770,7 +772,7 @@ def _heal(t, p, *extra, pairs="2"):
 
 
 def case_heal_output_not_safetensors(t, p):
-    return _heal(t, p), "a heal file is written as .safetensors"
+    return _heal(t, p), "does not end in .safetensors: a heal file is written as NAME.safetensors"
 
 
 def case_heal_plan_without_pairs(t, p):
@@ -784,7 +786,7 @@ def case_heal_output_inside_the_model_folder(t, p):
     args = _heal(t, p)
     args[1] = str(model)
     args[args.index("-o") + 1] = str(model / "heal.safetensors")
-    return args, "is inside the model folder"
+    return args, "lies inside the source model"
 
 
 def case_heal_method_unknown(t, p):
@@ -889,19 +891,308 @@ def case_recipe_gguf_unknown_type(t, p):
         "recipe key export.gguf_type"
 
 
+# ----------------------------------------------------------------------------------------------
+# Issue 23, the reliability round. A case may return a third item, Expect: another exit code (1, a failed
+# gate) and the victims, files and folders whose bytes, names and kinds must be exactly as they were.
+
+
+@dataclass
+class Expect:
+    exit_code: int = 2
+    victims: list[Path] = field(default_factory=list)
+
+
+def _victim_model(t, p) -> Path:
+    """Another model's folder, which a heal output must never touch."""
+    return _copy(t, "llama", p).rename(p / "victim")
+
+
+def case_heal_output_in_another_models_folder(t, p):
+    victim = _victim_model(t, p)
+    args = _heal(t, p)
+    args[args.index("-o") + 1] = str(victim / "model.safetensors")
+    return args, "is inside the model folder", Expect(victims=[victim])
+
+
+def case_heal_output_is_a_foreign_file(t, p):
+    notes = [p / "notes.safetensors", p / "notes.json"]
+    for path in notes:
+        path.write_text("the user's notes")
+    args = _heal(t, p)
+    args[args.index("-o") + 1] = str(notes[0])
+    return args, "notes.safetensors already exists (pass --overwrite", Expect(victims=notes)
+
+
+def case_heal_overwrite_of_a_foreign_file(t, p):
+    args, _, expect = case_heal_output_is_a_foreign_file(t, p)
+    return [*args, "--overwrite"], "was not written by lpconvert, so --overwrite will not replace it", expect
+
+
+def case_heal_overwrite_of_a_foreign_report(t, p):
+    (p / "notes.json").write_text('{"kind": "my-notes"}')
+    args = _heal(t, p, "--overwrite")
+    args[args.index("-o") + 1] = str(p / "notes.safetensors")
+    return args, "notes.json was not written by lpconvert, so --overwrite will not replace it", Expect(victims=[p / "notes.json"])
+
+
+def case_heal_output_without_a_name(t, p):
+    args = _heal(t, p)
+    args[args.index("-o") + 1] = str(p / ".safetensors")
+    return args, "has no name before .safetensors: a heal file is written as NAME.safetensors (name the file, e.g. -o "
+
+
+def case_heal_output_in_proc(t, p):  # root may write anywhere by os.access, and nothing can be created there
+    args = _heal(t, p)
+    args[args.index("-o") + 1] = "/proc/x.safetensors"
+    return args, "cannot create files in /proc"
+
+
+def _device_node(p) -> Path:
+    """A copy of /dev/null made in the test's folder: a character device that an output must not replace."""
+    os.mknod(p / "out", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    return p / "out"
+
+
+def case_plan_output_is_a_device(t, p):
+    device = _device_node(p)
+    return _plan(_scores_for(t["llama"], p), p, "--pairs", "1"), "exists and is not a regular file", \
+        Expect(victims=[device])
+
+
+def case_score_output_is_a_device(t, p):
+    device = _device_node(p)
+    return ["score", str(t["llama"]), "-o", str(device)], "exists and is not a regular file", Expect(victims=[device])
+
+
+def _broken_export(t, p, fill: bytes) -> Path:
+    """An export whose first tensor's bytes are all FILL: 0xFF is NaN in every float type, 0x7F80 is float32 Inf."""
+    out = cli_export(t["llama"], p / "broken", pairs="2")
+    shard = out / "model.safetensors"
+    data = bytearray(shard.read_bytes())
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    name = next(k for k in header if k != "__metadata__")
+    start, end = header[name]["data_offsets"]
+    data[8 + length + start:8 + length + end] = (fill * (end - start))[:end - start]
+    shard.write_bytes(bytes(data))
+    return out
+
+
+EVAL_QUICK = ["--text", "news", "--split", "all", "--tokens", "256", "--seq-len", "64", "--device", "cpu"]
+
+
+def case_eval_gate_with_a_nan_model(t, p):
+    broken = _broken_export(t, p, b"\xff")
+    return ["eval", str(t["llama"]), str(broken), "--max-ppl-increase", "50%", *EVAL_QUICK], \
+        "gate failed: perplexity_converted, perplexity_increase, kl_divergence are not finite", Expect(exit_code=1)
+
+
+def case_eval_gate_with_an_inf_model(t, p):
+    broken = _broken_export(t, p, struct.pack("<f", float("inf")))
+    return ["eval", str(t["llama"]), str(broken), "--min-agreement", "0", *EVAL_QUICK], "are not finite", \
+        Expect(exit_code=1)
+
+
+def _alias_bomb(depth: int = 9) -> str:
+    """A YAML list of nine levels, each level nine aliases of the one before: 9^9 items once expanded."""
+    levels = ["&a0 [1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return "[" + ", ".join(levels) + "]"
+
+
+def _recipe(t, p, text: str, data: bytes | None = None):
+    path = p / "recipe.yaml"
+    path.write_bytes(data if data is not None else text.encode())
+    return ["convert", str(t["llama"]), "-o", str(p / "out"), "--recipe", str(path)]
+
+
+def case_recipe_alias_bomb(t, p):
+    return _recipe(t, p, f"score: {{tokens: {_alias_bomb()}}}\n"), \
+        "holds more than 10,000 values once its aliases are expanded"
+
+
+def case_recipe_alias_bomb_nested(t, p):
+    return _recipe(t, p, f"heal: {{damping: [0.3, {_alias_bomb()}]}}\n"), "holds more than 10,000 values"
+
+
+def case_recipe_self_referencing_alias(t, p):
+    return _recipe(t, p, "score:\n  tokens: &me [*me]\n"), "holds more than 10,000 values"
+
+
+def case_recipe_eval_text_missing(t, p):
+    return _recipe(t, p, "eval: {text: nowhere.txt}\n"), \
+        "recipe key eval.text: text source nowhere.txt does not exist"
+
+
+def case_recipe_heal_calib_missing(t, p):
+    return _recipe(t, p, "heal: {calib: nowhere.txt}\n"), "recipe key heal.calib: text source nowhere.txt"
+
+
+def _no_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+
+
+def case_recipe_eval_device_without_a_gpu(t, p):
+    _no_gpu()
+    return _recipe(t, p, "eval: {device: cuda}\n"), "recipe key eval.device cuda was asked but this machine has no CUDA GPU"
+
+
+def case_recipe_heal_device_without_a_gpu(t, p):
+    _no_gpu()
+    return _recipe(t, p, "heal: {device: 'cuda:0'}\n"), "recipe key heal.device cuda:0 was asked"
+
+
+def case_recipe_binary(t, p):
+    return _recipe(t, p, "", bytes(range(256))), "is not UTF-8 text"
+
+
+def case_recipe_utf16(t, p):
+    return _recipe(t, p, "", "score: {tokens: 512}\n".encode("utf-16")), "is not UTF-8 text"
+
+
+def case_recipe_is_a_folder(t, p):
+    (p / "recipes").mkdir()
+    return ["convert", str(t["llama"]), "-o", str(p / "out"), "--recipe", str(p / "recipes")], "is a folder"
+
+
+def _heal_header_edited(t, p, **changes) -> Path:
+    """A heal file for the tiny llama's pair 2 whose JSON header has CHANGES (a value, or DROP to remove the key)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    path = _heal_file(p / "heal.safetensors", t["llama"], [2])
+    with safe_open(str(path), framework="pt") as f:
+        header = json.loads(f.metadata()["lpconvert_heal"])
+    raw = changes.pop("_raw", None)
+    for key, value in changes.items():
+        target, _, leaf = key.rpartition("__")
+        holder = header[target] if target else header
+        if value is DROP:
+            del holder[leaf]
+        else:
+            holder[leaf] = value
+    save_file(load_file(str(path)), str(path), metadata={"lpconvert_heal": raw or json.dumps(header)})
+    return path
+
+
+DROP = object()
+# A heal header field of the wrong type or value, and the words it is refused in.
+BAD_HEAL_HEADERS = {
+    "plan_is_a_string": ({"plan": "pairs"}, "header field plan must be a mapping whose pairs are [i, i+1] lists"),
+    "plan_pair_of_one": ({"plan__pairs": [14]}, "header field plan must be"),
+    "source_is_a_string": ({"source": "llama"}, "header field source must be a mapping with name, fingerprint"),
+    "pairs_is_a_string": ({"pairs": "abc"}, "header field pairs must be a list of rows"),
+    "pairs_of_numbers": ({"pairs": [1, 2]}, "header field pairs must be a list of rows"),
+    "pairs_row_of_three_layers": ({"pairs": [{"pair": [14, 15, 16]}]}, "header field pairs must be"),
+    "perplexity_is_a_list": ({"heldout_perplexity": [1, 2]}, "header field heldout_perplexity must be"),
+    "perplexity_without_tokens": ({"heldout_perplexity": {"unhealed": 20.0, "healed": 19.0}},
+                                  "header field heldout_perplexity must be"),
+    "perplexity_as_text": ({"heldout_perplexity": {"unhealed": "20", "healed": 19.0, "tokens": 512}},
+                           "header field heldout_perplexity must be"),
+    "perplexity_infinite": ({"heldout_perplexity": {"unhealed": float("nan"), "healed": float("inf"), "tokens": 512}},
+                            "its header is not valid JSON (NaN is not a number JSON allows"),
+    "calibration_is_a_string": ({"calibration": "wiki"}, "header field calibration must be a mapping"),
+    "settings_is_a_string": ({"settings": "fast"}, "header field settings must be a mapping"),
+    "method_is_a_mapping": ({"method": {"a": 1}}, "header field method must be one of lsq, distill, got {'a': 1}"),
+    "without_a_source": ({"source": DROP}, "its header has no source"),
+}
+
+
+def _bad_heal_header_case(changes: dict, message: str):
+    def case(t, p):
+        heal = _heal_header_edited(t, p, **changes)
+        return _export(t["llama"], p, "--pairs", "2", "--heal", str(heal)), message
+
+    return case
+
+
+for _name, (_changes, _message) in BAD_HEAL_HEADERS.items():
+    globals()[f"case_heal_header_{_name}"] = _bad_heal_header_case(_changes, _message)
+
+
+NESTED = "[" * 100_000 + "]" * 100_000
+
+
+def case_plan_nested_too_deeply(t, p):
+    (p / "plan.json").write_text(NESTED)
+    return _export(t["llama"], p, "--plan", str(p / "plan.json")), "plan.json is nested too deeply to be one"
+
+
+def case_plan_object_nested_too_deeply(t, p):
+    (p / "plan.json").write_text('{"kind": ' + NESTED + "}")
+    return _export(t["llama"], p, "--plan", str(p / "plan.json")), "is nested too deeply"
+
+
+def case_scores_nested_too_deeply(t, p):
+    (p / "scores.json").write_text(NESTED)
+    return _plan(p / "scores.json", p, "--pairs", "1"), "scores.json is nested too deeply to be one"
+
+
+def case_heal_header_nested_too_deeply(t, p):
+    heal = _heal_header_edited(t, p, _raw=NESTED)
+    return _export(t["llama"], p, "--pairs", "2", "--heal", str(heal)), "its header is nested too deeply"
+
+
+def case_plan_pairs_as_a_mapping(t, p):
+    return _export(t["llama"], p, "--plan", str(_plan_file(t, p, {"14": 15}))), \
+        "lacks valid 'pairs' (a list of [i, i+1])"
+
+
+def case_tasks_a_set_and_a_misspelt_task(t, p):  # sets and names mix: core,arc_easy is valid
+    return _tasks(t, "--tasks", "core,arc_esy"), "task 'arc_esy' does not exist (did you mean 'arc_easy'?)"
+
+
+def case_tasks_min_retained_without_a_sign(t, p):
+    return _tasks(t, "--tasks", "core", "--min-retained", "0.97"), \
+        "--min-retained 0.97 has no % sign, so it is ambiguous (write e.g. 97% or 0.97%)"
+
+
+def case_recipe_min_retained_without_a_sign(t, p):
+    return _recipe(t, p, "tasks: {min_retained: 0.97}\n"), \
+        "recipe key tasks.min_retained 0.97 has no % sign, so it is ambiguous (write e.g. 97% or 0.97%)"
+
+
+def case_eval_max_ppl_increase_without_a_sign(t, p):
+    return ["eval", str(t["llama"]), str(t["llama"]), "--max-ppl-increase", "10"], \
+        "--max-ppl-increase 10 has no % sign, so it is ambiguous (write e.g. 10%)"
+
+
+def case_heal_steps_not_a_number(t, p):
+    return _heal(t, p, "--steps", "abc"), "Invalid value for '--steps'"
+
+
+def case_heal_lr_not_a_number(t, p):
+    return _heal(t, p, "--lr", "abc"), "Invalid value for '--lr'"
+
+
+def case_tasks_limit_in_exponent_form(t, p):
+    return _tasks(t, "--tasks", "core", "--limit", "1e9"), "Invalid value for '--limit'"
+
+
+def case_tasks_limit_not_a_number(t, p):
+    return _tasks(t, "--tasks", "core", "--limit", "abc"), "(see lpconvert eval --help)"
+
+
+def case_heal_steps_beyond_a_million(t, p):
+    return _heal(t, p, "--steps", "99999999999999999999999"), "--steps must be a positive integer up to 1,000,000"
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_one_clear_line(case, tiny_models, tmp_path):
-    args, message = CASES[case](tiny_models, tmp_path)
+    args, message, *rest = CASES[case](tiny_models, tmp_path)
+    expect = rest[0] if rest else Expect()
     out = tmp_path / "out"
     out_existed = out.exists()
     before = out.stat().st_mtime_ns if out_existed else None
     out_listing = sorted(os.listdir(out)) if out.is_dir() else None
     listing = sorted(os.listdir(tmp_path))
+    victims = snapshot(expect.victims)
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
+    assert result.exit_code == expect.exit_code, f"exit {result.exit_code}: {result.output}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert message in result.stderr.replace("\n", " "), result.stderr
@@ -914,6 +1205,20 @@ def test_bad_input_is_one_clear_line(case, tiny_models, tmp_path):
     leftovers = [p.name for p in tmp_path.iterdir() if ".lpconvert-tmp-" in p.name]
     assert not leftovers
     assert sorted(os.listdir(tmp_path)) == listing  # nothing written anywhere else either
+    assert snapshot(expect.victims) == victims  # every byte, name and kind of file as it was
+
+
+def snapshot(paths: list[Path]) -> dict[str, tuple]:
+    """Each file under PATHS: its kind (regular, device...), its device number and the sha256 of its bytes."""
+    import hashlib
+
+    found = {}
+    for root in paths:
+        for path in [root, *(sorted(root.rglob("*")) if root.is_dir() else [])]:
+            info = path.lstat()
+            digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else None
+            found[str(path)] = (stat.S_IFMT(info.st_mode), info.st_rdev, digest)
+    return found
 
 
 def cuda_without_gpu(t, p):

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from .. import __version__
 from ..errors import LPError
@@ -36,7 +38,39 @@ from ..settings import (
     option_label,
 )
 
+# typer vendors click in recent versions: its exception classes are found through one it exports.
+_CLICK_ERRORS = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+ClickException, UsageError = _CLICK_ERRORS["ClickException"], _CLICK_ERRORS["UsageError"]
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (`--steps abc`, a missing option, an unknown command) as lpconvert's one line and exit
+    code 2, instead of click's usage box: a CI log reads the same kind of line for every bad input."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except ClickException as exc:
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help: nothing to add
+                err.print(f"[bold red]error:[/] {escape(_usage_line(exc))}", highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:  # end of input at a prompt
+            err.print("[bold red]aborted[/]")
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)  # an int is typer.Exit's code; a command returns None
+
+
+def _usage_line(exc) -> str:
+    """click's message with the command it concerns: "--steps: 'abc' is not a valid integer (see lpconvert heal --help)"."""
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    context = getattr(exc, "ctx", None)
+    return f"{message} (see {context.command_path} --help)" if isinstance(exc, UsageError) and context else message
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="lpconvert",
     help="Turn a pretrained Hugging Face causal LM into a faster layer-parallel checkpoint, without retraining.\n\n"
     "Pipeline: [bold]inspect[/] a model, [bold]score[/] its layers and pairs on calibration text, [bold]plan[/] "
@@ -66,8 +100,8 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow runni
                                         rich_help_panel="Source")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel="Output")]
 OverwriteOpt = Annotated[bool, typer.Option(
-    "--overwrite", help="Replace an existing output that lpconvert wrote (a folder, or a .gguf file); never "
-    "anything else.",
+    "--overwrite", help="Replace an existing output that lpconvert wrote (an export folder, a .gguf file, a heal "
+    "file and its report); never anything else.",
     rich_help_panel="Output")]
 AllowEdgeOpt = Annotated[bool, typer.Option(
     "--allow-edge-layers", help="Allow pairing the first or last layer (most damaging).", rich_help_panel="Pairs")]
@@ -101,12 +135,16 @@ def main_options(
 
 
 def stage(fn):
-    """Run a command; map LPError to one line + its exit code, and Ctrl-C to exit 130."""
+    """Run a command; map LPError to one line + its exit code, and Ctrl-C or SIGTERM (a CI timeout, `kill`)
+    to exit 130 with one line, after the command's cleanup has removed what it was writing."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from ..outputs import sigterm_as_interrupt
+
         try:
-            return fn(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return fn(*args, **kwargs)
         except LPError as exc:
             if _state["debug"]:
                 raise

@@ -39,6 +39,7 @@ from .app import (
     settings_from_options,
     show,
     stage,
+    typed_paths,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -272,6 +273,7 @@ def heal(
     dtype: DtypeOpt = HEAL_DEFAULTS["dtype"],
     plot: Annotated[Path | None, typer.Option(help="Also draw held-out perplexity before and after each pair.",
                                               rich_help_panel="Output", show_default=False)] = None,
+    overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -279,8 +281,8 @@ def heal(
     least squares; distill: then a KL fine-tune). Writes only the replaced weights; `lpconvert export --heal`
     applies them."""
     from ..formats import load_plan, plan_for_source, source_fingerprint
-    from ..healfile import write_heal_file
-    from ..outputs import write_json_atomically
+    from ..healfile import check_heal_outputs, write_heal_file
+    from ..outputs import protected_paths, write_json_atomically
     from ..plots import plot_heal
     from ..render import heal_table
 
@@ -288,20 +290,15 @@ def heal(
         HealSettings, method=method, target=target, damping=_comma_numbers(damping, "--damping"), train=train, steps=steps,
         lr=lr, calib=calib, text_field=text_field, tokens=tokens, heldout_tokens=heldout_tokens, seq_len=seq_len,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype)
-    if output.suffix != ".safetensors":
-        raise LPError(f"-o {output}: a heal file is written as .safetensors", f"e.g. -o {output.with_suffix('.safetensors')}")
-    report_path = output.with_suffix(".json")
     loaded_plan = load_plan(plan)
+    report_path = check_heal_outputs(output, overwrite, typed_paths(model))
     for path in (output, report_path, plot):
         check_output_file_early(path, model, plan, calib)
     check_plot_path(plot)
-    if Path(model).expanduser().is_dir():
-        _check_outside_model_folder(output, Path(model).expanduser())
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress)
-        check_output_file_against(source, output, report_path, plot)
-        if getattr(source, "path", None):
-            _check_outside_model_folder(output, Path(source.path))
+        check_heal_outputs(output, overwrite, protected_paths(source))
+        check_output_file_against(source, plot)
         chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
                                  plan_name=f"plan {plan}", allow_edge_layers=True)
         from ..heal import heal as run_heal
@@ -318,14 +315,6 @@ def heal(
     out.print(heal_table(report))
     out.print(f"heal file written to [bold]{output}[/], report to [bold]{report_path}[/]"
               + (f", plot to [bold]{plot}[/]" if plot else ""))
-
-
-def _check_outside_model_folder(output: Path, folder: Path) -> None:
-    """A model folder without an index is read as every *.safetensors in it: a heal file written
-    there would become part of the source's weights the next time it is read."""
-    if folder.resolve() in output.expanduser().resolve().parents:
-        raise LPError(f"-o {output} is inside the model folder {folder}, where a .safetensors file would be read "
-                      "as part of the model's weights", "write the heal file outside the model folder")
 
 
 def _comma_numbers(text: str, option: str) -> list[float]:

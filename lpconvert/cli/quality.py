@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from ..errors import LPError
 from ..settings import BenchSettings, EvalSettings, TaskSettings, build, option_label
@@ -104,7 +105,7 @@ def eval_command(
 
         show(report, as_json, eval_table)
     if not report["passed"]:
-        err.print(f"[bold red]gate failed:[/] {'; '.join(report['failures'])}", highlight=False)
+        err.print(f"[bold red]gate failed:[/] {escape('; '.join(report['failures']))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 
@@ -248,11 +249,12 @@ def convert(
 ) -> None:
     """score -> plan -> [heal ->] export -> eval in one step, for CI. Exit 0: converted and passed the gate;
     1: the gate failed (nothing written unless --keep-failed); 2: bad input."""
+    from ..convert import check_runnable_here, load_recipe
     from ..convert import convert as run_convert
-    from ..convert import load_recipe
     from ..render import eval_table, heal_table, tasks_table
 
     settings = load_recipe(recipe)
+    check_runnable_here(settings)
     check_output_folder_early(output, overwrite, model)
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress)
@@ -270,5 +272,6 @@ def convert(
         out.print(f"converted model in [bold]{output}[/]: {len(summary['pairs'])} pairs, "
                   f"{summary['effective_depth']} blocks (recipe, scores, plan and eval report alongside)")
     if not summary["passed"]:
-        err.print(f"[bold red]gate failed[/] (kept because of --keep-failed): {'; '.join(summary['failures'])}")
+        err.print(f"[bold red]gate failed[/] (kept because of --keep-failed): {escape('; '.join(summary['failures']))}",
+                  highlight=False, soft_wrap=True)
         raise typer.Exit(1)

@@ -15,9 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ..archs import architecture_for
-from ..blocks import content_digest
 from ..errors import LPError
-from ..formats import Plan, check_fingerprint, source_fingerprint
+from ..formats import Plan, check_fingerprint, content_digest, source_fingerprint
 from ..healfile import HEALED_PARTS, heal_header, tensor_name
 from ..runner import LayerRunner
 from ..runtime import check_positions, dtype_from_name, resolve_device, text_windows

@@ -28,7 +28,6 @@ from .defaults import (
     DEFAULT_VERIFY,
     OBJECTIVES,
     STRATEGIES,
-    STRATEGY_COLORS,
     TOP_K,
     Progress,
 )
@@ -42,7 +41,7 @@ from .targets import ALPHA, SPEEDUP_NOTE, Target, estimated_speedup, pairs_for_t
 
 __all__ = [
     "ALPHA", "CACHE_LIMIT", "DEFAULT_BEAM", "DEFAULT_CANDIDATES", "DEFAULT_HELDOUT_TOKENS", "DEFAULT_TOKENS",
-    "DEFAULT_VERIFY", "OBJECTIVES", "SPEEDUP_NOTE", "STRATEGIES", "STRATEGY_COLORS", "TOP_K",
+    "DEFAULT_VERIFY", "OBJECTIVES", "SPEEDUP_NOTE", "STRATEGIES", "TOP_K",
     "Calibrator", "Choice", "Measured", "Progress", "Target",
     "build_calibrator", "contiguous_runs", "estimated_speedup", "front_series", "make_plan", "max_pairs",
     "pairs_for_target", "parse_target", "plan_contiguous", "plan_greedy", "plan_search", "plan_stage",

@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 from ..settings import OBJECTIVES, STRATEGIES, PlanSettings  # noqa: F401  (re-exported for the package)
 
-STRATEGY_COLORS = {"contiguous": "tab:blue", "greedy": "tab:orange", "search": "tab:green"}  # in every plot
 DEFAULT_CANDIDATES = PlanSettings.candidates
 DEFAULT_BEAM = PlanSettings.beam
 DEFAULT_VERIFY = PlanSettings.verify
