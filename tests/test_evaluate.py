@@ -58,5 +58,28 @@ def test_different_vocabularies_are_refused(tiny_models, converted, tmp_path):
     assert result.exit_code == 2 and "was converted from another model" in result.stderr
 
 
-def test_percentages_read_with_or_without_the_percent_sign():
-    assert parse_percent("10%", "--x") == pytest.approx(0.1) and parse_percent("25", "--x") == pytest.approx(0.25)
+def test_a_percentage_is_written_with_its_sign_on_the_command_line_and_in_a_recipe():
+    from lpconvert.errors import LPError
+    from lpconvert.settings import check_setting
+
+    assert parse_percent("10%", "--x") == pytest.approx(0.1) and parse_percent("0", "--x") == 0
+    assert check_setting("tasks", "min_retained", "97%", "tasks.min_retained") == pytest.approx(0.97)
+    for typed in ("25", "0.97", 0.97, 97):  # 0.97 is 97% to some and 0.97% to others: neither is guessed
+        with pytest.raises(LPError, match="has no % sign, so it is ambiguous"):
+            check_setting("tasks", "min_retained", typed, "tasks.min_retained")
+
+
+def test_a_figure_that_is_not_finite_fails_the_gate_with_or_without_bounds():
+    from lpconvert.evaluate import gate_failures
+    from lpconvert.settings import EvalSettings
+
+    fine = {"perplexity_source": 10.0, "perplexity_converted": 11.0, "perplexity_increase": 0.1, "agreement": 0.9,
+            "kl_divergence": 0.1}
+    assert gate_failures(fine, EvalSettings(max_ppl_increase=0.2, min_agreement=0.8)) == []
+    assert gate_failures(fine, EvalSettings(max_ppl_increase=0.05)) == ["perplexity increase 10% exceeds 5%"]
+    for broken in ({"perplexity_converted": float("nan"), "perplexity_increase": float("nan")},
+                   {"perplexity_converted": float("inf"), "perplexity_increase": float("inf")},
+                   {"kl_divergence": float("nan")}):
+        for settings in (EvalSettings(), EvalSettings(max_ppl_increase=0.5, min_agreement=0.0)):
+            (failure,) = gate_failures({**fine, **broken}, settings)
+            assert "not finite" in failure

@@ -230,3 +230,45 @@ def test_global_target_fits_toward_the_source_stream(tiny_models):
     for row in result.report["pairs"]:
         assert row["calib_residual_after"] < row["calib_residual_before"]
     assert result.report["heldout_perplexity"]["healed"] <= result.report["heldout_perplexity"]["unhealed"]
+
+
+def test_heal_replaces_only_its_own_files_and_only_with_overwrite(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    plan = tmp_path / "plan.json"
+    assert invoke("export", model, "--pairs", "1", "-o", tmp_path / "plain").exit_code == 0
+    plan.write_text((tmp_path / "plain" / "lpconvert-plan.json").read_text())
+    args = ["heal", model, "--plan", plan, "-o", tmp_path / "heal.safetensors", *QUICK_OPTIONS]
+    assert invoke(*args).exit_code == 0
+    first = (tmp_path / "heal.safetensors").read_bytes(), (tmp_path / "heal.json").read_text()
+    again = invoke(*args)
+    assert again.exit_code == 2 and "already exists (pass --overwrite" in again.stderr
+    assert ((tmp_path / "heal.safetensors").read_bytes(), (tmp_path / "heal.json").read_text()) == first
+    replaced = invoke(*args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((tmp_path / "heal.json").read_text())["kind"] == "lpconvert-heal"
+
+
+def test_sigterm_during_heal_exits_130_and_leaves_nothing(tiny_models, tmp_path):
+    """A CI timeout sends SIGTERM: the heal stops with exit 130 and one line, and writes neither file. The signal is
+    sent once heal reports its work has started (no timing), with enough steps that it cannot finish first."""
+    import signal
+    import subprocess
+    import sys
+
+    plan = tmp_path / "plan.json"
+    assert invoke("export", tiny_models["llama"], "--pairs", "1", "-o", tmp_path / "plain").exit_code == 0
+    plan.write_text((tmp_path / "plain" / "lpconvert-plan.json").read_text())
+    command = [sys.executable, "-m", "lpconvert", "--progress", "lines", "heal", str(tiny_models["llama"]), "--plan",
+               str(plan), "-o", str(tmp_path / "heal.safetensors"), *map(str, QUICK_OPTIONS), "--method", "distill",
+               "--steps", "1000000"]
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in proc.stderr:  # wait for the heal's own progress, however long loading takes
+        lines.append(line)
+        if "healing" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(lines) + rest
+    assert rest.strip().splitlines()[-1] == "interrupted: nothing was written at the output path"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "plan.json"]

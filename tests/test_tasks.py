@@ -260,3 +260,24 @@ def test_plain_lm_eval_on_the_export_gives_the_same_numbers(quick_report, conver
         assert theirs[f"{row['metric']},none"] == pytest.approx(row["converted"]["accuracy"], abs=1e-9)
         if "perplexity" in row:
             assert theirs["perplexity,none"] == pytest.approx(row["perplexity"]["converted"], rel=1e-4)
+
+
+def test_sets_and_names_mix_each_task_once():
+    from lpconvert.accuracy import CORE, resolve_tasks
+
+    assert resolve_tasks("core,core") == list(CORE)
+    assert resolve_tasks("core,arc_easy") == list(CORE)
+    assert resolve_tasks("boolq,core") == ["boolq", *CORE]
+
+
+def test_the_gate_fails_on_what_is_not_a_number_and_says_the_bound_exactly():
+    from lpconvert.accuracy import retained_failures
+
+    row = {"task": "piqa", "perplexity": {"source": 3.0, "converted": 4.0}}
+    assert retained_failures({"retained": 0.9903}, [row], 0.0097) == []
+    assert retained_failures({"retained": 0.005}, [row], 0.0097) == \
+        ["average accuracy retained 0.5% is below 0.97%"]
+    assert retained_failures({"retained": None}, [row], 0.5)[0].startswith("average accuracy retained is n/a")
+    assert retained_failures({"retained": None}, [row], None) == []  # no bound: nothing to fail
+    broken = {"task": "piqa", "perplexity": {"source": 3.0, "converted": float("nan")}}
+    assert "NaN or Inf on piqa" in retained_failures({"retained": 1.0}, [broken], None)[0]  # a bound or not
