@@ -181,24 +181,32 @@ class LlamaCppLM:
         out = torch.stack(rows)
         return SimpleNamespace(logits=out[:, -logits_to_keep:] if logits_to_keep else out)
 
-    def generate(self, input_ids, max_new_tokens: int, min_new_tokens: int = 0, attention_mask=None, **_):
-        """Greedy; stops at the end-of-text token once min_new_tokens are out (as transformers does)."""
+    def generate(self, input_ids, max_new_tokens: int, min_new_tokens: int = 0, attention_mask=None,
+                 streamer=None, **_):
+        """Greedy; stops at the end-of-text token once min_new_tokens are out (as transformers does). A
+        `streamer` is told the prompt, then each new token as it comes out (bench times decode steps so)."""
         import torch
 
         llm = self._ready(input_ids.shape[1] + max_new_tokens)
         rows = []
         for row in input_ids:
             ids = row.tolist()
+            if streamer is not None:
+                streamer.put(row[None])
             llm.reset()
             llm.eval(ids)
             new = []
             while len(new) < max_new_tokens:
                 token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
                 new.append(token)
+                if streamer is not None:
+                    streamer.put(torch.tensor([token]))
                 if token == llm.token_eos() and len(new) >= min_new_tokens:
                     break
                 llm.eval([token])
             rows.append(torch.tensor(ids + new))
+        if streamer is not None:
+            streamer.end()
         return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
 

@@ -30,6 +30,7 @@ import functools
 import hashlib
 import importlib.util
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,15 @@ import torch
 
 from lpconvert.errors import LPError
 from lpconvert.settings import TEXT_SPLITS
-from lpconvert.textread import TEXT_SUFFIXES, Budget, load_dataset, read_file, read_folder, size_text
+from lpconvert.textread import (
+    READ_CHUNK,
+    TEXT_SUFFIXES,
+    Budget,
+    load_dataset,
+    read_file,
+    read_folder,
+    size_text,
+)
 from lpconvert.wikitext import clean_wikitext, wiki_articles
 
 GENSIM_FIX = "run `make install` or `pip install --no-deps gensim==4.4.0` (it ships the built-in texts)"
@@ -130,11 +139,28 @@ def resolve_text(
 def check_text_name(source: str, label: str) -> None:
     """Refuse, without reading it, a text source resolve_text would not find: a stage that reads its text
     late (eval after the export) must not learn of a typo after hours of work."""
-    if source in BUILTINS or Path(source).expanduser().exists():
+    path = Path(source).expanduser()
+    if source in BUILTINS or path.is_dir():
+        return
+    if path.exists():
+        _check_looks_like_text(path, label)
         return
     if DATASET_NAME.match(source) and not source.lower().endswith(TEXT_SUFFIXES):
         return  # a dataset name: whether it loads offline is known only by loading it
     raise LPError(f"{label}: text source {source} does not exist", "check the path, or use the built-ins wiki / news")
+
+
+def _check_looks_like_text(path: Path, label: str) -> None:
+    """A device can't be a text; a regular file is peeked at for the NUL bytes of a binary. A FIFO is left to
+    the stage: peeking would take the bytes the stage is to read."""
+    mode = path.stat().st_mode
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        raise LPError(f"{label}: text source {path} is a device, not a text file", "give a UTF-8 text file")
+    if stat.S_ISREG(mode):
+        with open(path, "rb") as f:
+            if b"\0" in f.read(READ_CHUNK):
+                raise LPError(f"{label}: {path} looks like a binary file (it contains NUL bytes)",
+                              "give a UTF-8 text file")
 
 
 def _gensim_data(relative: str) -> Path:

@@ -1178,6 +1178,141 @@ def case_heal_steps_beyond_a_million(t, p):
     return _heal(t, p, "--steps", "99999999999999999999999"), "--steps must be a positive integer up to 1,000,000"
 
 
+# --- cases: values that overflow the type they are written in (after the inputs' own NaN/Inf checks) ---
+
+
+def _overflowing_heal_file(p, model: Path, fill: float, dtype: torch.dtype) -> Path:
+    """A heal file for MODEL's pair 2 whose down_proj is FILL stored as DTYPE: finite there, as load_heal_file
+    checks it, but not in the export's type."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = _heal_file(p / "heal.safetensors", model, [2])
+    with safe_open(str(path), framework="pt") as f:
+        metadata, shapes = f.metadata(), {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118
+    save_file({name: torch.full(shape, fill, dtype=dtype) for name, shape in shapes.items()}, str(path), metadata)
+    return path
+
+
+def case_export_nonfinite_heal_float64_into_float32(t, p):
+    heal = _overflowing_heal_file(p, t["llama"], 1e300, torch.float64)
+    return _export(t["llama"], p, "--pairs", "2", "--heal", str(heal)), \
+        "model.layers.2.mlp.down_proj.weight holds values beyond float32's range"
+
+
+def case_export_nonfinite_heal_into_float16(t, p):
+    heal = _overflowing_heal_file(p, t["llama"], 1e38, torch.float32)
+    return _export(t["llama"], p, "--pairs", "2", "--heal", str(heal), "--dtype", "float16"), \
+        "beyond float16's range (65504), the type it is written in (export with --dtype float32 or bfloat16"
+
+
+def case_export_nonfinite_source_into_float16(t, p):
+    # finite in the float32 source, which is all its checks ask; inf once the pair's down_proj is float16
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy(t, "llama", p)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["model.layers.3.mlp.down_proj.weight"][0, 0] = 1e38
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return _export(folder, p, "--pairs", "2", "--dtype", "float16"), \
+        "tensor model.layers.2.mlp.down_proj.weight holds values beyond float16's range (65504)"
+
+
+def _byte_level(p) -> Path:
+    from builders import save_byte_level_model
+
+    return save_byte_level_model(p / "byte-level", "llama")
+
+
+def case_export_nonfinite_heal_into_gguf_f16(t, p):
+    model = _byte_level(p)
+    heal = _overflowing_heal_file(p, model, 1e38, torch.float32)
+    return _gguf({"llama": model}, p, "llama", "--heal", str(heal)), \
+        "model.layers.2.mlp.down_proj.weight holds values beyond float16's range (65504)"
+
+
+def case_export_nonfinite_heal_into_gguf_q8_0(t, p):
+    model = _byte_level(p)
+    heal = _overflowing_heal_file(p, model, 1e38, torch.float32)
+    return _gguf({"llama": model}, p, "llama", "--heal", str(heal), "--gguf-type", "q8_0"), \
+        "holds values beyond q8_0's range (127 x 65504: its block scales are float16)"
+
+
+# --- cases: an lpconvert GGUF whose metadata was edited, run by eval or bench ---
+
+
+def _exported_gguf(p) -> tuple[Path, Path]:
+    """(byte-level source, its GGUF export with pair 2)."""
+    model = _byte_level(p)
+    return model, cli_export(model, p / "converted.gguf")
+
+
+def _eval_edited(p, edit) -> list[str]:
+    model, gguf = _exported_gguf(p)
+    edit(gguf)
+    return ["eval", str(model), str(gguf), "--device", "cpu"]
+
+
+def case_gguf_metadata_architecture_key_renamed(t, p):
+    from builders import rename_gguf_key
+
+    return _eval_edited(p, lambda g: rename_gguf_key(g, "general.architecture", "general.architecturX")), \
+        "converted.gguf is an lpconvert GGUF whose metadata is damaged: it has no general.architecture entry"
+
+
+def case_gguf_metadata_vocab_size_renamed(t, p):
+    from builders import rename_gguf_key
+
+    return _eval_edited(p, lambda g: rename_gguf_key(g, "deci.vocab_size", "deci.vocab_sizX")), \
+        "it has no deci.vocab_size entry (re-export it with `lpconvert export SOURCE --plan PLAN -o converted.gguf`)"
+
+
+def case_gguf_metadata_context_length_renamed(t, p):
+    from builders import rename_gguf_key
+
+    model, gguf = _exported_gguf(p)
+    rename_gguf_key(gguf, "deci.context_length", "deci.context_lengtX")
+    return ["bench", str(gguf), "--prompt-len", "8", "--new-tokens", "4"], "it has no deci.context_length entry"
+
+
+def case_gguf_metadata_architecture_decj(t, p):
+    from builders import set_gguf_string
+
+    return _eval_edited(p, lambda g: set_gguf_string(g, "general.architecture", "decj")), \
+        "its general.architecture is 'decj', not 'deci'"
+
+
+def case_gguf_metadata_plan_not_an_object(t, p):
+    from builders import set_gguf_string
+
+    return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "[1, 2]")), \
+        "its lpconvert.plan is not a plan (a JSON object with a source)"
+
+
+def case_gguf_metadata_plan_not_json(t, p):
+    from builders import set_gguf_string
+
+    return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "{pairs: [[2, 3]]")), \
+        "its lpconvert.plan is not JSON"
+
+
+def case_gguf_metadata_plan_nested_deeply(t, p):
+    from builders import set_gguf_string
+
+    return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "[" * 100_000)), \
+        "its lpconvert.plan is nested too deeply to be a plan"
+
+
+
+def case_eval_gate_with_a_nan_gguf(t, p):  # llama.cpp computes with the NaN weights: perplexity nan
+    from builders import corrupt_gguf_tensor
+
+    model, gguf = _exported_gguf(p)
+    corrupt_gguf_tensor(gguf)
+    return ["eval", str(model), str(gguf), "--max-ppl-increase", "50%", *EVAL_QUICK], "are not finite", \
+        Expect(exit_code=1)
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 
