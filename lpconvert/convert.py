@@ -9,7 +9,6 @@ passes the recipe's gate (or with keep_failed): a CI pipeline can trust the exit
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -213,7 +212,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     from .evaluate import evaluate
     from .export import export
     from .healfile import HealFile, write_heal_file
-    from .outputs import atomic_output_dir, check_output_folder, protected_paths
+    from .outputs import atomic_output_dir, check_output_folder, protected_paths, strict_json
     from .plan import parse_target, plan_stage
     from .runtime import check_positions
     from .score import compute_scores
@@ -271,21 +270,21 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
             shutil.move(str(item), tmp / item.name)
         staged.rmdir()
         (tmp / "lpconvert-recipe.yaml").write_text(recipe_yaml(recipe))
-        (tmp / "lpconvert-scores.json").write_text(json.dumps(scores, indent=2) + "\n")
+        (tmp / "lpconvert-scores.json").write_text(strict_json(scores) + "\n")
         if healed:
             write_heal_file(tmp / HEAL_FILE, healed.tensors, healed.header)
-            (tmp / "lpconvert-heal.json").write_text(json.dumps(healed.report, indent=2) + "\n")
+            (tmp / "lpconvert-heal.json").write_text(strict_json(healed.report) + "\n")
         step("eval: the converted model against the source")
         report = evaluate(source, resolve_model(str(tmp)), settings["eval"],
                           lambda done, total: step("eval: the converted model against the source", done, total,
                                                    unit="batches"))
         report["converted"] = str(out)  # not the temporary folder it was evaluated in
-        (tmp / "lpconvert-eval.json").write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / "lpconvert-eval.json").write_text(strict_json(report) + "\n")
         failures = list(report["failures"])
         tasks = None
         if settings["tasks"] is not None:
             tasks = _task_accuracy(source, tmp, out, settings["tasks"], step)
-            (tmp / "lpconvert-tasks.json").write_text(json.dumps(tasks, indent=2) + "\n")
+            (tmp / "lpconvert-tasks.json").write_text(strict_json(tasks) + "\n")
             failures += tasks["failures"]
         if failures and not keep_failed:
             raise GateFailed(f"the converted model failed the gate: {'; '.join(failures)}",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -306,7 +307,23 @@ def write_text_atomically(path: Path, text: str) -> None:
 
 
 def write_json_atomically(path: Path, data: dict) -> None:
-    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
+    write_text_atomically(path, strict_json(data) + "\n")
+
+
+def strict_json(data, **options) -> str:
+    """JSON that every reader parses: NaN and Infinity (a broken model's perplexity), which Python writes but
+    JSON has no words for, become null; the report's failures say what they were."""
+    return json.dumps(_finite_or_none(data), indent=2, allow_nan=False, **options)
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def _umask() -> int:

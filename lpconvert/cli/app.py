@@ -13,7 +13,6 @@ quality gate), no traceback unless --debug; Ctrl-C is exit 130.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -163,7 +162,9 @@ def stage(fn):
 
 
 def print_json(data) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    from ..outputs import strict_json
+
+    print(strict_json(data, default=str))
 
 
 def show(data, as_json: bool, table) -> None:
