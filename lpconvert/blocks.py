@@ -19,9 +19,7 @@ from .archs import LAYER_PREFIX, Architecture, Rule, Weight, architecture_for
 from .card import lp_config_dict
 from .checkpoint import FileSlice, MemoryStore, OutputTensor, TensorInfo, TensorStore
 from .errors import LPError
-
-# content_digest is formats.py's: re-exported only while ggufexport.py imports it from here
-from .formats import Plan, content_digest, source_fingerprint  # noqa: F401
+from .formats import Plan, source_fingerprint
 
 Piece = torch.Tensor | FileSlice
 

@@ -29,17 +29,12 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
 from . import __version__
-from .archs import Architecture, config_size
-from .blocks import (
-    CHUNK_BYTES,
-    all_output_tensors,
-    content_digest,
-)
-from .card import layer_types_of, rope_parameters_of
+from .archs import Architecture, config_size, layer_types_of, rope_parameters_of
+from .blocks import CHUNK_BYTES, all_output_tensors
 from .checkpoint import FileSlice, OutputTensor
 from .errors import LPError
 from .export import ExportReport, checked_source, healed, one_torch_thread, refuse_nonfinite
-from .formats import Plan
+from .formats import Plan, content_digest
 from .ggufvocab import check_vocabulary, write_vocabulary
 from .healfile import HealFile
 from .outputs import atomic_output_file, check_output_gguf, protected_paths, sigterm_as_interrupt
@@ -234,7 +229,7 @@ def _provenance(writer, source_name: str, plan: Plan, blocks: list[list[int]], h
     writer.add_name(f"{Path(source_name).name} layer-parallel ({len(blocks)} blocks)")
     writer.add_string(f"{LP_KEY}.version", __version__)
     writer.add_string(f"{LP_KEY}.source", source_name)
-    writer.add_string(f"{LP_KEY}.content_sha256", content)  # blocks.content_digest of the source
+    writer.add_string(f"{LP_KEY}.content_sha256", content)  # formats.content_digest of the source
     writer.add_string(f"{LP_KEY}.plan", json.dumps(plan.to_json(), sort_keys=True))
     writer.add_string(f"{LP_KEY}.blocks", json.dumps(blocks))
     if heal is not None:
