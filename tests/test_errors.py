@@ -17,10 +17,13 @@ import torch
 from builders import (
     TINY,
     cli_export,
+    corrupt_gguf_tensor,
     export_plan,
+    rename_gguf_key,
     save_other_vocabulary,
     save_sharded_safetensors,
     save_tiny_gpt2,
+    set_gguf_string,
     write_scores,
 )
 from typer.testing import CliRunner
@@ -1254,59 +1257,42 @@ def _eval_edited(p, edit) -> list[str]:
 
 
 def case_gguf_metadata_architecture_key_renamed(t, p):
-    from builders import rename_gguf_key
-
     return _eval_edited(p, lambda g: rename_gguf_key(g, "general.architecture", "general.architecturX")), \
         "converted.gguf is an lpconvert GGUF whose metadata is damaged: it has no general.architecture entry"
 
 
 def case_gguf_metadata_vocab_size_renamed(t, p):
-    from builders import rename_gguf_key
-
     return _eval_edited(p, lambda g: rename_gguf_key(g, "deci.vocab_size", "deci.vocab_sizX")), \
         "it has no deci.vocab_size entry (re-export it with `lpconvert export SOURCE --plan PLAN -o converted.gguf`)"
 
 
 def case_gguf_metadata_context_length_renamed(t, p):
-    from builders import rename_gguf_key
-
     model, gguf = _exported_gguf(p)
     rename_gguf_key(gguf, "deci.context_length", "deci.context_lengtX")
     return ["bench", str(gguf), "--prompt-len", "8", "--new-tokens", "4"], "it has no deci.context_length entry"
 
 
 def case_gguf_metadata_architecture_decj(t, p):
-    from builders import set_gguf_string
-
     return _eval_edited(p, lambda g: set_gguf_string(g, "general.architecture", "decj")), \
         "its general.architecture is 'decj', not 'deci'"
 
 
 def case_gguf_metadata_plan_not_an_object(t, p):
-    from builders import set_gguf_string
-
     return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "[1, 2]")), \
         "its lpconvert.plan is not a plan (a JSON object with a source)"
 
 
 def case_gguf_metadata_plan_not_json(t, p):
-    from builders import set_gguf_string
-
     return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "{pairs: [[2, 3]]")), \
         "its lpconvert.plan is not JSON"
 
 
 def case_gguf_metadata_plan_nested_deeply(t, p):
-    from builders import set_gguf_string
-
     return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "[" * 100_000)), \
         "its lpconvert.plan is nested too deeply to be a plan"
 
 
-
 def case_eval_gate_with_a_nan_gguf(t, p):  # llama.cpp computes with the NaN weights: perplexity nan
-    from builders import corrupt_gguf_tensor
-
     model, gguf = _exported_gguf(p)
     corrupt_gguf_tensor(gguf)
     return ["eval", str(model), str(gguf), "--max-ppl-increase", "50%", *EVAL_QUICK], "are not finite", \
