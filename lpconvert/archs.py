@@ -90,10 +90,23 @@ LLAMA_FAMILY_SHAPES = {
 SIZE_FALLBACKS = {"num_key_value_heads": "num_attention_heads", "head_dim": "hidden_size // num_attention_heads"}
 
 
+# The widths an export declares per block (its config's per_layer_config); the global value of one is ambiguous
+# to transformers, which refuses to read it.
+PER_BLOCK_WIDTHS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def one_layer_value(config, name: str):
+    """A config value as one source layer has it, or None. An export whose blocks differ in width declares the
+    widths per block, and block 0's divided by the layers it holds is one layer's."""
+    if name in PER_BLOCK_WIDTHS and getattr(config, "is_heterogeneous", False):
+        return getattr(config.per_layer_config[0], name) // len(config.lp_blocks[0])
+    return getattr(config, name, None)
+
+
 def config_size(config, expression: str) -> int:
     """The value of a size expression of `shapes` ("num_attention_heads * head_dim") for this config."""
     def value(name: str) -> int:
-        found = getattr(config, name, None)
+        found = one_layer_value(config, name)
         if not found and name in SIZE_FALLBACKS:
             return config_size(config, SIZE_FALLBACKS[name])
         return found

@@ -11,7 +11,7 @@ import json
 import torch
 
 from . import __version__
-from .archs import Architecture, layer_types_of, rope_parameters_of
+from .archs import PER_BLOCK_WIDTHS, Architecture, config_size, layer_types_of, rope_parameters_of
 from .errors import LPError
 from .formats import Plan
 
@@ -63,6 +63,7 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
         "sliding_window": getattr(config, "sliding_window", None) if "sliding_attention" in types else None,
         "layer_types": types,
         "lp_blocks": blocks,
+        "per_layer_config": _wide_block_widths(config, blocks),
         **arch.flags(config),
         "dtype": str(dtype).removeprefix("torch."),
         "lp_source": {
@@ -75,6 +76,15 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
         },
         "lpconvert_version": __version__,
     }
+
+
+def _wide_block_widths(config, blocks: list[list[int]]) -> dict[str, dict[str, int]]:
+    """What a reader of one block's widths needs (vLLM sizes each block's attention and KV cache by it): the
+    widths of every block of more than one layer. LPConfig derives the same from lp_blocks and refuses a
+    config.json where the two disagree."""
+    one_layer = {name: config_size(config, name) for name in PER_BLOCK_WIDTHS}
+    return {str(i): {name: len(layers) * value for name, value in one_layer.items()}
+            for i, layers in enumerate(blocks) if len(layers) > 1}
 
 
 def _healed_line(heal: dict) -> str:

@@ -13,7 +13,7 @@ def describe_model(source: ModelSource) -> dict[str, Any]:
     config = source.config
     architectures = getattr(config, "architectures", None) or []
     model_type = getattr(config, "model_type", None)
-    heads = getattr(config, "num_attention_heads", None)
+    heads = archs.one_layer_value(config, "num_attention_heads")  # an export's widths are per block
     hidden = getattr(config, "hidden_size", None)
     head_dim = getattr(config, "head_dim", None) or (hidden // heads if hidden and heads else None)
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -34,9 +34,9 @@ def describe_model(source: ModelSource) -> dict[str, Any]:
         "num_layers": getattr(config, "num_hidden_layers", None),
         "hidden_size": hidden,
         "num_attention_heads": heads,
-        "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "num_key_value_heads": archs.one_layer_value(config, "num_key_value_heads") or heads,
         "head_dim": head_dim,
-        "intermediate_size": getattr(config, "intermediate_size", None),
+        "intermediate_size": archs.one_layer_value(config, "intermediate_size"),
         "vocab_size": getattr(config, "vocab_size", None),
         "dtype": weights_dtype(source),
         "parameters": parameter_count(source),

@@ -87,6 +87,7 @@ def test_config_read_without_transformers_exports_what_transformers_would(name, 
 
     import torch
 
+    from lpconvert.archs import PER_BLOCK_WIDTHS, one_layer_value
     from lpconvert.card import lp_config_dict
     from lpconvert.formats import Plan, fingerprint
     from lpconvert.modeling.configuration_lpconvert import LPConfig
@@ -104,8 +105,11 @@ def test_config_read_without_transformers_exports_what_transformers_would(name, 
     # What the export leaves out, LPConfig fills with the value transformers wrote.
     built, expected = LPConfig.from_dict(exported), LPConfig.from_dict(reference)
     for key in [*inspect.signature(LPConfig.__init__).parameters, *reference]:
-        if key not in ("self", "kwargs", "transformers_version"):
+        if key in PER_BLOCK_WIDTHS:  # declared per block: a global read is ambiguous to transformers
+            assert one_layer_value(built, key) == one_layer_value(expected, key), key
+        elif key not in ("self", "kwargs", "transformers_version", "per_layer_config"):
             assert getattr(built, key, None) == getattr(expected, key, None), key
+    assert [c.to_dict() for c in built.per_layer_config] == [c.to_dict() for c in expected.per_layer_config]
 
 
 @pytest.mark.parametrize("name", list(TINY_ARCHS))

@@ -86,6 +86,37 @@ def test_exported_config_and_blocks_widen_the_paired_layers(exported):
     assert torch.equal(model.model.layers[1].input_layernorm.weight, torch.ones(64))
 
 
+def test_each_block_declares_its_widths_as_a_per_layer_reader_finds_them(exported, tiny_models, tmp_path):
+    """vLLM and tensor parallelism size each block from per_layer_config (transformers 5.14 and later): the
+    pair blocks declare two layers' heads and MLP width, the others none, and no global read is ambiguous."""
+    from transformers import AutoConfig
+
+    written = json.loads((exported["qwen2"] / "config.json").read_text())["per_layer_config"]
+    assert written == {str(i): {"num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 192}
+                       for i in (1, 2)}
+    config = AutoConfig.from_pretrained(exported["qwen2"], trust_remote_code=True)
+    assert config.is_heterogeneous
+    widths = [(c.num_attention_heads, c.num_key_value_heads, c.intermediate_size) for c in config.per_layer_config]
+    assert widths == [(4, 2, 96), (8, 4, 192), (8, 4, 192), (4, 2, 96)]
+    _export(tiny_models["qwen2"], tmp_path / "copy", [])  # no pairs: every block as wide as the source's
+    copy = AutoConfig.from_pretrained(tmp_path / "copy", trust_remote_code=True)
+    assert not copy.is_heterogeneous and copy.num_attention_heads == 4
+
+
+def test_declared_widths_that_disagree_with_the_blocks_are_refused(exported, tmp_path):
+    import shutil
+
+    from lpconvert.sources import resolve_model as resolve
+
+    shutil.copytree(exported["qwen2"], tmp_path / "edited")
+    config_path = tmp_path / "edited" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["per_layer_config"]["1"]["num_key_value_heads"] = 2
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(LPError, match="per_layer_config .* does not match lp_blocks"):
+        resolve(str(tmp_path / "edited"))
+
+
 def test_export_writes_config_code_card_plan_and_indexed_shards(exported, tiny_models):
     folder = exported["llama"]
     names = {p.name for p in folder.iterdir()}
@@ -391,3 +422,20 @@ def test_interrupted_export_leaves_nothing(signal_name, tiny_models, tmp_path):
     script = slow_export_script(tiny_models["llama"], f"export(source, plan, Path({str(out)!r}))")
     assert interrupt_while_writing(script, tmp_path, ".out.lpconvert-tmp-", signal_name) != 0
     assert list(tmp_path.iterdir()) == [], "an interrupted export left files behind"
+
+
+def test_a_transformers_without_per_layer_widths_builds_the_same_model(exported, monkeypatch):
+    """transformers before 5.14 keeps per_layer_config as a plain value: the widths then come from lp_blocks."""
+    from lpconvert.modeling import configuration_lpconvert
+    from lpconvert.modeling.configuration_lpconvert import LPConfig
+    from lpconvert.modeling.modeling_lpconvert import LPForCausalLM
+
+    declared = _load(exported["qwen3"])
+    monkeypatch.setattr(configuration_lpconvert, "_HETEROGENEOUS", False)
+    config = LPConfig.from_pretrained(exported["qwen3"])
+    assert not getattr(config, "is_heterogeneous", False)
+    derived = LPForCausalLM(config).eval()
+    derived.load_state_dict(declared.state_dict())
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(derived(ids).logits, declared(ids).logits)

@@ -7,10 +7,20 @@ every model-specific value lives in config.json, never in this code.
 which source layers each block holds: `[5]` is a copied layer, `[6, 7]` a layer-parallel pair run
 as one wide layer (2x heads, 2x KV heads, 2x MLP width, norm weights folded into the projections).
 Head counts and `intermediate_size` are those of ONE source layer; a block of h layers has h times
-as many.
+as many, which `per_layer_config` declares (transformers 5.14 and later) for whoever reads a layer's
+widths: vLLM sizes each block's attention and KV cache from it, and tensor parallelism shards by it.
+It is derived from `lp_blocks`, the one source of truth; a config.json declaring other widths is refused.
 """
 
 from transformers import PretrainedConfig
+
+# transformers 5.14 and later declare per-layer widths (HeterogeneousConfigMixin); earlier ones would keep
+# per_layer_config as a plain attribute, and the modeling file then derives the widths from lp_blocks.
+_HETEROGENEOUS = hasattr(PretrainedConfig, "is_heterogeneous")
+
+
+def _as_int_keys(declared: dict) -> dict:
+    return {int(i): dict(values) for i, values in declared.items()}
 
 
 class LPConfig(PretrainedConfig):
@@ -67,8 +77,23 @@ class LPConfig(PretrainedConfig):
         self.num_hidden_layers = len(self.lp_blocks)
         self.layer_types = layer_types or ["full_attention"] * self.num_hidden_layers
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
+        declared = kwargs.pop("per_layer_config", None)
+        widths = self._wide_block_widths()
+        if declared is not None and _as_int_keys(declared) != widths:
+            raise ValueError(f"config.json: per_layer_config {declared} does not match lp_blocks (which imply {widths}); "
+                             "remove per_layer_config, or re-export the model with lpconvert")
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
+        if widths and _HETEROGENEOUS:  # transformers >= 5.14: vLLM and tensor parallelism read each block's widths
+            self.per_layer_config = widths
+
+    def _wide_block_widths(self) -> dict[int, dict[str, int]]:
+        """Each wide block's head counts and MLP width, from lp_blocks (blocks of one layer have the global
+        values). Called before the widths become per-layer: afterwards a global read of them raises."""
+        per_layer = {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
+                     "intermediate_size": self.intermediate_size}
+        return {i: {key: len(layers) * value for key, value in per_layer.items()}
+                for i, layers in enumerate(self.lp_blocks) if len(layers) > 1}
 
 
 __all__ = ["LPConfig"]

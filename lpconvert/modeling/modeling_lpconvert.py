@@ -84,7 +84,7 @@ class LPRotaryEmbedding(nn.Module):
 
     def __init__(self, config: LPConfig):
         super().__init__()
-        self.config = config
+        self.config = config = uniform_config(config)  # dynamic_rope_update reads self.config again
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = config.rope_parameters.get("rope_type", "default")
@@ -148,6 +148,22 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return attn_output, attn_weights
 
 
+def block_widths(config: LPConfig, block_idx: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, MLP width) of a block: declared per block where transformers has per_layer_config
+    (5.14 and later), else the one-layer values times the layers the block holds."""
+    if getattr(config, "is_heterogeneous", False):
+        layer = config.per_layer_config[block_idx]
+        return layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size
+    halves = len(config.lp_blocks[block_idx])
+    return halves * config.num_attention_heads, halves * config.num_key_value_heads, halves * config.intermediate_size
+
+
+def uniform_config(config: LPConfig) -> LPConfig:
+    """A config whose widths read globally (block 0's): for code that reads them so, such as transformers' rope
+    initialisers (which compute hidden_size // num_attention_heads as a default argument)."""
+    return config.per_layer_config[0] if getattr(config, "is_heterogeneous", False) else config
+
+
 class LPAttention(nn.Module):
     """Attention of one block: `halves` source layers' heads side by side, one fused q/k/v GEMM."""
 
@@ -157,9 +173,8 @@ class LPAttention(nn.Module):
         self.config = config
         self.layer_idx = block_idx  # the cache and the mask builders index blocks
         self.head_dim = config.head_dim
-        self.num_heads = halves * config.num_attention_heads
-        self.num_kv_heads = halves * config.num_key_value_heads
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.num_heads, self.num_kv_heads, _ = block_widths(config, block_idx)
+        self.num_key_value_groups = self.num_heads // self.num_kv_heads
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scaling = self.head_dim**-0.5
@@ -218,7 +233,7 @@ class LPMLP(nn.Module):
 
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
-        width = len(config.lp_blocks[block_idx]) * config.intermediate_size
+        _, _, width = block_widths(config, block_idx)
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * width, bias=config.mlp_bias)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
