@@ -254,10 +254,6 @@ def _ratio(a: float, b: float) -> float | None:
     return a / b if b else None
 
 
-def _exp(x: float) -> float:
-    return math.exp(x) if x < 700 else math.inf  # math.exp raises OverflowError past ~709
-
-
 def compare_task(name: str, source: list[dict], converted: list[dict], chance: float | None = None) -> dict:
     """One task's row: each model's accuracy, what the converted model retains, and how often they agree;
     with `chance`, whether the source answers clearly better than guessing."""
@@ -279,7 +275,9 @@ def compare_task(name: str, source: list[dict], converted: list[dict], chance: f
         row["chance"] = chance
         row["above_chance"] = source_se is not None and source_acc - chance > ABOVE_CHANCE_BY * source_se
     if "loglik" in source[0]:
-        row["perplexity"] = {role: _exp(-sum(a["loglik"] for a in answers) / len(answers))
+        from .runtime import perplexity
+
+        row["perplexity"] = {role: perplexity(-sum(a["loglik"] for a in answers) / len(answers))
                              for role, answers in (("source", source), ("converted", converted))}
     return row
 

@@ -301,8 +301,8 @@ def percent_text(fraction: float) -> str:
 
 
 def _number_or_none(value: Any) -> float | None:
-    if _is_number(value):
-        return float(value)
+    if isinstance(value, bool):  # YAML `true`: not a number here
+        return None
     try:
         return float(value)
     except (TypeError, ValueError):

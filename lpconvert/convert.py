@@ -126,8 +126,8 @@ def _check_size(raw: dict, path) -> None:
 
 def check_runnable_here(recipe: dict) -> None:
     """Texts that don't exist and devices this machine lacks, refused before any stage runs: otherwise eval's
-    or heal's would be found only after scoring and planning (hours on a 7B). Apart from load_recipe, which
-    checks a recipe wherever it is read (a GPU recipe is valid on a laptop; it runs only on a GPU)."""
+    or heal's would be found only after scoring and planning (hours on a 7B). convert() calls it first; apart
+    from load_recipe, which checks a recipe wherever it is read (a GPU recipe is valid on a laptop)."""
     from .runtime import resolve_device
     from .texts import check_text_name
 

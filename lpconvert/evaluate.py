@@ -20,7 +20,7 @@ from . import __version__
 from .checks import percent_text
 from .formats import check_converted_from, check_same_tokenizer
 from .runner import batches
-from .runtime import check_positions, dtype_from_name, resolve_device, text_windows
+from .runtime import check_positions, dtype_from_name, perplexity, resolve_device, text_windows
 from .settings import EvalSettings  # noqa: F401  (the stage's API)
 
 
@@ -37,11 +37,6 @@ def _token_stats(source_logits: torch.Tensor, converted_logits: torch.Tensor, in
         "kl": float(kl.sum().double()),
         "tokens": targets.numel(),
     }
-
-
-def _exp(x: float) -> float:
-    """exp that says inf where math.exp would raise OverflowError (a broken model's loss)."""
-    return math.exp(x) if x < 700 else math.inf
 
 
 def gate_failures(figures: dict, settings: EvalSettings) -> list[str]:
@@ -102,8 +97,8 @@ def evaluate(source, converted, settings: EvalSettings,
     if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
         converted_model.close()
     n = totals["tokens"]
-    ppl_source = _exp(totals["nll_source"] / n)
-    ppl_converted = _exp(totals["nll_converted"] / n)
+    ppl_source = perplexity(totals["nll_source"] / n)
+    ppl_converted = perplexity(totals["nll_converted"] / n)
     figures = {
         "perplexity_source": ppl_source,
         "perplexity_converted": ppl_converted,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,26 +269,25 @@ def _parse_header(text: str, path) -> object:
 # ----------------------------------------------------------------------------------------------
 # Whether lpconvert wrote the file at a path: `heal --overwrite` replaces only such a heal file and report.
 
-MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit for a header
+MAX_REPORT_BYTES = 100 * 2**20  # a heal report is kilobytes; a larger JSON file is not one
 
 
 def is_heal_file(path: Path) -> bool:
     """A safetensors file whose metadata holds an lpconvert heal header (read from the header alone)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > MAX_HEADER_BYTES:
-                return False
-            metadata = json.loads(f.read(length)).get("__metadata__") or {}
-            return json.loads(metadata.get(METADATA_KEY, "null")).get("kind") == HEAL_KIND
-    except (OSError, ValueError, AttributeError, RecursionError, struct.error):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return json.loads(metadata.get(METADATA_KEY, "null")).get("kind") == HEAL_KIND
+    except (SafetensorError, OSError, ValueError, AttributeError, RecursionError):
         return False
 
 
 def is_heal_report(path: Path) -> bool:
     """A JSON report `lpconvert heal` wrote beside its heal file (kind lpconvert-heal)."""
     try:
-        if path.stat().st_size > MAX_HEADER_BYTES:
+        if path.stat().st_size > MAX_REPORT_BYTES:
             return False
         return json.loads(path.read_text(encoding="utf-8")).get("kind") == HEAL_KIND
     except (OSError, ValueError, AttributeError, RecursionError):

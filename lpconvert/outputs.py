@@ -4,8 +4,9 @@
   before anything is written or removed: `-o <folder holding MODEL> --overwrite` would otherwise
   delete the model it reads.
 - `--overwrite` removes only a folder lpconvert itself wrote (its config.json carries `lp_source`)
-  or an empty one; any other folder is refused, whatever it holds. Likewise a GGUF file is replaced
-  only when lpconvert wrote it (its metadata holds lpconvert.version).
+  or an empty one; any other folder is refused, whatever it holds. Likewise a GGUF file, a heal file
+  and its report (`OwnedFile`) are replaced only when lpconvert wrote them, and a heal output never
+  goes into a model folder.
 - Folders are built in a temporary folder beside OUT and renamed into place at the end; files are
   written to a temporary file and renamed over the target. An interrupted run leaves OUT as it was.
 - A new folder gets the mode `mkdir` would give it under the user's umask: the temporary folder's

@@ -7,6 +7,8 @@ budget means the same thing everywhere.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import settings
@@ -16,6 +18,11 @@ from .settings import COMPUTE_DTYPES  # noqa: F401  (re-exported: the names are 
 # The dtypes a user may ask for by name (--dtype). Measuring (plan) may also say "auto" (COMPUTE_DTYPES):
 # float32 on the CPU, where 16-bit matmuls are slow, else bfloat16.
 DTYPES = {name: getattr(torch, name) for name in settings.DTYPES}
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of a mean negative log-likelihood; inf where math.exp would raise OverflowError (a broken model)."""
+    return math.exp(mean_nll) if mean_nll < 700 else math.inf
 
 
 def resolve_device(name: str, label: str = "--device") -> str:

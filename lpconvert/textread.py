@@ -48,7 +48,7 @@ def size_text(n: int) -> str:
 # --- local files ----------------------------------------------------------------------------
 
 
-def _read_capped(path: Path, limit: int) -> tuple[bytearray, bool]:
+def read_capped(path: Path, limit: int) -> tuple[bytearray, bool]:
     """Up to `limit` bytes of `path` (a file, FIFO or device) and whether there was more."""
     data = bytearray()
     with open(path, "rb") as f:
@@ -78,7 +78,7 @@ def _whole_chars(data: bytearray) -> int:
 
 def _read_plain(path: Path, budget: Budget, *, whole_lines: bool = False) -> str:
     """Read `path` within `budget`; a cut read ends after its last whole line (`whole_lines`: always)."""
-    data, cut = _read_capped(path, budget.left)
+    data, cut = read_capped(path, budget.left)
     if cut:  # end after the last whole line; with none, plain text ends at a whole character
         end = data.rfind(b"\n") + 1
         del data[end if end or whole_lines else _whole_chars(data) :]

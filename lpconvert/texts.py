@@ -43,6 +43,7 @@ from lpconvert.textread import (
     TEXT_SUFFIXES,
     Budget,
     load_dataset,
+    read_capped,
     read_file,
     read_folder,
     size_text,
@@ -157,10 +158,10 @@ def _check_looks_like_text(path: Path, label: str) -> None:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         raise LPError(f"{label}: text source {path} is a device, not a text file", "give a UTF-8 text file")
     if stat.S_ISREG(mode):
-        with open(path, "rb") as f:
-            if b"\0" in f.read(READ_CHUNK):
-                raise LPError(f"{label}: {path} looks like a binary file (it contains NUL bytes)",
-                              "give a UTF-8 text file")
+        try:
+            read_capped(path, READ_CHUNK)  # the first chunk: a binary shows its NUL bytes there
+        except LPError as exc:
+            raise LPError(f"{label}: {exc.problem}", exc.fix) from None
 
 
 def _gensim_data(relative: str) -> Path:

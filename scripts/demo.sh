@@ -21,7 +21,7 @@ $LP plan "$OUT/scores.json" --model smollm2-135m --depth 27 --tokens 2048 --held
 echo
 echo "== 4. heal the plan's pairs: least-squares refit of each pair's down_proj (8k tokens to keep the demo short)"
 $LP heal smollm2-135m --plan "$OUT/plan.json" --tokens 8192 --heldout-tokens 2048 \
-    -o "$OUT/heal.safetensors" --plot "$OUT/heal.png"
+    -o "$OUT/heal.safetensors" --plot "$OUT/heal.png" --overwrite
 
 echo
 echo "== 5. export the plan with the healed weights: 30 layers -> 27 blocks (bfloat16)"

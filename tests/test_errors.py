@@ -1256,40 +1256,39 @@ def _eval_edited(p, edit) -> list[str]:
     return ["eval", str(model), str(gguf), "--device", "cpu"]
 
 
-def case_gguf_metadata_architecture_key_renamed(t, p):
-    return _eval_edited(p, lambda g: rename_gguf_key(g, "general.architecture", "general.architecturX")), \
-        "converted.gguf is an lpconvert GGUF whose metadata is damaged: it has no general.architecture entry"
+# An edit of a converted GGUF's metadata, and the words eval refuses it in.
+GGUF_METADATA_EDITS = {
+    "architecture_key_renamed": (lambda g: rename_gguf_key(g, "general.architecture", "general.architecturX"),
+                                 "converted.gguf is an lpconvert GGUF whose metadata is damaged: it has no "
+                                 "general.architecture entry"),
+    "vocab_size_renamed": (lambda g: rename_gguf_key(g, "deci.vocab_size", "deci.vocab_sizX"),
+                           "it has no deci.vocab_size entry (re-export it with `lpconvert export SOURCE --plan PLAN -o "
+                           "converted.gguf`)"),
+    "architecture_decj": (lambda g: set_gguf_string(g, "general.architecture", "decj"),
+                          "its general.architecture is 'decj', not 'deci'"),
+    "plan_not_an_object": (lambda g: set_gguf_string(g, "lpconvert.plan", "[1, 2]"),
+                           "its lpconvert.plan is not a plan (a JSON object with a source)"),
+    "plan_not_json": (lambda g: set_gguf_string(g, "lpconvert.plan", "{pairs: [[2, 3]]"), "its lpconvert.plan is not JSON"),
+    "plan_nested_deeply": (lambda g: set_gguf_string(g, "lpconvert.plan", "[" * 100_000),
+                           "its lpconvert.plan is nested too deeply to be a plan"),
+}
 
 
-def case_gguf_metadata_vocab_size_renamed(t, p):
-    return _eval_edited(p, lambda g: rename_gguf_key(g, "deci.vocab_size", "deci.vocab_sizX")), \
-        "it has no deci.vocab_size entry (re-export it with `lpconvert export SOURCE --plan PLAN -o converted.gguf`)"
+def _gguf_metadata_case(edit, message: str):
+    def case(t, p):
+        return _eval_edited(p, edit), message
+
+    return case
 
 
-def case_gguf_metadata_context_length_renamed(t, p):
+for _name, (_edit, _message) in GGUF_METADATA_EDITS.items():
+    globals()[f"case_gguf_metadata_{_name}"] = _gguf_metadata_case(_edit, _message)
+
+
+def case_gguf_metadata_context_length_renamed(t, p):  # read by bench, before it times anything
     model, gguf = _exported_gguf(p)
     rename_gguf_key(gguf, "deci.context_length", "deci.context_lengtX")
     return ["bench", str(gguf), "--prompt-len", "8", "--new-tokens", "4"], "it has no deci.context_length entry"
-
-
-def case_gguf_metadata_architecture_decj(t, p):
-    return _eval_edited(p, lambda g: set_gguf_string(g, "general.architecture", "decj")), \
-        "its general.architecture is 'decj', not 'deci'"
-
-
-def case_gguf_metadata_plan_not_an_object(t, p):
-    return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "[1, 2]")), \
-        "its lpconvert.plan is not a plan (a JSON object with a source)"
-
-
-def case_gguf_metadata_plan_not_json(t, p):
-    return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "{pairs: [[2, 3]]")), \
-        "its lpconvert.plan is not JSON"
-
-
-def case_gguf_metadata_plan_nested_deeply(t, p):
-    return _eval_edited(p, lambda g: set_gguf_string(g, "lpconvert.plan", "[" * 100_000)), \
-        "its lpconvert.plan is nested too deeply to be a plan"
 
 
 def case_eval_gate_with_a_nan_gguf(t, p):  # llama.cpp computes with the NaN weights: perplexity nan

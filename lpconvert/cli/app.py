@@ -62,7 +62,7 @@ class OneLineErrors(TyperGroup):
 
 
 def _usage_line(exc) -> str:
-    """click's message with the command it concerns: "--steps: 'abc' is not a valid integer (see lpconvert heal --help)"."""
+    """click's message with the command it concerns: "No such option: --bogus (see lpconvert export --help)"."""
     message = " ".join(exc.format_message().split()).rstrip(".")
     context = getattr(exc, "ctx", None)
     return f"{message} (see {context.command_path} --help)" if isinstance(exc, UsageError) and context else message

@@ -249,12 +249,11 @@ def convert(
 ) -> None:
     """score -> plan -> [heal ->] export -> eval in one step, for CI. Exit 0: converted and passed the gate;
     1: the gate failed (nothing written unless --keep-failed); 2: bad input."""
-    from ..convert import check_runnable_here, load_recipe
     from ..convert import convert as run_convert
+    from ..convert import load_recipe
     from ..render import eval_table, heal_table, tasks_table
 
     settings = load_recipe(recipe)
-    check_runnable_here(settings)
     check_output_folder_early(output, overwrite, model)
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress)

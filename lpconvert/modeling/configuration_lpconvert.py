@@ -19,8 +19,12 @@ from transformers import PretrainedConfig
 _HETEROGENEOUS = hasattr(PretrainedConfig, "is_heterogeneous")
 
 
-def _as_int_keys(declared: dict) -> dict:
-    return {int(i): dict(values) for i, values in declared.items()}
+def _as_int_keys(declared) -> dict | None:
+    """{"1": {...}} as {1: {...}}; None when `declared` is not a mapping of block indices to mappings."""
+    try:
+        return {int(i): dict(values) for i, values in declared.items()}
+    except (AttributeError, TypeError, ValueError):
+        return None
 
 
 class LPConfig(PretrainedConfig):
@@ -79,9 +83,9 @@ class LPConfig(PretrainedConfig):
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         declared = kwargs.pop("per_layer_config", None)
         widths = self._wide_block_widths()
-        if declared is not None and _as_int_keys(declared) != widths:
-            raise ValueError(f"config.json: per_layer_config {declared} does not match lp_blocks (which imply {widths}); "
-                             "remove per_layer_config, or re-export the model with lpconvert")
+        if declared is not None and _as_int_keys(declared) != widths:  # None when it is no such mapping
+            raise ValueError(f"config.json: per_layer_config {str(declared)[:120]} does not match lp_blocks (which "
+                             f"imply {widths}); remove per_layer_config to have it derived")
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         if widths and _HETEROGENEOUS:  # transformers >= 5.14: vLLM and tensor parallelism read each block's widths
