@@ -7,12 +7,15 @@ say how each output tensor of a block is built from one layer (a copied layer) o
 layer-parallel pair; docs/method.md section 2):
 
 - `norm`:  the layer's norm weight; copied for one layer, ones for a pair (folded into `rows`).
-- `rows`:  source matrices concatenated along the OUTPUT dimension, part by part and layer by
-           layer ([q_a, q_b, k_a, k_b, v_a, v_b]); for a pair each layer's norm weight `fold`
-           is multiplied into the columns first, in float32.
+- `rows`:  source matrices concatenated along the OUTPUT dimension, layer by layer ([q_a, q_b]); for
+           a pair each layer's norm weight `fold` is multiplied into the columns first, in float32.
 - `cols`:  concatenated along the INPUT dimension (o_proj, down_proj): the matmul sums both halves.
 - `sum`:   added (biases after a `cols` matrix: Attn_a + Attn_b carries both biases).
 - `stack`: one row per layer (per-head q/k norms: each half keeps its own weight).
+
+A `heads` rule holds attention heads (rows of q/k/v, columns of o_proj). Where an architecture has per-head
+q/k norms, a pair's heads alternate in units (`Architecture.head_units`: one GQA group), a's unit then
+b's, so that tensor parallelism, which cuts whole units, leaves each head with its own half's norm.
 
 A new architecture is a new table here, not new branches in the export code.
 """
@@ -39,23 +42,25 @@ class Rule:
     parts: tuple[str, ...]  # source tensor names, relative to layer_prefix ("model.layers.{layer}.")
     fold: str | None = None  # norm folded into the columns of `rows` (pairs only)
     when: str | None = None  # LPConfig flag that must be true for the tensor to exist
+    heads: bool = False  # rows (or columns, for `cols`) are attention heads: a pair's in unit order
 
 
-_Q, _K, _V = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
+_Q, _K, _V, _O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
 
 # The pre-norm Llama family (Llama, Mistral, Qwen2, Qwen3) shares one layer layout; the flags of each
-# architecture's table switch the optional tensors on.
+# architecture's table switch the optional tensors on. An export keeps Llama's tensor names, which tensor
+# parallelism (transformers' plans, vLLM) knows how to shard.
 LLAMA_FAMILY_RULES = (
     Rule(INPUT_NORM, "norm", (INPUT_NORM,)),
-    Rule("self_attn.qkv_proj.weight", "rows", (f"{_Q}.weight", f"{_K}.weight", f"{_V}.weight"), fold=INPUT_NORM),
-    Rule("self_attn.qkv_proj.bias", "rows", (f"{_Q}.bias", f"{_K}.bias", f"{_V}.bias"), when="attention_bias"),
+    *(Rule(f"{proj}.weight", "rows", (f"{proj}.weight",), fold=INPUT_NORM, heads=True) for proj in (_Q, _K, _V)),
+    *(Rule(f"{proj}.bias", "rows", (f"{proj}.bias",), when="attention_bias", heads=True) for proj in (_Q, _K, _V)),
     Rule("self_attn.q_norm.weight", "stack", ("self_attn.q_norm.weight",), when="qk_norm"),
     Rule("self_attn.k_norm.weight", "stack", ("self_attn.k_norm.weight",), when="qk_norm"),
-    Rule("self_attn.o_proj.weight", "cols", ("self_attn.o_proj.weight",)),
-    Rule("self_attn.o_proj.bias", "sum", ("self_attn.o_proj.bias",), when="attention_out_bias"),
+    Rule(f"{_O}.weight", "cols", (f"{_O}.weight",), heads=True),
+    Rule(f"{_O}.bias", "sum", (f"{_O}.bias",), when="attention_out_bias"),
     Rule(POST_NORM, "norm", (POST_NORM,)),
-    Rule("mlp.gate_up_proj.weight", "rows", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), fold=POST_NORM),
-    Rule("mlp.gate_up_proj.bias", "rows", ("mlp.gate_proj.bias", "mlp.up_proj.bias"), when="mlp_bias"),
+    *(Rule(f"mlp.{proj}.weight", "rows", (f"mlp.{proj}.weight",), fold=POST_NORM) for proj in ("gate_proj", "up_proj")),
+    *(Rule(f"mlp.{proj}.bias", "rows", (f"mlp.{proj}.bias",), when="mlp_bias") for proj in ("gate_proj", "up_proj")),
     Rule("mlp.down_proj.weight", "cols", ("mlp.down_proj.weight",)),
     Rule("mlp.down_proj.bias", "sum", ("mlp.down_proj.bias",), when="mlp_bias"),
 )
@@ -164,6 +169,12 @@ class Architecture:
             "mlp_bias": read(self.mlp_bias),
             "qk_norm": self.qk_norm,
         }
+
+    def head_units(self, config) -> int:
+        """Units per half in which a pair's heads alternate (archs.Rule.heads): one per KV head (a GQA group) where
+        the halves' per-head q/k norms differ; else 1, all of a's heads then b's (tensor parallelism of 2 then
+        runs layer a on one rank and layer b on the other, the layer-parallel scheme)."""
+        return config_size(config, "num_key_value_heads") if self.qk_norm else 1
 
     def active_rules(self, config) -> tuple[Rule, ...]:
         flags = self.flags(config)

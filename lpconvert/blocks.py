@@ -76,11 +76,13 @@ def all_finite(tensor: torch.Tensor) -> bool:
 class BlockBuilder:
     """Builds the output tensors of one block from its source layers, following the arch table."""
 
-    def __init__(self, store: TensorStore, layers: list[int], dtype: torch.dtype, prefix: str = LAYER_PREFIX):
+    def __init__(self, store: TensorStore, layers: list[int], dtype: torch.dtype, prefix: str = LAYER_PREFIX,
+                 head_units: int = 1):
         self.store = store
         self.layers = layers
         self.dtype = dtype
         self.prefix = prefix  # of a source layer's tensors
+        self.head_units = head_units  # a pair's heads alternate in this many units per half (Rule.heads)
 
     def name(self, layer: int, part: str) -> str:
         return self.prefix.format(layer) + part
@@ -97,11 +99,13 @@ class BlockBuilder:
             self._check_finite(tensor, layer, part)
         return tensor
 
-    def row_chunks(self, layer: int, part: str) -> Iterator[torch.Tensor]:
-        """The tensor in blocks of rows of about CHUNK_BYTES each, NaN/Inf-checked (pairs only)."""
+    def row_chunks(self, layer: int, part: str, unit: int = 0, units: int = 1) -> Iterator[torch.Tensor]:
+        """The tensor (or the unit-th of `units` equal row ranges of it) in blocks of rows of about CHUNK_BYTES
+        each, NaN/Inf-checked (pairs only)."""
         info = self.info(layer, part)
-        for start, stop in row_blocks(info):
-            chunk = self.store.read_rows(self.name(layer, part), start, stop)
+        rows = info.shape[0] // units
+        for start, stop in row_blocks(TensorInfo((rows, *info.shape[1:]), info.dtype)):
+            chunk = self.store.read_rows(self.name(layer, part), unit * rows + start, unit * rows + stop)
             self._check_finite(chunk, layer, part)
             yield chunk
 
@@ -148,12 +152,18 @@ def _rows_shape(b: BlockBuilder, rule: Rule) -> tuple[int, ...]:
     return (sum(b.info(layer, part).shape[0] for part in rule.parts for layer in b.layers), *first[1:])
 
 
+def _units(b: BlockBuilder, rule: Rule) -> int:
+    return b.head_units if rule.heads else 1
+
+
 def _rows(b: BlockBuilder, rule: Rule) -> Iterator[Piece]:
+    norms = {layer: b.read(layer, rule.fold, check_finite=True) for layer in b.layers} if rule.fold else {}
+    units = _units(b, rule)
     for part in rule.parts:
-        for layer in b.layers:
-            norm = b.read(layer, rule.fold, check_finite=True) if rule.fold else None
-            for chunk in b.row_chunks(layer, part):
-                yield fold_norm(chunk, norm, b.dtype) if norm is not None else chunk.to(b.dtype)
+        for unit in range(units):
+            for layer in b.layers:
+                for chunk in b.row_chunks(layer, part, unit, units):
+                    yield fold_norm(chunk, norms[layer], b.dtype) if norms else chunk.to(b.dtype)
 
 
 def _cols_shape(b: BlockBuilder, rule: Rule) -> tuple[int, ...]:
@@ -162,10 +172,20 @@ def _cols_shape(b: BlockBuilder, rule: Rule) -> tuple[int, ...]:
 
 
 def _cols(b: BlockBuilder, rule: Rule) -> Iterator[Piece]:
-    # Row r of the output is [row r of a, row r of b]: built block of rows by block of rows.
+    # Row r of the output is [row r of a, row r of b] (unit by unit for heads): built block of rows by block of rows.
+    units = _units(b, rule)
     halves = [b.row_chunks(layer, rule.parts[0]) for layer in b.layers]
     for chunks in zip(*halves, strict=True):
-        yield torch.cat([c.to(b.dtype) for c in chunks], dim=1)
+        cut = [c.to(b.dtype).chunk(units, dim=1) for c in chunks]
+        yield torch.cat([half[unit] for unit in range(units) for half in cut], dim=1)
+
+
+def unit_order(tensor: torch.Tensor, units: int, dim: int) -> torch.Tensor:
+    """A pair tensor in natural order along `dim` ([a, b]) put in unit order (a's unit 0, b's unit 0, a's unit 1,
+    ...), as `_rows` and `_cols` build heads rules: for a heal file's tensors, which keep the natural order."""
+    moved = tensor.movedim(dim, 0)
+    reordered = moved.reshape(2, units, -1, *moved.shape[1:]).transpose(0, 1).reshape(moved.shape)
+    return reordered.movedim(0, dim).contiguous()
 
 
 def _unit_norm(b: BlockBuilder, rule: Rule) -> Iterator[Piece]:
@@ -199,7 +219,7 @@ def kind_of(rule: Rule) -> Kind:
 
 def block_output_tensors(arch: Architecture, config, store: TensorStore, block: int, layers: list[int],
                          dtype: torch.dtype) -> list[OutputTensor]:
-    builder = BlockBuilder(store, layers, dtype, arch.layer_prefix)
+    builder = BlockBuilder(store, layers, dtype, arch.layer_prefix, arch.head_units(config))
     tensors = []
     for rule in arch.active_rules(config):
         shape = builder.shape(rule)
@@ -319,4 +339,5 @@ def convert_in_memory(model, pairs: list[int], *, dtype: torch.dtype | None = No
         raise RuntimeError(f"in-memory conversion mismatch: missing {missing}, unexpected {unexpected}")
     if getattr(lp_config, "tie_word_embeddings", False):
         lp_model.lm_head.weight = lp_model.model.embed_tokens.weight
+    lp_model.fuse_projections()  # as from_pretrained does on one device
     return lp_model.eval()

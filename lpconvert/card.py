@@ -64,6 +64,8 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
         "layer_types": types,
         "lp_blocks": blocks,
         "per_layer_config": _wide_block_widths(config, blocks),
+        "lp_projections": "separate",
+        "lp_head_chunks": arch.head_units(config),
         **arch.flags(config),
         "dtype": str(dtype).removeprefix("torch."),
         "lp_source": {

@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .archs import architecture_for
+from .archs import LAYER_PREFIX, Architecture, architecture_for
 from .blocks import (
     all_finite,
     all_output_tensors,
     check_config_matches_weights,
     check_float_weights,
     check_layer_tensors,
+    unit_order,
 )
 from .card import PLAN_FILE, lp_config_dict, model_card
 from .checkpoint import (
@@ -42,7 +43,7 @@ from .checkpoint import (
 from .errors import LPError
 from .folders import TOKENIZER_FILES
 from .formats import Plan, check_fingerprint, content_digest, plan_for_source, source_fingerprint
-from .healfile import HEALED_PARTS, HealFile, check_heal_for, checked_tensor, tensor_name
+from .healfile import EXPORT_PARTS, HealFile, block_of_pair, check_heal_for, checked_tensor, tensor_name
 from .outputs import atomic_output_dir, check_output_folder, protected_paths
 from .runtime import dtype_from_name
 from .settings import parse_size
@@ -184,22 +185,63 @@ class ExportReport:
         return dict(self.__dict__)
 
 
-def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint: dict, content: str | None,
-           dtype: torch.dtype) -> list[OutputTensor]:
-    """The export's tensors with the heal file's in place of the pairs' output projections it holds.
+@dataclass(frozen=True)
+class HealedPiece:
+    """An export tensor that rows [start, stop) of a heal file's tensor replace."""
 
-    Only the pairs' fused projections (healfile.HEALED_PARTS) can be replaced; the heal file must be for this source
-    and this plan. A replacement is cast to the export's dtype once, like every other tensor.
+    heal_name: str
+    start: int
+    stop: int
+    heads_dim: int | None  # the dimension holding heads, put in the export's unit order; None: not heads
+
+
+def healed_pieces(tensors: list[OutputTensor], plan: Plan, arch: Architecture, config) -> dict[str, HealedPiece]:
+    """Export tensor name -> the part of a heal file tensor that may replace it (healfile.EXPORT_PARTS)."""
+    shapes = {t.name: t.info.shape for t in tensors}
+    rules = {rule.out: rule for rule in arch.active_rules(config)}
+    pieces = {}
+    for pair in plan.pairs:
+        prefix = LAYER_PREFIX.format(block_of_pair(plan, pair))
+        for part, outs in EXPORT_PARTS.items():
+            start = 0
+            for out in outs:
+                rows = shapes[prefix + out][0]
+                rule = rules[out]
+                heads_dim = (0 if rule.kind == "rows" else 1) if rule.heads else None
+                pieces[prefix + out] = HealedPiece(tensor_name(plan, pair, part), start, start + rows, heads_dim)
+                start += rows
+    return pieces
+
+
+def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint: dict, content: str | None,
+           dtype: torch.dtype, arch: Architecture, config) -> list[OutputTensor]:
+    """The export's tensors with the heal file's in place of the pairs' projections it holds.
+
+    Only the pairs' projections (healfile.HEALED_PARTS) can be replaced; the heal file must be for this source
+    and this plan. A fused one replaces the separate tensors it holds, heads put in the export's unit order
+    (archs.Rule.heads). A replacement is cast to the export's dtype once, like every other tensor.
     """
-    healable = {tensor_name(plan, pair, part) for pair in plan.pairs for part in HEALED_PARTS}
-    check_heal_for(heal, fingerprint, content, plan, {t.name: t.info.shape for t in tensors if t.name in healable})
+    pieces = healed_pieces(tensors, plan, arch, config)
+    shapes = {t.name: t.info.shape for t in tensors}
+    fused_shapes: dict[str, tuple[int, ...]] = {}
+    for name, piece in pieces.items():
+        rows = fused_shapes.get(piece.heal_name, (0,))[0] + shapes[name][0]
+        fused_shapes[piece.heal_name] = (rows, *shapes[name][1:])
+    check_heal_for(heal, fingerprint, content, plan, fused_shapes)
+    units = arch.head_units(config)
 
     def replaced(tensor: OutputTensor) -> OutputTensor:
-        # read when its shard is written: memory holds one replacement at a time
-        return OutputTensor(tensor.name, tensor.info, lambda: iter([checked_tensor(heal, tensor.name).to(dtype)]),
-                            origin=f"heal file {heal.path}")
+        piece = pieces[tensor.name]
 
-    return [replaced(t) if t.name in heal.shapes else t for t in tensors]
+        def build():  # read when its shard is written: memory holds one replacement at a time
+            values = checked_tensor(heal, piece.heal_name)[piece.start:piece.stop]
+            if piece.heads_dim is not None and units > 1:
+                values = unit_order(values, units, piece.heads_dim)
+            yield values.to(dtype)
+
+        return OutputTensor(tensor.name, tensor.info, build, origin=f"heal file {heal.path}")
+
+    return [replaced(t) if t.name in pieces and pieces[t.name].heal_name in heal.shapes else t for t in tensors]
 
 
 # The largest magnitude each type a tensor is written in holds (q8_0: 127 steps of a float16 block scale).
@@ -270,7 +312,7 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
     lp_config = lp_config_dict(arch, config, plan, target_dtype, source.name, content)
     tensors = all_output_tensors(arch, config, store, blocks, target_dtype)
     if heal is not None:
-        tensors = healed(tensors, heal, plan, fingerprint, content, target_dtype)
+        tensors = healed(tensors, heal, plan, fingerprint, content, target_dtype, arch, config)
         lp_config["lp_heal"] = heal.summary()
     tensors = [refusing_nonfinite(t, target_dtype) for t in tensors]
     shards = plan_shards(tensors, parse_size(max_shard_size))

@@ -58,14 +58,17 @@ class Part:
 
 
 # An export block's tensors (without .weight/.bias) -> the llama.cpp tensors they hold, in row order.
-# The fused q/k/v rows are [q_a, q_b, k_a, k_b, v_a, v_b] = [q; k; v] of the wide layer (archs.py).
+# A pair's q rows are [q_a, q_b]: the wide layer's heads (archs.py; the architectures with per-head q/k norms,
+# whose heads alternate in units, are not exported to GGUF).
 BLOCK_PARTS: dict[str, tuple[Part, ...]] = {
     "input_layernorm": (Part("attn_norm"),),
-    "self_attn.qkv_proj": (Part("attn_q", "heads", rope=True), Part("attn_k", "kv_heads", rope=True),
-                           Part("attn_v", "kv_heads")),
+    "self_attn.q_proj": (Part("attn_q", "heads", rope=True),),
+    "self_attn.k_proj": (Part("attn_k", "kv_heads", rope=True),),
+    "self_attn.v_proj": (Part("attn_v", "kv_heads"),),
     "self_attn.o_proj": (Part("attn_output"),),
     "post_attention_layernorm": (Part("ffn_norm"),),
-    "mlp.gate_up_proj": (Part("ffn_gate", "ffn"), Part("ffn_up", "ffn")),
+    "mlp.gate_proj": (Part("ffn_gate", "ffn"),),
+    "mlp.up_proj": (Part("ffn_up", "ffn"),),
     "mlp.down_proj": (Part("ffn_down"),),
 }
 OUTER_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -364,7 +367,7 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
     tensors = all_output_tensors(arch, config, store, blocks, torch.float32)  # rounded once, when stored
     content = content_digest(arch, store)
     if heal is not None:
-        tensors = healed(tensors, heal, plan, fingerprint, content, torch.float32)
+        tensors = healed(tensors, heal, plan, fingerprint, content, torch.float32, arch, config)
     layout = gguf_tensors(tensors, config, blocks)
     types = {t.name: storage_type(t.shape, gguf_type) for t in layout}
     total = sum(stored_bytes(t.shape, types[t.name]) for t in layout)

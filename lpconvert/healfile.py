@@ -1,9 +1,11 @@
 """The heal file (written by the heal stage, read by export): the replacement weights of the paired blocks, and what they were made for.
 
-A safetensors file holding, under the export's own tensor names (`model.layers.{block}.mlp.down_proj.weight`,
-`...self_attn.o_proj.weight`, and after distill `...self_attn.qkv_proj.weight` and `...mlp.gate_up_proj.weight`
-with each layer's norm folded in, exactly as the export builds them), the healed weights of the pairs
-whose correction was kept, in float32,
+A safetensors file holding, under the names of the pair's block (`model.layers.{block}.mlp.down_proj.weight`,
+`...self_attn.o_proj.weight`, and after distill the fused `...self_attn.qkv_proj.weight` ([q_a, q_b, k_a, k_b,
+v_a, v_b] rows) and `...mlp.gate_up_proj.weight` ([gate_a, gate_b, up_a, up_b]) with each layer's norm folded
+in), the healed weights of the pairs whose correction was kept, in float32, a's heads before b's. The export
+splits the fused ones into its separate projections and puts heads in its unit order (`EXPORT_PARTS`,
+export.healed),
 with a JSON header in the safetensors metadata: schema version, the source's fingerprint and content
 digest, the plan's pairs, calibration provenance, method and settings. `export --heal` reads it and
 refuses one made for another source or another plan.
@@ -33,6 +35,13 @@ METADATA_KEY = "lpconvert_heal"
 # A pair's fused projections a heal may replace (runner.LayerRunner's names -> the export's).
 HEALED_PARTS = {"qkv_proj": "self_attn.qkv_proj.weight", "o_proj": "self_attn.o_proj.weight",
                 "gate_up_proj": "mlp.gate_up_proj.weight", "down_proj": "mlp.down_proj.weight"}
+
+
+# Each projection of a heal file -> the export's tensors it holds, row ranges in this order.
+EXPORT_PARTS = {"qkv_proj": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+                "o_proj": ("self_attn.o_proj.weight",),
+                "gate_up_proj": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+                "down_proj": ("mlp.down_proj.weight",)}
 
 
 def block_of_pair(plan: Plan, pair: int) -> int:

@@ -81,7 +81,7 @@ def test_exported_config_and_blocks_widen_the_paired_layers(exported):
     assert config["attention_bias"] is True and config["attention_out_bias"] is False
     model = _load(exported["qwen2"])
     wide = model.model.layers[1].self_attn
-    assert (wide.num_heads, wide.num_kv_heads) == (8, 4)
+    assert wide.qkv_sizes == [8 * wide.head_dim, 4 * wide.head_dim, 4 * wide.head_dim]
     assert model.model.layers[1].mlp.down_proj.in_features == 2 * 96
     assert torch.equal(model.model.layers[1].input_layernorm.weight, torch.ones(64))
 

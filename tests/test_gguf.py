@@ -328,7 +328,7 @@ def test_healed_gguf_matches_the_healed_folder(gguf_models, tmp_path):
     from safetensors.torch import load_file
 
     from lpconvert.export import plan_for_pairs
-    from lpconvert.healfile import HEALED_PARTS, heal_header, tensor_name, write_heal_file
+    from lpconvert.healfile import EXPORT_PARTS, HEALED_PARTS, heal_header, tensor_name, write_heal_file
 
     model = gguf_models["llama-bias"]
     plain = tmp_path / "plain"
@@ -337,8 +337,13 @@ def test_healed_gguf_matches_the_healed_folder(gguf_models, tmp_path):
     plan = plan_for_pairs(source, [1, 3])
     weights = load_file(plain / "model.safetensors")
     g = torch.Generator().manual_seed(0)
-    healed = {name: weights[name] * (1 + 0.2 * torch.randn(weights[name].shape, generator=g))
-              for name in (tensor_name(plan, pair, part) for pair in plan.pairs for part in HEALED_PARTS)}
+    def fused(pair, part):  # the heal file's layout: the export's separate projections, rows concatenated
+        prefix = tensor_name(plan, pair, part).partition("self_attn")[0].partition("mlp")[0]
+        return torch.cat([weights[prefix + out] for out in EXPORT_PARTS[part]])
+
+    healed = {tensor_name(plan, pair, part): fused(pair, part) * (1 + 0.2 * torch.randn(fused(pair, part).shape,
+                                                                                         generator=g))
+              for pair in plan.pairs for part in HEALED_PARTS}
     header = heal_header(source_name=source.name, fingerprint=plan.source, content_sha256=None, plan=plan,
                          method="distill", settings={}, calibration={}, heldout={}, pairs=[], perplexity={})
     heal = tmp_path / "heal.safetensors"

@@ -27,9 +27,31 @@ def _as_int_keys(declared) -> dict | None:
         return None
 
 
+# Llama's plans: which projections tensor parallelism cuts by output rows (heads, MLP rows) and by input columns,
+# and what a pipeline stage hands the next. A pair's halves are whole heads, so they shard like any heads.
+TP_PLAN = {
+    "layers.*.self_attn.q_proj": "colwise",
+    "layers.*.self_attn.k_proj": "colwise",
+    "layers.*.self_attn.v_proj": "colwise",
+    "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+    "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+    "layers.*.self_attn.o_proj": "rowwise",
+    "layers.*.mlp.gate_proj": "colwise",
+    "layers.*.mlp.up_proj": "colwise",
+    "layers.*.mlp.down_proj": "rowwise",
+}
+PP_PLAN = {
+    "embed_tokens": (["input_ids"], ["inputs_embeds"]),
+    "layers": (["hidden_states", "attention_mask"], ["hidden_states"]),
+    "norm": (["hidden_states"], ["hidden_states"]),
+}
+
+
 class LPConfig(PretrainedConfig):
     model_type = "lpconvert"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
+    base_model_tp_plan = TP_PLAN
+    base_model_pp_plan = PP_PLAN
 
     def __init__(
         self,
@@ -54,6 +76,8 @@ class LPConfig(PretrainedConfig):
         sliding_window=None,
         layer_types=None,
         lp_blocks=None,
+        lp_projections="fused",
+        lp_head_chunks=1,
         tie_word_embeddings=False,
         pad_token_id=None,
         bos_token_id=None,
@@ -79,6 +103,12 @@ class LPConfig(PretrainedConfig):
         self.sliding_window = sliding_window
         self.lp_blocks = lp_blocks or [[i] for i in range(num_hidden_layers)]
         self.num_hidden_layers = len(self.lp_blocks)
+        # How the checkpoint stores a block's projections: "separate" (q/k/v, gate/up: Llama's names), or "fused"
+        # (qkv_proj, gate_up_proj: earlier exports, whose config.json does not say).
+        self.lp_projections = lp_projections
+        # Units per half in which a pair's heads alternate, a's unit then b's (one GQA group each for q/k-norm
+        # architectures, so each tensor-parallel shard knows its norms); 1: all of a's heads, then b's.
+        self.lp_head_chunks = lp_head_chunks
         self.layer_types = layer_types or ["full_attention"] * self.num_hidden_layers
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         declared = kwargs.pop("per_layer_config", None)

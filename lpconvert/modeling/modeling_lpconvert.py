@@ -17,8 +17,18 @@ plain decoder layer with twice the heads, twice the KV heads and twice the MLP w
 gate/up rows of a then b, o_proj and down_proj columns of a then b, unit-weight norms. Query head j
 uses KV head j // (n_q / n_kv), so a's queries meet a's keys and b's queries meet b's keys.
 
-Every block runs one q/k/v GEMM (`qkv_proj`) and one gate/up GEMM (`gate_up_proj`): fewer, larger
-kernels, which is where layer parallelism gets its speed.
+The checkpoint stores Llama's projections (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
+down_proj) and the forward calls them as Llama does, so tensor parallelism shards them by head with
+Llama's plans (transformers' tp_plan="auto", vLLM's Transformers backend, which fuses them itself).
+With the natural head order, tensor parallelism of 2 runs layer a on one rank and layer b on the
+other, the layer-parallel scheme. Qwen3's per-head q/k norms differ between a and b: its pair heads
+are stored in units (`lp_head_chunks` units per half, one GQA group each), a's unit then b's, so a
+rank holding whole units knows which norm each head takes.
+
+On one device, `from_pretrained` fuses each block's q/k/v into one GEMM (`qkv_proj`) and gate/up into
+another (`gate_up_proj`): fewer, larger kernels. `state_dict()` (and so `save_pretrained`) still
+writes the separate projections. Exports written before the separate layout store the fused tensors
+(`lp_projections` absent from config.json): their blocks are built fused.
 """
 
 import inspect
@@ -66,16 +76,20 @@ class LPRMSNorm(nn.Module):
 
 
 class LPHeadRMSNorm(LPRMSNorm):
-    """Per-head RMSNorm of q or k (Qwen3). Each half of a pair keeps its own weight: (halves, head_dim)."""
+    """Per-head RMSNorm of q or k (Qwen3). Each half of a pair keeps its own weight: (halves, 1, head_dim).
 
-    def __init__(self, halves: int, head_dim: int, eps: float):
+    A pair's heads come in units of `unit_heads` heads, a's unit then b's, so the heads of any whole
+    number of units (a tensor-parallel shard) are viewed as (units, halves, unit_heads) whatever their count.
+    """
+
+    def __init__(self, halves: int, unit_heads: int, head_dim: int, eps: float):
         super().__init__((halves, 1, head_dim), eps)
+        self.unit_heads = unit_heads
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
-        # states: (batch, seq, halves * heads, head_dim) -> (batch, seq, halves, heads, head_dim)
         batch, seq, heads, head_dim = states.shape
         halves = self.weight.shape[0]
-        normed = super().forward(states.view(batch, seq, halves, heads // halves, head_dim))
+        normed = super().forward(states.view(batch, seq, -1, halves, self.unit_heads, head_dim))
         return normed.view(batch, seq, heads, head_dim)
 
 
@@ -164,8 +178,34 @@ def uniform_config(config: LPConfig) -> LPConfig:
     return config.per_layer_config[0] if getattr(config, "is_heterogeneous", False) else config
 
 
+def fused_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear computing `parts` side by side (their output rows in order): one GEMM instead of several."""
+    first = parts[0]
+    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    return fused
+
+
+def split_fused(module: nn.Module, fused: str, parts: tuple[str, ...], sizes: list[int]):
+    """A state_dict hook: a fused projection's tensors written as its separate parts (the checkpoint layout)."""
+
+    def hook(_module, state_dict, prefix, _local_metadata):
+        for kind in ("weight", "bias"):
+            tensor = state_dict.pop(f"{prefix}{fused}.{kind}", None)
+            if tensor is not None:
+                for name, piece in zip(parts, tensor.split(sizes), strict=True):
+                    state_dict[f"{prefix}{name}.{kind}"] = piece
+        return state_dict
+
+    module._register_state_dict_hook(hook)
+
+
 class LPAttention(nn.Module):
-    """Attention of one block: `halves` source layers' heads side by side, one fused q/k/v GEMM."""
+    """Attention of one block: `halves` source layers' heads side by side."""
 
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
@@ -173,21 +213,32 @@ class LPAttention(nn.Module):
         self.config = config
         self.layer_idx = block_idx  # the cache and the mask builders index blocks
         self.head_dim = config.head_dim
-        self.num_heads, self.num_kv_heads, _ = block_widths(config, block_idx)
-        self.num_key_value_groups = self.num_heads // self.num_kv_heads
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
+        num_heads, num_kv_heads, _ = block_widths(config, block_idx)
+        self.num_key_value_groups = num_heads // num_kv_heads
+        self.qkv_sizes = [num_heads * self.head_dim, num_kv_heads * self.head_dim, num_kv_heads * self.head_dim]
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         is_sliding = config.layer_types[block_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if is_sliding else None
 
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_out_bias)
+        self.fused = False
+        self.q_proj = nn.Linear(config.hidden_size, self.qkv_sizes[0], bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.qkv_sizes[1], bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.qkv_sizes[2], bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.qkv_sizes[0], config.hidden_size, bias=config.attention_out_bias)
         if config.qk_norm:
-            self.q_norm = LPHeadRMSNorm(halves, self.head_dim, config.rms_norm_eps)
-            self.k_norm = LPHeadRMSNorm(halves, self.head_dim, config.rms_norm_eps)
+            units = config.lp_head_chunks if halves > 1 else num_kv_heads  # a single layer: any unit will do
+            self.q_norm = LPHeadRMSNorm(halves, num_heads // halves // units, self.head_dim, config.rms_norm_eps)
+            self.k_norm = LPHeadRMSNorm(halves, num_kv_heads // halves // units, self.head_dim, config.rms_norm_eps)
+
+    def fuse(self, save_separate: bool = True) -> None:
+        """q/k/v in one GEMM (`qkv_proj`), for one device: tensor parallelism shards the separate ones."""
+        self.qkv_proj = fused_linear([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+        if save_separate:
+            split_fused(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"), self.qkv_sizes)
+        self.fused = True
 
     def forward(
         self,
@@ -197,11 +248,16 @@ class LPAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        batch, seq, _ = hidden_states.shape
-        query, key, value = self.qkv_proj(hidden_states).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        query = query.view(batch, seq, self.num_heads, self.head_dim)
-        key = key.view(batch, seq, self.num_kv_heads, self.head_dim)
-        value = value.view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)  # -1: the heads this rank holds
+        if self.fused:
+            query, key, value = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)
+        else:  # Llama's calls, which vLLM recognises and fuses into its own sharded GEMM
+            query = self.q_proj(hidden_states)
+            key = self.k_proj(hidden_states)
+            value = self.v_proj(hidden_states)
+        query, key = query.view(hidden_shape), key.view(hidden_shape)
+        value = value.view(hidden_shape).transpose(1, 2)
         if self.config.qk_norm:
             query, key = self.q_norm(query), self.k_norm(key)
         query, key = query.transpose(1, 2), key.transpose(1, 2)
@@ -225,22 +281,35 @@ class LPAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        return self.o_proj(attn_output.reshape(batch, seq, -1).contiguous())
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
 
 
 class LPMLP(nn.Module):
-    """Gated MLP of one block; a pair's gate and up rows sit in one GEMM: [gate_a, gate_b, up_a, up_b]."""
+    """Gated MLP of one block: a pair's gate and up rows are [a, b], its down_proj columns [a | b]."""
 
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
         _, _, width = block_widths(config, block_idx)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * width, bias=config.mlp_bias)
+        self.width = width
+        self.fused = False
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
+    def fuse(self, save_separate: bool = True) -> None:
+        """gate/up in one GEMM (`gate_up_proj`), for one device."""
+        self.gate_up_proj = fused_linear([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+        if save_separate:
+            split_fused(self, "gate_up_proj", ("gate_proj", "up_proj"), [self.width, self.width])
+        self.fused = True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act_fn(gate) * up)
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(self.act_fn(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LPDecoderBlock(nn.Module):
@@ -248,11 +317,16 @@ class LPDecoderBlock(nn.Module):
 
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
-        self.attention_type = config.layer_types[block_idx]
         self.self_attn = LPAttention(config, block_idx)
         self.mlp = LPMLP(config, block_idx)
         self.input_layernorm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.lp_projections == "fused":  # exports written before the separate layout store them fused
+            self.fuse(save_separate=False)
+
+    def fuse(self, save_separate: bool = True) -> None:
+        self.self_attn.fuse(save_separate)
+        self.mlp.fuse(save_separate)
 
     def forward(self, hidden_states, attention_mask, position_embeddings, cache=None, **kwargs):
         hidden_states = hidden_states + self.self_attn(
@@ -347,12 +421,12 @@ class LPModel(LPPreTrainedModel):
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
-        for block in self.layers:
+        for i, block in enumerate(self.layers[: self.config.num_hidden_layers]):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = block(
+            hidden_states = block(  # by index: a pipeline-parallel rank holds placeholders for others' blocks
                 hidden_states,
-                attention_mask=masks[block.attention_type],
+                attention_mask=masks[self.config.layer_types[i]],
                 position_embeddings=position_embeddings,
                 cache=cache,
                 position_ids=position_ids,
@@ -370,6 +444,25 @@ class LPModel(LPPreTrainedModel):
 
 class LPForCausalLM(LPPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, then each block's projections fused when the model runs whole on one
+        device (`fuse_projections`); pass `fuse_projections=False` to keep them separate."""
+        fuse = kwargs.pop("fuse_projections", True)
+        model = super().from_pretrained(*args, **kwargs)
+        if fuse and (model.tp_size or 1) == 1 and not any(p.is_meta for p in model.parameters()):
+            model.fuse_projections()
+        return model
+
+    def fuse_projections(self) -> None:
+        """One q/k/v GEMM and one gate/up GEMM per block (fewer, larger kernels): for a model that runs
+        whole on one device. state_dict() still holds the separate projections."""
+        for block in self.model.layers:
+            if not block.self_attn.fused:
+                block.fuse()
 
     def __init__(self, config: LPConfig):
         super().__init__(config)
