@@ -33,12 +33,14 @@ TP_PLAN = {
     "layers.*.self_attn.q_proj": "colwise",
     "layers.*.self_attn.k_proj": "colwise",
     "layers.*.self_attn.v_proj": "colwise",
-    "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
-    "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
     "layers.*.self_attn.o_proj": "rowwise",
     "layers.*.mlp.gate_proj": "colwise",
     "layers.*.mlp.up_proj": "colwise",
     "layers.*.mlp.down_proj": "rowwise",
+}
+QK_NORM_TP_PLAN = {  # per-head norms: every rank holds both halves' weights (its heads are whole units of both)
+    "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+    "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
 }
 PP_PLAN = {
     "embed_tokens": (["input_ids"], ["inputs_embeds"]),
@@ -109,6 +111,7 @@ class LPConfig(PretrainedConfig):
         # Units per half in which a pair's heads alternate, a's unit then b's (one GQA group each for q/k-norm
         # architectures, so each tensor-parallel shard knows its norms); 1: all of a's heads, then b's.
         self.lp_head_chunks = lp_head_chunks
+        self.base_model_tp_plan = {**TP_PLAN, **(QK_NORM_TP_PLAN if qk_norm else {})}
         self.layer_types = layer_types or ["full_attention"] * self.num_hidden_layers
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         declared = kwargs.pop("per_layer_config", None)
