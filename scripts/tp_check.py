@@ -20,8 +20,16 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_models import BLOCKS, NATURAL_ORDER, PROMPTS, TOLERANCE, build_exports, largest_difference, \
-    prompt_logprobs, reference_logprobs  # noqa: E402
+from serving_models import (  # noqa: E402
+    BLOCKS,
+    NATURAL_ORDER,
+    PROMPTS,
+    TOLERANCE,
+    build_exports,
+    largest_difference,
+    prompt_logprobs,
+    reference_logprobs,
+)
 
 PAIR_BLOCK = 2  # blocks [[0, 1], [2], [3, 4], [5]]: the middle pair
 CAUGHT = "caught (wrong or refused, as it must be)"

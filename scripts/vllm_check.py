@@ -24,20 +24,28 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_models import ARCHS, BLOCKS, PROMPTS, TOLERANCE, build_exports, largest_difference, \
-    reference_logprobs  # noqa: E402
+from serving_models import (  # noqa: E402
+    ARCHS,
+    BLOCKS,
+    PROMPTS,
+    TOLERANCE,
+    build_exports,
+    largest_difference,
+    reference_logprobs,
+)
 
 NO_PAIRS = "llama-no-pairs"
 
 
-def prepare(root: Path, archs: tuple[str, ...]) -> dict:
-    """Export the models under ROOT; name -> the reference log-probs vLLM must reproduce."""
+def prepare(root: Path, archs: tuple[str, ...], no_pairs: bool = True) -> dict:
+    """Export the models under ROOT; name -> the reference log-probs vLLM must reproduce. `no_pairs`: also the
+    Llama exported with no pairs, whose reference is its source."""
     from lpconvert.export import export, plan_for_pairs
     from lpconvert.sources import resolve_model
 
     folders = build_exports(root, archs)
     reference = {name: reference_logprobs(folder) for name, folder in folders.items()}
-    if "llama" in archs:  # no pairs: the export must be the source itself
+    if no_pairs and "llama" in archs:  # no pairs: the export must be the source itself
         source = resolve_model(str(root / "llama-source"))
         export(source, plan_for_pairs(source, []), root / NO_PAIRS)
         reference[NO_PAIRS] = reference_logprobs(root / "llama-source")
@@ -47,6 +55,8 @@ def prepare(root: Path, archs: tuple[str, ...]) -> dict:
 def vllm_environment(tp: int, pp: int) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # else minutes of hub time-outs
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+    if tp * pp == 1:  # the engine in this process: each start saves a process spawn and vLLM's imports (~20 s)
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if tp * pp > 1:  # one core per worker; vLLM's automatic binding refuses two workers on one NUMA node
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i % os.cpu_count()) for i in range(tp * pp)))
 
@@ -81,7 +91,7 @@ def run_vllm(root: Path, names: list[str], tp: int, pp: int) -> dict:
 def check(vllm_python: str, archs: tuple[str, ...], tp: int, pp: int, root: Path | None = None) -> list[dict]:
     """Build, run in vLLM, compare: one row per model."""
     root = root or Path(tempfile.mkdtemp(prefix="lpconvert-vllm-"))
-    reference = prepare(root, archs)
+    reference = prepare(root, archs, no_pairs=tp * pp == 1)
     subprocess.run([vllm_python, __file__, "--vllm-phase", str(root), "--tp", str(tp), "--pp", str(pp),
                     *reference], check=True)
     served = json.loads((root / "vllm.json").read_text())

