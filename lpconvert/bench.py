@@ -259,3 +259,55 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
             row["mode"] = "llama.cpp"
         report["speedups"] = speedups(rows, "baseline")
     return report
+
+
+def bench_models_vllm(target, baseline, settings: BenchSettings, tensor_parallel: int = 1,
+                      progress: Callable[[str], None] | None = None) -> dict:
+    """TARGET and BASELINE in vLLM, each in its own engine with the same options, all started before any timing;
+    the rounds interleave the models. `--compile` is vLLM's compiled mode (torch.compile, and CUDA graphs on a GPU);
+    without it, enforce_eager. Batch B is B requests at once."""
+    from .formats import check_same_origin
+    from .vllmengine import check_servable, engine_options, run_job
+
+    models = [("model", target)] + ([] if baseline is None else [("baseline", baseline)])
+    if baseline is not None:
+        check_same_origin(target, baseline)
+    for _, model in models:
+        check_servable(model, tensor_parallel)
+        check_positions_for(model, settings)
+    job = {"kind": "bench", "settings": settings_json(settings),
+           "engine": engine_options([model for _, model in models], settings.prompt_len + settings.new_tokens + 1,
+                                    settings.dtype, tensor_parallel, settings.compile,
+                                    max_num_seqs=max(settings.batch_sizes)),
+           "models": [{"label": label, "path": str(model.path)} for label, model in reversed(models)]}
+    answer = run_job(job, progress)
+    mode = "vllm compiled" if settings.compile else "vllm eager"
+    rows = sorted(answer["rows"], key=lambda row: (row["model"] != "baseline", row["batch"]))
+    for row in rows:
+        row["mode"] = mode
+    report = _report(rows, "baseline", settings, f"{answer['vllm']}, tensor parallel {tensor_parallel}",
+                     random_weights=None, model=target.name, baseline=None if baseline is None else baseline.name)
+    report.update(engine="vllm", tensor_parallel=tensor_parallel, same_round_ratios=same_round_ratios(rows),
+                  collectives_per_step=answer.get("collectives", {}))
+    return report
+
+
+def check_positions_for(model, settings: BenchSettings) -> None:
+    from .runtime import check_positions
+
+    check_positions(model.name, model.config, settings.prompt_len + settings.new_tokens,
+                    "--prompt-len + --new-tokens")
+
+
+def same_round_ratios(rows: list[dict]) -> list[dict]:
+    """model / baseline decode speed within each round (the models take turns), and their median: steadier than a
+    ratio of medians on a machine whose speed drifts."""
+    base = {r["batch"]: r for r in rows if r["model"] == "baseline"}
+    out = []
+    for row in rows:
+        ref = base.get(row["batch"])
+        if row["model"] != "baseline" and ref and "decode_rounds" in row:
+            ratios = [m / b for m, b in zip(row["decode_rounds"], ref["decode_rounds"], strict=True)]
+            out.append({"model": row["model"], "batch": row["batch"], "decode_ratios": ratios,
+                        "median": statistics.median(ratios)})
+    return out

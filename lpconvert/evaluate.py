@@ -43,7 +43,7 @@ def gate_failures(figures: dict, settings: EvalSettings) -> list[str]:
     """Why the converted model fails the gate, if it does. A figure that is not a finite number (a NaN or Inf
     logit, an overflowed weight) always fails: `nan > bound` is False, and a broken model must never pass."""
     broken = [name for name in ("perplexity_source", "perplexity_converted", "perplexity_increase", "kl_divergence")
-              if not math.isfinite(figures[name])]
+              if figures[name] is not None and not math.isfinite(figures[name])]  # KL is None where not measured
     if broken:
         return [f"{', '.join(broken)} {'is' if len(broken) == 1 else 'are'} not finite "
                 f"({', '.join(f'{figures[name]}' for name in broken)}): a model produced NaN or Inf"]
@@ -63,24 +63,13 @@ def _generate(model, tokenizer, prompt: str, new_tokens: int, device: str) -> st
     return tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def evaluate(source, converted, settings: EvalSettings,
-             progress: Callable[[int, int], None] | None = None) -> dict:
-    """Compare `converted` with `source` on held-out text; returns the report (with `passed`)."""
-    started = time.perf_counter()
-    if progress:
-        progress(0, None)  # the step starts now: reading text and loading both models come first
-    check_converted_from(converted, source)
-    check_same_tokenizer(source, converted)
-    check_positions(source.name, source.config, settings.seq_len, "--seq-len")
-    device = resolve_device(settings.device)
+def _transformers_totals(source, converted, windows: torch.Tensor, tokenizer, settings: EvalSettings, device: str,
+                         progress) -> tuple[dict, dict]:
     dtype = dtype_from_name(settings.dtype)
-    tokenizer = source.load_tokenizer()
-    _, windows = text_windows(tokenizer, settings.text, text_field=settings.text_field, tokens=settings.tokens,
-                              seq_len=settings.seq_len, seed=settings.seed, split=settings.split)
     source_model = source.load_model(dtype=dtype, device=device)
     converted_model = converted.load_model(dtype=dtype, device=device)
     totals = {"nll_source": 0.0, "nll_converted": 0.0, "agree": 0, "kl": 0.0, "tokens": 0}
-    chunks = list(batches(windows.input_ids, settings.batch_size))
+    chunks = list(batches(windows, settings.batch_size))
     with torch.inference_mode():
         for done, ids in enumerate(chunks, start=1):
             ids = ids.to(device)
@@ -96,6 +85,61 @@ def evaluate(source, converted, settings: EvalSettings,
         }
     if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
         converted_model.close()
+    return totals, generations
+
+
+def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSettings, tensor_parallel: int,
+                 progress) -> tuple[dict, dict, str]:
+    """Both models in vLLM, one engine after the other, on the same token windows: summed log-probs of the text's
+    tokens and how often the two engines' top tokens agree."""
+    from .vllmengine import engine_options, run_job
+
+    ids = windows.tolist()
+    job = {"kind": "logprobs", "windows": ids, "prompt": settings.prompt, "new_tokens": settings.new_tokens,
+           "engine": engine_options((source, converted), settings.seq_len + settings.new_tokens + 64, settings.dtype,
+                                    tensor_parallel, compiled=False),
+           "models": [{"label": label, "path": str(model.path),
+                       "tokenizer": str(model.tokenizer_path) if getattr(model, "tokenizer_path", None) else None}
+                      for label, model in (("source", source), ("converted", converted))]}
+    answer = run_job(job, progress)
+    src, conv = (answer["models"][label]["windows"] for label in ("source", "converted"))
+    totals = {"nll_source": -sum(sum(w["logprobs"]) for w in src),
+              "nll_converted": -sum(sum(w["logprobs"]) for w in conv),
+              "agree": sum(a == b for s, c in zip(src, conv, strict=True) for a, b in zip(s["top"], c["top"], strict=True)),
+              "kl": None, "tokens": sum(len(w["logprobs"]) for w in src)}
+    generations = {"prompt": settings.prompt, **{label: answer["models"][label]["generation"]
+                                                  for label in ("source", "converted")}}
+    return totals, generations, f"{answer['vllm']}, tensor parallel {tensor_parallel}"
+
+
+def evaluate(source, converted, settings: EvalSettings, progress: Callable | None = None,
+             engine: str = "transformers", tensor_parallel: int = 1) -> dict:
+    """Compare `converted` with `source` on held-out text; returns the report (with `passed`).
+
+    engine "vllm": both models run in vLLM (vllmengine), which returns each position's log-prob and top token, not
+    whole distributions: perplexity and agreement are measured, KL is not (null)."""
+    started = time.perf_counter()
+    if progress and engine == "transformers":
+        progress(0, None)  # the step starts now: reading text and loading both models come first
+    check_converted_from(converted, source)
+    check_same_tokenizer(source, converted)
+    check_positions(source.name, source.config, settings.seq_len, "--seq-len")
+    if engine == "vllm":
+        from .vllmengine import check_servable
+
+        for model in (source, converted):
+            check_servable(model, tensor_parallel)
+    device = resolve_device(settings.device) if engine == "transformers" else "vllm"
+    tokenizer = source.load_tokenizer()
+    _, windows = text_windows(tokenizer, settings.text, text_field=settings.text_field, tokens=settings.tokens,
+                              seq_len=settings.seq_len, seed=settings.seed, split=settings.split)
+    if engine == "vllm":
+        totals, generations, runs_in = _vllm_totals(source, converted, windows.input_ids, settings, tensor_parallel,
+                                                    progress)
+    else:
+        totals, generations = _transformers_totals(source, converted, windows.input_ids, tokenizer, settings, device,
+                                                   progress)
+        runs_in = "llama.cpp" if getattr(converted, "kind", None) == "llama.cpp" else "transformers"
     n = totals["tokens"]
     ppl_source = perplexity(totals["nll_source"] / n)
     ppl_converted = perplexity(totals["nll_converted"] / n)
@@ -104,7 +148,7 @@ def evaluate(source, converted, settings: EvalSettings,
         "perplexity_converted": ppl_converted,
         "perplexity_increase": ppl_converted / ppl_source - 1 if math.isfinite(ppl_source) else math.nan,
         "agreement": totals["agree"] / n,
-        "kl_divergence": totals["kl"] / n,
+        "kl_divergence": None if totals["kl"] is None else totals["kl"] / n,
         "tokens": n,
     }
     failures = gate_failures(figures, settings)
@@ -112,7 +156,7 @@ def evaluate(source, converted, settings: EvalSettings,
         "source": source.name,
         "converted": converted.name,
         "converted_depth": getattr(converted.config, "num_hidden_layers", None),
-        "converted_runs_in": "llama.cpp" if getattr(converted, "kind", None) == "llama.cpp" else "transformers",
+        "converted_runs_in": runs_in,
         "source_depth": source.config.num_hidden_layers,
         "text": windows.provenance,
         **figures,
@@ -120,7 +164,7 @@ def evaluate(source, converted, settings: EvalSettings,
         "gate": {"max_ppl_increase": settings.max_ppl_increase, "min_agreement": settings.min_agreement},
         "passed": not failures,
         "failures": failures,
-        "settings": {**asdict(settings), "device": device},
+        "settings": {**asdict(settings), "device": device, "engine": engine, "tensor_parallel": tensor_parallel},
         "seconds": time.perf_counter() - started,
         "created_by": f"lpconvert {__version__}",
     }

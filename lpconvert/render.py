@@ -217,7 +217,8 @@ def eval_table(report: dict) -> Table:
     table.add_row("perplexity", f"{report['perplexity_source']:.3f}", f"{report['perplexity_converted']:.3f}")
     table.add_row("perplexity increase", "", f"{100 * report['perplexity_increase']:+.2f}%")
     table.add_row("next-token agreement", "", f"{report['agreement']:.3f}")
-    table.add_row("KL(source || converted), nats/token", "", f"{report['kl_divergence']:.4f}")
+    kl = report["kl_divergence"]
+    table.add_row("KL(source || converted), nats/token", "", "not measured" if kl is None else f"{kl:.4f}")
     generation = report["generation"]
     table.add_row(f"generation: {generation['prompt']!r}", " ".join(generation["source"].split()),
                   " ".join(generation["converted"].split()))
@@ -306,4 +307,9 @@ def bench_table(report: dict) -> Table:
         gain = gains.get((row["model"], row["batch"], row["mode"]))
         table.add_row(row["model"], str(row["batch"]), row["mode"], f"{row['decode_tokens_per_s']:.1f}",
                       f"{row['prefill_tokens_per_s']:.0f}", f"{gain:.2f}x" if gain else "")
+    counted = report.get("collectives_per_step")
+    if counted:  # vLLM with tensor parallelism: what each forward step exchanges between devices
+        table.caption = "collectives per forward step: " + "; ".join(
+            f"{model} " + ", ".join(f"{count:g} {name}" for name, count in counts.items())
+            for model, counts in counted.items())
     return table

@@ -101,8 +101,8 @@ def main() -> None:
     for name, case in sorted(CASES.items(), key=lambda item: ISSUE_CASE.get(item[0], 99)):
         work = root / name
         work.mkdir()
-        args, *_ = case(models, work)
-        result = CliRunner().invoke(app, args)
+        args, _, *expect = case(models, work)
+        result = CliRunner().invoke(app, args, env=expect[0].env if expect else {})
         rows.append(_row(ISSUE_CASE.get(name), name, args, result, work, root))
     for name, (number, exc, _, _) in FAULTS.items():  # faults injected into the shard writer, as the tests do
         work = root / name

