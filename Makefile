@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 # The two environments install side by side (pip downloads while llama.cpp compiles).
 MAKEFLAGS += --jobs=2
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast demo demo-vllm lint clean
 
 install: $(STAMP) $(VLLM_STAMP)
 
@@ -44,6 +44,9 @@ test-fast: $(STAMP)
 
 demo: $(STAMP)
 	bash scripts/demo.sh
+
+demo-vllm: $(STAMP) $(VLLM_STAMP)
+	bash scripts/demo_vllm.sh
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lpconvert tests scripts

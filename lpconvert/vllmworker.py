@@ -64,7 +64,8 @@ def time_decode(llm, prompts: list[dict], new_tokens: int) -> tuple[int, float]:
     prefill's) to the last, by the engine core's timestamps."""
     from vllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=new_tokens + 1, min_tokens=new_tokens + 1, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens + 1, min_tokens=new_tokens + 1, ignore_eos=True,
+                            detokenize=False)  # token ids are what is timed; text would be the same for both
     outputs = llm.generate(prompts, params, use_tqdm=False)
     stats = [out.metrics for out in outputs]
     if any(s is None or not s.last_token_ts for s in stats):
@@ -78,7 +79,7 @@ def time_prefill(llm, prompts: list[dict]) -> float:
     """Seconds from scheduling the batch to its first tokens (one token each: prefill only)."""
     from vllm import SamplingParams
 
-    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1, detokenize=False), use_tqdm=False)
     stats = [out.metrics for out in outputs]
     return max(s.first_token_ts for s in stats) - min(s.scheduled_ts for s in stats)
 
@@ -121,7 +122,7 @@ def count_collectives(llm, prompt: dict, new_tokens: int) -> dict:
     llm.collective_rpc(_install_counters)
     before = llm.collective_rpc(_read_counters)[0]
     llm.generate([prompt], SamplingParams(temperature=0, max_tokens=new_tokens, min_tokens=new_tokens,
-                                          ignore_eos=True), use_tqdm=False)
+                                          ignore_eos=True, detokenize=False), use_tqdm=False)
     after = llm.collective_rpc(_read_counters)[0]
     return {name: (after[name] - before[name]) / new_tokens for name in after if after[name] != before[name]}
 
