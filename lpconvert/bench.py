@@ -224,7 +224,7 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
     under the same settings; both must come from one source model (a source and its export, or two
     exports of it, in either order)."""
     from .formats import check_same_origin
-    from .runtime import check_positions, dtype_from_name, resolve_device
+    from .runtime import dtype_from_name, resolve_device
 
     device, dtype = resolve_device(settings.device), dtype_from_name(settings.dtype)
     if baseline is not None:
@@ -237,8 +237,7 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
             gguf.all_logits = False  # a timed prefill computes the last position's logits only, as in transformers
     for checked in (target, baseline):
         if checked is not None:
-            check_positions(checked.name, checked.config, settings.prompt_len + settings.new_tokens,
-                            "--prompt-len + --new-tokens")
+            check_positions_for(checked, settings)
     model = target.load_model(dtype=dtype, device=device)
     rows: list[dict] = []
     if baseline is not None:
