@@ -12,6 +12,9 @@ layer-parallel pair; docs/method.md section 2):
 - `cols`:  concatenated along the INPUT dimension (o_proj, down_proj): the matmul sums both halves.
 - `sum`:   added (biases after a `cols` matrix: Attn_a + Attn_b carries both biases).
 - `stack`: one row per layer (per-head q/k norms: each half keeps its own weight).
+- `branches`: each layer's tensor kept whole, stacked on a new first dimension: a pair whose outputs are
+           normed before they are summed (Gemma 3's "sandwich" post-norms) keeps its o_proj, down_proj and
+           post-norms apart, one branch each, and sums after the post-norms (docs/method.md section 2).
 
 A `heads` rule holds attention heads (rows of q/k/v, columns of o_proj). Where an architecture has per-head
 q/k norms, a pair's heads alternate in units (`Architecture.head_units`: one GQA group), a's unit then
@@ -31,6 +34,8 @@ from .errors import LPError
 LAYER_PREFIX = "model.layers.{}."  # a decoder layer's tensors, in the Llama family and in every export
 INPUT_NORM = "input_layernorm.weight"
 POST_NORM = "post_attention_layernorm.weight"
+PRE_FF_NORM = "pre_feedforward_layernorm.weight"
+POST_FF_NORM = "post_feedforward_layernorm.weight"
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class Rule:
     """How one output tensor of a block is built from the source layers' tensors."""
 
     out: str  # name inside the exported block, relative to "model.layers.{block}."
-    kind: str  # norm | rows | cols | sum | stack
+    kind: str  # norm | rows | cols | sum | stack | branches
     parts: tuple[str, ...]  # source tensor names, relative to layer_prefix ("model.layers.{layer}.")
     fold: str | None = None  # norm folded into the columns of `rows` (pairs only)
     when: str | None = None  # LPConfig flag that must be true for the tensor to exist
@@ -64,6 +69,45 @@ LLAMA_FAMILY_RULES = (
     Rule("mlp.down_proj.weight", "cols", ("mlp.down_proj.weight",)),
     Rule("mlp.down_proj.bias", "sum", ("mlp.down_proj.bias",), when="mlp_bias"),
 )
+
+
+# Gemma 3: four norms per layer. The input and pre-feed-forward norms fold into the projections that read them; the
+# post-attention and post-feed-forward norms act on each layer's own output, so a pair keeps its two branches'
+# o_proj, down_proj and post-norms apart ("branches") and sums them after the post-norms.
+GEMMA3_RULES = (
+    Rule(INPUT_NORM, "norm", (INPUT_NORM,)),
+    *(Rule(f"{proj}.weight", "rows", (f"{proj}.weight",), fold=INPUT_NORM, heads=True) for proj in (_Q, _K, _V)),
+    *(Rule(f"{proj}.bias", "rows", (f"{proj}.bias",), when="attention_bias", heads=True) for proj in (_Q, _K, _V)),
+    Rule("self_attn.q_norm.weight", "stack", ("self_attn.q_norm.weight",)),
+    Rule("self_attn.k_norm.weight", "stack", ("self_attn.k_norm.weight",)),
+    Rule(f"{_O}.weight", "branches", (f"{_O}.weight",)),
+    Rule(f"{_O}.bias", "branches", (f"{_O}.bias",), when="attention_out_bias"),
+    Rule(POST_NORM, "branches", (POST_NORM,)),
+    Rule(PRE_FF_NORM, "norm", (PRE_FF_NORM,)),
+    *(Rule(f"mlp.{proj}.weight", "rows", (f"mlp.{proj}.weight",), fold=PRE_FF_NORM) for proj in ("gate_proj", "up_proj")),
+    Rule("mlp.down_proj.weight", "branches", ("mlp.down_proj.weight",)),
+    Rule(POST_FF_NORM, "branches", (POST_FF_NORM,)),
+)
+
+
+@dataclass(frozen=True)
+class LayerNorms:
+    """Which norm of a source layer does what (module names): the two input norms, and the output norms a
+    sandwich layer applies to its attention and MLP outputs before the residual (None: there are none)."""
+
+    attention_input: str = "input_layernorm"
+    mlp_input: str = "post_attention_layernorm"
+    attention_output: str | None = None
+    mlp_output: str | None = None
+
+    @property
+    def sandwich(self) -> bool:
+        return self.attention_output is not None
+
+
+PRE_NORM_LAYER = LayerNorms()
+SANDWICH_LAYER = LayerNorms("input_layernorm", "pre_feedforward_layernorm",
+                            "post_attention_layernorm", "post_feedforward_layernorm")
 
 
 @dataclass(frozen=True)
@@ -146,6 +190,17 @@ class Architecture:
     attention_out_bias: bool | str = False  # o_proj bias
     mlp_bias: bool | str = False
     qk_norm: bool = False
+    # The layer's norms (runner.LayerRunner reads them by name), and what each norm scales by: its weight
+    # (offset 0) or 1 + its weight (Gemma: offset 1, computed in float32 and rounded once).
+    norms: LayerNorms = PRE_NORM_LAYER
+    norm_offset: float = 0.0
+    # Gemma: the embeddings are multiplied by sqrt(hidden_size); attention scales by query_pre_attn_scalar ** -0.5.
+    scaled_embeddings: bool = False
+    query_scale_field: str | None = None
+    activation_field: str = "hidden_act"  # the config field naming the MLP's activation
+    # Config fields that must hold these values for the export to be exact (what the exported model does not
+    # implement: Gemma's logit soft-capping, bidirectional attention).
+    required_values: Mapping[str, Any] = field(default_factory=dict)
     # Source config fields that an exported config needs (checked before anything is written).
     required_fields: tuple[str, ...] = field(
         default=("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -158,6 +213,7 @@ class Architecture:
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     head_dim_from_heads: bool = True
     sliding_window_switch: str | None = None
+    layer_pattern_field: str | None = None  # Gemma: every n-th layer is global, the others local (default 6)
 
     def flags(self, config) -> dict[str, bool]:
         def read(value):
@@ -173,8 +229,19 @@ class Architecture:
     def head_units(self, config) -> int:
         """Units per half in which a pair's heads alternate (archs.Rule.heads): one per KV head (a GQA group) where
         the halves' per-head q/k norms differ; else 1, all of a's heads then b's (tensor parallelism of 2 then
-        runs layer a on one rank and layer b on the other, the layer-parallel scheme)."""
-        return config_size(config, "num_key_value_heads") if self.qk_norm else 1
+        runs layer a on one rank and layer b on the other, the layer-parallel scheme). A sandwich pair keeps its
+        branches apart through o_proj, which reads each half's heads whole: 1."""
+        return config_size(config, "num_key_value_heads") if self.qk_norm and not self.norms.sandwich else 1
+
+    def model_fields(self, config) -> dict[str, Any]:
+        """What the exported config.json says about the layer's arithmetic beyond the Llama family's."""
+        return {
+            "hidden_act": getattr(config, self.activation_field, None) or "silu",
+            "norm_offset": self.norm_offset,
+            "sandwich_norms": self.norms.sandwich,
+            "embed_scale": config.hidden_size ** 0.5 if self.scaled_embeddings else None,
+            "query_pre_attn_scalar": getattr(config, self.query_scale_field) if self.query_scale_field else None,
+        }
 
     def active_rules(self, config) -> tuple[Rule, ...]:
         flags = self.flags(config)
@@ -207,6 +274,13 @@ _QWEN2_DEFAULTS = dict(_COMMON_DEFAULTS, vocab_size=151936, intermediate_size=22
                        max_position_embeddings=32768, use_sliding_window=False, sliding_window=4096,
                        max_window_layers=28, bos_token_id=None, eos_token_id=None)
 _QWEN3_DEFAULTS = dict(_QWEN2_DEFAULTS, head_dim=128, attention_bias=False)
+_GEMMA3_DEFAULTS = dict({k: v for k, v in _COMMON_DEFAULTS.items() if k != "hidden_act"}, vocab_size=262_208, hidden_size=2304, intermediate_size=9216,
+                        num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=131_072, pad_token_id=0,
+                        eos_token_id=1, bos_token_id=2, tie_word_embeddings=True, attention_bias=False,
+                        query_pre_attn_scalar=256, sliding_window=4096, final_logit_softcapping=None,
+                        attn_logit_softcapping=None, use_bidirectional_attention=False)
+_GEMMA3_EXACT = {"final_logit_softcapping": None, "attn_logit_softcapping": None, "use_bidirectional_attention": False}
 
 ARCHITECTURES: dict[str, Architecture] = {
     arch.model_type: arch
@@ -222,13 +296,20 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("Qwen3", "qwen3", "Qwen3ForCausalLM", LLAMA_FAMILY_RULES,
                      attention_bias="attention_bias", attention_out_bias="attention_bias", qk_norm=True,
                      config_defaults=_QWEN3_DEFAULTS, sliding_window_switch="use_sliding_window"),
+        # Gemma 3's text models (270M, 1B; the larger ones' language_model as a text-only checkpoint).
+        Architecture("Gemma3", "gemma3_text", "Gemma3ForCausalLM", GEMMA3_RULES,
+                     attention_bias="attention_bias", attention_out_bias="attention_bias", qk_norm=True,
+                     norms=SANDWICH_LAYER, norm_offset=1.0, scaled_embeddings=True,
+                     query_scale_field="query_pre_attn_scalar", activation_field="hidden_activation",
+                     required_values=_GEMMA3_EXACT, config_defaults=_GEMMA3_DEFAULTS, head_dim_from_heads=False,
+                     layer_pattern_field="sliding_window_pattern"),
     )
 }
 
 SUPPORTED = ", ".join(f"{a.name} ({a.model_type})" for a in ARCHITECTURES.values())
 
 
-_CONVERT_SUPPORTED = "convert a Llama, Mistral, Qwen2 or Qwen3 causal LM"
+_CONVERT_SUPPORTED = "convert a Llama, Mistral, Qwen2, Qwen3 or Gemma 3 (text) causal LM"
 
 
 def _unsupported(config) -> tuple[str, str] | None:
@@ -246,8 +327,13 @@ def _unsupported(config) -> tuple[str, str] | None:
                   else getattr(quantization, "quant_method", None))
         return (f"the checkpoint is quantized ({method or 'unknown method'}); norms fold only into "
                 "full-precision weights", "convert the unquantized (bf16/fp16/fp32) checkpoint")
-    if getattr(config, "hidden_act", "silu") not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
-        return f"activation '{config.hidden_act}' is not supported", _CONVERT_SUPPORTED
+    activation = getattr(config, arch.activation_field, None) or "silu"
+    if activation not in ("silu", "swish", "gelu", "gelu_pytorch_tanh"):
+        return f"activation '{activation}' is not supported", _CONVERT_SUPPORTED
+    for name, wanted in arch.required_values.items():
+        if (getattr(config, name, wanted) or None) != (wanted or None):  # None and False alike: not set
+            return (f"config.json sets {name} to {getattr(config, name)!r}, which the layer-parallel model does not "
+                    f"implement ({arch.name} exports need {wanted!r})", _CONVERT_SUPPORTED)
     return None
 
 
@@ -311,6 +397,10 @@ def read_source_config(raw: dict) -> SourceConfig:
         fields["num_key_value_heads"] = fields["num_attention_heads"]
     if arch.head_dim_from_heads and fields.get("head_dim") is None:
         fields["head_dim"] = fields["hidden_size"] // fields["num_attention_heads"]
+    if arch.layer_pattern_field and fields.get("layer_types") is None:
+        every = fields.get(arch.layer_pattern_field) or 6
+        fields["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "sliding_attention"
+                                 for i in range(fields["num_hidden_layers"])]
     if arch.sliding_window_switch:
         if not fields.get(arch.sliding_window_switch):
             fields["sliding_window"] = None
@@ -333,11 +423,33 @@ def layer_types_of(config) -> list[str]:
 
 def rope_parameters_of(config) -> dict:
     """The rotary settings as transformers 5 names them (rope_parameters), also from an older config's
-    rope_scaling and rope_theta."""
+    rope_scaling and rope_theta. Gemma 3 has one set per attention type ({"full_attention": {...}, ...})."""
     params = getattr(config, "rope_parameters", None)
     if params:
-        return dict(params)
+        return {key: dict(value) if isinstance(value, Mapping) else value for key, value in params.items()}
+    if getattr(config, "model_type", None) == "gemma3_text":  # transformers' defaults for a config without them
+        return {"full_attention": {"rope_type": "default", "rope_theta": getattr(config, "rope_theta", 1e6)},
+                "sliding_attention": {"rope_type": "default",
+                                      "rope_theta": getattr(config, "rope_local_base_freq", 1e4)}}
     scaling = dict(getattr(config, "rope_scaling", None) or {})
     scaling.setdefault("rope_type", scaling.get("type", "default"))  # transformers keeps "type" too
     scaling["rope_theta"] = getattr(config, "rope_theta", 10000.0)
     return scaling
+
+
+ATTENTION_TYPES = ("full_attention", "sliding_attention")
+
+
+def rope_by_layer_type(config) -> dict[str, dict] | None:
+    """{attention type: rotary settings} where each type has its own (Gemma 3: local and global bases), else None."""
+    params = rope_parameters_of(config)
+    if params and set(params) <= set(ATTENTION_TYPES) and all(isinstance(v, Mapping) for v in params.values()):
+        return params
+    return None
+
+
+def unpairable_starts(config) -> list[int]:
+    """Pair starts p whose layers p and p + 1 differ in attention type (a local and a global layer): their
+    masks and rotary bases differ, so they cannot share one block."""
+    types = layer_types_of(config)
+    return [p for p in range(len(types) - 1) if types[p] != types[p + 1]]

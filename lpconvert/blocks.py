@@ -50,17 +50,17 @@ def copy_pieces(store: TensorStore, name: str, info: TensorInfo, dtype: torch.dt
         yield block.to(dtype) if info.shape else block.reshape(info.shape).to(dtype)
 
 
-def fold_norm(matrix: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """W diag(g) computed in float32 and rounded once to `dtype` (out of place: a float32 source tensor
-    may be the caller's own memory).
+def fold_norm(matrix: torch.Tensor, norm: torch.Tensor, dtype: torch.dtype, offset: float = 0.0) -> torch.Tensor:
+    """W diag(offset + g) computed in float32 and rounded once to `dtype` (out of place: a float32 source
+    tensor may be the caller's own memory). Gemma's norms scale by 1 + g (offset 1).
 
     When W, g and the output share a 16-bit dtype, the product of two such values is exact in
     float32, and torch's 16-bit multiply computes in float32 and rounds once: the same bits 4x
     faster (tests/test_export.py checks the equality).
     """
-    if matrix.dtype == norm.dtype == dtype and dtype in (torch.bfloat16, torch.float16):
+    if not offset and matrix.dtype == norm.dtype == dtype and dtype in (torch.bfloat16, torch.float16):
         return matrix * norm[None, :]
-    return (matrix.float() * norm.float()[None, :]).to(dtype)
+    return (matrix.float() * (offset + norm.float())[None, :]).to(dtype)
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
@@ -77,8 +77,9 @@ class BlockBuilder:
     """Builds the output tensors of one block from its source layers, following the arch table."""
 
     def __init__(self, store: TensorStore, layers: list[int], dtype: torch.dtype, prefix: str = LAYER_PREFIX,
-                 head_units: int = 1):
+                 head_units: int = 1, norm_offset: float = 0.0):
         self.store = store
+        self.norm_offset = norm_offset  # a norm scales by norm_offset + weight (archs.Architecture.norm_offset)
         self.layers = layers
         self.dtype = dtype
         self.prefix = prefix  # of a source layer's tensors
@@ -163,7 +164,7 @@ def _rows(b: BlockBuilder, rule: Rule) -> Iterator[Piece]:
         for unit in range(units):
             for layer in b.layers:
                 for chunk in b.row_chunks(layer, part, unit, units):
-                    yield fold_norm(chunk, norms[layer], b.dtype) if norms else chunk.to(b.dtype)
+                    yield fold_norm(chunk, norms[layer], b.dtype, b.norm_offset) if norms else chunk.to(b.dtype)
 
 
 def _cols_shape(b: BlockBuilder, rule: Rule) -> tuple[int, ...]:
@@ -189,8 +190,9 @@ def unit_order(tensor: torch.Tensor, units: int, dim: int) -> torch.Tensor:
 
 
 def _unit_norm(b: BlockBuilder, rule: Rule) -> Iterator[Piece]:
-    # A pair's norm weights are folded into the projections that read them: the norm itself is unit.
-    yield torch.ones_like(b.read(b.layers[0], rule.parts[0]), dtype=b.dtype)
+    # A pair's norm weights are folded into the projections that read them: the norm itself is unit
+    # (weight 1, or 0 where a norm scales by 1 + weight).
+    yield torch.full_like(b.read(b.layers[0], rule.parts[0]), 1.0 - b.norm_offset, dtype=b.dtype)
 
 
 def _sum(b: BlockBuilder, rule: Rule) -> Iterator[Piece]:
@@ -201,6 +203,13 @@ def _stack(b: BlockBuilder, rule: Rule) -> Iterator[Piece]:
     yield torch.stack([b.read(layer, rule.parts[0], True) for layer in b.layers]).to(b.dtype)
 
 
+def _branches(b: BlockBuilder, rule: Rule) -> Iterator[Piece]:
+    # Branch after branch, each layer's tensor whole: a's rows, then b's (a [2, *shape] tensor in row-major order).
+    for layer in b.layers:
+        for chunk in b.row_chunks(layer, rule.parts[0]):
+            yield chunk.to(b.dtype)
+
+
 # Rule kind -> how it is built (archs.py says what each kind means): a new kind is one entry here.
 KINDS: dict[str, Kind] = {
     "norm": Kind(BlockBuilder.first_shape, _unit_norm),
@@ -208,6 +217,7 @@ KINDS: dict[str, Kind] = {
     "cols": Kind(_cols_shape, _cols),
     "sum": Kind(BlockBuilder.first_shape, _sum),
     "stack": Kind(lambda b, rule: (len(b.layers), 1, b.first_shape(rule)[-1]), _stack),
+    "branches": Kind(lambda b, rule: (2, *b.first_shape(rule)) if b.paired else b.first_shape(rule), _branches),
 }
 
 
@@ -219,7 +229,7 @@ def kind_of(rule: Rule) -> Kind:
 
 def block_output_tensors(arch: Architecture, config, store: TensorStore, block: int, layers: list[int],
                          dtype: torch.dtype) -> list[OutputTensor]:
-    builder = BlockBuilder(store, layers, dtype, arch.layer_prefix, arch.head_units(config))
+    builder = BlockBuilder(store, layers, dtype, arch.layer_prefix, arch.head_units(config), arch.norm_offset)
     tensors = []
     for rule in arch.active_rules(config):
         shape = builder.shape(rule)

@@ -39,7 +39,9 @@ AUTO_MAP = {
 _DROPPED_CONFIG_FIELDS = ("architectures", "auto_map", "model_type", "transformers_version", "_name_or_path",
                           "torch_dtype", "dtype", "layer_types", "num_hidden_layers", "use_sliding_window",
                           "max_window_layers", "rope_scaling", "rope_theta", "quantization_config",
-                          "attention_bias", "mlp_bias", "_commit_hash")
+                          "attention_bias", "mlp_bias", "_commit_hash", "hidden_activation", "sliding_window_pattern",
+                          "rope_local_base_freq", "final_logit_softcapping", "attn_logit_softcapping",
+                          "use_bidirectional_attention", "_sliding_window_pattern")
 
 
 def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, source_name: str,
@@ -58,7 +60,6 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
         "num_attention_heads": num_heads,
         "num_key_value_heads": getattr(config, "num_key_value_heads", None) or num_heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // num_heads,
-        "hidden_act": getattr(config, "hidden_act", "silu"),
         "rope_parameters": rope_parameters_of(config),
         "sliding_window": getattr(config, "sliding_window", None) if "sliding_attention" in types else None,
         "layer_types": types,
@@ -67,6 +68,7 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
         "lp_projections": "separate",
         "lp_head_chunks": arch.head_units(config),
         **arch.flags(config),
+        **arch.model_fields(config),
         "dtype": str(dtype).removeprefix("torch."),
         "lp_source": {
             "name": source_name,

@@ -8,7 +8,8 @@ runner evaluates the ORIGINAL transformers layers, one at a time, a pair by the 
     y = h + Mlp_a(N2_a(h))  + Mlp_b(N2_b(h))
 
 on fixed-length windows without padding (calibration text), so positions and causal masks are
-computed once.
+computed once. Where the layers norm their own outputs (Gemma 3's sandwich norms, archs.LayerNorms), Attn and
+Mlp above include those post-norms: each branch is normed before the sum.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 
-# A pair's fused input projections (the export's names) -> the module holding them, their parts in
-# row order, and the norm folded into them.
+from .archs import architecture_for, rope_by_layer_type
+
+# A pair's fused input projections (the export's names) -> the module holding them and their parts in row order.
+# The norm folded into them is the layer's input norm of that sub-block (archs.LayerNorms).
 INPUT_PROJECTIONS = {
-    "qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj"), "input_layernorm"),
-    "gate_up_proj": ("mlp", ("gate_proj", "up_proj"), "post_attention_layernorm"),
+    "qkv_proj": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "gate_up_proj": ("mlp", ("gate_proj", "up_proj")),
 }
+OUTPUT_OF = {"qkv_proj": "o_proj", "gate_up_proj": "down_proj"}
 
 
 def _call(module: torch.nn.Module, weights: dict[str, torch.Tensor] | None, *args, **kwargs):
@@ -34,11 +38,12 @@ def _call(module: torch.nn.Module, weights: dict[str, torch.Tensor] | None, *arg
     return torch.func.functional_call(module, weights, args, kwargs)
 
 
-def _norm(norm: torch.nn.Module, x: torch.Tensor, folded: dict | None) -> torch.Tensor:
-    # A healed input projection has the norm's weight folded in (as the export's does): the norm is unit.
+def _norm(norm: torch.nn.Module, x: torch.Tensor, folded: dict | None, offset: float) -> torch.Tensor:
+    # A healed input projection has the norm's weight folded in (as the export's does): the norm is unit
+    # (weight 1, or 0 where the norm scales by 1 + weight).
     if folded is None:
         return norm(x)
-    return _call(norm, {"weight": torch.ones_like(norm.weight)}, x)
+    return _call(norm, {"weight": torch.full_like(norm.weight, 1.0 - offset)}, x)
 
 
 def _causal_mask(seq: int, window: int | None, dtype: torch.dtype, device) -> torch.Tensor:
@@ -62,13 +67,14 @@ class LayerRunner:
         self.corrections: dict[int, dict[str, torch.Tensor]] = {}
         self.inner = model.model
         self.config = model.config
+        arch = architecture_for(self.config)
+        self.norms, self.norm_offset = arch.norms, arch.norm_offset
         self.num_layers = self.config.num_hidden_layers
         self.seq_len = seq_len
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         positions = torch.arange(seq_len, device=self.device)[None]
         dummy = torch.zeros(1, seq_len, 1, device=self.device, dtype=self.dtype)
-        self.position_embeddings = self.inner.rotary_emb(dummy, positions)
         self.position_ids = positions
         types = getattr(self.config, "layer_types", None)
         window = getattr(self.config, "sliding_window", None)
@@ -78,6 +84,11 @@ class LayerRunner:
         if "sliding_attention" in types:
             masks["sliding_attention"] = _causal_mask(seq_len, window, self.dtype, self.device)
         self.masks = [masks[t] for t in types]
+        if rope_by_layer_type(self.config):  # each attention type its own rotary base (Gemma 3)
+            tables = {t: self.inner.rotary_emb(dummy, positions, t) for t in set(types)}
+        else:
+            tables = dict.fromkeys(set(types), self.inner.rotary_emb(dummy, positions))
+        self.rotary = [tables[t] for t in types]
 
     # --- one layer, one pair -------------------------------------------------------------------
 
@@ -85,20 +96,29 @@ class LayerRunner:
         # With a device_map the layers of a pair may sit on different devices.
         return x.to(self.inner.layers[i].input_layernorm.weight.device)
 
-    def attention(self, i: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def _post_norm(self, i: int, name: str, out: torch.Tensor) -> torch.Tensor:
+        """A sandwich layer's norm of its attention ("o_proj") or MLP ("down_proj") output; else the output."""
+        norm = self.norms.attention_output if name == "o_proj" else self.norms.mlp_output
+        return getattr(self.inner.layers[i], norm)(out) if norm else out
+
+    def attention(self, i: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
+                  post_norm: bool = True) -> torch.Tensor:
         """Attn_i(N1_i(x)); `weights`: a healed pair's q/k/v for this layer, its norm folded in (norm then unit)."""
         layer = self.inner.layers[i]
         local = self._on_layer_device(i, x)
-        cos, sin = (t.to(local.device) for t in self.position_embeddings)
-        out = _call(layer.self_attn, weights, hidden_states=_norm(layer.input_layernorm, local, weights),
+        cos, sin = (t.to(local.device) for t in self.rotary[i])
+        norm = getattr(layer, self.norms.attention_input)
+        out = _call(layer.self_attn, weights, hidden_states=_norm(norm, local, weights, self.norm_offset),
                     position_embeddings=(cos, sin), attention_mask=self.masks[i].to(local.device),
-                    position_ids=self.position_ids)
-        return out[0].to(x.device)
+                    position_ids=self.position_ids)[0]
+        return (self._post_norm(i, "o_proj", out) if post_norm else out).to(x.device)
 
-    def mlp(self, i: int, h: torch.Tensor, weights: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def mlp(self, i: int, h: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
+            post_norm: bool = True) -> torch.Tensor:
         layer = self.inner.layers[i]
         local = self._on_layer_device(i, h)
-        return _call(layer.mlp, weights, _norm(layer.post_attention_layernorm, local, weights)).to(h.device)
+        out = _call(layer.mlp, weights, _norm(getattr(layer, self.norms.mlp_input), local, weights, self.norm_offset))
+        return (self._post_norm(i, "down_proj", out) if post_norm else out).to(h.device)
 
     def layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         h = x + self.attention(i, x)
@@ -129,7 +149,7 @@ class LayerRunner:
         fused = self.corrections.get(i, {}).get(name)
         if fused is None:
             return None, None
-        module_name, parts, _ = INPUT_PROJECTIONS[name]
+        module_name, parts = INPUT_PROJECTIONS[name]
         halves: tuple[dict, dict] = ({}, {})
         row = 0
         for part in parts:  # rows [p1_a, p1_b, p2_a, p2_b, ...] as archs' "rows" rule writes them
@@ -145,7 +165,8 @@ class LayerRunner:
         part = self.attention if name == "o_proj" else self.mlp
         inputs = self._layer_inputs(i, "qkv_proj" if name == "o_proj" else "gate_up_proj")
         with self._projection_inputs(i, name), self._projection_inputs(i + 1, name):
-            return torch.cat([part(i, x, inputs[0]), part(i + 1, x, inputs[1])], dim=-1)
+            return torch.cat([part(i, x, inputs[0], post_norm=False), part(i + 1, x, inputs[1], post_norm=False)],
+                             dim=-1)
 
     def projection(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pair's fused projection as the export builds it: an output projection's weight [a | b]
@@ -163,16 +184,43 @@ class LayerRunner:
     def input_parts(self, i: int, name: str) -> tuple[list[tuple[torch.Tensor, int]], dict[int, torch.Tensor]]:
         """What a pair's fused input projection is made of: the layers' weights in the export's row order,
         each with its half (0: layer i, 1: layer i+1), and each half's norm weight (folded into its rows)."""
-        module_name, parts, norm = INPUT_PROJECTIONS[name]
+        module_name, parts = INPUT_PROJECTIONS[name]
+        norm = self.norms.attention_input if name == "qkv_proj" else self.norms.mlp_input
         layers = [self.inner.layers[i], self.inner.layers[i + 1]]
         blocks = [(getattr(getattr(layer, module_name), part).weight, half)
                   for part in parts for half, layer in enumerate(layers)]
-        return blocks, {half: getattr(layer, norm).weight for half, layer in enumerate(layers)}
+        return blocks, {half: self.norm_offset + getattr(layer, norm).weight for half, layer in enumerate(layers)}
 
     def _projected(self, i: int, name: str, inputs: torch.Tensor) -> torch.Tensor:
         weight, bias = self.projection(i, name)
-        weight = self.corrections[i].get(name, weight)
-        return F.linear(inputs, weight.to(inputs), None if bias is None else bias.to(inputs))
+        weight = self.corrections[i].get(name, weight).to(inputs)
+        if self.norms.sandwich:  # each branch through its own post-norm, then summed
+            halves = zip(weight.chunk(2, dim=1), inputs.chunk(2, dim=-1), (i, i + 1), strict=True)
+            return sum(self._post_norm(layer, name, F.linear(z, w, self._own_bias(layer, name)))
+                       for w, z, layer in halves)
+        return F.linear(inputs, weight, None if bias is None else bias.to(inputs))
+
+    def _own_bias(self, i: int, name: str) -> torch.Tensor | None:
+        module = self.inner.layers[i].self_attn if name == "o_proj" else self.inner.layers[i].mlp
+        return getattr(module, name).bias
+
+    def branch_scales(self, i: int, name: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What a sandwich pair's post-norms do to its output projection ("o_proj"/"down_proj") near its current
+        weights, linearised: each branch's output is divided per token by its RMS (`inputs` [a | b] as
+        pair_inputs gives them; returns (1 / RMS per token and half [..., 2], the norms' scales [2, hidden]));
+        None without sandwich norms. The norm is scale-invariant: lsq fits through this (heal/lsq.py)."""
+        if not self.norms.sandwich:
+            return None
+        weight, _ = self.projection(i, name)
+        weight = self.corrections.get(i, {}).get(name, weight).to(inputs)
+        norms = [getattr(self.inner.layers[layer], self.norms.attention_output if name == "o_proj"
+                         else self.norms.mlp_output) for layer in (i, i + 1)]
+        inverse_rms = []
+        for w, z, norm in zip(weight.chunk(2, dim=1), inputs.chunk(2, dim=-1), norms, strict=True):
+            out = F.linear(z, w).float()
+            inverse_rms.append(torch.rsqrt(out.pow(2).mean(-1) + norm.eps))
+        scales = torch.stack([self.norm_offset + norm.weight.float() for norm in norms])
+        return torch.stack(inverse_rms, dim=-1), scales
 
     def pair_attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Attn_a(N1_a(x)) + Attn_b(N1_b(x)), through the pair's healed projections where it has them."""

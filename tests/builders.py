@@ -28,6 +28,13 @@ TINY_ARCHS = {
     "mistral": ("MistralConfig", dict(sliding_window=8)),
     "qwen2": ("Qwen2Config", dict()),
     "qwen3": ("Qwen3Config", dict()),
+    # Local (sliding-window) layers 0-4 and a global layer 5, each type its own rotary base; an attention scalar
+    # that is not head_dim; sandwich norms and q/k norms (random: see _randomise_norms_and_biases).
+    "gemma3": ("Gemma3TextConfig", dict(
+        sliding_window=4, query_pre_attn_scalar=12, tie_word_embeddings=True,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 50000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
 }
 
 

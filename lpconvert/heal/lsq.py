@@ -14,6 +14,12 @@ pair's current weights), solved by Cholesky from the Gram matrix Z^T Z and Z^T (
 over the windows: memory is one Gram per pair, (2 x intermediate)^2 floats. Which damping d is
 kept is decided on held-out windows by the model's own loss, and a pair whose best correction
 does not lower the held-out loss keeps its weights (rejected).
+
+With sandwich norms (Gemma 3) each half's W_h z_h is RMS-normed and scaled by the norm's g_h before the
+sum: y = h + sum_h g_h * (W_h z_h) / rms(W_h z_h). The norm is scale-invariant, so the fit is linearised
+at the current weights: the RMS of each half's output is held per token (r_h), and V_h = diag(g_h) W_h is
+fitted to T - h from the features z_h / r_h, the same ridge problem; then W_h = diag(g_h)^-1 V_h. The
+held-out check runs the real post-norms, so a linearisation that does not carry over is rejected.
 """
 
 from __future__ import annotations
@@ -64,19 +70,46 @@ class Normal:
         return max(energy, 0.0) / max(self.target_energy, 1e-30)
 
 
-def pair_normal_equations(runner: LayerRunner, pair: int, calib: Streams, source: Streams | None) -> Normal:
-    """Sum the normal equations of `pair`'s down_proj over the calibration windows.
+def fit_space(weight: torch.Tensor, gains: torch.Tensor | None) -> torch.Tensor:
+    """[W_a | W_b] as the fit sees it: each half's rows scaled by its post-norm's gains (sandwich), else as is."""
+    if gains is None:
+        return weight
+    return torch.cat([w * g.to(w)[:, None] for w, g in zip(weight.chunk(2, dim=1), gains, strict=True)], dim=1)
+
+
+def weight_space(fitted: torch.Tensor, gains: torch.Tensor | None, current: torch.Tensor) -> torch.Tensor:
+    """The inverse of fit_space; a row whose gain is about 0 (its output normed away) keeps its current weights."""
+    if gains is None:
+        return fitted
+    halves = []
+    for v, g, w in zip(fitted.chunk(2, dim=1), gains, current.chunk(2, dim=1), strict=True):
+        live = g.abs() > 1e-6
+        halves.append(torch.where(live[:, None], v / torch.where(live, g, 1.0)[:, None], w.float()))
+    return torch.cat(halves, dim=1).contiguous()
+
+
+def pair_normal_equations(runner: LayerRunner, pair: int, calib: Streams, source: Streams | None
+                          ) -> tuple[Normal, torch.Tensor | None]:
+    """Sum the normal equations of `pair`'s down_proj over the calibration windows; with sandwich norms, also
+    the post-norms' gains (the fit is in fit_space).
 
     `calib` holds the healed model's stream at the pair's input; `source` (global target) the
     source model's, which is moved on past the pair's two layers here.
     """
     weight, bias = runner.projection(pair, "down_proj")
     normal = None
+    gains = None
     targets = []
     with torch.no_grad():
         for k, x in enumerate(calib.xs):
             h = x + runner.pair_attention(pair, x)
             z = runner.pair_inputs(pair, h, "down_proj")
+            scales = runner.branch_scales(pair, "down_proj", z)
+            if scales is not None:  # sandwich: each half's features over its output's RMS, held per token
+                inverse_rms, gains = scales
+                z = torch.cat([half * inverse_rms[..., i:i + 1].to(half)
+                               for i, half in enumerate(z.chunk(2, dim=-1))], dim=-1)
+                bias = None  # Gemma's projections have none
             if source is not None:
                 target = runner.layer(pair + 1, runner.layer(pair, source.xs[k]))
                 targets.append(target)
@@ -88,7 +121,7 @@ def pair_normal_equations(runner: LayerRunner, pair: int, calib: Streams, source
             normal.add(z, y)
     if source is not None:
         source.xs, source.layer = targets, pair + 2
-    return normal
+    return normal, gains
 
 
 def heal_lsq(runner: LayerRunner, pairs: list[int], calib: Streams, heldout: Streams, *, target: str,
@@ -104,15 +137,17 @@ def heal_lsq(runner: LayerRunner, pairs: list[int], calib: Streams, heldout: Str
         heldout.advance(pair, pairs)
         if source is not None:
             source.advance(pair)
-        normal = pair_normal_equations(runner, pair, calib, source if target == "global" else None)
-        current, _ = runner.projection(pair, "down_proj")
+        normal, gains = pair_normal_equations(runner, pair, calib, source if target == "global" else None)
+        current_weight, _ = runner.projection(pair, "down_proj")
+        current = fit_space(current_weight.float(), gains)
         if before is None:
             before = heldout.loss(pairs)
         tried = []
         for strength in damping:
-            weight = normal.solve(current, strength)
+            fitted = normal.solve(current, strength)
+            weight = weight_space(fitted, gains, current_weight)
             runner.corrections[pair] = {"down_proj": weight}
-            tried.append({"damping": strength, "heldout_loss": heldout.loss(pairs), "weight": weight})
+            tried.append({"damping": strength, "heldout_loss": heldout.loss(pairs), "weight": weight, "fitted": fitted})
             del runner.corrections[pair]
         best = min(tried, key=lambda t: t["heldout_loss"])
         accepted = best["heldout_loss"] < before
@@ -123,7 +158,7 @@ def heal_lsq(runner: LayerRunner, pairs: list[int], calib: Streams, heldout: Str
             "accepted": accepted,
             "damping": best["damping"],
             "calib_residual_before": round(normal.residual(current), 6),
-            "calib_residual_after": round(normal.residual(best["weight"]), 6),
+            "calib_residual_after": round(normal.residual(best["fitted"]), 6),
             "heldout_loss_before": round(before, 6),
             "heldout_loss_after": round(best["heldout_loss"] if accepted else before, 6),
             "heldout_loss_tried": {f"{t['damping']:g}": round(t["heldout_loss"], 6) for t in tried},

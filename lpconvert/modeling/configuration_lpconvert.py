@@ -74,6 +74,10 @@ class LPConfig(PretrainedConfig):
         attention_out_bias=False,
         mlp_bias=False,
         qk_norm=False,
+        norm_offset=0.0,
+        sandwich_norms=False,
+        embed_scale=None,
+        query_pre_attn_scalar=None,
         attention_dropout=0.0,
         sliding_window=None,
         layer_types=None,
@@ -100,7 +104,11 @@ class LPConfig(PretrainedConfig):
         self.attention_bias = attention_bias  # biases on q/k/v
         self.attention_out_bias = attention_out_bias  # bias on o_proj
         self.mlp_bias = mlp_bias
-        self.qk_norm = qk_norm  # per-head RMSNorm on q and k (Qwen3)
+        self.qk_norm = qk_norm  # per-head RMSNorm on q and k (Qwen3, Gemma 3)
+        self.norm_offset = norm_offset  # norms scale by norm_offset + weight (Gemma: 1)
+        self.sandwich_norms = sandwich_norms  # post-attention and post-feed-forward norms on each layer's outputs
+        self.embed_scale = embed_scale  # embeddings multiplied by this (Gemma: sqrt(hidden_size)); None: not scaled
+        self.query_pre_attn_scalar = query_pre_attn_scalar  # attention scales by this ** -0.5; None: head_dim
         self.attention_dropout = attention_dropout
         self.sliding_window = sliding_window
         self.lp_blocks = lp_blocks or [[i] for i in range(num_hidden_layers)]

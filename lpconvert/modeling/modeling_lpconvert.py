@@ -25,12 +25,25 @@ other, the layer-parallel scheme. Qwen3's per-head q/k norms differ between a an
 are stored in units (`lp_head_chunks` units per half, one GQA group each), a's unit then b's, so a
 rank holding whole units knows which norm each head takes.
 
+Gemma 3 checkpoints convert too (`sandwich_norms`): each layer also norms its attention and MLP outputs before
+they reach the residual, so a pair keeps its two branches apart until then ("branches": o_proj and down_proj
+project each half's heads or MLP rows to its own [2, hidden] output, each normed by its own post-norm, then
+summed):
+
+    h = x + P_a(Attn_a(N1_a(x))) + P_b(Attn_b(N1_b(x)))
+    y = h + Q_a(Mlp_a(N2_a(h)))  + Q_b(Mlp_b(N2_b(h)))
+
+Gemma's norms scale by 1 + weight (`norm_offset`), its embeddings by sqrt(hidden_size) (`embed_scale`), its
+attention by query_pre_attn_scalar ** -0.5, and its local (sliding-window) and global layers each have their own
+rotary base (`rope_parameters` per attention type); a pair joins two layers of the same type.
+
 On one device, `from_pretrained` fuses each block's q/k/v into one GEMM (`qkv_proj`) and gate/up into
 another (`gate_up_proj`): fewer, larger kernels. `state_dict()` (and so `save_pretrained`) still
 writes the separate projections. Exports written before the separate layout store the fused tensors
 (`lp_projections` absent from config.json): their blocks are built fused.
 """
 
+import copy
 import inspect
 from collections.abc import Callable
 
@@ -60,18 +73,23 @@ def _pick_cache(cache, past_key_values):
 
 
 class LPRMSNorm(nn.Module):
-    """RMSNorm over the last dimension; `weight` has one row per half for per-head q/k norms."""
+    """RMSNorm over the last dimension; `weight` has one row per half for per-head q/k norms and for a sandwich
+    pair's post-norms. It scales by `offset + weight`: Llama's norms by the weight, in the input's dtype; Gemma's
+    by 1 + weight (offset 1), in float32 and rounded once."""
 
-    def __init__(self, shape, eps: float = 1e-6):
+    def __init__(self, shape, eps: float = 1e-6, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(shape))
         self.variance_epsilon = eps
+        self.offset = offset
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         input_dtype = hidden_states.dtype
         hidden_states = hidden_states.to(torch.float32)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
         hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        if self.offset:
+            return (hidden_states * (self.offset + self.weight.float())).to(input_dtype)
         return self.weight * hidden_states.to(input_dtype)
 
 
@@ -82,8 +100,8 @@ class LPHeadRMSNorm(LPRMSNorm):
     number of units (a tensor-parallel shard) are viewed as (units, halves, unit_heads) whatever their count.
     """
 
-    def __init__(self, halves: int, unit_heads: int, head_dim: int, eps: float):
-        super().__init__((halves, 1, head_dim), eps)
+    def __init__(self, halves: int, unit_heads: int, head_dim: int, eps: float, offset: float = 0.0):
+        super().__init__((halves, 1, head_dim), eps, offset)
         self.unit_heads = unit_heads
 
     def forward(self, states: torch.Tensor) -> torch.Tensor:
@@ -94,11 +112,16 @@ class LPHeadRMSNorm(LPRMSNorm):
 
 
 class LPRotaryEmbedding(nn.Module):
-    """Rotary tables, shared by every block: both halves of a pair use the same positions."""
+    """Rotary tables, shared by every block of an attention type: both halves of a pair use the same positions.
+    `rope_parameters`: this type's settings where each type has its own (Gemma 3), else the config's."""
 
-    def __init__(self, config: LPConfig):
+    def __init__(self, config: LPConfig, rope_parameters: dict | None = None):
         super().__init__()
-        self.config = config = uniform_config(config)  # dynamic_rope_update reads self.config again
+        config = uniform_config(config)
+        if rope_parameters is not None:  # a config of this type's settings, for the rope initialisers
+            config = copy.copy(config)
+            config.rope_parameters = rope_parameters
+        self.config = config  # dynamic_rope_update reads self.config again
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
         self.rope_type = config.rope_parameters.get("rope_type", "default")
@@ -216,7 +239,7 @@ class LPAttention(nn.Module):
         num_heads, num_kv_heads, _ = block_widths(config, block_idx)
         self.num_key_value_groups = num_heads // num_kv_heads
         self.qkv_sizes = [num_heads * self.head_dim, num_kv_heads * self.head_dim, num_kv_heads * self.head_dim]
-        self.scaling = self.head_dim**-0.5
+        self.scaling = (config.query_pre_attn_scalar or self.head_dim) ** -0.5  # Gemma: query_pre_attn_scalar
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
         is_sliding = config.layer_types[block_idx] == "sliding_attention"
@@ -226,11 +249,12 @@ class LPAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.qkv_sizes[0], bias=config.attention_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.qkv_sizes[1], bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.qkv_sizes[2], bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.qkv_sizes[0], config.hidden_size, bias=config.attention_out_bias)
+        self.o_proj = output_projection(config, halves, self.qkv_sizes[0], config.attention_out_bias)
         if config.qk_norm:
             units = config.lp_head_chunks if halves > 1 else num_kv_heads  # a single layer: any unit will do
-            self.q_norm = LPHeadRMSNorm(halves, num_heads // halves // units, self.head_dim, config.rms_norm_eps)
-            self.k_norm = LPHeadRMSNorm(halves, num_kv_heads // halves // units, self.head_dim, config.rms_norm_eps)
+            eps, offset = config.rms_norm_eps, config.norm_offset
+            self.q_norm = LPHeadRMSNorm(halves, num_heads // halves // units, self.head_dim, eps, offset)
+            self.k_norm = LPHeadRMSNorm(halves, num_kv_heads // halves // units, self.head_dim, eps, offset)
 
     def fuse(self, save_separate: bool = True) -> None:
         """q/k/v in one GEMM (`qkv_proj`), for one device: tensor parallelism shards the separate ones."""
@@ -284,6 +308,31 @@ class LPAttention(nn.Module):
         return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
 
 
+class LPBranchLinear(nn.Module):
+    """A sandwich pair's output projection: each half's inputs to its own output, kept apart for its post-norm.
+
+    weight[h] (out x in) is half h's own projection; (..., halves * in) -> (..., halves, out), one batched GEMM.
+    """
+
+    def __init__(self, halves: int, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(halves, out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(halves, out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        halves, _, in_features = self.weight.shape
+        out = torch.einsum("...hi,hoi->...ho", x.view(*x.shape[:-1], halves, in_features), self.weight)
+        return out + self.bias if self.bias is not None else out
+
+
+def output_projection(config: LPConfig, halves: int, in_features: int, bias: bool) -> nn.Module:
+    """o_proj or down_proj of a block: one Linear summing the halves' inputs ([a | b] columns), or the branches
+    kept apart where each half's output is normed before the sum (sandwich norms)."""
+    if config.sandwich_norms and halves > 1:
+        return LPBranchLinear(halves, in_features // halves, config.hidden_size, bias)
+    return nn.Linear(in_features, config.hidden_size, bias=bias)
+
+
 class LPMLP(nn.Module):
     """Gated MLP of one block: a pair's gate and up rows are [a, b], its down_proj columns [a | b]."""
 
@@ -294,7 +343,7 @@ class LPMLP(nn.Module):
         self.fused = False
         self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(width, config.hidden_size, bias=config.mlp_bias)
+        self.down_proj = output_projection(config, len(config.lp_blocks[block_idx]), width, config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def fuse(self, save_separate: bool = True) -> None:
@@ -313,14 +362,24 @@ class LPMLP(nn.Module):
 
 
 class LPDecoderBlock(nn.Module):
-    """One source layer, or a layer-parallel pair as one wide pre-norm layer."""
+    """One source layer, or a layer-parallel pair as one wide pre-norm layer (with sandwich norms: each half's
+    attention and MLP outputs normed by its own post-norm, then summed)."""
 
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
+        halves = len(config.lp_blocks[block_idx])
+        norm = dict(eps=config.rms_norm_eps, offset=config.norm_offset)
+        self.sandwich = config.sandwich_norms
         self.self_attn = LPAttention(config, block_idx)
         self.mlp = LPMLP(config, block_idx)
-        self.input_layernorm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.post_attention_layernorm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.input_layernorm = LPRMSNorm(config.hidden_size, **norm)
+        self.post_attention_layernorm = LPRMSNorm(  # sandwich: the attention output's norm; else the MLP's input
+            (halves, config.hidden_size) if self.sandwich and halves > 1 else config.hidden_size, **norm)
+        if self.sandwich:
+            self.pre_feedforward_layernorm = LPRMSNorm(config.hidden_size, **norm)
+            self.post_feedforward_layernorm = LPRMSNorm(
+                (halves, config.hidden_size) if halves > 1 else config.hidden_size, **norm)
+        self.branches = self.sandwich and halves > 1  # outputs [..., halves, hidden], summed after their post-norms
         if config.lp_projections == "fused":  # exports written before the separate layout store them fused
             self.fuse(save_separate=False)
 
@@ -328,11 +387,20 @@ class LPDecoderBlock(nn.Module):
         self.self_attn.fuse(save_separate)
         self.mlp.fuse(save_separate)
 
+    def _post_norm(self, norm: LPRMSNorm, output: torch.Tensor) -> torch.Tensor:
+        output = norm(output)
+        return output.sum(dim=-2) if self.branches else output
+
     def forward(self, hidden_states, attention_mask, position_embeddings, cache=None, **kwargs):
-        hidden_states = hidden_states + self.self_attn(
+        attention = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        if not self.sandwich:
+            hidden_states = hidden_states + attention
+            return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = hidden_states + self._post_norm(self.post_attention_layernorm, attention)
+        mlp = self.mlp(self.pre_feedforward_layernorm(hidden_states))
+        return hidden_states + self._post_norm(self.post_feedforward_layernorm, mlp)
 
 
 class LPPreTrainedModel(PreTrainedModel):
@@ -356,10 +424,24 @@ class LPModel(LPPreTrainedModel):
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.embed_scale = config.embed_scale  # Gemma: sqrt(hidden_size), applied to looked-up embeddings
         self.layers = nn.ModuleList(LPDecoderBlock(config, i) for i in range(config.num_hidden_layers))
-        self.norm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.rotary_emb = LPRotaryEmbedding(config)
+        self.norm = LPRMSNorm(config.hidden_size, eps=config.rms_norm_eps, offset=config.norm_offset)
+        per_type = config.rope_parameters if set(config.rope_parameters) <= {"full_attention", "sliding_attention"} \
+            else None
+        if per_type:  # each attention type its own rotary base (Gemma 3's local and global layers)
+            self.rotary_emb = nn.ModuleDict({kind: LPRotaryEmbedding(config, per_type[kind])
+                                             for kind in sorted(set(config.layer_types))})
+        else:
+            self.rotary_emb = LPRotaryEmbedding(config)
         self.post_init()
+
+    def _rotary_tables(self, hidden_states, position_ids) -> dict:
+        """(cos, sin) for each attention type present."""
+        if isinstance(self.rotary_emb, nn.ModuleDict):
+            return {kind: rotary(hidden_states, position_ids) for kind, rotary in self.rotary_emb.items()}
+        tables = self.rotary_emb(hidden_states, position_ids)
+        return dict.fromkeys(set(self.config.layer_types), tables)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -410,6 +492,8 @@ class LPModel(LPPreTrainedModel):
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+            if self.embed_scale is not None:  # as Gemma: the scale rounded to the weights' dtype first
+                inputs_embeds = inputs_embeds * torch.tensor(self.embed_scale, dtype=inputs_embeds.dtype)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -419,7 +503,7 @@ class LPModel(LPPreTrainedModel):
 
         masks = self._attention_masks(inputs_embeds, attention_mask, cache, position_ids)
         hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        position_embeddings = self._rotary_tables(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
         for i, block in enumerate(self.layers[: self.config.num_hidden_layers]):
             if output_hidden_states:
@@ -427,7 +511,7 @@ class LPModel(LPPreTrainedModel):
             hidden_states = block(  # by index: a pipeline-parallel rank holds placeholders for others' blocks
                 hidden_states,
                 attention_mask=masks[self.config.layer_types[i]],
-                position_embeddings=position_embeddings,
+                position_embeddings=position_embeddings[self.config.layer_types[i]],
                 cache=cache,
                 position_ids=position_ids,
                 **kwargs,
