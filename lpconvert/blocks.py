@@ -327,6 +327,7 @@ def convert_in_memory(model, pairs: list[int], *, dtype: torch.dtype | None = No
     Same tensors as `export` writes (same table, same folding), loaded into lpconvert's own copy of
     the shipped modeling file. Used to benchmark random-weight models built on a GPU.
     """
+    from .archs import unpairable_starts
     from .formats import validate_pairs
     from .modeling.configuration_lpconvert import LPConfig
     from .modeling.modeling_lpconvert import LPForCausalLM
@@ -335,7 +336,8 @@ def convert_in_memory(model, pairs: list[int], *, dtype: torch.dtype | None = No
     store = MemoryStore({k: v.detach() for k, v in model.state_dict().items()})
     arch = architecture_for(config)
     plan = Plan(source=source_fingerprint(config, store),
-                pairs=validate_pairs(pairs, config.num_hidden_layers, allow_edge_layers=True))
+                pairs=validate_pairs(pairs, config.num_hidden_layers, allow_edge_layers=True,
+                                     unpairable=unpairable_starts(config)))
     dtype = dtype or store.main_dtype() or torch.float32
     lp_config = LPConfig.from_dict(lp_config_dict(arch, config, plan, dtype, name))
     lp_config._attn_implementation = config._attn_implementation

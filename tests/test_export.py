@@ -20,7 +20,7 @@ from lpconvert.errors import LPError
 from lpconvert.export import export, plan_for_pairs
 from lpconvert.sources import resolve_model
 
-PAIR_SETS = {"llama": [1, 3], "llama-bias": [2], "mistral": [1, 3], "qwen2": [1, 3], "qwen3": [2]}
+PAIR_SETS = {"llama": [1, 3], "llama-bias": [2], "mistral": [1, 3], "qwen2": [1, 3], "qwen3": [2], "gemma3": [1, 3]}
 
 
 def _load(folder: Path, dtype=torch.float32):
@@ -192,7 +192,7 @@ def test_tied_embeddings_stay_tied(exported):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3", "gemma3"])
 def test_cached_greedy_decoding_matches_full_forward(arch, exported):
     model = _load(exported[arch])
     prompt = _ids(batch=1, seq=5, seed=1)
@@ -230,8 +230,9 @@ def test_hidden_states_and_loss_match_the_source(exported, tiny_models, tmp_path
     assert abs(mine.loss.item() - theirs.loss.item()) < 1e-5
 
 
-def test_compiled_static_forward_matches_eager(exported):
-    model = _load(exported["llama"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_compiled_static_forward_matches_eager(arch, exported):
+    model = _load(exported[arch])
     prompt = _ids(batch=1, seq=6, seed=4)
     eager = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, output_logits=True,
                            return_dict_in_generate=True, cache_implementation="static")
@@ -243,13 +244,14 @@ def test_compiled_static_forward_matches_eager(exported):
         assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_loads_where_lpconvert_cannot_be_imported(exported):
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_loads_where_lpconvert_cannot_be_imported(arch, exported):
     script = f"""
 import sys
 sys.modules["lpconvert"] = None  # any import of lpconvert now fails
 import torch
 from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained({str(exported["qwen3"])!r}, trust_remote_code=True)
+model = AutoModelForCausalLM.from_pretrained({str(exported[arch])!r}, trust_remote_code=True)
 out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False, pad_token_id=0)
 assert out.shape == (1, 7)
 try:

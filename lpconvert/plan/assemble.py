@@ -45,7 +45,8 @@ def plan_stage(scores: dict, target: Target, settings: PlanSettings, source=None
     The scores must already be checked against the source (formats.load_scores does it).
     """
     started = time.perf_counter()
-    pairs_for_target(target, int(scores["source"]["num_layers"]), settings.allow_edge_layers)  # before measuring
+    pairs_for_target(target, int(scores["source"]["num_layers"]), settings.allow_edge_layers,  # before measuring
+                     scores["source"].get("unpairable", ()))
     calibrator = build_calibrator(source, settings, progress) if source is not None else None
     expected = source_fingerprint(source.config, source.store) if source is not None else None
     return make_plan(scores, target, settings, calibrator, source=expected, scores_path=scores_path,
@@ -66,29 +67,32 @@ def make_plan(scores: dict, target: Target, settings: PlanSettings | None = None
     source = source or scores["source"]
     num_layers = int(source["num_layers"])
     allow_edge_layers = settings.allow_edge_layers
+    unpairable = frozenset(source.get("unpairable", ()))  # starts of pairs whose layers differ in attention type
     strategy = _resolve_strategy(settings.strategy, calibrator)
     metric = settings.metric or default_metric(scores)
     values = pair_values(scores, metric, scores_path)
     increases = loss_increase_values(scores)
-    k = pairs_for_target(target, num_layers, allow_edge_layers)
+    k = pairs_for_target(target, num_layers, allow_edge_layers, unpairable)
     budget = target.value if target.kind == "max_loss_increase" else None
     search = SearchSettings(settings.candidates, settings.beam, settings.verify)
 
     if strategy == "greedy":
         if budget is not None:
             need_loss_increase(increases, strategy)
-        choice = plan_greedy(values, k, num_layers=num_layers, allow_edge_layers=allow_edge_layers,
+        choice = plan_greedy(values, k, num_layers=num_layers, allow_edge_layers=allow_edge_layers, unpairable=unpairable,
                              increases=increases, loss_budget=budget)
     elif strategy == "contiguous":
         if budget is not None and calibrator is None:
             need_loss_increase(increases, strategy)
         choice = plan_contiguous(values, k, num_layers=num_layers, allow_edge_layers=allow_edge_layers,
+                                 unpairable=unpairable,
                                  increases=increases, loss_budget=budget, calibrator=calibrator,
                                  objective=calibrator.objective if calibrator is not None else "loss",
                                  progress=progress)
     else:
-        choice = plan_search(calibrator, rank_pairs(values, candidate_starts(num_layers, allow_edge_layers)), k,
-                             num_layers=num_layers, allow_edge_layers=allow_edge_layers,
+        ranking = rank_pairs(values, candidate_starts(num_layers, allow_edge_layers, unpairable))
+        choice = plan_search(calibrator, ranking, k, num_layers=num_layers, allow_edge_layers=allow_edge_layers,
+                             unpairable=unpairable,
                              candidates=search.candidates, beam=search.beam, verify=search.verify,
                              loss_budget=budget, progress=progress)
         choice.predicted_loss_increase = summed_increase(choice.pairs, increases)
@@ -97,7 +101,7 @@ def make_plan(scores: dict, target: Target, settings: PlanSettings | None = None
         if progress:
             progress("measuring the chosen pairs on the calibration text")
         choice.measured = calibrator.measure([choice.pairs])[0]
-    pairs = _checked_pairs(choice, k, strategy, target, num_layers, allow_edge_layers)
+    pairs = _checked_pairs(choice, k, strategy, target, num_layers, allow_edge_layers, unpairable)
     details = plan_details(choice, num_layers=num_layers, calibrator=calibrator,
                            search=search if strategy == "search" else None,
                            seconds=time.perf_counter() - started)
@@ -117,12 +121,12 @@ def _resolve_strategy(strategy: str | None, calibrator: Calibrator | None) -> st
 
 
 def _checked_pairs(choice: Choice, k: int | None, strategy: str, target: Target, num_layers: int,
-                   allow_edge_layers: bool) -> list[int]:
+                   allow_edge_layers: bool, unpairable: frozenset[int]) -> list[int]:
     """The chosen pairs, refused if they fall short of the count asked for or are empty."""
     if k is not None and len(choice.pairs) != k:
         raise LPError(f"{strategy} found only {len(choice.pairs)} of the {k} pairs asked for",
                       "use a larger --candidates pool or another strategy")
-    pairs = validate_pairs(choice.pairs, num_layers, allow_edge_layers)
+    pairs = validate_pairs(choice.pairs, num_layers, allow_edge_layers, unpairable)
     if not pairs:
         raise LPError(f"no set of pairs meets {target.describe()}", "allow a larger loss increase")
     return pairs

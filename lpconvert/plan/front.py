@@ -36,13 +36,15 @@ def _estimated_points(strategy: str, plan: Plan, increases: dict[int, float], ba
     """The strategy's choice at every pair count, ranked by single-pair loss increases, with its summed estimate."""
     num_layers = plan.num_layers
     allow_edges = any(p == 0 or p + 2 == num_layers for p in plan.pairs)  # allowed if the plan pairs an edge layer
+    unpairable = frozenset(plan.source.get("unpairable", ()))
     points = []
-    for k in range(1, max_pairs(num_layers, allow_edges) + 1):
+    for k in range(1, max_pairs(num_layers, allow_edges, unpairable) + 1):
         if strategy == "greedy":
-            chosen = plan_greedy(increases, k, num_layers=num_layers, allow_edge_layers=allow_edges).pairs
+            chosen = plan_greedy(increases, k, num_layers=num_layers, allow_edge_layers=allow_edges,
+                                 unpairable=unpairable).pairs
         else:
             chosen = plan_contiguous(increases, k, num_layers=num_layers, allow_edge_layers=allow_edges,
-                                     increases=increases).pairs
+                                     unpairable=unpairable, increases=increases).pairs
         total = summed_increase(chosen, increases)
         if len(chosen) == k and total is not None:
             points.append({"depth": num_layers - k, "perplexity": math.exp(base_loss * (1 + total)), "measured": False})

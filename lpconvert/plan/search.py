@@ -10,10 +10,11 @@ by calibration loss alone overfits).
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 
 from ..errors import LPError
 from .defaults import DEFAULT_BEAM, DEFAULT_CANDIDATES, DEFAULT_VERIFY, Progress
-from .layers import fits_beside, max_pairs
+from .layers import NONE, fits_beside, max_pairs
 from .measure import Calibrator, Measured
 from .strategies import Choice
 
@@ -21,8 +22,9 @@ PairSet = tuple[int, ...]
 
 
 def plan_search(calibrator: Calibrator, ranking: list[int], k: int | None, *, num_layers: int,
-                allow_edge_layers: bool, candidates: int = DEFAULT_CANDIDATES, beam: int = DEFAULT_BEAM,
-                verify: int = DEFAULT_VERIFY, loss_budget: float | None = None, progress: Progress = None) -> Choice:
+                allow_edge_layers: bool, unpairable: Collection[int] = NONE, candidates: int = DEFAULT_CANDIDATES,
+                beam: int = DEFAULT_BEAM, verify: int = DEFAULT_VERIFY, loss_budget: float | None = None,
+                progress: Progress = None) -> Choice:
     """Grow the set pair by pair, measuring the model with all chosen pairs applied.
 
     At each step every pool candidate compatible with each beam set is measured on the calibration
@@ -36,15 +38,15 @@ def plan_search(calibrator: Calibrator, ranking: list[int], k: int | None, *, nu
     if beam < 1:
         raise LPError(f"--beam must be at least 1, got {beam}", "e.g. --beam 2")
     return _Search(calibrator, ranking, k, num_layers=num_layers, allow_edge_layers=allow_edge_layers,
-                   candidates=candidates, beam=beam, verify=verify, loss_budget=loss_budget, progress=progress).run()
+                   unpairable=unpairable, candidates=candidates, beam=beam, verify=verify, loss_budget=loss_budget, progress=progress).run()
 
 
 class _Search:
     """One run of plan_search: its settings, and one method per part of a step."""
 
     def __init__(self, calibrator: Calibrator, ranking: list[int], k: int | None, *, num_layers: int,
-                 allow_edge_layers: bool, candidates: int, beam: int, verify: int, loss_budget: float | None,
-                 progress: Progress):
+                 allow_edge_layers: bool, unpairable: Collection[int], candidates: int, beam: int, verify: int,
+                 loss_budget: float | None, progress: Progress):
         self.calibrator = calibrator
         self.ranking = ranking
         self.pool = ranking[:candidates]
@@ -52,11 +54,12 @@ class _Search:
         self.k = k
         self.num_layers = num_layers
         self.allow_edge_layers = allow_edge_layers
+        self.unpairable = unpairable
         self.beam = beam
         self.verify = verify
         self.progress = progress
         self.objective = calibrator.objective
-        self.goal = k if k is not None else max_pairs(num_layers, allow_edge_layers)  # a budget: grow while it holds
+        self.goal = k if k is not None else max_pairs(num_layers, allow_edge_layers, unpairable)  # a budget: grow while it holds
         base = calibrator.base["calib"]
         self.loss_limit = None if loss_budget is None else base.loss * (1 + loss_budget)
         self.use_heldout = calibrator.has_heldout and verify > 0
@@ -107,7 +110,7 @@ class _Search:
         return options
 
     def fits(self, current: PairSet, p: int) -> bool:
-        return fits_beside(current, p, self.k, self.num_layers, self.allow_edge_layers)
+        return fits_beside(current, p, self.k, self.num_layers, self.allow_edge_layers, self.unpairable)
 
     def within_budget(self, ranked: list[Measured]) -> list[Measured]:
         if self.loss_limit is None:

@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from .defaults import Progress
-from .layers import candidate_starts, contiguous_runs, fits_beside, max_pairs
+from .layers import NONE, candidate_starts, contiguous_runs, fits_beside, max_pairs
 from .measure import Calibrator, Measured
 from .metrics import rank_pairs, summed_increase
 
@@ -38,29 +39,30 @@ class Choice:
 
 
 def plan_greedy(values: dict[int, float], k: int | None, *, num_layers: int, allow_edge_layers: bool,
-                increases=None, loss_budget: float | None = None) -> Choice:
+                unpairable: Collection[int] = NONE, increases=None, loss_budget: float | None = None) -> Choice:
     """The best pairs by the metric that do not overlap (and leave room for k in all).
 
     With a loss budget: the largest greedy set whose summed single-pair loss increases fit in it.
     """
-    ranking = rank_pairs(values, candidate_starts(num_layers, allow_edge_layers))
+    ranking = rank_pairs(values, candidate_starts(num_layers, allow_edge_layers, unpairable))
     if loss_budget is None:
-        chosen = _greedy_pick(ranking, k, num_layers, allow_edge_layers)
+        chosen = _greedy_pick(ranking, k, num_layers, allow_edge_layers, unpairable)
         return Choice(chosen, predicted_loss_increase=summed_increase(chosen, increases))
-    for size in range(max_pairs(num_layers, allow_edge_layers), 0, -1):
-        chosen = _greedy_pick(ranking, size, num_layers, allow_edge_layers)
+    for size in range(max_pairs(num_layers, allow_edge_layers, unpairable), 0, -1):
+        chosen = _greedy_pick(ranking, size, num_layers, allow_edge_layers, unpairable)
         total = summed_increase(chosen, increases)
         if len(chosen) == size and total is not None and total <= loss_budget:
             return Choice(chosen, predicted_loss_increase=total)
     return Choice([])
 
 
-def _greedy_pick(ranking: list[int], k: int | None, num_layers: int, allow_edge_layers: bool) -> list[int]:
+def _greedy_pick(ranking: list[int], k: int | None, num_layers: int, allow_edge_layers: bool,
+                 unpairable: Collection[int]) -> list[int]:
     chosen: list[int] = []
     for p in ranking:
         if k is not None and len(chosen) == k:
             break
-        if fits_beside(chosen, p, k, num_layers, allow_edge_layers):
+        if fits_beside(chosen, p, k, num_layers, allow_edge_layers, unpairable):
             chosen.append(p)
     return sorted(chosen)
 
@@ -70,31 +72,31 @@ def _greedy_pick(ranking: list[int], k: int | None, num_layers: int, allow_edge_
 
 
 def plan_contiguous(values: dict[int, float], k: int | None, *, num_layers: int, allow_edge_layers: bool,
-                    increases=None, loss_budget: float | None = None, calibrator: Calibrator | None = None,
+                    unpairable: Collection[int] = NONE, increases=None, loss_budget: float | None = None, calibrator: Calibrator | None = None,
                     objective: str = "loss", progress: Progress = None) -> Choice:
     """One contiguous run of pairs; by measured calibration objective when a calibrator is given."""
     if calibrator is not None:
         return plan_contiguous_measured(calibrator, k, num_layers=num_layers, allow_edge_layers=allow_edge_layers,
-                                        increases=increases, loss_budget=loss_budget, objective=objective,
-                                        progress=progress)
+                                        unpairable=unpairable, increases=increases, loss_budget=loss_budget,
+                                        objective=objective, progress=progress)
     return plan_contiguous_by_metric(values, k, num_layers=num_layers, allow_edge_layers=allow_edge_layers,
-                                     increases=increases, loss_budget=loss_budget)
+                                     unpairable=unpairable, increases=increases, loss_budget=loss_budget)
 
 
-def _run_sizes(k: int | None, num_layers: int, allow_edge_layers: bool):
+def _run_sizes(k: int | None, num_layers: int, allow_edge_layers: bool, unpairable: Collection[int]):
     """Run lengths to try: k, or (for a loss budget) every length from 1 up, until none fits the budget."""
-    return [k] if k is not None else range(1, max_pairs(num_layers, allow_edge_layers) + 1)
+    return [k] if k is not None else range(1, max_pairs(num_layers, allow_edge_layers, unpairable) + 1)
 
 
 def plan_contiguous_by_metric(values: dict[int, float], k: int | None, *, num_layers: int, allow_edge_layers: bool,
-                              increases=None, loss_budget: float | None = None) -> Choice:
+                              unpairable: Collection[int] = NONE, increases=None, loss_budget: float | None = None) -> Choice:
     """The run with the lowest summed metric (unscored pairs count as infinite), ties to the lowest start.
 
     With a loss budget: the longest run whose summed single-pair loss increases fit in it.
     """
     best = Choice([])
-    for size in _run_sizes(k, num_layers, allow_edge_layers):
-        runs = contiguous_runs(size, num_layers, allow_edge_layers)
+    for size in _run_sizes(k, num_layers, allow_edge_layers, unpairable):
+        runs = contiguous_runs(size, num_layers, allow_edge_layers, unpairable)
         if loss_budget is not None:
             runs = [r for r in runs if (total := summed_increase(r, increases)) is not None and total <= loss_budget]
         if not runs:
@@ -105,7 +107,7 @@ def plan_contiguous_by_metric(values: dict[int, float], k: int | None, *, num_la
 
 
 def plan_contiguous_measured(calibrator: Calibrator, k: int | None, *, num_layers: int, allow_edge_layers: bool,
-                             increases=None, loss_budget: float | None = None, objective: str = "loss",
+                             unpairable: Collection[int] = NONE, increases=None, loss_budget: float | None = None, objective: str = "loss",
                              progress: Progress = None) -> Choice:
     """The paper's sweep: measure every run of each length, keep the best by the objective.
 
@@ -113,8 +115,8 @@ def plan_contiguous_measured(calibrator: Calibrator, k: int | None, *, num_layer
     """
     best = Choice([])
     trace, front = [], []
-    for size in _run_sizes(k, num_layers, allow_edge_layers):
-        runs = contiguous_runs(size, num_layers, allow_edge_layers)
+    for size in _run_sizes(k, num_layers, allow_edge_layers, unpairable):
+        runs = contiguous_runs(size, num_layers, allow_edge_layers, unpairable)
         if not runs:
             break
         if progress:

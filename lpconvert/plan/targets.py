@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from ..errors import LPError
@@ -72,10 +73,13 @@ def estimated_speedup(num_layers: int, num_pairs: int) -> float:
     return num_layers / (num_layers - ALPHA * num_pairs)
 
 
-def pairs_for_target(target: Target, num_layers: int, allow_edge_layers: bool) -> int | None:
+def pairs_for_target(target: Target, num_layers: int, allow_edge_layers: bool,
+                     unpairable: Collection[int] = ()) -> int | None:
     """Number of pairs a target asks for (None for a loss budget); LPError if it cannot fit."""
-    most = max_pairs(num_layers, allow_edge_layers)
+    most = max_pairs(num_layers, allow_edge_layers, frozenset(unpairable))
     where = "" if allow_edge_layers else ", first and last layers excluded"
+    if unpairable:
+        where += ", local and global layers never paired together"
     fix = "ask for fewer" + ("" if allow_edge_layers else " or pass --allow-edge-layers")
     if target.kind == "max_loss_increase":
         if most == 0:

@@ -1,0 +1,118 @@
+"""Gemma 3: pairs of layers with sandwich norms, local and global layers, and what other runtimes refuse.
+
+The tiny Gemma 3 of builders.TINY_ARCHS (layers 0-4 local, 5 global) runs through every per-architecture test;
+here an 8-layer one with two global layers side by side, so that a global pair exists too.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from builders import invoke, make_tiny_model, make_tiny_tokenizer, write_scores
+from reference import reference_logits
+from transformers import AutoModelForCausalLM
+
+from lpconvert.errors import LPError
+from lpconvert.export import export, plan_for_pairs
+from lpconvert.sources import resolve_model
+
+# local local | global global | local local local | global: a local pair at block 0, a global pair, a local pair
+LAYER_TYPES = ["sliding_attention"] * 2 + ["full_attention"] * 2 + ["sliding_attention"] * 3 + ["full_attention"]
+PAIRS = [0, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def gemma8(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gemma8") / "src"
+    make_tiny_model("gemma3", seed=7, num_hidden_layers=8, layer_types=LAYER_TYPES).save_pretrained(folder)
+    make_tiny_tokenizer(128).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported8(gemma8, tmp_path_factory):
+    source = resolve_model(str(gemma8))
+    out = tmp_path_factory.mktemp("gemma8-lp") / "lp"
+    export(source, plan_for_pairs(source, PAIRS, allow_edge_layers=True), out, dtype="float32")
+    return out
+
+
+def _ids(batch=2, seq=24, seed=0):  # 24 tokens: well past the sliding window of 4
+    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
+
+
+def test_local_and_global_pairs_match_the_two_branch_reference(gemma8, exported8):
+    source = resolve_model(str(gemma8)).load_model()
+    ids = _ids()
+    with torch.no_grad():
+        got = _load(exported8)(ids).logits
+        sequential = source(ids).logits
+    want = reference_logits(source, ids, PAIRS)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
+    assert (sequential - want).abs().max() > 1e-3  # the pairs change the model
+
+
+def test_a_pair_keeps_its_branches_apart_until_its_post_norms(exported8):
+    config = json.loads((exported8 / "config.json").read_text())
+    assert config["lp_blocks"] == [[0, 1], [2, 3], [4, 5], [6], [7]]
+    assert config["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention",
+                                     "sliding_attention", "full_attention"]
+    assert config["sandwich_norms"] is True and config["norm_offset"] == 1.0
+    assert config["embed_scale"] == pytest.approx(64 ** 0.5) and config["query_pre_attn_scalar"] == 12
+    assert set(config["rope_parameters"]) == {"full_attention", "sliding_attention"}
+    model = _load(exported8)
+    pair, single = model.model.layers[0], model.model.layers[3]
+    assert tuple(pair.self_attn.o_proj.weight.shape) == (2, 64, 4 * 16)  # two branches, each its own projection
+    assert tuple(pair.mlp.down_proj.weight.shape) == (2, 64, 96)
+    assert tuple(pair.post_attention_layernorm.weight.shape) == (2, 64)
+    assert torch.equal(pair.input_layernorm.weight, torch.zeros(64))  # folded: 1 + 0 = unit
+    assert isinstance(single.self_attn.o_proj, torch.nn.Linear)
+
+
+def test_cached_decoding_through_both_window_kinds_equals_full_forward(exported8):
+    model = _load(exported8)
+    prompt = _ids(batch=1, seq=3, seed=1)
+    generated = model.generate(prompt, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(20):
+            tokens = torch.cat([tokens, model(tokens, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, tokens)
+
+
+def test_a_local_global_pair_is_refused_in_one_line(gemma8, tmp_path):
+    source = resolve_model(str(gemma8))
+    with pytest.raises(LPError, match=r"pair \(1, 2\) joins a local \(sliding-window\) and a global layer"):
+        plan_for_pairs(source, [1])
+    result = invoke("export", gemma8, "--pairs", "4,6", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) <= 2 and "pair (6, 7) joins a local" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_gguf_export_is_refused_in_one_line(tiny_models, tmp_path):
+    for pairs in ("1", "none"):
+        result = invoke("export", tiny_models["gemma3"], "--pairs", pairs, "-o", tmp_path / "m.gguf")
+        assert result.exit_code == 2 and "sandwich norms" in result.stderr and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_planner_never_joins_a_local_and_a_global_layer(tiny_models, tmp_path):
+    """(4, 5) looks safest by far, but layer 5 is global: greedy and contiguous plans pass it by."""
+    model = tiny_models["gemma3"]
+    scores = write_scores(tmp_path / "scores.json", model, rel_l2=[0.9, 0.5, 0.6, 0.4, 0.01],
+                          loss_increase=[5.0, 0.05, 0.06, 0.04, 0.001])
+    assert json.loads(scores.read_text())["source"]["unpairable"] == [4]
+    for strategy in ("greedy", "contiguous"):
+        result = invoke("plan", scores, "--pairs", "2", "--strategy", strategy, "-o", tmp_path / f"{strategy}.json")
+        assert result.exit_code == 0, result.output
+        assert json.loads((tmp_path / f"{strategy}.json").read_text())["pairs"] == [[1, 2], [3, 4]]
+    result = invoke("plan", scores, "--pairs", "3", "-o", tmp_path / "three.json")
+    assert result.exit_code == 2 and "at most 2" in result.stderr and "local and global" in result.stderr
