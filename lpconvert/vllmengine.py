@@ -65,6 +65,12 @@ def check_servable(model, tensor_parallel: int) -> None:
                       "a GGUF without --engine (llama.cpp)")
     if tensor_parallel < 1:
         raise LPError(f"--tensor-parallel {tensor_parallel} is not a device count", "use 1 or more")
+    config = model.config
+    if tensor_parallel > 1 and getattr(config, "sandwich_norms", False) and \
+            any(len(layers) > 1 for layers in getattr(config, "lp_blocks", [])):
+        raise LPError(f"{model.name}: its pairs norm each branch's attention and MLP output before the sum (Gemma 3's "
+                      "sandwich norms), and tensor parallelism cannot shard those branch projections",
+                      "run it with --tensor-parallel 1, or serve it with vLLM's pipeline parallelism")
     for index, (heads, kv) in enumerate(block_heads(model.config)):
         if heads % tensor_parallel or kv % tensor_parallel:
             raise LPError(f"{model.name}: block {index} has {heads} query and {kv} KV heads, which "

@@ -1344,6 +1344,24 @@ def case_vllm_heads_tensor_parallel_cannot_split(t, p):
         "block 0 has 4 query and 2 KV heads, which 3 devices cannot share evenly", WITH_VLLM
 
 
+def case_vllm_sandwich_pairs_tensor_parallel(t, p):
+    return ["eval", str(t["gemma3"]), str(_converted(t, p, "gemma3")), "--engine", "vllm", "--tensor-parallel", "2"], \
+        "tensor parallelism cannot shard those branch projections", WITH_VLLM
+
+
+# --- cases: Gemma 3 ---
+
+
+def case_gemma3_local_global_pair(t, p):  # the tiny Gemma 3's layer 5 is global, 4 local
+    return _export(t["gemma3"], p, "--pairs", "4", "--allow-edge-layers"), \
+        "pair (4, 5) joins a local (sliding-window) and a global layer"
+
+
+def case_gemma3_gguf_export(t, p):
+    return ["export", str(t["gemma3"]), "--pairs", "2", "-o", str(p / "out.gguf")], \
+        "llama.cpp's gemma3 graph cannot"
+
+
 CASES = {name.removeprefix("case_"): fn for name, fn in globals().items() if name.startswith("case_")}
 
 

@@ -120,6 +120,10 @@ class LPConfig(PretrainedConfig):
         # architectures, so each tensor-parallel shard knows its norms); 1: all of a's heads, then b's.
         self.lp_head_chunks = lp_head_chunks
         self.base_model_tp_plan = {**TP_PLAN, **(QK_NORM_TP_PLAN if qk_norm else {})}
+        if sandwich_norms and any(len(layers) > 1 for layers in self.lp_blocks):
+            # A sandwich pair's o_proj and down_proj keep its branches apart (one [2, hidden] output per token, each
+            # half normed before the sum): no plan shards them, so this model declares none (tensor parallelism off)
+            self.base_model_tp_plan = {}
         self.layer_types = layer_types or ["full_attention"] * self.num_hidden_layers
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         declared = kwargs.pop("per_layer_config", None)

@@ -111,6 +111,15 @@ class LPHeadRMSNorm(LPRMSNorm):
         return normed.view(batch, seq, heads, head_dim)
 
 
+class LPBranchRMSNorm(LPRMSNorm):
+    """A sandwich pair's post-norm: each branch of (..., halves, hidden) normed with its own weight row, then the
+    branches summed. (The sum inside the norm also tells vLLM's Transformers backend that this is no plain RMSNorm
+    of `weight.shape[0]` features to swap for its own.)"""
+
+    def forward(self, branches: torch.Tensor) -> torch.Tensor:
+        return super().forward(branches).sum(dim=-2)
+
+
 class LPRotaryEmbedding(nn.Module):
     """Rotary tables, shared by every block of an attention type: both halves of a pair use the same positions.
     `rope_parameters`: this type's settings where each type has its own (Gemma 3), else the config's."""
@@ -361,6 +370,14 @@ class LPMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+def output_norm(config: LPConfig, halves: int) -> LPRMSNorm:
+    """A sandwich block's norm of its attention or MLP output: for a pair, each half's output [..., halves, hidden]
+    normed by its own weight row, then the halves summed."""
+    norm_class = LPBranchRMSNorm if halves > 1 else LPRMSNorm
+    shape = (halves, config.hidden_size) if halves > 1 else config.hidden_size
+    return norm_class(shape, eps=config.rms_norm_eps, offset=config.norm_offset)
+
+
 class LPDecoderBlock(nn.Module):
     """One source layer, or a layer-parallel pair as one wide pre-norm layer (with sandwich norms: each half's
     attention and MLP outputs normed by its own post-norm, then summed)."""
@@ -373,23 +390,18 @@ class LPDecoderBlock(nn.Module):
         self.self_attn = LPAttention(config, block_idx)
         self.mlp = LPMLP(config, block_idx)
         self.input_layernorm = LPRMSNorm(config.hidden_size, **norm)
-        self.post_attention_layernorm = LPRMSNorm(  # sandwich: the attention output's norm; else the MLP's input
-            (halves, config.hidden_size) if self.sandwich and halves > 1 else config.hidden_size, **norm)
         if self.sandwich:
+            self.post_attention_layernorm = output_norm(config, halves)  # the attention output's norm
             self.pre_feedforward_layernorm = LPRMSNorm(config.hidden_size, **norm)
-            self.post_feedforward_layernorm = LPRMSNorm(
-                (halves, config.hidden_size) if halves > 1 else config.hidden_size, **norm)
-        self.branches = self.sandwich and halves > 1  # outputs [..., halves, hidden], summed after their post-norms
+            self.post_feedforward_layernorm = output_norm(config, halves)
+        else:
+            self.post_attention_layernorm = LPRMSNorm(config.hidden_size, **norm)  # the MLP input's norm
         if config.lp_projections == "fused":  # exports written before the separate layout store them fused
             self.fuse(save_separate=False)
 
     def fuse(self, save_separate: bool = True) -> None:
         self.self_attn.fuse(save_separate)
         self.mlp.fuse(save_separate)
-
-    def _post_norm(self, norm: LPRMSNorm, output: torch.Tensor) -> torch.Tensor:
-        output = norm(output)
-        return output.sum(dim=-2) if self.branches else output
 
     def forward(self, hidden_states, attention_mask, position_embeddings, cache=None, **kwargs):
         attention = self.self_attn(
@@ -398,9 +410,9 @@ class LPDecoderBlock(nn.Module):
         if not self.sandwich:
             hidden_states = hidden_states + attention
             return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        hidden_states = hidden_states + self._post_norm(self.post_attention_layernorm, attention)
+        hidden_states = hidden_states + self.post_attention_layernorm(attention)
         mlp = self.mlp(self.pre_feedforward_layernorm(hidden_states))
-        return hidden_states + self._post_norm(self.post_feedforward_layernorm, mlp)
+        return hidden_states + self.post_feedforward_layernorm(mlp)
 
 
 class LPPreTrainedModel(PreTrainedModel):
