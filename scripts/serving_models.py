@@ -10,7 +10,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ARCHS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3", "gemma3")
+# Tensor parallelism shards these; a Gemma 3 pair keeps its branches apart through o_proj and down_proj (sandwich
+# norms), which no plan shards: it runs on one device and under pipeline parallelism only (docs/serving.md).
+TP_ARCHS = ("llama", "llama-bias", "mistral", "qwen2", "qwen3")
+ARCHS = (*TP_ARCHS, "gemma3")
 PAIRS = [0, 3]  # blocks [[0, 1], [2], [3, 4], [5]]: block 0 wide and a middle pair
 BLOCKS = "[[0, 1], [2], [3, 4], [5]]"
 PROMPTS = [[1, 5, 9, 33, 7, 100, 64, 2, 11, 90], [3, 3, 8, 120, 45, 6, 77, 19]]

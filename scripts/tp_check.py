@@ -25,6 +25,7 @@ from serving_models import (  # noqa: E402
     NATURAL_ORDER,
     PROMPTS,
     TOLERANCE,
+    TP_ARCHS,
     build_exports,
     largest_difference,
     prompt_logprobs,
@@ -71,7 +72,7 @@ def worker(root: Path, names: list[str]) -> None:
 
 
 def run(tp: int, root: Path) -> list[dict]:
-    folders = build_exports(root, natural_order_control=True)
+    folders = build_exports(root, TP_ARCHS, natural_order_control=True)
     reference = {name: reference_logprobs(folder) for name, folder in folders.items()}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp),
