@@ -43,6 +43,11 @@ def describe_model(source: ModelSource) -> dict[str, Any]:
         "disk_bytes": source.disk_bytes(),
         "tie_word_embeddings": tied,
     }
+    types = archs.layer_types_of(config) if reason is None and source.kind != "lpconvert" else []
+    if len(set(types)) > 1:  # local (sliding-window) and global layers: a pair joins two of one kind
+        info["global_layers"] = [i for i, kind in enumerate(types) if kind == "full_attention"]
+        info["sliding_window"] = getattr(config, "sliding_window", None)
+        info["unpairable_starts"] = archs.unpairable_starts(config)
     if lp_blocks is not None:
         blocks = [[int(i) for i in block] for block in lp_blocks]
         info["lp_blocks"] = blocks

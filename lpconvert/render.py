@@ -63,6 +63,9 @@ def description_table(info: dict[str, Any]) -> Table:
         ("attention heads", f"{info.get('num_attention_heads')} query, {info.get('num_key_value_heads')} key/value, "
                             f"head dim {info.get('head_dim')}"),
         ("MLP width", info.get("intermediate_size")),
+        *([("layer kinds", f"global {', '.join(map(str, info['global_layers']))}; the others local (window "
+                            f"{info.get('sliding_window')}); pairs join two of one kind")]
+          if info.get("global_layers") else []),
         ("vocabulary", info.get("vocab_size")),
         ("tied embeddings", "yes" if info.get("tie_word_embeddings") else "no"),
         ("parameters", format_count(info.get("parameters"))),

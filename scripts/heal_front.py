@@ -1,4 +1,5 @@
-"""Heal front: how much of the quality a plan's pairs cost each heal method wins back, on SmolLM2-135M.
+"""Heal front: how much of the quality a plan's pairs cost each heal method wins back, on SmolLM2-135M (or
+another model: --model, with the plans of its quality front, --plans-from).
 
 For each effective depth and plan (the contiguous rule and the default search, with the pairs they
 chose in docs/quality.md), runs `lpconvert heal` as a user would (its own process: time and peak
@@ -14,6 +15,8 @@ Recovered fraction of the gap = (ln ppl_unhealed - ln ppl_healed) / (ln ppl_unhe
     .venv/bin/python scripts/heal_front.py                                  # every row (about an hour)
     .venv/bin/python scripts/heal_front.py --depths 25 --plans search --methods lsq
     .venv/bin/python scripts/heal_front.py --distill-at 25/search           # distill only there
+    .venv/bin/python scripts/heal_front.py --model gemma3-270m --plans-from docs/quality_front_gemma3.json \
+        --depths 16,15,14 --json docs/heal_front_gemma3.json --plot docs/heal_front_gemma3.png
 
 Targets (issue 16), 25 blocks with the default plan: lsq recovers at least 35% on each held-out text
 and makes none worse, in at most 5 minutes on a 2-core CPU; distill at least 60% in at most 30 minutes.
@@ -77,9 +80,16 @@ def perplexity(runner: LayerRunner, ids: torch.Tensor, pairs: list[int], batch: 
     return math.exp(nll / count)
 
 
-def run_heal(plan_path: Path, out: Path, method: str, extra: list[str]) -> dict:
+def plans_from(path: Path | None) -> dict[tuple[int, str], list[int]]:
+    """(depth, plan) -> pairs: SmolLM2's table, or the rows of a quality front's JSON (scripts/quality_front.py)."""
+    if path is None:
+        return PLANS
+    return {(row["depth"], row["strategy"]): row["pairs"] for row in json.loads(path.read_text())["rows"]}
+
+
+def run_heal(model: str, plan_path: Path, out: Path, method: str, extra: list[str]) -> dict:
     """`lpconvert heal` in its own process; its report (time, peak memory) as it wrote it."""
-    command = [str(ROOT / ".venv/bin/lpconvert"), "--progress", "lines", "heal", "smollm2-135m", "--plan",
+    command = [str(ROOT / ".venv/bin/lpconvert"), "--progress", "lines", "heal", model, "--plan",
                str(plan_path), "-o", str(out), "--method", method, "--device", "cpu", *extra]
     log("$ " + " ".join(command[1:]))
     started = time.perf_counter()
@@ -97,6 +107,9 @@ def recovered(unhealed: float, healed: float, source: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--plans-from", type=Path, help="a quality front's JSON (scripts/quality_front.py --out): "
+                        "its plans, instead of SmolLM2's")
     parser.add_argument("--depths", default="27,25,23")
     parser.add_argument("--plans", default="contiguous,search")
     parser.add_argument("--methods", default="lsq,distill")
@@ -124,7 +137,8 @@ def main() -> None:
     methods = args.methods.split(",")
     distill_at = None if args.distill_at == "all" else {tuple(x.split("/")) for x in args.distill_at.split(",")}
 
-    source = resolve_model("smollm2-135m")
+    source = resolve_model(args.model)
+    chosen = plans_from(args.plans_from)
     torch.manual_seed(0)
     runner = LayerRunner(source.load_model(dtype=torch.float32, device="cpu"), seq_len=SEQ_LEN)
     texts = eval_windows(source.load_tokenizer(), args.news_windows, args.wiki_windows)
@@ -134,7 +148,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="heal-front-"))
     for depth in depths:
         for plan_name in plans:
-            pairs = PLANS[(depth, plan_name)]
+            pairs = chosen[(depth, plan_name)]
             plan = plan_for_pairs(source, pairs)
             plan_path = work / f"plan-{depth}-{plan_name}.json"
             plan.save(plan_path)
@@ -147,7 +161,7 @@ def main() -> None:
                     continue
                 out = work / f"heal-{depth}-{plan_name}-{method}.safetensors"
                 extra = args.heal_options.split() + (args.distill_options.split() if method == "distill" else [])
-                report = run_heal(plan_path, out, method, extra)
+                report = run_heal(args.model, plan_path, out, method, extra)
                 runner.corrections = corrections_of(load_heal_file(out).tensors, plan)
                 healed = {name: perplexity(runner, ids, pairs) for name, ids in texts.items()}
                 runner.corrections = {}
@@ -160,8 +174,10 @@ def main() -> None:
                 rows.append(row)
                 log(f"{depth}/{plan_name} {method}: {healed} recovered "
                     f"{row['recovered_news']:.1%} / {row['recovered_wiki_heldout']:.1%} in {report['seconds']} s")
-                args.json.write_text(json.dumps({"source": base, "rows": rows, "texts": _describe(texts)}, indent=1))
-    result = {"source": base, "rows": rows, "texts": _describe(texts), "settings": {
+                args.json.write_text(json.dumps({"model": args.model, "num_layers": source.config.num_hidden_layers,
+                                                 "source": base, "rows": rows, "texts": _describe(texts)}, indent=1))
+    result = {"model": args.model, "num_layers": source.config.num_hidden_layers, "command": " ".join(sys.argv),
+              "source": base, "rows": rows, "texts": _describe(texts), "settings": {
         "heal_defaults": {k: v for k, v in HealSettings().__dict__.items()}, "heal_options": args.heal_options,
         "distill_options": args.distill_options}}
     args.json.write_text(json.dumps(result, indent=1, default=list) + "\n")
@@ -225,7 +241,7 @@ def plot(result: dict, path: Path) -> None:
                 points = sorted(((r["depth"], r[text]) for r in result["rows"]
                                  if r["plan"] == plan_name and r["method"] == method), reverse=True)
                 if points:
-                    ax.plot([30] + [d for d, _ in points], [result["source"][text]] + [p for _, p in points],
+                    ax.plot([result.get("num_layers", 30)] + [d for d, _ in points], [result["source"][text]] + [p for _, p in points],
                             marker=marker, linestyle=line, color=colors[plan_name], label=f"{plan_name}, {method}")
         ax.axhline(result["source"][text], color="gray", linewidth=0.8, linestyle=":")
         ax.invert_xaxis()
@@ -233,7 +249,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(f"perplexity ({text.replace('_', ' ')})")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M: perplexity against depth, unhealed and healed")
+    name = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}.get(result.get("model", "smollm2-135m"))
+    fig.suptitle(f"{name or result['model']}: perplexity against depth, unhealed and healed")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

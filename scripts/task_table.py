@@ -8,6 +8,9 @@ answers once; each conversion is compared with it item by item (lpconvert.accura
     .venv/bin/python scripts/task_table.py                          # the table in docs/tasks.md (about an hour)
     .venv/bin/python scripts/task_table.py --limit 20 --rows 27/contiguous --json /tmp/t.json   # a quick look
     .venv/bin/python scripts/task_table.py --redraw                 # the table again from --json
+    .venv/bin/python scripts/task_table.py --model gemma3-270m --plans-from docs/quality_front_gemma3.json \
+        --rows 16/contiguous,16/search,15/contiguous,15/search,15/search/lsq --json docs/tasks_gemma3.json \
+        --plot docs/tasks_gemma3.png
 
 On a GPU, every item of every task (the command docs/tasks.md gives):
 
@@ -31,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from heal_front import PLANS  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
+from heal_front import plans_from  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
 
 from lpconvert.accuracy import (  # noqa: E402
     ABOVE_CHANCE_BY,
@@ -63,19 +66,19 @@ def lpconvert(*arguments: str) -> None:
         raise SystemExit(f"lpconvert {arguments[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
 
 
-def build_row(row: str, work: Path, device: str) -> Path:
+def build_row(model: str, plans: dict, row: str, work: Path, device: str) -> Path:
     """The converted model of one row, exported (and healed) by the CLI into `work`."""
     depth, plan_name, *heal = row.split("/")
     plan_path = work / f"plan-{depth}-{plan_name}.json"
-    plan_for_pairs(resolve_model("smollm2-135m"), PLANS[(int(depth), plan_name)]).save(plan_path)
+    plan_for_pairs(resolve_model(model), plans[(int(depth), plan_name)]).save(plan_path)
     out = work / row.replace("/", "-")
     extra = []
     if heal:
         heal_path = work / f"heal-{row.replace('/', '-')}.safetensors"
-        lpconvert("heal", "smollm2-135m", "--plan", str(plan_path), "-o", str(heal_path), "--method", heal[0],
+        lpconvert("heal", model, "--plan", str(plan_path), "-o", str(heal_path), "--method", heal[0],
                   "--device", device, *HEAL_OPTIONS[heal[0]])
         extra = ["--heal", str(heal_path)]
-    lpconvert("export", "smollm2-135m", "--plan", str(plan_path), "-o", str(out), *extra)
+    lpconvert("export", model, "--plan", str(plan_path), "-o", str(out), *extra)
     return out
 
 
@@ -101,7 +104,7 @@ def table(result: dict) -> str:
     head = ["model", "blocks"] + [f"{TASKS[n].title} ({TASKS[n].metric})" for n in names] + \
         ["average", "retained %", "difference (paired)", "above chance: retained %", "difference", "agreement"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines.append("| source | 30 | " + " | ".join(
+    lines.append(f"| source | {result.get('num_layers', 30)} | " + " | ".join(
         f"{100 * source[n]['accuracy']:.1f} ± {100 * source[n]['stderr']:.1f}" for n in names)
         + f" | {100 * result['source_average']:.1f} | 100 | | | | |")
     for row in result["rows"]:
@@ -158,13 +161,17 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.08))
     count = f"{result['limit']} items per task" if result["limit"] else "every item"
-    ax.set_title(f"SmolLM2-135M: accuracy change per task, paired on the same items ({count}), ± 1 s.e.")
+    name = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}.get(result.get("model", "smollm2-135m"))
+    ax.set_title(f"{name or result['model']}: accuracy change per task, paired on the same items ({count}), ± 1 s.e.")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--plans-from", type=Path, help="a quality front's JSON (scripts/quality_front.py --out): "
+                        "its plans, instead of SmolLM2's")
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="depth/plan[/lsq|distill], comma-separated")
     parser.add_argument("--tasks", default=",".join(CORE))
     parser.add_argument("--limit", type=int, default=200, help="items per task (a seeded sample)")
@@ -187,16 +194,18 @@ def main() -> None:
                             batch_size=args.batch_size, device=args.device)
     items = item_lists(names, settings)
     chance = chance_levels(names, items)
-    source = resolve_model("smollm2-135m")
+    source = resolve_model(args.model)
+    plans = plans_from(args.plans_from)
     source_answers = answers_of(source, names, items, settings, "source")
     source_rows = {name: compare_task(name, source_answers[name], source_answers[name])["source"] for name in names}
-    result = {"tasks": names, "limit": settings.limit, "seed": args.seed, "items": items,
+    result = {"model": args.model, "num_layers": source.config.num_hidden_layers, "command": " ".join(sys.argv),
+              "tasks": names, "limit": settings.limit, "seed": args.seed, "items": items,
               "source": source_rows, "source_average": sum(r["accuracy"] for r in source_rows.values()) / len(names),
               "rows": []}
     work = Path(tempfile.mkdtemp(prefix="task-table-"))
     for row in args.rows.split(","):
         built = time.perf_counter()
-        converted = resolve_model(str(build_row(row, work, args.device)))
+        converted = resolve_model(str(build_row(args.model, plans, row, work, args.device)))
         answers = answers_of(converted, names, items, settings, row)
         rows = [compare_task(name, source_answers[name], answers[name], chance[name]) for name in names]
         result["rows"].append({"row": row, "depth": converted.config.num_hidden_layers, "tasks": rows,

@@ -116,3 +116,25 @@ def test_the_planner_never_joins_a_local_and_a_global_layer(tiny_models, tmp_pat
         assert json.loads((tmp_path / f"{strategy}.json").read_text())["pairs"] == [[1, 2], [3, 4]]
     result = invoke("plan", scores, "--pairs", "3", "-o", tmp_path / "three.json")
     assert result.exit_code == 2 and "at most 2" in result.stderr and "local and global" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The real model (slow: Gemma-3-270M, assembled from its packages and converted once into the cache)
+
+REAL_PAIRS = [6, 13, 15]  # 15 of 18 blocks: the three pairs of least single-pair loss that fit (docs/quality.md)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_export_is_exact_and_answers(tmp_path):
+    source = resolve_model("gemma3-270m")
+    assert source.kind == "builtin" and source.config.model_type == "gemma3_text"
+    export(source, plan_for_pairs(source, REAL_PAIRS), tmp_path / "lp", dtype="float32")
+    model, tokenizer = _load(tmp_path / "lp"), source.load_tokenizer()
+    assert model.config.num_hidden_layers == 15
+    prompt = tokenizer("The capital of France is Paris. The capital of Germany is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        got = model(prompt).logits
+    want = reference_logits(source.load_model(), prompt, REAL_PAIRS)
+    assert ((got - want).norm() / want.norm()).item() <= 1e-5
+    answer = model.generate(prompt, max_new_tokens=3, do_sample=False)[0, prompt.shape[1]:]
+    assert tokenizer.decode(answer).strip().startswith("Berlin")
