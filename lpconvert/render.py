@@ -94,8 +94,10 @@ def scores_table(scores: dict) -> Table:
         table.add_column("pair cosine", justify="right")
     if measured:
         table.add_column("loss increase", justify="right")
+    unpairable = set(scores.get("source", {}).get("unpairable", ()))
     for row in scores["pairs"]:
-        cells = [f"({row['first']}, {row['first'] + 1})", f"{row['angular_distance']:.3f}"]
+        mark = "*" if row["first"] in unpairable else ""
+        cells = [f"{mark}({row['first']}, {row['first'] + 1})", f"{row['angular_distance']:.3f}"]
         if "pair_rel_l2" in row:
             cells += [f"{row['pair_rel_l2']:.3f}", f"{row['pair_cosine']:.3f}"]
         if measured:
@@ -103,6 +105,8 @@ def scores_table(scores: dict) -> Table:
         table.add_row(*cells)
     safest = "; ".join(f"{m}: {', '.join(map(str, firsts))}" for m, firsts in scores["safest_pairs"].items())
     table.caption = f"safest pair starts by metric: {safest}"
+    if unpairable:
+        table.caption += "\n*: a local and a global layer, never paired (their masks and rotary bases differ)"
     if scores.get("agreement_with_loss"):
         table.caption += "\nSpearman with measured loss (middle pairs): " + ", ".join(
             f"{m} {rho:+.2f}" for m, rho in scores["agreement_with_loss"].items())
