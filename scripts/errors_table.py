@@ -61,8 +61,10 @@ ADDED_WITH = {"16": ("heal_", "export_heal_", "recipe_heal_"), "13": ("tasks_", 
               "14": ("export_gguf_", "recipe_gguf_")}
 
 
-# Issue 23 (the reliability round) added every case from this one on, in the order of tests/test_errors.py.
+# Issue 23 (the reliability round) added every case from this one on, in the order of tests/test_errors.py;
+# later issues' cases, named by their start, are theirs (24: serving, 25: Gemma 3).
 FIRST_OF_ISSUE_23 = "heal_output_in_another_models_folder"
+LATER_ISSUES = {"24": ("vllm_",), "25": ("gemma3_", "vllm_sandwich_")}
 
 
 def _issue(name: str, number: int | None) -> str:
@@ -72,6 +74,9 @@ def _issue(name: str, number: int | None) -> str:
         return f"7, case {number}"
     if name in FROM_COMMAND_TESTS:
         return "-"
+    later = [issue for issue, starts in LATER_ISSUES.items() if name.startswith(starts)]
+    if later:
+        return later[-1]
     names = list(CASES)
     if names.index(name) >= names.index(FIRST_OF_ISSUE_23):
         return "23"
