@@ -118,6 +118,32 @@ def test_the_planner_never_joins_a_local_and_a_global_layer(tiny_models, tmp_pat
     assert result.exit_code == 2 and "at most 2" in result.stderr and "local and global" in result.stderr
 
 
+def test_distill_trains_sandwich_pairs_and_the_export_computes_what_it_measured(tiny_models, tmp_path):
+    """distill (every projection, the pairs' branch projections included) lowers the held-out loss, and the
+    healed export equals the runner with those weights, post-norms per branch."""
+    from lpconvert.heal import heal
+    from lpconvert.healfile import load_heal_file, write_heal_file
+    from lpconvert.runner import LayerRunner
+    from lpconvert.settings import HealSettings, build
+
+    source = resolve_model(str(tiny_models["gemma3"]))
+    plan = plan_for_pairs(source, [1, 3])
+    settings = {"tokens": 1024, "heldout_tokens": 256, "seq_len": 64, "damping": [0.1, 1.0], "device": "cpu",
+                "method": "distill", "steps": 6, "lr": 1e-3}
+    result = heal(source, plan, build(HealSettings, settings))
+    distill = result.report["distill"]
+    assert distill["heldout_loss_after"] < distill["heldout_loss_before"]
+    write_heal_file(tmp_path / "heal.safetensors", result.tensors, result.header)
+    export(source, plan, tmp_path / "out", dtype="float32", heal=load_heal_file(tmp_path / "heal.safetensors"))
+    ids = _ids()
+    runner = LayerRunner(source.load_model(), seq_len=ids.shape[1])
+    runner.corrections = result.corrections
+    with torch.no_grad():
+        expected = runner._head(runner.run(runner.embed(ids), pairs=[1, 3]))
+        got = _load(tmp_path / "out")(ids).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # The real model (slow: Gemma-3-270M, assembled from its packages and converted once into the cache)
 
