@@ -204,23 +204,11 @@ class LayerRunner:
         module = self.inner.layers[i].self_attn if name == "o_proj" else self.inner.layers[i].mlp
         return getattr(module, name).bias
 
-    def branch_scales(self, i: int, name: str, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """What a sandwich pair's post-norms do to its output projection ("o_proj"/"down_proj") near its current
-        weights, linearised: each branch's output is divided per token by its RMS (`inputs` [a | b] as
-        pair_inputs gives them; returns (1 / RMS per token and half [..., 2], the norms' scales [2, hidden]));
-        None without sandwich norms. The norm is scale-invariant: lsq fits through this (heal/lsq.py)."""
-        if not self.norms.sandwich:
-            return None
-        weight, _ = self.projection(i, name)
-        weight = self.corrections.get(i, {}).get(name, weight).to(inputs)
-        norms = [getattr(self.inner.layers[layer], self.norms.attention_output if name == "o_proj"
-                         else self.norms.mlp_output) for layer in (i, i + 1)]
-        inverse_rms = []
-        for w, z, norm in zip(weight.chunk(2, dim=1), inputs.chunk(2, dim=-1), norms, strict=True):
-            out = F.linear(z, w).float()
-            inverse_rms.append(torch.rsqrt(out.pow(2).mean(-1) + norm.eps))
-        scales = torch.stack([self.norm_offset + norm.weight.float() for norm in norms])
-        return torch.stack(inverse_rms, dim=-1), scales
+    def output_gains(self, i: int, name: str) -> torch.Tensor:
+        """A sandwich pair's post-norm scales after its o_proj ("o_proj") or down_proj: [2, hidden], float32."""
+        norm = self.norms.attention_output if name == "o_proj" else self.norms.mlp_output
+        return torch.stack([self.norm_offset + getattr(self.inner.layers[layer], norm).weight.float()
+                            for layer in (i, i + 1)])
 
     def pair_attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Attn_a(N1_a(x)) + Attn_b(N1_b(x)), through the pair's healed projections where it has them."""
