@@ -370,6 +370,16 @@ class LPMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LPBranchAttention(LPAttention):
+    """A sandwich pair's attention (its o_proj an LPBranchLinear). Its own class because runtimes that rewrite
+    modules by class, once per class (vLLM's Transformers backend), must not take a single layer's plain o_proj
+    pattern for it."""
+
+
+class LPBranchMLP(LPMLP):
+    """A sandwich pair's MLP (its down_proj an LPBranchLinear): its own class, as LPBranchAttention."""
+
+
 def output_norm(config: LPConfig, halves: int) -> LPRMSNorm:
     """A sandwich block's norm of its attention or MLP output: for a pair, each half's output [..., halves, hidden]
     normed by its own weight row, then the halves summed."""
@@ -387,8 +397,9 @@ class LPDecoderBlock(nn.Module):
         halves = len(config.lp_blocks[block_idx])
         norm = dict(eps=config.rms_norm_eps, offset=config.norm_offset)
         self.sandwich = config.sandwich_norms
-        self.self_attn = LPAttention(config, block_idx)
-        self.mlp = LPMLP(config, block_idx)
+        branches = self.sandwich and halves > 1
+        self.self_attn = (LPBranchAttention if branches else LPAttention)(config, block_idx)
+        self.mlp = (LPBranchMLP if branches else LPMLP)(config, block_idx)
         self.input_layernorm = LPRMSNorm(config.hidden_size, **norm)
         if self.sandwich:
             self.post_attention_layernorm = output_norm(config, halves)  # the attention output's norm
