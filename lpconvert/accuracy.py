@@ -189,7 +189,11 @@ def _harness_model(model, tokenizer, batch_size: int, progress: Callable[[int, i
                       "source's tokenizer_config.json")
 
     class CountingHFLM(HFLM):
-        """The harness's HF model, reporting how many requests it has scored."""
+        """The harness's HF model, reporting how many requests it has scored, with its scoring computed only
+        at the positions scored (continuation_logprobs)."""
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            return continuation_logprobs(self.model, requests, self.batch_size, self.max_length, self.device)
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             scored = []
@@ -200,6 +204,39 @@ def _harness_model(model, tokenizer, batch_size: int, progress: Callable[[int, i
             return scored
 
     return CountingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def continuation_logprobs(model, requests: list, batch_size: int, max_length: int, device) -> list[tuple[float, bool]]:
+    """For each harness request (strings, context tokens, continuation tokens): the sum of the continuation's
+    log-probabilities and whether each of its tokens is the argmax, as the harness's HFLM computes them (the same
+    window, cut from the left, and right padding), but with the output head and log-softmax (in float32) run
+    only at the positions scored. With a 262k-token vocabulary (Gemma) the head is most of a full-length
+    forward pass. Requests with the same input (the choices of a one-token answer) share one forward pass."""
+    import torch
+
+    windows: dict[tuple[tuple[int, ...], int], list[int]] = {}  # (input tokens, tokens scored) -> requests
+    for index, (_, context, continuation) in enumerate(requests):
+        tokens = tuple((context + continuation)[-(max_length + 1):][:-1])
+        windows.setdefault((tokens, len(continuation)), []).append(index)
+    order = sorted(windows, key=lambda window: -len(window[0]))  # longest first: batches of like lengths
+    results: list = [None] * len(requests)
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = len(batch[0][0])
+        inputs = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, (tokens, _) in enumerate(batch):
+            inputs[row, :len(tokens)] = torch.tensor(tokens)
+        keep = width - min(len(tokens) - scored for tokens, scored in batch)  # the last `keep` positions
+        with torch.no_grad():
+            logits = model(inputs.to(device), logits_to_keep=keep).logits
+        for row, (tokens, scored) in enumerate(batch):
+            end = len(tokens) - (width - keep)
+            logprobs = torch.log_softmax(logits[row, end - scored:end].float(), dim=-1)
+            greedy = logprobs.argmax(dim=-1)
+            for index in windows[(tokens, scored)]:
+                target = torch.tensor(requests[index][2][-scored:], device=logprobs.device)
+                results[index] = (float(logprobs.gather(1, target[:, None]).sum()), bool((greedy == target).all()))
+    return results
 
 
 def _pick(sample: dict, metric: str) -> int:

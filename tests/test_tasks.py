@@ -132,6 +132,36 @@ def test_the_choice_picked_is_the_one_the_harness_scores(source):
         assert [a["correct"] == 1.0 for a in answers[name]] == [a["pick"] == g for a, g in zip(answers[name], golds, strict=True)]
 
 
+@pytest.mark.parametrize("which", ["source", "converted"])
+def test_scoring_only_the_continuation_equals_the_harness(which, source, converted):
+    """continuation_logprobs against HFLM's own scoring (full logits): multi-token answers, one-token answers
+    sharing a context, and windows cut from the left."""
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    from lpconvert.accuracy import continuation_logprobs
+    from lpconvert.sources import resolve_model
+
+    model = resolve_model(str(source if which == "source" else converted)).load_model(dtype=torch.float32, device="cpu")
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(3, TINY["vocab_size"], (n,), generator=generator).tolist()
+
+    shared = tokens(9)
+    requests = [(("", ""), tokens(n), tokens(m)) for n, m in [(5, 3), (12, 1), (3, 7), (30, 4), (40, 2), (1, 1)]]
+    requests += [(("", ""), shared, [answer]) for answer in (5, 6, 7, 8)]  # one forward pass for the four
+    harness = HFLM(pretrained=model, tokenizer=make_tiny_tokenizer(TINY["vocab_size"], eos_token="</s>"),
+                   batch_size=3, max_length=32)
+    expected = HFLM._loglikelihood_tokens(harness, requests, disable_tqdm=True)
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(output.logits.shape))
+    scored = continuation_logprobs(model, requests, batch_size=3, max_length=32, device="cpu")
+    assert [greedy for _, greedy in scored] == [greedy for _, greedy in expected]
+    assert [logprob for logprob, _ in scored] == pytest.approx([logprob for logprob, _ in expected], abs=1e-4)
+    assert len(calls) == 3 and sum(shape[1] for shape in calls) < sum(len(c) + len(a) for _, c, a in requests)
+
+
 def test_chance_levels_and_the_above_chance_average():
     from lpconvert.accuracy import chance_levels
 
