@@ -129,7 +129,13 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="Draw held-out perplexity against depth (PNG).")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="Print the table (and --plot) of an earlier run's JSON instead of running.")
+    parser.add_argument("--merge", nargs=2, type=Path, metavar=("INTO", "OTHER"),
+                        help="put OTHER's rows (another --out) into INTO in place of the same depth/strategy, then "
+                             "print (and --plot) INTO")
     args = parser.parse_args()
+    if args.merge:
+        merge(*args.merge)
+        args.from_json = args.merge[0]
     if args.from_json:
         result = json.loads(args.from_json.read_text())
         print(markdown(result))
@@ -192,6 +198,28 @@ def main() -> None:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     if args.plot:
         plot(result, args.plot)
+
+
+def merge(into: Path, other: Path) -> None:
+    """Rows planned by separate runs (e.g. search at other depths) in one front: the source, the scores and
+    the held-out text must be the same; the ratios to the contiguous rule are recomputed."""
+    result, added = json.loads(into.read_text()), json.loads(other.read_text())
+    same = ("model", "calibration", "score_tokens", "evaluation")
+    if any(result[k] != added[k] for k in same):
+        raise SystemExit(f"{other} differs from {into} in one of {', '.join(same)}")
+    key = lambda row: (row["depth"], row["strategy"])  # noqa: E731
+    replaced = {key(row) for row in added["rows"]}
+    rows = [row for row in result["rows"] if key(row) not in replaced] + added["rows"]
+    contiguous = {r["depth"]: r["increase"] for r in rows if r["strategy"] == "contiguous"}
+    for row in rows:
+        if contiguous.get(row["depth"], 0) > 0:
+            row["increase_vs_contiguous"] = round(row["increase"] / contiguous[row["depth"]], 3)
+    strategies = ["contiguous", "greedy", "search"]
+    result["rows"] = sorted(rows, key=lambda r: (-r["depth"], strategies.index(r["strategy"])))
+    result["command"] = [*([result["command"]] if isinstance(result["command"], str) else result["command"]),
+                         added["command"]]
+    result["total_seconds"] = round(result["total_seconds"] + added["total_seconds"], 1)
+    into.write_text(json.dumps(result, indent=1) + "\n")
 
 
 def plot(result: dict, path: Path) -> None:
