@@ -42,7 +42,7 @@ from lpconvert.plan import (  # noqa: E402
     make_plan,
 )
 from lpconvert.plots import STRATEGY_COLORS  # noqa: E402
-from lpconvert.settings import PlanSettings  # noqa: E402
+from lpconvert.settings import STRATEGIES, PlanSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402
 
@@ -173,10 +173,7 @@ def main() -> None:
         row["heldout_perplexity"] = round(m.perplexity, 3)
         row["heldout_kl"] = round(m.kl, 5)
         row["increase"] = round(m.perplexity - source_ppl, 3)
-    contiguous = {r["depth"]: r["increase"] for r in rows if r["strategy"] == "contiguous"}
-    for row in rows:
-        if row["depth"] in contiguous and contiguous[row["depth"]] > 0:
-            row["increase_vs_contiguous"] = round(row["increase"] / contiguous[row["depth"]], 3)
+    add_ratios_to_contiguous(rows)
 
     result = {
         "date": time.strftime("%Y-%m-%d"),
@@ -200,6 +197,14 @@ def main() -> None:
         plot(result, args.plot)
 
 
+def add_ratios_to_contiguous(rows: list[dict]) -> None:
+    """Each row's perplexity increase as a share of the contiguous rule's at the same depth."""
+    contiguous = {r["depth"]: r["increase"] for r in rows if r["strategy"] == "contiguous"}
+    for row in rows:
+        if contiguous.get(row["depth"], 0) > 0:
+            row["increase_vs_contiguous"] = round(row["increase"] / contiguous[row["depth"]], 3)
+
+
 def merge(into: Path, other: Path) -> None:
     """Rows planned by separate runs (e.g. search at other depths) in one front: the source, the scores and
     the held-out text must be the same; the ratios to the contiguous rule are recomputed."""
@@ -210,12 +215,8 @@ def merge(into: Path, other: Path) -> None:
     key = lambda row: (row["depth"], row["strategy"])  # noqa: E731
     replaced = {key(row) for row in added["rows"]}
     rows = [row for row in result["rows"] if key(row) not in replaced] + added["rows"]
-    contiguous = {r["depth"]: r["increase"] for r in rows if r["strategy"] == "contiguous"}
-    for row in rows:
-        if contiguous.get(row["depth"], 0) > 0:
-            row["increase_vs_contiguous"] = round(row["increase"] / contiguous[row["depth"]], 3)
-    strategies = ["contiguous", "greedy", "search"]
-    result["rows"] = sorted(rows, key=lambda r: (-r["depth"], strategies.index(r["strategy"])))
+    add_ratios_to_contiguous(rows)
+    result["rows"] = sorted(rows, key=lambda r: (-r["depth"], STRATEGIES.index(r["strategy"])))
     result["command"] = [*([result["command"]] if isinstance(result["command"], str) else result["command"]),
                          added["command"]]
     result["total_seconds"] = round(result["total_seconds"] + added["total_seconds"], 1)
