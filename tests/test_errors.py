@@ -1301,8 +1301,10 @@ def case_eval_gate_with_a_nan_gguf(t, p):  # llama.cpp computes with the NaN wei
 
 
 # --- cases: --engine vllm, refused before any engine starts ---
-# vLLM "found": this very interpreter stands in for vLLM's (the refusals come before it is run).
-WITH_VLLM = Expect(env={"LPCONVERT_VLLM_PYTHON": sys.executable})
+# vLLM "found": this very interpreter stands in for vLLM's, with tests/fake_vllm's `vllm` (a version, nothing to run)
+# on its path: it passes the check of vLLM's Python, and the refusals come before anything runs in it.
+WITH_VLLM = Expect(env={"LPCONVERT_VLLM_PYTHON": sys.executable,
+                        "PYTHONPATH": str(Path(__file__).resolve().parent / "fake_vllm")})
 
 
 def case_vllm_engine_unknown(t, p):
