@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from .checks import shown
 from .errors import LPError
+from .llamacppworker import LlamaProcess
 
 INSTALL = "pip install 'lpconvert[llamacpp]' (llama-cpp-python 0.3.36, built from source in 5-9 minutes)"
 
@@ -46,90 +46,41 @@ def gguf_metadata(path: Path) -> dict:
     return fields
 
 
-# llama.cpp logs a paired model's V-cache padding (every layer padded to the widest layer's width when
-# flash attention is off; docs/gguf.md) at error level: expected here, so not shown.
-_EXPECTED_ERRORS = ("padding V cache",)
-_log_callback = []  # the installed callback, kept alive for as long as llama.cpp may call it
-
-
-def _quiet_llama_logs() -> None:
-    """llama.cpp's messages at error level reach stderr, less the expected ones; nothing else does."""
-    if _log_callback:
-        return
-    import ctypes
-    import sys
-
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback
-    def forward(level: int, text: bytes, user_data) -> None:
-        message = text.decode("utf-8", "replace")
-        if level == 3 and not any(expected in message for expected in _EXPECTED_ERRORS):
-            sys.stderr.write(message)
-
-    llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))
-    _log_callback.append(forward)
-
-
 @contextlib.contextmanager
 def open_gguf(path: Path, *, n_ctx: int = 2048, n_threads: int | None = None, exact: bool = True,
-              logits_all: bool = False) -> Iterator:
-    """A llama_cpp.Llama on `path`, closed on exit (its finaliser otherwise fails at interpreter exit)."""
+              logits_all: bool = False) -> Iterator[LlamaProcess]:
+    """llama.cpp on `path`, in a child process (llamacppworker: a native crash is an LPError, not a dead
+    lpconvert), stopped on exit."""
     check_installed()
-    from llama_cpp import Llama
-
-    _quiet_llama_logs()
     options = dict(n_ctx=n_ctx, n_batch=min(n_ctx, 512), n_threads=n_threads or os.cpu_count(), verbose=False,
                    logits_all=logits_all)
     if exact:
         options.update(type_k=0, type_v=0, flash_attn=False)  # GGML_TYPE_F32 KV cache
-    try:
-        llm = Llama(model_path=str(path), **options)
-    except ValueError as exc:
-        raise LPError(f"llama.cpp could not load {path}: {exc}", "check that the file is a complete GGUF") from None
+    llm = LlamaProcess(path, options)
     try:
         yield llm
     finally:
         llm.close()
 
 
-def logits(llm, ids: list[int]) -> np.ndarray:
+def logits(llm: LlamaProcess, ids: list[int]) -> np.ndarray:
     """Logits at every position of `ids` in one fresh sequence (the model opened with logits_all)."""
-    llm.reset()
-    llm.eval(list(ids))
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    return llm.logits(ids)
 
 
-def greedy(llm, ids: list[int], new_tokens: int) -> list[int]:
+def greedy(llm: LlamaProcess, ids: list[int], new_tokens: int) -> list[int]:
     """Greedy continuation of `ids` (argmax at every step, KV cache reused)."""
-    llm.reset()
-    out = []
-    for token in llm.generate(list(ids), temp=0.0, top_k=1, reset=True):
-        out.append(int(token))
-        if len(out) == new_tokens:
-            break
-    return out
+    return llm.greedy(ids, new_tokens)
 
 
-def decode_seconds(llm, prompt: list[int], new_tokens: int) -> float:
-    """Seconds to decode `new_tokens` one at a time after `prompt` (prefill not counted)."""
-    llm.reset()
-    llm.eval(list(prompt))
-    token = int(np.argmax(llm.scores[len(prompt) - 1]))
-    started = time.perf_counter()
-    for _ in range(new_tokens):
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return time.perf_counter() - started
+def decode_seconds(llm: LlamaProcess, prompt: list[int], new_tokens: int) -> float:
+    """Seconds to decode `new_tokens` one at a time after `prompt` (prefill not counted; timed in the child)."""
+    return llm.decode_seconds(prompt, new_tokens)
 
 
-def nll(llm, ids: list[int]) -> tuple[float, int]:
+def nll(llm: LlamaProcess, ids: list[int]) -> tuple[float, int]:
     """Summed negative log-likelihood of ids[1:] given what precedes each, and the count."""
-    scores = logits(llm, ids)[:-1].astype(np.float64)
-    peak = scores.max(-1, keepdims=True)
-    log_z = np.log(np.exp(scores - peak).sum(-1)) + peak[:, 0]
-    targets = np.asarray(ids[1:])
-    return float((log_z - scores[np.arange(len(targets)), targets]).sum()), len(targets)
+    return llm.nll(ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -156,8 +107,7 @@ class LlamaCppLM:
             self.n_ctx = min(self.max_positions, max(1024, 1 << (tokens - 1).bit_length()))
             self.llm = self._closing.enter_context(open_gguf(self.path, n_ctx=self.n_ctx, exact=False,
                                                              logits_all=self.all_logits, n_threads=self.n_threads))
-            self.llm.eval([0])  # llama.cpp allocates its compute buffers on the first call: not in a timed one
-            self.llm.reset()
+            self.llm.start([0])  # llama.cpp allocates its compute buffers on the first call: not in a timed one
         return self.llm
 
     def close(self) -> None:
@@ -171,39 +121,31 @@ class LlamaCppLM:
         if not self.all_logits:
             if logits_to_keep != 1:
                 raise ValueError("opened without all logits: call with logits_to_keep=1")
-            rows = []
-            for row in input_ids:
-                llm.reset()
-                llm.eval(row.tolist())
-                rows.append(torch.from_numpy(np.array(llm.scores[llm.n_tokens - 1: llm.n_tokens], dtype=np.float32)))
-            return SimpleNamespace(logits=torch.stack(rows))
-        rows = [torch.from_numpy(logits(llm, row.tolist())) for row in input_ids]
-        out = torch.stack(rows)
+            return SimpleNamespace(logits=torch.stack([torch.from_numpy(llm.last_logits(row.tolist()))
+                                                       for row in input_ids]))
+        out = torch.stack([torch.from_numpy(llm.logits(row.tolist())) for row in input_ids])
         return SimpleNamespace(logits=out[:, -logits_to_keep:] if logits_to_keep else out)
 
     def generate(self, input_ids, max_new_tokens: int, min_new_tokens: int = 0, attention_mask=None,
                  streamer=None, **_):
         """Greedy; stops at the end-of-text token once min_new_tokens are out (as transformers does). A
-        `streamer` is told the prompt, then each new token as it comes out (bench times decode steps so)."""
+        `streamer` is told the prompt, then each new token as it comes out (bench times decode steps so: one
+        step per request to llama.cpp's process; without a streamer the whole loop runs there)."""
         import torch
 
         llm = self._ready(input_ids.shape[1] + max_new_tokens)
         rows = []
         for row in input_ids:
             ids = row.tolist()
-            if streamer is not None:
-                streamer.put(row[None])
-            llm.reset()
-            llm.eval(ids)
-            new = []
-            while len(new) < max_new_tokens:
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-                new.append(token)
-                if streamer is not None:
-                    streamer.put(torch.tensor([token]))
-                if token == llm.token_eos() and len(new) >= min_new_tokens:
-                    break
-                llm.eval([token])
+            if streamer is None:
+                rows.append(torch.tensor(ids + llm.greedy(ids, max_new_tokens, min_new_tokens)))
+                continue
+            streamer.put(row[None])
+            new, eos = [llm.start(ids)], llm.eos
+            streamer.put(torch.tensor([new[-1]]))
+            while len(new) < max_new_tokens and not (new[-1] == eos and len(new) >= min_new_tokens):
+                new.append(llm.step(new[-1]))
+                streamer.put(torch.tensor([new[-1]]))
             rows.append(torch.tensor(ids + new))
         if streamer is not None:
             streamer.end()

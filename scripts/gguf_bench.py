@@ -99,10 +99,7 @@ def llama_perplexity(llm, windows: torch.Tensor) -> float:
 
 
 def prefill_seconds(llm, ids: list[int]) -> float:
-    llm.reset()
-    started = time.perf_counter()
-    llm.eval(ids)
-    return time.perf_counter() - started
+    return llm.prefill_seconds(ids)  # timed in llama.cpp's process
 
 
 # How llama.cpp's threads run decode: each setting in its own process, as OpenMP reads its wait policy at start.
