@@ -253,8 +253,12 @@ def _answers(sample: dict, task: Task) -> dict:
         response = sample["filtered_resps"]
         loglik, greedy = response[0] if isinstance(response, list) else response
         return {"doc": int(sample["doc_id"]), "correct": float(sample["acc"]), "pick": int(bool(greedy)),
-                "loglik": float(loglik)}
-    return {"doc": int(sample["doc_id"]), "correct": float(sample[task.metric]), "pick": _pick(sample, task.metric)}
+                "loglik": float(loglik), "finite": math.isfinite(float(loglik))}
+    # A NaN log-likelihood still picks a choice (max() over NaN keeps whichever came first): the item is marked,
+    # and the gate fails on it (retained_failures), whatever the accuracy says.
+    finite = all(math.isfinite(float(response[0])) for response in sample["filtered_resps"])
+    return {"doc": int(sample["doc_id"]), "correct": float(sample[task.metric]), "pick": _pick(sample, task.metric),
+            "finite": finite}
 
 
 def answer_tasks(model, tokenizer, names: list[str], items: dict[str, list[int]] | None, batch_size: int,
@@ -307,6 +311,9 @@ def compare_task(name: str, source: list[dict], converted: list[dict], chance: f
         "retained": _ratio(converted_acc, source_acc),
         "difference": difference, "difference_stderr": difference_se,
         "agreement": sum(s["pick"] == c["pick"] for s, c in zip(source, converted, strict=True)) / len(source),
+        # items whose log-likelihoods are NaN or Inf: a broken model, which fails the gate (retained_failures)
+        "not_finite": {role: sum(not a.get("finite", True) for a in answers)
+                       for role, answers in (("source", source), ("converted", converted))},
     }
     if chance is not None:
         row["chance"] = chance
@@ -363,7 +370,8 @@ def as_steps(step: Callable[..., None]) -> Callable[[str, int, int | None], None
 
 
 def task_accuracy(source, converted, settings: TaskSettings,
-                  progress: Callable[[str, int, int], None] | None = None, shown_as: str | None = None) -> dict:
+                  progress: Callable[[str, int, int], None] | None = None, shown_as: str | None = None,
+                  setter=None) -> dict:
     """Both models through the harness on the same items; the report (with `passed`). `shown_as`: the
     converted model's path as the report names it (convert scores a staged copy before it moves it)."""
     from .runtime import dtype_from_name, resolve_device
@@ -375,6 +383,11 @@ def task_accuracy(source, converted, settings: TaskSettings,
     check_same_tokenizer(source, converted)
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
+    from .memory import check_fits, memory_fixes, option_setter
+
+    for model_source in (source, converted):  # one model at a time: each must fit alone
+        check_fits(model_source, stage="eval --tasks" if setter is None else "tasks", dtype=settings.dtype,
+                   device=device, fixes=memory_fixes(setter or option_setter, dtype=settings.dtype))
     tokenizer = source.load_tokenizer()
     if progress:
         progress("items", 0, None)
@@ -413,10 +426,17 @@ def task_accuracy(source, converted, settings: TaskSettings,
 def retained_failures(average: dict, rows: list[dict], min_retained: float | None) -> list[str]:
     """Why the tasks gate fails, if it does. What the table shows as n/a (a source that answers no item
     right) is not a number, and neither is a NaN log-likelihood: the gate fails on both, never passes."""
-    broken = [row["task"] for row in rows
-              if not all(math.isfinite(p) for p in (row.get("perplexity") or {}).values())]
+    broken: dict[str, list[str]] = {}  # task -> the models whose log-likelihoods are not numbers there
+    for row in rows:
+        roles = [role for role, count in (row.get("not_finite") or {}).items() if count]
+        roles += [role for role, value in (row.get("perplexity") or {}).items()
+                  if not math.isfinite(value) and role not in roles]
+        if roles:
+            broken[row["task"]] = roles
     if broken:
-        return [f"the models' log-likelihoods are NaN or Inf on {', '.join(broken)}: a model is broken"]
+        models = {role for roles in broken.values() for role in roles}
+        who = f"the {models.pop()} model's" if len(models) == 1 else "both models'"
+        return [f"{who} log-likelihoods are NaN or Inf on {', '.join(broken)}: a model is broken"]
     if min_retained is None:
         return []
     retained = average["retained"]

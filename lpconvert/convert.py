@@ -9,6 +9,7 @@ passes the recipe's gate (or with keep_failed): a CI pipeline can trust the exit
 
 from __future__ import annotations
 
+import functools
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -67,6 +68,7 @@ def load_recipe(path: Path | None) -> dict[str, dict]:
         for key, value in recipe[section].items():
             _check_key(section, key, value)
     _check_across_stages(recipe)
+    _check_stages_off(raw, recipe)
     if "tasks" in recipe:
         from .accuracy import check_installed, resolve_tasks
 
@@ -98,13 +100,51 @@ def _read_recipe(path: Path):
     except OSError as exc:
         raise LPError(f"cannot read recipe {path}: {exc.strerror or exc}", "pass a readable YAML file") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506  (a SafeLoader that refuses repeated keys)
+    except _RepeatedKey as exc:
+        raise LPError(f"recipe {path} repeats the key '{exc.key}' at line {exc.line} (first at line {exc.first}): "
+                      "YAML keeps only the last, so the first is silently dropped",
+                      f"keep one '{exc.key}' and merge what both hold into it") from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where else ""
         raise LPError(f"recipe {path} is not valid YAML{line}", "fix the YAML syntax") from None
     except RecursionError:
         raise LPError(f"recipe {path} is nested too deeply", "write a recipe of sections and keys") from None
+
+
+class _RepeatedKey(Exception):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+@functools.cache
+def _unique_key_loader():
+    """yaml.SafeLoader, except that a mapping naming a key twice raises _RepeatedKey (PyYAML keeps the last one
+    silently: a second eval: section without the bound would switch a gate off). Merge keys (<<) are YAML's own
+    overriding and stay allowed."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = loader.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: construct_mapping refuses it as YAML does
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise _RepeatedKey(key, key_node.start_mark.line + 1, first)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
 
 
 def _check_size(raw: dict, path) -> None:
@@ -195,6 +235,34 @@ def _check_across_stages(recipe: dict) -> None:
                       "set measure_loss: true in the score section, or use_model: true with strategy search")
 
 
+# Keys that apply only where another key switches their stage on: (section, key) -> (the switch, its values that
+# switch it on). A key given with a value other than its default, where its stage is off, is refused: it would
+# be silently ignored.
+ONLY_WHEN = {
+    ("export", "gguf_type"): ("format", ("gguf",)),
+    ("heal", "train"): ("method", ("distill",)),
+    ("heal", "steps"): ("method", ("distill",)),
+    ("heal", "lr"): ("method", ("distill",)),
+}
+
+
+def _check_stages_off(raw: dict, recipe: dict) -> None:
+    defaults = _section_defaults()
+    for (section, key), (switch, on) in ONLY_WHEN.items():
+        given = raw.get(section) or {}
+        if key not in given or section not in recipe or recipe[section][switch] in on:
+            continue
+        if _check_key_value(section, key, given[key]) == _check_key_value(section, key, defaults[section][key]):
+            continue  # the default, written out (as the recipe copied into OUT writes every key): harmless
+        raise LPError(f"recipe key {section}.{key} applies only with {section}.{switch}: {' or '.join(on)}, and this "
+                      f"recipe's {section}.{switch} is {recipe[section][switch]}, so it would be ignored",
+                      f"set {section}.{switch}: {on[0]}, or remove {section}.{key}")
+
+
+def _check_key_value(section: str, key: str, value):
+    return check_setting(section, key, value, f"{section}.{key}")
+
+
 def recipe_yaml(recipe: dict) -> str:
     import yaml
 
@@ -208,12 +276,14 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
     `progress(label, done=None, total=None, unit=..., detail=...)` (a progress.Reporter's `step`)
     hears every stage's own progress, under labels that name the stage.
     """
-    from .archs import architecture_for
+    from .archs import architecture_for, unpairable_starts
     from .evaluate import evaluate
     from .export import export
     from .healfile import HealFile, write_heal_file
+    from .memory import recipe_setter
     from .outputs import atomic_output_dir, check_output_folder, protected_paths, strict_json
-    from .plan import parse_target, plan_stage
+    from .plan import pairs_for_target, parse_target, plan_stage
+    from .plan.targets import RECIPE
     from .runtime import check_positions
     from .score import compute_scores
     from .sources import resolve_model
@@ -231,6 +301,11 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
             check_positions(source.name, source.config, settings[section].seq_len, f"recipe key {section}.seq_len")
     planned = settings["plan"]
     target = parse_target(**planned.target)
+    # Whether the target fits this model, and whether each stage's model fits this machine: config.json
+    # settles both, so they are refused now, not after scoring.
+    pairs_for_target(target, int(source.config.num_hidden_layers), planned.allow_edge_layers,
+                     unpairable_starts(source.config), RECIPE)
+    check_memory_up_front(source, settings)
     exporting = settings["export"]
     gguf = exporting.format == "gguf"
     if gguf:  # a model or tokenizer llama.cpp can't take: refused before any work
@@ -241,19 +316,21 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
         check_vocabulary(source)
 
     scores = compute_scores(source, settings["score"],
-                            lambda label, done, total: step(f"score: {label}", done, total))
+                            lambda label, done, total: step(f"score: {label}", done, total),
+                            setter=recipe_setter("score"))
 
     def planning(message: str) -> None:
         step("plan", detail=message)
 
     planning("choosing pairs")
     plan = plan_stage(scores, target, planned, source if _calibrates(planned.use_model, planned.strategy) else None,
-                      progress=planning)
+                      progress=planning, wording=RECIPE, setter=recipe_setter("plan"))
     healed = None
     if settings["heal"] is not None and plan.pairs:
         from .heal import heal
 
-        healed = heal(source, plan, settings["heal"], progress=lambda message: step("heal", detail=message))
+        healed = heal(source, plan, settings["heal"], progress=lambda message: step("heal", detail=message),
+                      setter=recipe_setter("heal"))
     with atomic_output_dir(Path(out), overwrite=overwrite, protect=protect) as tmp:
         staged = tmp / "export"
         heal_file = HealFile(healed.header, healed.tensors, HEAL_FILE) if healed else None
@@ -277,7 +354,7 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
         step("eval: the converted model against the source")
         report = evaluate(source, resolve_model(str(tmp)), settings["eval"],
                           lambda done, total: step("eval: the converted model against the source", done, total,
-                                                   unit="batches"))
+                                                   unit="batches"), setter=recipe_setter("eval"))
         report["converted"] = str(out)  # not the temporary folder it was evaluated in
         (tmp / "lpconvert-eval.json").write_text(strict_json(report) + "\n")
         failures = list(report["failures"])
@@ -298,6 +375,35 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
 def _task_accuracy(source, staged: Path, out: Path, settings, step) -> dict:
     """The recipe's tasks section: benchmark accuracy of the staged model against the source."""
     from .accuracy import as_steps, task_accuracy
+    from .memory import recipe_setter
     from .sources import resolve_model
 
-    return task_accuracy(source, resolve_model(str(staged)), settings, as_steps(step), shown_as=str(out))
+    return task_accuracy(source, resolve_model(str(staged)), settings, as_steps(step), shown_as=str(out),
+                         setter=recipe_setter("tasks"))
+
+
+def check_memory_up_front(source, settings: dict) -> None:
+    """Each stage's model, as the recipe runs it, must fit this machine (memory.py): refused before scoring,
+    naming the recipe's keys."""
+    from .evaluate import check_eval_memory
+    from .heal.stage import check_heal_memory
+    from .memory import check_fits, memory_fixes, recipe_setter
+    from .plan.load import check_plan_memory
+    from .runtime import compute_dtype, dtype_name, resolve_device
+    from .score import check_score_memory
+
+    def device(section: str) -> str:
+        return resolve_device(settings[section].device, f"recipe key {section}.device")
+
+    check_score_memory(source, settings["score"], device("score"), recipe_setter("score"))
+    plan = settings["plan"]
+    if _calibrates(plan.use_model, plan.strategy):
+        check_plan_memory(source, plan, dtype_name(compute_dtype(plan.dtype, device("plan"))), device("plan"),
+                          recipe_setter("plan"))
+    if settings["heal"] is not None:
+        check_heal_memory(source, settings["heal"], device("heal"), recipe_setter("heal"))
+    check_eval_memory(source, None, settings["eval"], device("eval"), recipe_setter("eval"))
+    if settings["tasks"] is not None:
+        tasks = settings["tasks"]
+        check_fits(source, stage="tasks", dtype=tasks.dtype, device=device("tasks"),
+                   fixes=memory_fixes(recipe_setter("tasks"), dtype=tasks.dtype))

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from . import __version__
 from .checks import percent_text
 from .formats import check_converted_from, check_same_tokenizer
+from .memory import Setter, check_fits, logits_bytes, memory_fixes, option_setter
 from .runner import batches
 from .runtime import check_positions, dtype_from_name, perplexity, resolve_device, text_windows
 from .settings import EvalSettings  # noqa: F401  (the stage's API)
@@ -112,8 +113,23 @@ def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSetting
     return totals, generations, f"{answer['vllm']}, tensor parallel {tensor_parallel}"
 
 
+def check_eval_memory(source, converted, settings: EvalSettings, device: str, setter: Setter = option_setter) -> None:
+    """Both models (eval holds two), and a batch's logits of each, must fit (memory.py). A GGUF export runs in
+    llama.cpp beside the source: its file counts instead of a second copy. `converted` None: not written yet
+    (convert checks before any work), a copy of the source's size."""
+    in_llamacpp = getattr(converted, "kind", None) == "llama.cpp"
+    working = logits_bytes(source.config, settings.batch_size, settings.seq_len, copies=2)
+    if in_llamacpp:
+        try:
+            working += converted.path.stat().st_size
+        except OSError:
+            pass
+    check_fits(source, stage="eval", dtype=settings.dtype, device=device, copies=1 if in_llamacpp else 2,
+               working=working, fixes=memory_fixes(setter, dtype=settings.dtype))
+
+
 def evaluate(source, converted, settings: EvalSettings, progress: Callable | None = None,
-             engine: str = "transformers", tensor_parallel: int = 1) -> dict:
+             engine: str = "transformers", tensor_parallel: int = 1, setter: Setter = option_setter) -> dict:
     """Compare `converted` with `source` on held-out text; returns the report (with `passed`).
 
     engine "vllm": both models run in vLLM (vllmengine), which returns each position's log-prob and top token, not
@@ -130,6 +146,8 @@ def evaluate(source, converted, settings: EvalSettings, progress: Callable | Non
         for model in (source, converted):
             check_servable(model, tensor_parallel)
     device = resolve_device(settings.device) if engine == "transformers" else "vllm"
+    if engine == "transformers":
+        check_eval_memory(source, converted, settings, device, setter)
     tokenizer = source.load_tokenizer()
     _, windows = text_windows(tokenizer, settings.text, text_field=settings.text_field, tokens=settings.tokens,
                               seq_len=settings.seq_len, seed=settings.seed, split=settings.split)

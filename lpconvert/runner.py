@@ -282,3 +282,46 @@ def kl_to_reference(reference: tuple[torch.Tensor, ...], logp: torch.Tensor) -> 
 def batches(input_ids: torch.Tensor, batch_size: int):
     for start in range(0, input_ids.shape[0], batch_size):
         yield input_ids[start:start + batch_size]
+
+
+# --- where a stream stops being a number ---------------------------------------------------------
+
+
+class NotFinite(Exception):
+    """A measurement is NaN or Inf; `where` names the first place the stream stops being finite."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
+def _bad_tensor(module: torch.nn.Module, prefix: str) -> str | None:
+    for name, param in module.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            return f"{prefix}.{name}"
+    return None
+
+
+def locate_nonfinite(runner: LayerRunner, input_ids: torch.Tensor) -> str:
+    """Where the stream of these windows first holds NaN or Inf: the embeddings, a layer (with its first tensor
+    that is not finite, if one is) or the head; 'the measurements' where the stream stays finite throughout."""
+    with torch.inference_mode():
+        x = runner.embed(input_ids)
+        if not bool(torch.isfinite(x).all()):
+            bad = _bad_tensor(runner.inner.embed_tokens, "model.embed_tokens")
+            return "the embeddings" + (f" ({bad} holds NaN or Inf)" if bad else "")
+        for i in range(runner.num_layers):
+            x = runner.layer(i, x)
+            if not bool(torch.isfinite(x).all()):
+                bad = _bad_tensor(runner.inner.layers[i], f"model.layers.{i}")
+                return f"layer {i}" + (f" ({bad} holds NaN or Inf)" if bad else "'s output")
+        if not bool(torch.isfinite(runner.logprobs(x)).all()):
+            return "the output head (final norm and lm_head)"
+    return "the measurements"
+
+
+def not_finite_fix(dtype: str, setter) -> str:
+    """What to do about a stream that is not finite: float16's range overflows; otherwise the weights are broken."""
+    if dtype == "float16":
+        return f"{setter('dtype', 'bfloat16')} (float16's range overflows), or check the checkpoint's weights"
+    return "re-download or re-convert the checkpoint: its weights hold NaN or Inf, a corrupted or overflowed file"

@@ -28,7 +28,8 @@ from . import __version__
 from .archs import architecture_for, unpairable_starts
 from .errors import LPError
 from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION, source_fingerprint
-from .runner import LayerRunner, batches
+from .memory import DTYPE_BYTES, Setter, check_fits, logits_bytes, memory_fixes, option_setter
+from .runner import LayerRunner, batches, locate_nonfinite, not_finite_fix
 from .runtime import check_positions, dtype_from_name, resolve_device, text_windows
 from .settings import CHEAP_METRICS, SCORE_METRICS, ScoreSettings  # noqa: F401  (ScoreSettings: the stage's API)
 
@@ -178,8 +179,45 @@ def metric_agreement(pairs: list[dict], edges: bool = False) -> dict[str, float]
 # The stage
 
 
-def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """Score every layer and candidate pair of `source` on calibration text; returns the scores JSON."""
+def _check_finite(runner: LayerRunner, ids: torch.Tensor, name: str, dtype: str, setter: Setter,
+                  losses: list[float], layers: list[dict], pairs: list[dict]) -> None:
+    """Refuse measurements that are not numbers (NaN weights, an overflow), naming where the stream breaks:
+    a plan chosen from NaN ranks nothing."""
+    def finite(row: dict) -> bool:
+        return all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+
+    bad_layer = next((row["layer"] for row in layers if not finite(row)), None)
+    bad_pair = next((row["first"] for row in pairs if not finite(row)), None)
+    if bad_layer is None and bad_pair is None and all(math.isfinite(v) for v in losses):
+        return
+    where = locate_nonfinite(runner, ids)
+    if where == "the measurements":  # the stream stays finite: a measurement of one layer or pair broke
+        where = (f"layer {bad_layer}'s measurements" if bad_layer is not None else
+                 f"pair ({bad_pair}, {bad_pair + 1}) run in parallel" if bad_pair is not None else "the loss")
+    raise LPError(f"score measured NaN or Inf on {name}, starting at {where}: no pair can be ranked from it",
+                  not_finite_fix(dtype, setter))
+
+
+def check_score_memory(source, settings: ScoreSettings, device: str, setter: Setter = option_setter) -> None:
+    """The model, a batch's logits and (measuring losses) the stream before every layer of the loss windows
+    must fit: refused in one line before anything loads (memory.py)."""
+    measuring = settings.measure_loss or "loss" in settings.metrics
+    working = logits_bytes(source.config, settings.batch_size, settings.seq_len)
+    if measuring:
+        windows = math.ceil(settings.loss_tokens / settings.seq_len)
+        hidden = int(getattr(source.config, "hidden_size", 0) or 0)
+        layers = int(getattr(source.config, "num_hidden_layers", 0) or 0)
+        working += layers * windows * settings.seq_len * hidden * DTYPE_BYTES[settings.dtype]
+    check_fits(source, stage="score", dtype=settings.dtype, device=device, working=working,
+               spread=settings.device_map is not None,
+               fixes=memory_fixes(setter, dtype=settings.dtype, tokens=("loss_tokens",) if measuring else (),
+                                  device_map=settings.device_map))
+
+
+def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int, int], None] | None = None,
+                   setter: Setter = option_setter) -> dict:
+    """Score every layer and candidate pair of `source` on calibration text; returns the scores JSON.
+    `setter` names a setting in messages as the user wrote it (--dtype, or score.dtype in a recipe)."""
     started = time.perf_counter()
     architecture_for(source.config)
     if settings.tokens <= 0 or settings.loss_tokens <= 0:
@@ -190,6 +228,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
                       f"use --loss-tokens {settings.seq_len} or more, or a smaller --seq-len")
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
+    check_score_memory(source, settings, device, setter)
     if progress:
         progress("reading the calibration text and loading the model", None, None)
     _, windows = text_windows(source.load_tokenizer(), settings.calib, text_field=settings.text_field,
@@ -243,6 +282,8 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
             row["pair_cosine"] = pair_sums.get("cosine", p) / pair_sums.get("tokens", p)
         pairs.append(row)
 
+    _check_finite(runner, windows.input_ids[:settings.batch_size], source.name, settings.dtype, setter,
+                  [base_loss, *(loss_result[1] if loss_result else [])], layers, pairs)
     base = {"loss": base_loss, "perplexity": math.exp(base_loss), "tokens": nll_count}
     loss_provenance = None
     if loss_result is not None:

@@ -18,6 +18,7 @@ from ..archs import architecture_for
 from ..errors import LPError
 from ..formats import Plan, check_fingerprint, content_digest, source_fingerprint
 from ..healfile import HEALED_PARTS, heal_header, tensor_name
+from ..memory import DTYPE_BYTES, Setter, check_fits, logits_bytes, memory_fixes, option_setter
 from ..runner import LayerRunner
 from ..runtime import check_positions, dtype_from_name, resolve_device, text_windows
 from ..settings import HealSettings
@@ -73,8 +74,23 @@ def _peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Progress = None) -> HealResult:
-    """Fit the pairs of `plan` on `source` (settings.method: lsq, or lsq then distill)."""
+def check_heal_memory(source, s: HealSettings, device: str, setter: Setter = option_setter) -> None:
+    """The model, the streams of every window (calibration and held-out, kept at the current layer), a pair's
+    float64 Gram and its solve, and a batch's logits must fit (memory.py)."""
+    config = source.config
+    hidden = int(getattr(config, "hidden_size", 0) or 0)
+    inner = int(getattr(config, "intermediate_size", 0) or 0)
+    windows = math.ceil(s.tokens / s.seq_len) * (2 if s.target == "global" else 1) + math.ceil(s.heldout_tokens / s.seq_len)
+    working = windows * s.seq_len * hidden * DTYPE_BYTES[s.dtype] + 2 * (2 * inner) ** 2 * 8
+    working += logits_bytes(config, s.batch_size, s.seq_len)
+    check_fits(source, stage="heal", dtype=s.dtype, device=device, working=working,
+               fixes=memory_fixes(setter, dtype=s.dtype, tokens=("tokens", "heldout_tokens")))
+
+
+def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Progress = None,
+         setter: Setter = option_setter) -> HealResult:
+    """Fit the pairs of `plan` on `source` (settings.method: lsq, or lsq then distill). `setter` names settings
+    in messages as the user wrote them (--dtype, or heal.dtype in a recipe)."""
     s = settings or HealSettings()
     started = time.perf_counter()
     fingerprint = source_fingerprint(source.config, source.store)
@@ -85,6 +101,7 @@ def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Pro
     _check_settings(s)
     check_positions(source.name, source.config, s.seq_len, "--seq-len")
     device = resolve_device(s.device)
+    check_heal_memory(source, s, device, setter)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if progress:

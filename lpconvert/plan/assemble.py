@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import LPError
 from ..formats import Plan, source_fingerprint, validate_pairs
+from ..memory import Setter, option_setter
 from ..settings import PlanSettings
 from .defaults import DEFAULT_BEAM, DEFAULT_CANDIDATES, DEFAULT_VERIFY, STRATEGIES, Progress
 from .layers import candidate_starts
@@ -22,7 +23,7 @@ from .metrics import (
 )
 from .search import plan_search
 from .strategies import Choice, plan_contiguous, plan_greedy
-from .targets import SPEEDUP_NOTE, Target, estimated_speedup, pairs_for_target
+from .targets import OPTIONS, SPEEDUP_NOTE, Target, Wording, estimated_speedup, pairs_for_target
 
 
 @dataclass(frozen=True)
@@ -38,16 +39,17 @@ class SearchSettings:
 
 
 def plan_stage(scores: dict, target: Target, settings: PlanSettings, source=None, *, scores_path: str = "the scores",
-               progress: Progress = None) -> Plan:
+               progress: Progress = None, wording: Wording = OPTIONS, setter: Setter = option_setter) -> Plan:
     """The plan stage as `lpconvert plan` and `convert` run it: with a model source, pair sets are
-    measured on it (a Calibrator); without, pairs are ranked from the scores alone.
+    measured on it (a Calibrator); without, pairs are ranked from the scores alone. `wording` and `setter`:
+    how messages name the settings (options, or a recipe's keys).
 
     The scores must already be checked against the source (formats.load_scores does it).
     """
     started = time.perf_counter()
     pairs_for_target(target, int(scores["source"]["num_layers"]), settings.allow_edge_layers,  # before measuring
-                     scores["source"].get("unpairable", ()))
-    calibrator = build_calibrator(source, settings, progress) if source is not None else None
+                     scores["source"].get("unpairable", ()), wording)
+    calibrator = build_calibrator(source, settings, progress, setter) if source is not None else None
     expected = source_fingerprint(source.config, source.store) if source is not None else None
     return make_plan(scores, target, settings, calibrator, source=expected, scores_path=scores_path,
                      progress=progress, started=started)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from ..errors import LPError
+from ..memory import Setter, check_fits, logits_bytes, memory_fixes, option_setter
 from ..settings import PlanSettings
-from .defaults import Progress
+from .defaults import CACHE_LIMIT, Progress
 from .measure import Calibrator
 
 
-def build_calibrator(source, settings: PlanSettings | None = None, progress: Progress = None) -> Calibrator:
+def build_calibrator(source, settings: PlanSettings | None = None, progress: Progress = None,
+                     setter: Setter = option_setter) -> Calibrator:
     """Load the model and tokenise calibration windows (and held-out windows of the same text: only
-    when the search re-measures its front-runners on them, settings.verify > 0)."""
+    when the search re-measures its front-runners on them, settings.verify > 0). `setter` names settings in
+    messages as the user wrote them (--dtype, or plan.dtype in a recipe)."""
 
+    from ..runner import NotFinite, not_finite_fix
     from ..runtime import compute_dtype, dtype_name, resolve_device, text_windows
 
     s = settings or PlanSettings()
@@ -20,6 +24,7 @@ def build_calibrator(source, settings: PlanSettings | None = None, progress: Pro
     device = resolve_device(s.device)
     torch_dtype = compute_dtype(s.dtype, device)
     _check_token_counts(tokens, heldout_tokens, seq_len)
+    check_plan_memory(source, s, dtype_name(torch_dtype), device, setter)
     if progress:
         progress(f"tokenising the calibration text {calib}")
     tokenizer = source.load_tokenizer()
@@ -35,9 +40,21 @@ def build_calibrator(source, settings: PlanSettings | None = None, progress: Pro
     model = source.load_model(dtype=torch_dtype, device=device)
     if progress:
         progress(f"measuring the source on {windows.provenance['tokens']} calibration tokens")
-    return Calibrator(model, windows.input_ids, heldout_ids=None if heldout is None else heldout.input_ids,
-                      objective=objective, batch_size=s.batch_size, provenance=windows.provenance,
-                      heldout_provenance=None if heldout is None else heldout.provenance, progress=progress)
+    try:
+        return Calibrator(model, windows.input_ids, heldout_ids=None if heldout is None else heldout.input_ids,
+                          objective=objective, batch_size=s.batch_size, provenance=windows.provenance,
+                          heldout_provenance=None if heldout is None else heldout.provenance, progress=progress)
+    except NotFinite as exc:
+        raise LPError(f"plan measured NaN or Inf on {source.name}, starting at {exc.where}: no pair set can be "
+                      "ranked from it", not_finite_fix(dtype_name(torch_dtype), setter)) from None
+
+
+def check_plan_memory(source, s: PlanSettings, dtype: str, device: str, setter: Setter = option_setter) -> None:
+    """The model, a batch's logits and the streams the search keeps (CACHE_LIMIT) must fit (memory.py)."""
+    working = logits_bytes(source.config, s.batch_size, s.seq_len) + CACHE_LIMIT
+    without = "drop --model (plan from the scores alone)" if setter is option_setter else setter("use_model", "false")
+    check_fits(source, stage="plan", dtype=dtype, device=device, working=working,
+               fixes=[*memory_fixes(setter, dtype=dtype), without])
 
 
 def _check_token_counts(tokens: int, heldout_tokens: int, seq_len: int) -> None:

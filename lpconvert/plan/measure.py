@@ -153,6 +153,10 @@ class Calibrator:
                 nll += float(-logp.gather(-1, targets).double().sum())
                 count += targets.numel()
                 refs.append(topk_reference(logp, self.top_k))
+        if not math.isfinite(nll):  # NaN weights or an overflow: every set would measure NaN, and rank nothing
+            from ..runner import NotFinite, locate_nonfinite
+
+            raise NotFinite(locate_nonfinite(self.runner, next(self._batches(split))[1]))
         self.references[split] = refs
         self.seconds += time.perf_counter() - started
         return Measured((), nll / count, 0.0, count, split)
@@ -199,6 +203,11 @@ class Calibrator:
         else:
             self.heldout_evaluations += len(sets)
         self.seconds += time.perf_counter() - started
+        for pairs, (nll, kl, _) in zip(sets, totals, strict=True):
+            if not (math.isfinite(nll) and math.isfinite(kl)):  # the source measured finite: these pairs broke it
+                shown = ", ".join(f"({p}, {p + 1})" for p in pairs)
+                raise LPError(f"plan measured NaN or Inf with the pairs {shown} run in parallel: they cannot be "
+                              "ranked", "exclude those pairs, or measure in float32 (--dtype float32)")
         return [Measured(s, t[0] / t[2], t[1] / t[2], t[2], split) for s, t in zip(sets, totals, strict=True)]
 
     def _walk_batch(self, split: str, b: int, ids, base: tuple[int, ...], walk: list, cached: dict[int, list]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from ..errors import LPError
@@ -73,40 +73,61 @@ def estimated_speedup(num_layers: int, num_pairs: int) -> float:
     return num_layers / (num_layers - ALPHA * num_pairs)
 
 
+@dataclass(frozen=True)
+class Wording:
+    """How messages name the target and the edge-layer rule: as options, or as a recipe's keys."""
+
+    target: Callable[[str], str]  # "depth" -> "--depth", or "recipe key plan.target.depth"
+    allow_edges: str  # what allows the edge layers
+
+
+OPTIONS = Wording(lambda key: "--" + key.replace("_", "-"), "pass --allow-edge-layers")
+RECIPE = Wording(lambda key: f"recipe key plan.target.{key}", "set plan.allow_edge_layers: true")
+
+
 def pairs_for_target(target: Target, num_layers: int, allow_edge_layers: bool,
-                     unpairable: Collection[int] = ()) -> int | None:
-    """Number of pairs a target asks for (None for a loss budget); LPError if it cannot fit."""
+                     unpairable: Collection[int] = (), wording: Wording = OPTIONS) -> int | None:
+    """Number of pairs a target asks for (None for a loss budget); LPError if it cannot fit. Allowing the edge
+    layers is suggested only where it would make the target fit."""
     most = max_pairs(num_layers, allow_edge_layers, frozenset(unpairable))
+    most_with_edges = max_pairs(num_layers, True, frozenset(unpairable))
     where = "" if allow_edge_layers else ", first and last layers excluded"
     if unpairable:
         where += ", local and global layers never paired together"
-    fix = "ask for fewer" + ("" if allow_edge_layers else " or pass --allow-edge-layers")
+
+    def fix(needed: int, instead: str = "ask for fewer") -> str:
+        helps = not allow_edge_layers and needed <= most_with_edges
+        return instead + (f" or {wording.allow_edges}" if helps else "")
+
+    name = wording.target(target.kind)
     if target.kind == "max_loss_increase":
         if most == 0:
-            raise LPError(f"no pair fits in a model of {num_layers} layers{where}", fix)
+            raise LPError(f"no pair fits in a model of {num_layers} layers{where}",
+                          wording.allow_edges if most_with_edges else "choose a model with more layers")
         return None
     if target.kind == "pairs":
         k = int(target.value)
         if k > most:
-            raise LPError(f"--pairs {k} does not fit: at most {most} non-overlapping pairs fit in a model of "
-                          f"{num_layers} layers{where}", fix)
+            raise LPError(f"{name} {k} does not fit: at most {most} non-overlapping pairs fit in a model of "
+                          f"{num_layers} layers{where}", fix(k))
         return k
     if target.kind == "depth":
-        return _pairs_for_depth(int(target.value), num_layers, most, where, fix)
-    return _pairs_for_speedup(target.value, num_layers, most, where, fix)
+        return _pairs_for_depth(int(target.value), num_layers, most, where, name, fix)
+    return _pairs_for_speedup(target.value, num_layers, most, where, name, fix)
 
 
-def _pairs_for_depth(d: int, num_layers: int, most: int, where: str, fix: str) -> int:
+def _pairs_for_depth(d: int, num_layers: int, most: int, where: str, name: str, fix: Callable[..., str]) -> int:
     if d >= num_layers:
-        raise LPError(f"--depth {d} is not below the model's {num_layers} layers", f"use --depth {num_layers - 1} "
-                      "or less")
+        raise LPError(f"{name} {d} is not below the model's {num_layers} layers", f"use {name.split()[-1]} "
+                      f"{num_layers - 1} or less")
     if num_layers - d > most:
-        raise LPError(f"--depth {d} needs {num_layers - d} pairs, but at most {most} non-overlapping pairs fit "
-                      f"in a model of {num_layers} layers{where} (depth {num_layers - most} at least)", fix)
+        raise LPError(f"{name} {d} needs {num_layers - d} pairs, but at most {most} non-overlapping pairs fit "
+                      f"in a model of {num_layers} layers{where} (depth {num_layers - most} at least)",
+                      fix(num_layers - d, f"ask for depth {num_layers - most} or more"))
     return num_layers - d
 
 
-def _pairs_for_speedup(s: float, num_layers: int, most: int, where: str, fix: str) -> int:
+def _pairs_for_speedup(s: float, num_layers: int, most: int, where: str, name: str, fix: Callable[..., str]) -> int:
     """The fewest pairs whose estimated speedup reaches s.
 
     The exact count is rounded to 9 decimals before its ceiling is taken, so that float error in a
@@ -115,6 +136,6 @@ def _pairs_for_speedup(s: float, num_layers: int, most: int, where: str, fix: st
     k = math.ceil(round(num_layers * (1 - 1 / s) / ALPHA, 9))
     if k > most:
         best = estimated_speedup(num_layers, most)
-        raise LPError(f"--speedup {s:g} needs {k} pairs by the cost model, but at most {most} non-overlapping pairs "
-                      f"fit in a model of {num_layers} layers{where} (estimated {best:.2f}x)", fix)
+        raise LPError(f"{name} {s:g} needs {k} pairs by the cost model, but at most {most} non-overlapping pairs "
+                      f"fit in a model of {num_layers} layers{where} (estimated {best:.2f}x)", fix(k))
     return max(1, k)
