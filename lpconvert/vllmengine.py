@@ -130,7 +130,7 @@ def _probe(python: str, label: str) -> None:
         raise LPError(f"{python_label} cannot import vllm: {_shorten(said['error'], 300)}", INSTALL)
     if "vllm" not in said:
         last = next((line.strip() for line in reversed(lines) if line.strip() and not line.startswith(PROBE_MARK)),
-                    "no output")
+                    "it printed nothing")
         raise LPError(f"{python_label} died importing vllm (exit {_exit_text(probe.returncode)}): "
                       f"{_shorten(last, 200)}", INSTALL)
     version = said["vllm"].strip()
@@ -447,4 +447,4 @@ def _last_error(lines) -> str:
                 return _shorten(reason.removeprefix("Value error, ").split(" [type=")[0], 300)
         return _shorten(text, 300)
     return next((_shorten(text, 300) for text in reversed(texts) if not any(w in text for w in _UNHELPFUL)),
-                "no output")
+                "it printed nothing")

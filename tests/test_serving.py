@@ -133,3 +133,157 @@ def test_bench_in_vllm_times_both_models_and_counts_their_collectives(tiny_llama
     assert report["engine"] == "vllm" and "vllm" in report["device"] and report["tensor_parallel"] == 2
     assert report["collectives_per_step"] == {"baseline": {"all_reduce": 2 * 6 + 1, "all_gather": 1},
                                               "model": {"all_reduce": 2 * 4 + 1, "all_gather": 1}}
+
+
+# ----------------------------------------------------------------------------------------------
+# How lpconvert runs vLLM's worker: fake interpreters and workers (tests/vllm_fakes.py), no vLLM started.
+
+
+def _alive(pid: int) -> bool:
+    """Whether PID runs (a zombie has ended: it only waits for its parent to read its status)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _start_bench(model: Path, tmp_path: Path, worker: str):
+    """`lpconvert bench MODEL --engine vllm` in its own session (as a terminal runs a command), its vLLM a fake
+    worker; the process, the file where the worker writes its pid and its child's, and the temporary folder."""
+    import subprocess
+
+    import vllm_fakes
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "LPCONVERT_VLLM_PYTHON": str(vllm_fakes.fake_vllm_python(tmp_path / "vllm-env", worker)),
+           "TMPDIR": str(temporary), "FAKE_WORKER_PIDS": str(tmp_path / "pids.json"), "LPCONVERT_PROGRESS": "off",
+           "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "lpconvert", "bench", str(model), "--engine", "vllm", "--batch-size", "1",
+               "--prompt-len", "8", "--new-tokens", "4", "--warmup", "0", "--repeats", "1"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    return process, tmp_path / "pids.json", temporary
+
+
+def _worker_pids(process, pids_file: Path) -> list[int]:
+    import json
+    import time
+
+    deadline = time.monotonic() + 180  # lpconvert's start and the model's load, on 2 busy cores
+    while not pids_file.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the fake worker never started"
+        time.sleep(0.1)
+    return json.loads(pids_file.read_text())
+
+
+def _kill_leftovers(pids: list[int]) -> None:
+    import signal
+
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_interrupt_stops_the_vllm_worker_and_everything_it_started(signal_name, tiny_models, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group, which the worker is not in) or SIGTERM while vLLM runs:
+    lpconvert stops the worker and its children (vLLM's EngineCore, TP workers) before it exits 130, and removes
+    the job's temporary folder."""
+    import signal
+    import time
+
+    process, pids_file, temporary = _start_bench(tiny_models["llama"], tmp_path, __import__("vllm_fakes").SLEEPER)
+    pids = []
+    try:
+        pids = _worker_pids(process, pids_file)
+        assert all(_alive(pid) for pid in pids)
+        sent = time.monotonic()
+        os.killpg(process.pid, getattr(signal, signal_name))
+        _, stderr = process.communicate(timeout=60)
+        seconds = time.monotonic() - sent
+        assert process.returncode == 130, stderr
+        assert [line for line in stderr.splitlines() if line.strip()] == \
+            ["interrupted: nothing was written at the output path"]
+        assert not [pid for pid in pids if _alive(pid)], "the worker or its child outlived lpconvert"
+        assert list(temporary.iterdir()) == []
+        assert seconds < 15, f"{seconds:.1f} s to stop"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _kill_leftovers(pids)
+
+
+def test_a_killed_vllm_worker_is_noticed_at_once(tiny_models, tmp_path):
+    """kill -9 of the worker, its child still holding the log open: lpconvert fails in one line within seconds
+    (not when the child ends), the child is stopped, and the job's folder is kept, named in the line."""
+    import re
+    import signal
+    import time
+
+    process, pids_file, temporary = _start_bench(tiny_models["llama"], tmp_path, __import__("vllm_fakes").SLEEPER)
+    pids = []
+    try:
+        pids = _worker_pids(process, pids_file)
+        killed = time.monotonic()
+        os.kill(pids[0], signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        seconds = time.monotonic() - killed
+        assert process.returncode == 2, stderr
+        lines = [line for line in stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "vLLM's worker was killed by signal 9 (SIGKILL)" in lines[0], stderr
+        assert seconds < 10, f"{seconds:.1f} s to notice"
+        assert not [pid for pid in pids if _alive(pid)]
+        kept = re.search(r"kept in (\S+)\)$", lines[0])
+        assert kept and Path(kept.group(1)).parent == temporary, lines[0]
+        assert sorted(p.name for p in Path(kept.group(1)).iterdir()) == ["job.json", "vllm.log"]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _kill_leftovers(pids)
+
+
+def test_a_vllm_job_that_succeeds_leaves_no_folder(tiny_models, tmp_path):
+    """bench --engine vllm with a worker that answers: the report, and nothing left in the temporary folder."""
+    import vllm_fakes
+
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    python = vllm_fakes.fake_vllm_python(tmp_path / "vllm-env", vllm_fakes.VALID)
+    from typer.testing import CliRunner
+
+    from lpconvert.cli import app
+
+    result = CliRunner().invoke(app, ["bench", str(tiny_models["llama"]), "--engine", "vllm", "--batch-size", "1,2",
+                                      "--prompt-len", "8", "--new-tokens", "4", "--json"],
+                                env={"LPCONVERT_VLLM_PYTHON": str(python), "TMPDIR": str(temporary)})
+    assert result.exit_code == 0, result.output
+    import json
+
+    report = json.loads(result.stdout)
+    assert [(row["model"], row["batch"]) for row in report["rows"]] == [("model", 1), ("model", 2)]
+    assert list(temporary.iterdir()) == []
+
+
+def test_the_vllm_workers_answer_is_checked_against_its_job():
+    """answer_problem: the answers vllmworker gives pass; one window short, a missing model or batch, do not."""
+    from vllm_fakes import valid_answer
+
+    from lpconvert.vllmengine import answer_problem
+
+    logprobs = {"kind": "logprobs", "windows": [[1, 2, 3], [4, 5, 6]],
+                "models": [{"label": "source"}, {"label": "converted"}]}
+    bench = {"kind": "bench", "settings": {"batch_sizes": [1, 4]}, "models": [{"label": "model"}, {"label": "baseline"}]}
+    for job in (logprobs, bench):
+        assert answer_problem(job, valid_answer(job)) is None
+    short = valid_answer(logprobs)
+    short["models"]["converted"]["windows"][1]["logprobs"].pop()
+    assert answer_problem(logprobs, short) == \
+        "models.converted.windows[1] is not 2 log-probs (numbers) and top tokens (integers)"
+    missing = valid_answer(logprobs)
+    del missing["models"]["source"]
+    assert answer_problem(logprobs, missing) == "models.source is not an object with a \"generation\" string"
+    rows = valid_answer(bench)
+    rows["rows"] = [row for row in rows["rows"] if row["batch"] != 4 or row["model"] != "baseline"]
+    assert answer_problem(bench, rows) == "no row for baseline at batch 4"

