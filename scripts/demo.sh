@@ -49,17 +49,18 @@ echo
 echo "== 6b. the same plan and heal as one GGUF for llama.cpp (architecture deci), run in llama.cpp (llama-cpp-python)"
 $LP export smollm2-135m --plan "$OUT/plan.json" --heal "$OUT/heal.safetensors" --gguf-type q8_0 \
     -o "$OUT/smollm2-lp27.gguf" --overwrite
+# Through lpconvert's llama.cpp runner: its own process, with llama.cpp's weight repacking off on CPUs with AMX,
+# where q8_0 crashes with it (docs/gguf.md).
 .venv/bin/python - "$OUT/smollm2-lp27.gguf" <<'PY'
 import sys
-from llama_cpp import Llama
+from lpconvert.llamacpp import open_gguf
 
-llm = Llama(sys.argv[1], n_ctx=512, verbose=False)
-reply = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
-                                   max_tokens=24, temperature=0)
-print(f"llama.cpp, {llm.metadata['deci.block_count']} blocks:", repr(reply["choices"][0]["message"]["content"]))
-llm.close()
+with open_gguf(sys.argv[1], n_ctx=512, exact=False) as llm:
+    reply = llm.create_chat_completion([{"role": "user", "content": "What is the capital of France?"}],
+                                       max_tokens=24, temperature=0)
+    print(f"llama.cpp, {llm.metadata['deci.block_count']} blocks:", repr(reply["choices"][0]["message"]["content"]))
 PY
-echo "   in llama.cpp itself: llama-cli -m $OUT/smollm2-lp27.gguf -cnv"
+echo "   in llama.cpp itself: llama-cli -m $OUT/smollm2-lp27.gguf -cnv (on a CPU with AMX add --no-repack)"
 
 echo
 echo "== 7. benchmark accuracy through lm-evaluation-harness: the source and the export on the same 20 items per core task"
