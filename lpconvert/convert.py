@@ -102,7 +102,8 @@ def _read_recipe(path: Path):
     try:
         return yaml.load(text, Loader=_unique_key_loader())  # noqa: S506  (a SafeLoader that refuses repeated keys)
     except _RepeatedKey as exc:
-        raise LPError(f"recipe {path} repeats the key '{exc.key}' at line {exc.line} (first at line {exc.first}): "
+        where = f"line {exc.line}" if exc.line == exc.first else f"line {exc.line} (first at line {exc.first})"
+        raise LPError(f"recipe {path} repeats the key '{exc.key}' at {where}: "
                       "YAML keeps only the last, so the first is silently dropped",
                       f"keep one '{exc.key}' and merge what both hold into it") from None
     except yaml.YAMLError as exc:
@@ -135,12 +136,13 @@ def _unique_key_loader():
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = loader.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                if key in seen:
+                    raise _RepeatedKey(key, line, seen[key])
+                seen[key] = line
             except TypeError:  # an unhashable key: construct_mapping refuses it as YAML does
                 continue
-            if first != key_node.start_mark.line + 1:
-                raise _RepeatedKey(key, key_node.start_mark.line + 1, first)
         return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
     UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)

@@ -323,5 +323,5 @@ def locate_nonfinite(runner: LayerRunner, input_ids: torch.Tensor) -> str:
 def not_finite_fix(dtype: str, setter) -> str:
     """What to do about a stream that is not finite: float16's range overflows; otherwise the weights are broken."""
     if dtype == "float16":
-        return f"{setter('dtype', 'bfloat16')} (float16's range overflows), or check the checkpoint's weights"
+        return f"{setter('dtype', 'bfloat16')}, whose range does not overflow as float16's does; or check the weights"
     return "re-download or re-convert the checkpoint: its weights hold NaN or Inf, a corrupted or overflowed file"

@@ -271,3 +271,58 @@ def test_bad_recipe_fails_before_any_stage(tiny_models, tmp_path, monkeypatch):
                                       "--recipe", str(tmp_path / "r.yaml")])
     assert result.exit_code == 2 and "recipe key score.tokens" in result.stderr, result.output
     assert time.perf_counter() - started < 5 and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 32: what a recipe says is never dropped silently, and what config.json settles is refused first
+
+
+@pytest.mark.parametrize("content, message", [
+    ("eval: {max_ppl_increase: 1%}\nscore: {tokens: 256}\neval: {tokens: 256}\n",
+     "repeats the key 'eval' at line 3 (first at line 1)"),
+    ("plan: {target: {depth: 3, depth: 4}}\n", "repeats the key 'depth' at line 1: YAML keeps only the last"),
+    ("export: {gguf_type: q8_0}\n", "recipe key export.gguf_type applies only with export.format: gguf"),
+    ("export: {format: safetensors, gguf_type: bf16}\n", "this recipe's export.format is safetensors"),
+    ("heal: {lr: 0.001}\n", "recipe key heal.lr applies only with heal.method: distill"),
+    ("heal: {method: lsq, train: output}\n", "recipe key heal.train applies only with heal.method: distill"),
+])
+def test_a_recipe_value_that_would_be_dropped_is_refused(tmp_path, content, message):
+    (tmp_path / "r.yaml").write_text(content)
+    with pytest.raises(LPError) as refused:
+        load_recipe(tmp_path / "r.yaml")
+    assert message in refused.value.one_line()
+
+
+def test_merge_keys_and_keys_of_stages_that_are_off_at_their_defaults_are_fine(tmp_path):
+    (tmp_path / "r.yaml").write_text(
+        "score: {tokens: 256, seq_len: 64}\n"
+        "heal: {<<: {tokens: 512, seq_len: 64}, tokens: 1024, steps: 150}\n"  # YAML's own override; steps' default
+        "export: {gguf_type: f16}\n")  # the default: the recipe copied into OUT writes every key out
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe["heal"]["tokens"] == 1024 and recipe["heal"]["seq_len"] == 64
+    (tmp_path / "d.yaml").write_text("heal: {method: distill, steps: 10, lr: 0.001}\nexport: {format: gguf, "
+                                     "gguf_type: q8_0}\n")
+    assert load_recipe(tmp_path / "d.yaml")["heal"]["steps"] == 10
+
+
+def test_an_impossible_target_and_a_model_too_large_are_refused_before_scoring(tiny_models, tmp_path, monkeypatch):
+    import lpconvert.score
+    from lpconvert import memory
+
+    def must_not_score(*args, **kwargs):
+        raise AssertionError("scoring ran before the target was checked")
+
+    monkeypatch.setattr(lpconvert.score, "compute_scores", must_not_score)
+    (tmp_path / "r.yaml").write_text("plan: {target: {depth: 2}}\n")
+    result = CliRunner().invoke(app, ["convert", str(tiny_models["gemma3"]), "-o", str(tmp_path / "out"),
+                                      "--recipe", str(tmp_path / "r.yaml")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: recipe key plan.target.depth 2 needs 4 pairs, but at most 2 non-overlapping pairs fit in a model of "
+        "6 layers, first and last layers excluded, local and global layers never paired together (depth 4 at least) "
+        "(ask for depth 4 or more)")
+    monkeypatch.setattr(memory, "available_memory", lambda device, spread=False: (2**20, "available (test)"))
+    result = CliRunner().invoke(app, ["convert", str(tiny_models["llama"]), "-o", str(tmp_path / "out"),
+                                      "--recipe", _recipe(tmp_path, "max_ppl_increase: 10%")])
+    assert result.exit_code == 2 and "error: score would need about" in result.stderr, result.output
+    assert "score.dtype: bfloat16 halves the weights" in result.stderr and not (tmp_path / "out").exists()

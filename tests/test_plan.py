@@ -290,3 +290,43 @@ def test_cli_loss_budget_search_stays_within_the_budget(tokenized_model, tmp_pat
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert len(data["pairs"]) == 2 and data["details"]["calibration"]["loss_increase"] <= 10
+
+
+@pytest.mark.parametrize("target, unpairable, hint", [
+    (Target("pairs", 3), (), True),  # 2 fit without the edge layers, 3 with them
+    (Target("depth", 3), (), True),
+    (Target("depth", 0), (), False),  # 6 pairs never fit in 6 layers
+    (Target("depth", 2), (), False),  # 4 pairs: 3 at most, even with the edge layers
+    (Target("speedup", 3.0), (), False),
+    (Target("pairs", 3), (4,), False),  # Gemma: a local and a global layer never pair, edges or not
+])
+def test_allowing_the_edge_layers_is_suggested_only_where_it_would_fit(target, unpairable, hint):
+    with pytest.raises(LPError) as refused:
+        pairs_for_target(target, 6, False, unpairable)
+    assert ("--allow-edge-layers" in refused.value.one_line()) == hint, refused.value.one_line()
+    if hint:
+        assert pairs_for_target(target, 6, True, unpairable) is not None
+
+
+def test_a_recipe_target_is_refused_naming_its_keys():
+    from lpconvert.plan.targets import RECIPE
+
+    with pytest.raises(LPError) as refused:
+        pairs_for_target(Target("pairs", 3), 6, False, (), RECIPE)
+    assert refused.value.one_line() == ("recipe key plan.target.pairs 3 does not fit: at most 2 non-overlapping pairs "
+                                        "fit in a model of 6 layers, first and last layers excluded (ask for fewer or "
+                                        "set plan.allow_edge_layers: true)")
+    with pytest.raises(LPError) as refused:
+        pairs_for_target(Target("depth", 0), 6, False, (), RECIPE)
+    assert refused.value.one_line().startswith("recipe key plan.target.depth 0 needs 6 pairs")
+    assert refused.value.fix == "ask for depth 4 or more"
+
+
+def test_a_set_measured_as_nan_is_refused_naming_its_pairs(tiny_models):
+    """The source measured finite, then a set does not (as an overflow of a pair would): no search ranks NaN."""
+    model = resolve_model(str(tiny_models["llama"])).load_model()
+    calibrator = Calibrator(model, torch.randint(0, 128, (2, 16)), batch_size=2)
+    with torch.no_grad():
+        model.model.layers[3].mlp.down_proj.weight[0, 0] = float("nan")  # after the source's reference
+    with pytest.raises(LPError, match=r"plan measured NaN or Inf with the pairs \(2, 3\) run in parallel"):
+        calibrator.measure([[2]])

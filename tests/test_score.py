@@ -90,3 +90,26 @@ def test_cli_score_writes_the_scores_file_a_plot_and_a_json_summary(tiny_models,
     assert summary["output"] == str(tmp_path / "s.json") and "pair_rel_l2" in summary["safest_pairs"]
     scores = load_scores(tmp_path / "s.json")
     assert scores["schema_version"] == 1 and (tmp_path / "s.png").stat().st_size > 10_000
+
+
+def test_nan_weights_are_refused_naming_the_layer_and_the_tensor(tiny_models, tmp_path):
+    """Issue 32: NaN measurements must not rank pairs; the message says where the stream breaks."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from lpconvert.memory import recipe_setter
+
+    folder = tmp_path / "nan"
+    shutil.copytree(tiny_models["llama"], folder)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.4.self_attn.o_proj.weight"][1, 2] = float("inf")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    source = resolve_model(str(folder))
+    settings = ScoreSettings(calib="news", tokens=128, seq_len=64, device="cpu", dtype="float16")
+    with pytest.raises(LPError) as refused:
+        compute_scores(source, settings, setter=recipe_setter("score"))
+    assert refused.value.one_line() == (
+        f"score measured NaN or Inf on {folder}, starting at layer 4 (model.layers.4.self_attn.o_proj.weight holds "
+        "NaN or Inf): no pair can be ranked from it (score.dtype: bfloat16, whose range does not overflow as "
+        "float16's does; or check the weights)")

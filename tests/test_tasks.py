@@ -311,3 +311,41 @@ def test_the_gate_fails_on_what_is_not_a_number_and_says_the_bound_exactly():
     assert retained_failures({"retained": None}, [row], None) == []  # no bound: nothing to fail
     broken = {"task": "piqa", "perplexity": {"source": 3.0, "converted": float("nan")}}
     assert "NaN or Inf on piqa" in retained_failures({"retained": 1.0}, [broken], None)[0]  # a bound or not
+
+
+def test_nan_log_likelihoods_fail_every_tasks_row(source, converted, monkeypatch):
+    """Issue 32: a converted model with NaN weights must fail the gate on every task, not only LAMBADA's."""
+    import torch
+
+    from lpconvert.sources import ModelSource
+
+    real_load = ModelSource.load_model
+
+    def nan_converted(self, *args, **kwargs):
+        model = real_load(self, *args, **kwargs)
+        if self.kind == "lpconvert":
+            with torch.no_grad():
+                model.get_input_embeddings().weight.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(ModelSource, "load_model", nan_converted)
+    result = invoke("eval", source, converted, "--tasks", "arc_easy,piqa", "--limit", "3", "--device", "cpu",
+                    "--min-retained", "97%", "--json")
+    assert result.exit_code == 1, result.output
+    assert "the converted model's log-likelihoods are NaN or Inf on arc_easy, piqa: a model is broken" in result.stderr
+    report = json.loads(result.stdout)
+    assert [row["not_finite"] for row in report["tasks"]] == [{"source": 0, "converted": 3}] * 2
+    assert not report["passed"]
+
+
+def test_a_row_counts_the_items_whose_log_likelihoods_are_not_numbers():
+    from lpconvert.accuracy import retained_failures
+
+    source = [{"doc": i, "correct": 1.0, "pick": 0, "finite": True} for i in range(3)]
+    converted = [{**answer, "finite": answer["doc"] != 1} for answer in source]
+    row = compare_task("piqa", source, converted)
+    assert row["not_finite"] == {"source": 0, "converted": 1}
+    assert retained_failures({"retained": 1.0}, [row], None) == \
+        ["the converted model's log-likelihoods are NaN or Inf on piqa: a model is broken"]
+    both = compare_task("arc_easy", converted, converted)
+    assert retained_failures({"retained": 1.0}, [both], 0.5)[0].startswith("both models' log-likelihoods")
