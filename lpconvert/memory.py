@@ -125,32 +125,36 @@ def _cgroup_paths(controller: str) -> list[str]:
     try:
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
-            if controllers.split(",") == [controller] or (controller == "" and controllers == ""):
+            if (controller in controllers.split(",")) if controller else controllers == "":
                 found.append(path)
     except (OSError, ValueError):
         pass
     return found
 
 
+def _with_ancestors(root: Path, path: str) -> list[Path]:
+    """root/a/b/c, root/a/b, root/a and root: a parent's limit bounds its children too."""
+    parts = [part for part in path.split("/") if part]
+    return [root.joinpath(*parts[:n]) for n in range(len(parts), -1, -1)]
+
+
 def cgroup_available(root: Path = Path("/sys/fs/cgroup")) -> tuple[int, int] | None:
-    """(bytes the cgroup may still use, its limit), or None without a limit. v2 first, then v1; the limit less
-    what the cgroup holds, its inactive file cache counted as free (the kernel reclaims it first)."""
-    candidates = []
-    for path in _cgroup_paths(""):  # v2: memory.max, memory.current, memory.stat's inactive_file
-        candidates.append((root / path.lstrip("/"), "memory.max", "memory.current", "inactive_file"))
-    candidates.append((root, "memory.max", "memory.current", "inactive_file"))
-    for path in _cgroup_paths("memory"):  # v1
-        candidates.append((root / "memory" / path.lstrip("/"), "memory.limit_in_bytes", "memory.usage_in_bytes",
-                           "total_inactive_file"))
-    candidates.append((root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
-    for folder, limit_file, usage_file, inactive in candidates:
-        limit = _read_int(folder / limit_file)
-        if limit is None or limit >= _NO_LIMIT:
-            continue
-        used = _read_int(folder / usage_file) or 0
-        used -= min(used, _stat_value(folder / "memory.stat", inactive))
-        return max(0, limit - used), limit
-    return None
+    """(bytes the cgroup may still use, its limit), or None without a limit: the tightest of this process's cgroup
+    and its ancestors, v2 (memory.max) and v1 (memory.limit_in_bytes). A limit less what its cgroup holds, the
+    inactive file cache counted as free (the kernel reclaims it first)."""
+    kinds = [("", root, "memory.max", "memory.current", "inactive_file"),
+             ("memory", root / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")]
+    found = []
+    for controller, base, limit_file, usage_file, inactive in kinds:
+        folders = [folder for path in _cgroup_paths(controller) for folder in _with_ancestors(base, path)] or [base]
+        for folder in dict.fromkeys(folders):
+            limit = _read_int(folder / limit_file)
+            if limit is None or limit >= _NO_LIMIT:
+                continue
+            used = _read_int(folder / usage_file) or 0
+            used -= min(used, _stat_value(folder / "memory.stat", inactive))
+            found.append((max(0, limit - used), limit))
+    return min(found) if found else None
 
 
 def meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:

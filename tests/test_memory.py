@@ -161,3 +161,10 @@ def test_a_config_claiming_70b_is_refused_from_the_config_alone(tiny_models, tmp
                   num_key_value_heads=8, head_dim=128, vocab_size=32000)
     (folder / "config.json").write_text(json.dumps(config))
     assert memory.parameters_of(resolve_model(str(folder))) == 68_714_504_192
+
+
+def test_a_parents_tighter_limit_counts(tmp_path, monkeypatch):
+    _fake(tmp_path, "outer", memory__max=str(2 * 2**30), memory__current=str(2**30))
+    _fake(tmp_path, "outer/job", memory__max="max", memory__current=str(2**29))
+    monkeypatch.setattr(memory, "_cgroup_paths", lambda controller: ["/outer/job"] if controller == "" else [])
+    assert memory.cgroup_available(tmp_path) == (2**30, 2 * 2**30)
