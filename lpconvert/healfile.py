@@ -110,14 +110,16 @@ class HealFile:
                 "created_by": self.header.get("created_by")}
 
 
-def write_heal_file(path: Path, tensors: dict[str, torch.Tensor], header: dict) -> None:
-    """Write atomically (a temporary file renamed into place)."""
+def write_heal_file(path: Path, tensors: dict[str, torch.Tensor], header: dict, overwrite: bool | None = None) -> None:
+    """Write atomically (a temporary file renamed into place). With `overwrite` (the CLI's flag), what is at
+    the path is checked once more just before it is replaced (`check_heal_outputs` checked it before the work)."""
     from safetensors.torch import save_file
 
     from .outputs import atomic_output_file
 
     contiguous = {name: t.detach().float().contiguous().cpu() for name, t in tensors.items()}
-    with atomic_output_file(Path(path)) as tmp:
+    kind = HEAL_OUTPUT if overwrite is not None else None
+    with atomic_output_file(Path(path), kind, bool(overwrite)) as tmp:
         save_file(contiguous, str(tmp), metadata={METADATA_KEY: json.dumps(header, sort_keys=True)})
 
 
@@ -304,15 +306,15 @@ def is_heal_report(path: Path) -> bool:
 
 
 FIX = "write the heal file outside any model folder, e.g. -o heal.safetensors"
-HEAL_OUTPUT = OwnedFile("heal file", ".safetensors", "heal", is_heal_file, FIX, outside_model_folders=True)
-HEAL_REPORT = OwnedFile("heal report", ".json", "heal", is_heal_report, FIX, outside_model_folders=True)
+HEAL_OUTPUT = OwnedFile("heal file", (".safetensors",), "heal.safetensors", is_heal_file, FIX)
+HEAL_REPORT = OwnedFile("heal report", (".json",), "heal.json", is_heal_report, FIX)
 
 
-def check_heal_outputs(output: Path, overwrite: bool, protect) -> Path:
+def check_heal_outputs(output: Path, overwrite: bool, protect, inputs=()) -> Path:
     """Refuse a heal file path, or the report path derived from it, that would replace what lpconvert did not
     write, or that lies in a model folder; returns the report's path."""
-    protect = list(protect)
-    check_owned_output(output, HEAL_OUTPUT, overwrite, protect)
+    protect, inputs = list(protect), list(inputs)
+    check_owned_output(output, HEAL_OUTPUT, overwrite, protect, inputs)
     report = output.with_suffix(".json")
-    check_owned_output(report, HEAL_REPORT, overwrite, protect)
+    check_owned_output(report, HEAL_REPORT, overwrite, protect, inputs, beside=output)
     return report

@@ -4,9 +4,13 @@
   before anything is written or removed: `-o <folder holding MODEL> --overwrite` would otherwise
   delete the model it reads.
 - `--overwrite` removes only a folder lpconvert itself wrote (its config.json carries `lp_source`)
-  or an empty one; any other folder is refused, whatever it holds. Likewise a GGUF file, a heal file
-  and its report (`OwnedFile`) are replaced only when lpconvert wrote them, and a heal output never
-  goes into a model folder.
+  or an empty one; any other folder is refused, whatever it holds.
+- One rule for every output file of every command (scores, plans, heal files and reports, GGUFs,
+  plots: `OwnedFile`, `check_owned_output`): never a link (written through, it would replace what it
+  points at), never a file of the source or one the command reads (compared by device and inode, so
+  hard links count), never inside a model folder of any kind (Hugging Face, GGUF, PEFT adapter, Meta
+  consolidated.*.pth, or a folder under one), never over a file lpconvert did not write; replacing
+  one it did write needs --overwrite.
 - Folders are built in a temporary folder beside OUT and renamed into place at the end; files are
   written to a temporary file and renamed over the target. An interrupted run leaves OUT as it was.
 - A new folder gets the mode `mkdir` would give it under the user's umask: the temporary folder's
@@ -25,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Iterator
@@ -148,6 +153,10 @@ def check_output_folder(out: Path, overwrite: bool, protect: Iterable[Path] = ()
                           "write the converted model to a new folder outside the source")
         if out.is_symlink():
             raise LPError(f"output path {out} is a symbolic link", "give the real path of the folder")
+        found = model_folder_of(out, gguf=False)
+        if found is not None:
+            raise LPError(f"output folder {out} is inside the model folder {found[0]} ({found[1]})",
+                          "write the converted model to a new folder outside any model folder")
         if out.exists() and not out.is_dir():
             raise LPError(f"output path {out} exists and is a file", "choose a folder path")
         if out.exists():
@@ -168,31 +177,47 @@ def check_output_folder(out: Path, overwrite: bool, protect: Iterable[Path] = ()
         raise _os_problem(out, exc) from None
 
 
-def check_output_file(path: Path, protect: Iterable[Path] = (), inputs: Iterable[Path] = ()) -> None:
-    """Refuse an output file that can't be written, that is one of the source's own files (`protect`),
-    or that is a file the command reads (`inputs`: a calibration text, a scores file)."""
-    path = Path(path)
+# ----------------------------------------------------------------------------------------------
+# Output files: one rule for every file every command writes (scores, plans, heal files and their
+# reports, GGUFs, plots).
+
+
+@dataclass(frozen=True)
+class OwnedFile:
+    """A kind of file lpconvert writes whole and may replace with --overwrite, but only one it wrote.
+
+    How lpconvert knows it wrote a file (`written`): its JSON's "kind" starts with lpconvert- (scores,
+    plans, reports), a heal file's or a GGUF's metadata names lpconvert, a plot carries the marker
+    plots.PLOT_MARKER (a PNG text chunk, the SVG's description, the PDF's subject)."""
+
+    what: str  # in messages: "GGUF", "heal file", "picture"
+    suffixes: tuple[str, ...]  # the names it may have (".gguf",); () for any name
+    example: str  # the name a fix suggests: "model.gguf", "scores.png"
+    written: Callable[[Path], bool]  # whether lpconvert wrote the file at this path
+    fix: str  # where to write it instead of a model folder
+    option: str = "-o"  # how the path is given, in fixes
+    stream_fix: str = "give the path of a file"  # the fix for -o /dev/stdout and other streams
+
+
+def written_json(path: Path) -> bool:
+    """A JSON file lpconvert wrote: an object whose "kind" starts with lpconvert- (scores, plan, heal report)."""
     try:
-        if path.exists() and path.is_dir():
-            raise LPError(f"output {path} is a folder", f"give a file path such as {path / 'out.json'}")
-        if path.exists() and not path.is_file():  # the atomic rename would put a file where the device was
-            raise LPError(f"output {path} exists and is not a regular file (a device, a pipe or a socket)",
-                          "write to a new file or to a regular file")
-        real = _real(path)
-        for protected in protect:
-            root = _real(protected)
-            if path.exists() and (real == root or root in real.parents):
-                raise LPError(f"output {path} is a file of the source model ({protected})",
-                              "write it outside the model folder, or under a new name")
-        for read in inputs:
-            if path.exists() and real == _real(read):
-                raise LPError(f"output {path} is a file this command reads", "write the result under a new name")
-        _check_parent(path)
-        os.stat(path.parent / f".{path.name}.tmp", follow_symlinks=False)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        raise _os_problem(path, exc) from None
+        if os.stat(path).st_size > MAX_OWNED_JSON_BYTES:
+            return False
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"].startswith("lpconvert-")
+
+
+MAX_OWNED_JSON_BYTES = 1 << 30  # a scores or plan file is kilobytes to megabytes; a larger file is not one
+
+SCORES_OUTPUT = OwnedFile("scores file", (), "scores.json", written_json,
+                          "write the scores outside any model folder, e.g. -o scores.json",
+                          stream_fix="give the path of a file; --json prints a summary on stdout")
+PLAN_OUTPUT = OwnedFile("plan file", (), "plan.json", written_json,
+                        "write the plan outside any model folder, e.g. -o plan.json",
+                        stream_fix="give the path of a file, or pass --json to print the plan on stdout")
 
 
 def written_gguf(path: Path) -> bool:
@@ -205,69 +230,8 @@ def written_gguf(path: Path) -> bool:
         return False
 
 
-@dataclass(frozen=True)
-class OwnedFile:
-    """A kind of file lpconvert writes whole and may replace with --overwrite, but only one it wrote."""
-
-    what: str  # in messages: "GGUF", "heal file"
-    suffix: str  # ".gguf"
-    example: str  # the name a fix suggests when the path has none: "model"
-    written: Callable[[Path], bool]  # whether lpconvert wrote the file at this path
-    fix: str  # where to write it instead
-    outside_model_folders: bool = False  # refused in any model folder, not only the source's
-
-
-def check_owned_output(path: Path, kind: OwnedFile, overwrite: bool, protect: Iterable[Path] = ()) -> None:
-    """Refuse an output file of `kind` that can't be written, or whose current file would be lost."""
-    path = Path(path)
-    name = path.name.lower()
-    if not name.endswith(kind.suffix) or name == kind.suffix:
-        problem = "has no name before" if name == kind.suffix else "does not end in"
-        raise LPError(f"output {path} {problem} {kind.suffix}: a {kind.what} is written as NAME{kind.suffix}",
-                      f"name the file, e.g. -o {_named(path, kind)}")
-    if path.is_dir():
-        raise LPError(f"output {path} is a folder", f"give a file path such as {path / (kind.example + kind.suffix)}")
-    protect = list(protect)
-    try:
-        overlap = _overlap(path, protect)
-        folder = _model_folder_of(path) if kind.outside_model_folders else None
-    except OSError as exc:
-        raise _os_problem(path, exc) from None
-    if overlap:  # a file inside the model's folder too, as for folder outputs: a Hub cache is no place for it
-        raise LPError(f"output path {path} {overlap}", kind.fix)
-    if folder is not None:
-        raise LPError(f"output {path} is inside the model folder {folder}, where a {kind.what} could be read as part "
-                      "of that model or replace one of its files", kind.fix)
-    check_output_file(path, protect)
-    if path.is_symlink():
-        raise LPError(f"output path {path} is a symbolic link", "give the real path of the file")
-    if path.exists():
-        if not overwrite:
-            raise LPError(f"{kind.what} {path} already exists", "pass --overwrite or choose another path")
-        if not kind.written(path):
-            raise LPError(f"{kind.what} {path} was not written by lpconvert, so --overwrite will not replace it",
-                          "choose a new output path, or remove the file yourself")
-
-
-def _named(path: Path, kind: OwnedFile) -> Path:
-    """The path a fix suggests: out.json -> out.safetensors, .safetensors -> heal.safetensors."""
-    stem = path.name[: -len(kind.suffix)] if path.name.lower().endswith(kind.suffix) else Path(path.name).stem
-    return path.parent / ((stem or kind.example) + kind.suffix)
-
-
-# The files that make a folder a model's: lpconvert's outputs never go beside them (the source reader
-# takes every *.safetensors of a folder without an index as part of the model).
-MODEL_FOLDER_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                      "pytorch_model.bin.index.json")
-
-
-def _model_folder_of(path: Path) -> Path | None:
-    """The folder holding `path`, if it is a model's."""
-    folder = _real(path).parent
-    return folder if any((folder / name).exists() for name in MODEL_FOLDER_FILES) else None
-
-
-GGUF_OUTPUT = OwnedFile("GGUF", ".gguf", "model", written_gguf, "write the GGUF outside the source model's folder")
+GGUF_OUTPUT = OwnedFile("GGUF", (".gguf",), "model.gguf", written_gguf,
+                        "write the GGUF outside any model folder, e.g. -o model.gguf")
 
 
 def check_output_gguf(path: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
@@ -275,18 +239,228 @@ def check_output_gguf(path: Path, overwrite: bool, protect: Iterable[Path] = ())
     check_owned_output(path, GGUF_OUTPUT, overwrite, protect)
 
 
+def check_owned_output(path: Path, kind: OwnedFile, overwrite: bool, protect: Iterable[Path] = (),
+                       inputs: Iterable[Path] = (), beside: Path | None = None) -> None:
+    """Refuse an output file of `kind` that can't be written, or whose writing would lose data:
+
+    - a name that is not one of the kind's (a picture's .png, .pdf or .svg), a folder, a device or pipe;
+    - a symbolic link, whatever it points at: outputs are renamed into place, never written through a link;
+    - a file of the source model or one the command reads (`protect`, `inputs`), compared by identity
+      (device and inode), so a hard link is found whatever its name;
+    - a path in a model's folder or any folder under one (`model_folder_of`), the source's or another's;
+    - an existing file without --overwrite, and with it one lpconvert did not write.
+
+    `beside`: the output whose name this path was derived from (a heal file's report), for messages."""
+    path = Path(path)
+    protect = [Path(p) for p in protect]
+    _check_name(path, kind, beside)
+    try:
+        if path.is_symlink():
+            raise _link_refused(path, kind)
+        if path.is_dir():
+            if beside is not None:
+                raise LPError(f"{kind.what} {path}, written beside {beside}, is a folder",
+                              f"move that folder away, or give {kind.option} another name")
+            raise LPError(f"output {path} is a folder", f"give a file path such as {path / kind.example}")
+        exists = path.exists()
+        if exists and not path.is_file():  # the atomic rename would put a file where the device was
+            raise LPError(f"output {path} exists and is not a regular file (a device, a pipe or a socket)",
+                          "write to a new file or to a regular file")
+        if exists:
+            _check_identity(path, protect, inputs)
+        overlap = _overlap(path, protect)
+        if overlap:  # a file inside the model's folder too, as for folder outputs: a Hub cache is no place for it
+            raise LPError(f"output path {path} {overlap}", kind.fix)
+        found = model_folder_of(path, gguf=".gguf" not in kind.suffixes)
+        if found is not None:
+            folder, evidence = found
+            raise LPError(f"output {path} is inside the model folder {folder} ({evidence}), where a {kind.what} "
+                          "could be read as part of that model or replace one of its files", kind.fix)
+        _check_parent(path)
+        os.stat(path.parent / f".{path.name}.tmp", follow_symlinks=False)  # a name too long, a path under a file
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise _os_problem(path, exc) from None
+    _check_replaceable(path, kind, overwrite)
+
+
+def _check_name(path: Path, kind: OwnedFile, beside: Path | None) -> None:
+    if not kind.suffixes or beside is not None:
+        return
+    name = path.name.lower()
+    shown = ", ".join(kind.suffixes)
+    names = [f"NAME{s}" for s in kind.suffixes]
+    as_names = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    if name in ("", ".", ".."):
+        raise LPError(f"{kind.option} {path} names no file: a {kind.what} is written as {as_names}",
+                      f"name the file, e.g. {kind.option} {path / kind.example}")
+    bare = next((s for s in kind.suffixes if name == s), None)
+    if bare is not None:
+        label = "output" if kind.option == "-o" else kind.option
+        raise LPError(f"{label} {path} has no name before {bare}: a {kind.what} is written as NAME{bare}",
+                      f"name the file, e.g. {kind.option} {path.parent / (Path(kind.example).stem + bare)}")
+    if not any(name.endswith(s) for s in kind.suffixes):
+        if len(kind.suffixes) > 1:
+            raise LPError(f"{kind.option} {path}: a {kind.what} is written as {shown}",
+                          f"e.g. {kind.option} {path.parent / (path.stem + kind.suffixes[0])}")
+        raise LPError(f"output {path} does not end in {shown}: a {kind.what} is written as {as_names}",
+                      f"name the file, e.g. {kind.option} {path.parent / (path.stem + kind.suffixes[0])}")
+
+
+def _link_refused(path: Path, kind: OwnedFile) -> LPError:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    if _is_stream(path, target):  # /dev/stdout -> /proc/self/fd/1: a terminal, a pipe, or the file it redirects to
+        return LPError(f"output {path} is a stream (a link to {target}), not a file: lpconvert writes a new file "
+                       "and renames it into place", kind.stream_fix)
+    if _real(path).is_file():
+        return LPError(f"output {path} is a symbolic link (to {target}); lpconvert never writes through a link, "
+                       "which would replace the file it points at", "give a new file name, or remove the link")
+    return LPError(f"output {path} is a symbolic link to {target}, not a file: lpconvert writes a new file and "
+                   "renames it into place", "give a new file name, or remove the link")
+
+
+def _is_stream(path: Path, target: str) -> bool:
+    return any(str(p).startswith(("/dev/", "/proc/")) for p in (Path(os.path.abspath(path)), Path(target)))
+
+
+def _check_identity(path: Path, protect: list[Path], inputs: Iterable[Path]) -> None:
+    """An existing output that is, by device and inode, a file of the source or one the command reads."""
+    info = os.stat(path)
+    key = (info.st_dev, info.st_ino)
+    hit = file_identities(protect).get(key)
+    if hit is not None:
+        if _same_name(path, hit):
+            raise LPError(f"output {path} is a file of the source model ({hit})",
+                          "write it outside the model folder, or under a new name")
+        raise LPError(f"output {path} is a hard link to {hit}, a file of the source model, which writing it "
+                      "would change", "write the output under a new name")
+    hit = file_identities([Path(p) for p in inputs]).get(key)
+    if hit is not None:
+        link = "" if _same_name(path, hit) else f" (a hard link to {hit})"
+        raise LPError(f"output {path} is a file this command reads{link}", "write the result under a new name")
+
+
+def _same_name(path: Path, other: Path) -> bool:
+    return _real(path) == _real(other)
+
+
+MAX_PROTECTED_FILES = 100_000  # files of a source folder compared by identity (a model has dozens)
+
+
+def file_identities(paths: Iterable[Path]) -> dict[tuple[int, int], Path]:
+    """(device, inode) -> path of every regular file among `paths` and under those that are folders
+    (links followed, as the Hugging Face cache's snapshot links to its blobs)."""
+    found: dict[tuple[int, int], Path] = {}
+    for root in paths:
+        try:
+            info = os.stat(root)
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(info.st_mode):
+            found.setdefault((info.st_dev, info.st_ino), Path(root))
+        elif stat.S_ISDIR(info.st_mode):
+            for folder, _, names in os.walk(root):
+                for name in names:
+                    file = Path(folder) / name
+                    try:
+                        info = os.stat(file)
+                    except OSError:
+                        continue
+                    if stat.S_ISREG(info.st_mode):
+                        found.setdefault((info.st_dev, info.st_ino), file)
+                if len(found) > MAX_PROTECTED_FILES:
+                    break
+    return found
+
+
+def _check_replaceable(path: Path, kind: OwnedFile, overwrite: bool) -> None:
+    if not path.exists():
+        return
+    if not overwrite:
+        raise LPError(f"{kind.what} {path} already exists", "pass --overwrite or choose another path")
+    if not kind.written(path):
+        raise LPError(f"{kind.what} {path} was not written by lpconvert, so --overwrite will not replace it",
+                      "choose a new output path, or remove the file yourself")
+
+
+# What makes a folder a model's: lpconvert's outputs never go into one, nor into any folder under one
+# (a source reader takes every *.safetensors of a folder without an index as part of the model, and
+# a subfolder of a model repo is a variant of it). A config.json counts unless it is plainly another
+# program's (a JSON object with none of a model config's keys).
+MODEL_FILES = re.compile(
+    r"(?P<weights>model\.safetensors(\.index\.json)?|model-\d+-of-\d+\.safetensors|"
+    r"pytorch_model(-\d+-of-\d+)?\.bin(\.index\.json)?)|"
+    r"(?P<peft>adapter_config\.json|adapter_model\.(safetensors|bin))|(?P<meta>consolidated\.\d+\.pth)")
+MODEL_CONFIG_KEYS = ("model_type", "architectures", MARKER_KEY, "auto_map", "_name_or_path")
+WORDS = {"weights": "model weights", "peft": "a PEFT adapter", "meta": "a Meta checkpoint", "gguf": "a GGUF model"}
+
+
+def model_folder_of(path: Path, gguf: bool = True) -> tuple[Path, str] | None:
+    """The model folder `path` would be written into, and what makes it one, in words: the folder
+    itself or any folder above it. A folder holding a GGUF counts only as the folder itself, and only
+    when `gguf` (GGUFs sit side by side, one file each)."""
+    folder = _real(Path(path).parent)
+    evidence = _model_in(folder, gguf)
+    if evidence:
+        return folder, evidence
+    for above in folder.parents:
+        evidence = _model_in(above, gguf=False)
+        if evidence:
+            return above, evidence
+    return None
+
+
+def _model_in(folder: Path, gguf: bool) -> str | None:
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return None
+    for entry in sorted(entries, key=lambda e: e.name):
+        name = entry.name
+        if name == "config.json":
+            if _model_config(Path(entry.path)):
+                return "it holds a model's config.json"
+            continue
+        found = MODEL_FILES.fullmatch(name)
+        if found:
+            return f"it holds {WORDS[found.lastgroup]}, {name}"
+        if gguf and name.lower().endswith(".gguf"):
+            return f"it holds {WORDS['gguf']}, {name}"
+    return None
+
+
+def _model_config(path: Path) -> bool:
+    try:
+        if path.stat().st_size > MAX_OWNED_JSON_BYTES:
+            return True
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return path.exists()  # unreadable: it may well be a model's
+    return not isinstance(data, dict) or any(key in data for key in MODEL_CONFIG_KEYS)
+
+
 @contextlib.contextmanager
-def atomic_output_file(path: Path) -> Iterator[Path]:
-    """Yield a fresh temporary path beside `path`; rename it to `path` only if the block succeeds."""
+def atomic_output_file(path: Path, kind: OwnedFile | None = None, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary path beside `path`; rename it to `path` only if the block succeeds.
+
+    The rename replaces whatever is at `path` itself (a link included), never what a link points at. With
+    `kind`, what is at `path` now is checked once more just before (the command ran for minutes)."""
     path = Path(path)
     tmp = None
     try:
-        # a fresh name: two runs writing the same output never share a temporary file, nor follow a link
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_real(path).parent)
+        # a fresh name in the path's own folder (links above followed, a link at the path not): two runs
+        # never share a temporary file, and the rename never crosses a device
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=_real(path.parent))
         os.close(fd)
         tmp = Path(name)
         yield tmp
         tmp.chmod(0o666 & ~_umask())  # what open() would have made, not mkstemp's 0600
+        if kind is not None:
+            _recheck(path, kind, overwrite)
         tmp.replace(path)
     except OSError as exc:
         _remove(tmp)
@@ -296,19 +470,29 @@ def atomic_output_file(path: Path) -> Iterator[Path]:
         raise
 
 
+def _recheck(path: Path, kind: OwnedFile, overwrite: bool) -> None:
+    """What is at an output path just before it is replaced: a link, a folder or a file lpconvert did not
+    write that appeared meanwhile is left alone."""
+    if path.is_symlink():
+        raise _link_refused(path, kind)
+    if path.exists() and not path.is_file():
+        raise LPError(f"output {path} is no longer a regular file", "write to a new file")
+    _check_replaceable(path, kind, overwrite)
+
+
 def _remove(tmp: Path | None) -> None:
     if tmp is not None:
         with contextlib.suppress(OSError):
             tmp.unlink()
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    with atomic_output_file(path) as tmp:
+def write_text_atomically(path: Path, text: str, kind: OwnedFile | None = None, overwrite: bool = False) -> None:
+    with atomic_output_file(path, kind, overwrite) as tmp:
         tmp.write_text(text)
 
 
-def write_json_atomically(path: Path, data: dict) -> None:
-    write_text_atomically(path, strict_json(data) + "\n")
+def write_json_atomically(path: Path, data: dict, kind: OwnedFile | None = None, overwrite: bool = False) -> None:
+    write_text_atomically(path, strict_json(data) + "\n", kind, overwrite)
 
 
 def strict_json(data, **options) -> str:

@@ -1,5 +1,10 @@
 """Pictures, drawn only from the JSON files the stages write (so any of them can be redrawn later
-from a scores or plan file): layer and pair importance (score), quality against depth (plan).
+from a scores or plan file): layer and pair importance (score), quality against depth (plan), healing
+pair by pair (heal).
+
+A picture is written in the format its name ends in (.png, .pdf or .svg), atomically, and carries
+PLOT_MARKER (a PNG text chunk, the SVG's dc:description, the PDF's Subject): that is how lpconvert knows
+a picture at the --plot path is one it drew, which --overwrite may replace (`written_plot`).
 
 matplotlib is imported when a picture is drawn, never at import.
 """
@@ -7,11 +12,66 @@ matplotlib is imported when a picture is drawn, never at import.
 from __future__ import annotations
 
 import math
+import os
+import struct
 from pathlib import Path
 
 from .errors import LPError
+from .outputs import OwnedFile, atomic_output_file
 
 FORMATS = ("png", "pdf", "svg")  # what --plot writes, by the file's extension (matplotlib's savefig)
+PLOT_MARKER = "lpconvert-plot"
+# Where each format keeps the marker (matplotlib's savefig metadata keys).
+MARKER_KEYS = {"png": "Description", "svg": "Description", "pdf": "Subject"}
+MAX_PLOT_BYTES = 256 * 2**20  # a plot is kilobytes; a larger file is not one
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def written_plot(path) -> bool:
+    """A picture lpconvert drew: a PNG, SVG or PDF that carries PLOT_MARKER where lpconvert puts it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head == PNG_SIGNATURE:
+                return _png_marked(f)
+            if os.fstat(f.fileno()).st_size > MAX_PLOT_BYTES:
+                return False
+            data = head + f.read()
+    except OSError:
+        return False
+    marker = PLOT_MARKER.encode()
+    if data.startswith(b"%PDF-"):
+        return b"/Subject (" + marker + b")" in data
+    start = data[:8192]
+    return b"<svg" in start and b"<dc:description>" + marker + b"</dc:description>" in start
+
+
+def _png_marked(f) -> bool:
+    """The PNG's text chunks before its image data hold Description = PLOT_MARKER."""
+    for _ in range(1000):
+        head = f.read(8)
+        if len(head) < 8:
+            return False
+        length, kind = struct.unpack(">I4s", head)
+        if kind in (b"IDAT", b"IEND"):
+            return False
+        if kind == b"tEXt" and length < 1 << 20:
+            keyword, _, text = f.read(length).partition(b"\0")
+            if keyword == MARKER_KEYS["png"].encode() and text == PLOT_MARKER.encode():
+                return True
+            f.seek(4, os.SEEK_CUR)
+        else:
+            f.seek(length + 4, os.SEEK_CUR)
+    return False
+
+
+def plot_output(example: str) -> OwnedFile:
+    """The --plot output of a command, `example` the name its fixes suggest."""
+    return OwnedFile("picture", tuple("." + f for f in FORMATS), example, written_plot,
+                     f"write the picture outside any model folder, e.g. --plot {example}", option="--plot")
+
+
+SCORES_PLOT, FRONT_PLOT, HEAL_PLOT = plot_output("scores.png"), plot_output("front.png"), plot_output("heal.png")
 STRATEGY_COLORS = {"contiguous": "tab:blue", "greedy": "tab:orange", "search": "tab:green"}  # in every plot
 
 
@@ -26,8 +86,9 @@ def _pyplot():
     return plt
 
 
-def plot_scores(scores: dict, path) -> None:
-    """Per-layer importance and per-pair cost in one picture."""
+def plot_scores(scores: dict, path, overwrite: bool | None = None) -> None:
+    """Per-layer importance and per-pair cost in one picture. `overwrite` (the CLI's flag, checked before
+    the work): what is at `path` is checked again just before it is replaced."""
     plt = _pyplot()
     layers, pairs = scores["layers"], scores["pairs"]
     panels = 3 if "loss_increase" in pairs[0] else 2
@@ -56,12 +117,11 @@ def plot_scores(scores: dict, path) -> None:
         ax.set_ylabel("loss increase, % (measured)")
     axes[-1].set_xlabel("layer")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, plt, overwrite)
 
 
-def plot_front(plan_json: dict, scores: dict, path) -> None:
-    """The quality/depth front of a plan (its JSON) and the scores it was made from, as a PNG: calibration
+def plot_front(plan_json: dict, scores: dict, path, overwrite: bool | None = None) -> None:
+    """The quality/depth front of a plan (its JSON) and the scores it was made from, a picture: calibration
     perplexity against effective depth, measured for the plan's strategy, estimated for the others."""
     from .formats import plan_from_json
     from .plan.front import front_series
@@ -88,12 +148,7 @@ def plot_front(plan_json: dict, scores: dict, path) -> None:
         ax.axhline(source_ppl, color="gray", linewidth=0.8, linestyle=":", label=f"source ({source_ppl:.2f})")
     _style_axes(ax, num_layers)
     fig.tight_layout()
-    try:
-        fig.savefig(Path(path), format="png")
-    except OSError as exc:
-        raise LPError(f"cannot write the plot {path}: {exc.strerror or exc}", "check the path") from None
-    finally:
-        plt.close(fig)
+    _save(fig, path, plt, overwrite)
 
 
 def _style_axes(ax, num_layers: int) -> None:
@@ -122,8 +177,7 @@ def _chosen_ppl(plan, series: dict) -> float:
     return math.nan
 
 
-
-def plot_heal(report: dict, path) -> None:
+def plot_heal(report: dict, path, overwrite: bool | None = None) -> None:
     """Held-out perplexity of the model as each pair is healed in turn (heal report JSON)."""
     plt = _pyplot()
     rows = report["pairs"]
@@ -140,14 +194,20 @@ def plot_heal(report: dict, path) -> None:
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"{report['source']['name']}: healing pair by pair ({report['method']}; orange: rejected)")
     fig.tight_layout()
-    _save(fig, path, plt)
+    _save(fig, path, plt, overwrite)
 
 
-def _save(fig, path, plt) -> None:
-    """Write the picture in the format its extension names (FORMATS); an unwritable path is one line."""
+def _save(fig, path, plt, overwrite: bool | None) -> None:
+    """Write the picture in the format its name ends in (FORMATS), marked as lpconvert's, atomically (a new
+    file renamed into place: never through a link); an unwritable path is one line."""
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
     try:
-        fig.savefig(Path(path), format=Path(path).suffix.lower().lstrip(".") or "png", dpi=110)
-    except OSError as exc:
-        raise LPError(f"cannot write the plot {path}: {exc.strerror or exc}", "check the path") from None
+        if fmt not in FORMATS:
+            raise LPError(f"--plot {path}: a picture is written as {', '.join('.' + f for f in FORMATS)}",
+                          f"e.g. --plot {path.parent / (path.stem + '.png')}")
+        kind = SCORES_PLOT if overwrite is not None else None
+        with atomic_output_file(path, kind, bool(overwrite)) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=110, metadata={MARKER_KEYS[fmt]: PLOT_MARKER})
     finally:
         plt.close(fig)

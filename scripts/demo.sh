@@ -4,19 +4,20 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 LP=".venv/bin/lpconvert"
 OUT="${DEMO_OUT:-demo-out}"
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$OUT/gguf"  # a GGUF's folder is a model's: no other output of lpconvert goes beside it
 
 echo "== 1. inspect the built-in SmolLM2 (converted once from its GGUF into the user cache)"
 $LP inspect smollm2-135m
 
 echo
 echo "== 2. score layers and pairs on 4k tokens of the Wikipedia sample (the default is 16k)"
-$LP score smollm2-135m --calib wiki --tokens 4096 -o "$OUT/scores.json" --plot "$OUT/scores.png"
+$LP score smollm2-135m --calib wiki --tokens 4096 -o "$OUT/scores.json" --plot "$OUT/scores.png" \
+    --overwrite
 
 echo
 echo "== 3. plan 27 blocks: search measures the model with every candidate set (2k tokens to keep the demo short)"
 $LP plan "$OUT/scores.json" --model smollm2-135m --depth 27 --tokens 2048 --heldout-tokens 4096 \
-    -o "$OUT/plan.json" --plot "$OUT/plan.png"
+    -o "$OUT/plan.json" --plot "$OUT/plan.png" --overwrite
 
 echo
 echo "== 4. heal the plan's pairs: least-squares refit of each pair's down_proj (8k tokens to keep the demo short)"
@@ -48,10 +49,10 @@ PY
 echo
 echo "== 6b. the same plan and heal as one GGUF for llama.cpp (architecture deci), run in llama.cpp (llama-cpp-python)"
 $LP export smollm2-135m --plan "$OUT/plan.json" --heal "$OUT/heal.safetensors" --gguf-type q8_0 \
-    -o "$OUT/smollm2-lp27.gguf" --overwrite
+    -o "$OUT/gguf/smollm2-lp27.gguf" --overwrite
 # Through lpconvert's llama.cpp runner: its own process, with llama.cpp's weight repacking off on CPUs with AMX,
 # where q8_0 crashes with it (docs/gguf.md).
-.venv/bin/python - "$OUT/smollm2-lp27.gguf" <<'PY'
+.venv/bin/python - "$OUT/gguf/smollm2-lp27.gguf" <<'PY'
 import sys
 from lpconvert.llamacpp import open_gguf
 
@@ -60,7 +61,7 @@ with open_gguf(sys.argv[1], n_ctx=512, exact=False) as llm:
                                        max_tokens=24, temperature=0)
     print(f"llama.cpp, {llm.metadata['deci.block_count']} blocks:", repr(reply["choices"][0]["message"]["content"]))
 PY
-echo "   in llama.cpp itself: llama-cli -m $OUT/smollm2-lp27.gguf -cnv (on a CPU with AMX add --no-repack)"
+echo "   in llama.cpp itself: llama-cli -m $OUT/gguf/smollm2-lp27.gguf -cnv (on a CPU with AMX add --no-repack)"
 
 echo
 echo "== 7. benchmark accuracy through lm-evaluation-harness: the source and the export on the same 20 items per core task"

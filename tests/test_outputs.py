@@ -4,12 +4,13 @@ written or removed, --overwrite removes only what lpconvert wrote, folders honou
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from builders import QUICK_RECIPE, cli_export, invoke
+from builders import QUICK_RECIPE, cli_export, invoke, write_scores
 
 from lpconvert.errors import LPError
 from lpconvert.outputs import check_output_folder, written_by_lpconvert
@@ -176,7 +177,11 @@ def test_outputs_are_checked_against_a_resolved_source_too(tiny_models, tmp_path
     before = tree_digest(model)
     result = invoke("score", "some/hub-model", "--calib", "news", "--tokens", "256", "--seq-len", "64",
                     "-o", model / "config.json")
-    assert result.exit_code == 2 and "is a file of the source model" in result.stderr, result.output
+    assert result.exit_code == 2 and "is inside the model folder" in result.stderr, result.output
+    os.link(model / "tokenizer.json", tmp_path / "hard.json")  # a hard link outside any model folder
+    result = invoke("score", "some/hub-model", "--calib", "news", "--tokens", "256", "--seq-len", "64",
+                    "-o", tmp_path / "hard.json", "--overwrite")
+    assert result.exit_code == 2 and "was not written by lpconvert" in result.stderr, result.output
     assert tree_digest(model) == before
 
 
@@ -184,3 +189,122 @@ def test_plot_must_be_a_picture_format(tiny_models, tmp_path):
     result = invoke("score", tiny_models["llama"], "-o", tmp_path / "s.json", "--plot", tmp_path / "p.txt")
     assert result.exit_code == 2 and "a picture is written as .png, .pdf, .svg" in result.stderr
     assert not (tmp_path / "s.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Output files (issue 32): pictures in the format of their name, marked as lpconvert's; --overwrite
+# replaces lpconvert's own outputs and nothing else; a link at the output is replaced, never written through.
+
+
+@pytest.mark.parametrize("fmt, magic", [("svg", b"<?xml"), ("pdf", b"%PDF-"), ("png", b"\x89PNG\r\n\x1a\n")])
+def test_plan_plot_is_written_in_the_format_of_its_name(fmt, magic, tiny_models, tmp_path):
+    from lpconvert.plots import written_plot
+
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    picture = tmp_path / f"front.{fmt}"
+    result = invoke("plan", scores, "--pairs", "1", "--strategy", "contiguous", "--json", "--plot", picture)
+    assert result.exit_code == 0, result.output
+    data = picture.read_bytes()
+    assert data.startswith(magic), data[:20]
+    if fmt == "svg":
+        assert b"<svg" in data[:2000] and b"PNG" not in data[:2000]
+    assert written_plot(picture)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["s.json", picture.name])  # no temporary file left
+
+
+def test_overwrite_replaces_lpconvert_own_scores_and_plot_only_with_the_flag(tiny_models, tmp_path):
+    args = ["score", tiny_models["llama"], "--calib", "news", "--tokens", "256", "--seq-len", "64",
+            "-o", tmp_path / "s.json", "--plot", tmp_path / "s.png"]
+    assert invoke(*args).exit_code == 0
+    first = {name: (tmp_path / name).stat().st_ino for name in ("s.json", "s.png")}
+    again = invoke(*args)
+    assert again.exit_code == 2 and "s.json already exists (pass --overwrite" in again.stderr, again.output
+    replaced = invoke(*args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert all((tmp_path / name).stat().st_ino != ino for name, ino in first.items())  # new files, renamed in
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.png"]
+
+
+def test_overwrite_replaces_lpconvert_own_plan_and_svg(tiny_models, tmp_path):
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    args = ["plan", scores, "--pairs", "1", "--strategy", "contiguous", "-o", tmp_path / "plan.json",
+            "--plot", tmp_path / "front.svg"]
+    assert invoke(*args).exit_code == 0
+    assert invoke(*args).exit_code == 2
+    replaced = invoke(*[a if a != "1" else "2" for a in args], "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((tmp_path / "plan.json").read_text())["kind"] == "lpconvert-plan"
+    assert len(json.loads((tmp_path / "plan.json").read_text())["pairs"]) == 2
+
+
+def test_outputs_through_a_linked_folder_are_written_in_it(tiny_models, tmp_path):
+    """A link above the output (a folder) is followed: only a link AT the output path is refused."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    scores = write_scores(tmp_path / "s.json", tiny_models["llama"])
+    result = invoke("plan", scores, "--pairs", "1", "--strategy", "contiguous", "-o", tmp_path / "link" / "plan.json",
+                    "--plot", tmp_path / "link" / "front.pdf")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == ["front.pdf", "plan.json"]
+
+
+def test_a_link_at_the_output_is_replaced_never_written_through(tmp_path):
+    """The library's writer: the rename replaces the link itself; the file it pointed at keeps its bytes."""
+    from lpconvert.outputs import write_json_atomically
+
+    (tmp_path / "notes.json").write_text("mine")
+    (tmp_path / "out.json").symlink_to(tmp_path / "notes.json")
+    write_json_atomically(tmp_path / "out.json", {"kind": "lpconvert-scores"})
+    assert (tmp_path / "notes.json").read_text() == "mine"
+    assert not (tmp_path / "out.json").is_symlink() and "lpconvert-scores" in (tmp_path / "out.json").read_text()
+
+
+def test_a_foreign_file_that_appears_while_the_command_runs_is_kept(tmp_path):
+    """Checked before the work and again just before the rename: a file put there meanwhile survives."""
+    from lpconvert.outputs import SCORES_OUTPUT, write_json_atomically
+
+    (tmp_path / "s.json").write_text('{"mine": 1}')
+    with pytest.raises(LPError, match="was not written by lpconvert"):
+        write_json_atomically(tmp_path / "s.json", {"kind": "lpconvert-scores"}, SCORES_OUTPUT, overwrite=True)
+    assert (tmp_path / "s.json").read_text() == '{"mine": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+
+
+def test_only_pictures_lpconvert_drew_count_as_its_own(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lpconvert.plots import written_plot
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2])
+    for fmt in ("png", "svg", "pdf"):
+        fig.savefig(tmp_path / f"mine.{fmt}", format=fmt)  # matplotlib's, but not lpconvert's
+        assert not written_plot(tmp_path / f"mine.{fmt}")
+    plt.close(fig)
+    (tmp_path / "notes.png").write_text("lpconvert-plot")
+    assert not written_plot(tmp_path / "notes.png")
+
+
+@pytest.mark.parametrize("evidence", ["model.gguf", "adapter_config.json", "consolidated.00.pth", "config.json"])
+def test_every_kind_of_model_folder_is_recognised(evidence, tmp_path):
+    from lpconvert.outputs import model_folder_of
+
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / evidence).write_text('{"model_type": "llama"}')
+    found = model_folder_of(folder / "out.json")
+    assert found is not None and found[0] == folder and evidence in found[1]
+    below = model_folder_of(folder / "sub" / "out.json")
+    assert (below is None) == (evidence == "model.gguf")  # GGUFs sit side by side: only their own folder counts
+    beside_for_a_gguf = model_folder_of(folder / "x.gguf", gguf=False)  # a GGUF output may go beside other GGUFs
+    assert (beside_for_a_gguf is None) == (evidence == "model.gguf")
+
+
+def test_a_config_json_of_another_program_does_not_make_a_model_folder(tmp_path):
+    from lpconvert.outputs import model_folder_of
+
+    (tmp_path / "config.json").write_text('{"editor": "vim"}')
+    assert model_folder_of(tmp_path / "scores.json") is None

@@ -13,6 +13,7 @@ quality gate), no traceback unless --debug; Ctrl-C is exit 130.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -100,7 +101,7 @@ TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow runni
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel="Output")]
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Replace an existing output that lpconvert wrote (an export folder, a .gguf file, a heal "
-    "file and its report); never anything else.",
+    "file and its report, a scores or plan file, a --plot picture); never anything else.",
     rich_help_panel="Output")]
 AllowEdgeOpt = Annotated[bool, typer.Option(
     "--allow-edge-layers", help="Allow pairing the first or last layer (most damaging).", rich_help_panel="Pairs")]
@@ -207,30 +208,38 @@ def check_output_gguf_early(output: Path, overwrite: bool, model: str) -> None:
     check_output_gguf(output, overwrite, typed_paths(model))
 
 
-def check_output_file_early(path: Path | None, model: str | None, *inputs: str | Path | None) -> None:
-    """Refuse an output file that is one of the model's files (as typed) or one of the command's
-    `inputs`, before the work; `check_output_file_against` checks again with the resolved source."""
-    from ..outputs import check_output_file
+def check_output_file_early(path: Path | None, kind, overwrite: bool, model: str | None,
+                            *inputs: str | Path | None) -> None:
+    """Refuse an output file (of OwnedFile `kind`) that can't be written or would lose data: one of the
+    model's files (as typed) or of the command's `inputs`, a link, a model folder, a file lpconvert did not
+    write (outputs.check_owned_output), before the work; `check_output_file_against` checks again with the
+    resolved source."""
+    from ..outputs import check_owned_output
 
     if path is not None:
-        check_output_file(path, typed_paths(model), [Path(p) for p in inputs if p and Path(p).exists()])
+        check_owned_output(path, kind, overwrite, typed_paths(model), [Path(p) for p in inputs if p and Path(p).exists()])
 
 
-def check_output_file_against(source, *paths: Path | None) -> None:
-    """Output files against every file of the resolved source (a built-in or Hub model has no typed path)."""
-    from ..outputs import check_output_file, protected_paths
+def check_output_file_against(source, overwrite: bool, *outputs) -> None:
+    """Output files, (path, kind) pairs, against every file of the resolved source (a built-in or Hub model
+    has no typed path)."""
+    from ..outputs import check_owned_output, protected_paths
 
-    for path in paths:
+    for path, kind in outputs:
         if path is not None:
-            check_output_file(path, protected_paths(source))
+            check_owned_output(path, kind, overwrite, protected_paths(source))
 
 
-def check_plot_path(path: Path | None) -> None:
-    from ..plots import FORMATS
-
-    if path is not None and path.suffix.lower().lstrip(".") not in FORMATS:
-        raise LPError(f"--plot {path}: a picture is written as {', '.join('.' + f for f in FORMATS)}",
-                      f"e.g. --plot {path.with_suffix('.png')}")
+def check_distinct_outputs(*named: tuple[str, Path | None]) -> None:
+    """Two outputs, (option, path) pairs, naming one file: the second would replace the first."""
+    seen: dict[Path, str] = {}
+    for option, path in named:
+        if path is None:
+            continue
+        key = Path(os.path.abspath(path))
+        if key in seen:
+            raise LPError(f"{seen[key]} and {option} name the same file, {path}", f"give {option} another name")
+        seen[key] = option
 
 
 def load_converted(model: str, trust_remote_code: bool, report):

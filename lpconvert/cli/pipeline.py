@@ -26,11 +26,11 @@ from .app import (
     TextFieldOpt,
     TrustOpt,
     app,
+    check_distinct_outputs,
     check_output_file_against,
     check_output_file_early,
     check_output_folder_early,
     check_output_gguf_early,
-    check_plot_path,
     err,
     load_source,
     out,
@@ -86,14 +86,15 @@ def score(
     device_map: Annotated[str | None, typer.Option(
         help="'auto' spreads a model too large for one device (accelerate).", rich_help_panel="Runtime",
         show_default=False)] = SCORE_DEFAULTS["device_map"],
-    plot: Annotated[Path | None, typer.Option(help="Also draw the scores into this PNG.", rich_help_panel="Output",
-                                              show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option(help="Also draw the scores into this picture (.png, .svg or .pdf).",
+                                              rich_help_panel="Output", show_default=False)] = None,
+    overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure how much each layer and each candidate pair matters, on calibration text."""
-    from ..outputs import write_json_atomically
-    from ..plots import plot_scores
+    from ..outputs import SCORES_OUTPUT, write_json_atomically
+    from ..plots import SCORES_PLOT, plot_scores
     from ..render import scores_table
     from ..score import compute_scores
 
@@ -102,16 +103,17 @@ def score(
         batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
         metrics=[name.strip() for name in metrics.split(",") if name.strip()], measure_loss=measure_loss,
         loss_tokens=loss_tokens)
-    for path in (output, plot):  # before the scoring, not after it
-        check_output_file_early(path, model, calib)
-    check_plot_path(plot)
+    outputs = ((output, SCORES_OUTPUT), (plot, SCORES_PLOT))
+    check_distinct_outputs(("-o", output), ("--plot", plot))
+    for path, kind in outputs:  # before the scoring, not after it
+        check_output_file_early(path, kind, overwrite, model, calib)
     with reporter() as report:
         source = load_source(model, trust_remote_code, report)
-        check_output_file_against(source, output, plot)
+        check_output_file_against(source, overwrite, *outputs)
         scores = compute_scores(source, settings, report.step)
-    write_json_atomically(output, scores)
+    write_json_atomically(output, scores, SCORES_OUTPUT, overwrite)
     if plot is not None:
-        plot_scores(scores, plot)
+        plot_scores(scores, plot, overwrite)
     if as_json:
         print_json({k: scores[k] for k in ("model", "calibration", "base", "safest_pairs", "agreement_with_loss",
                                             "timings")} | {"output": str(output)})
@@ -181,16 +183,17 @@ def plan(
     dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.",
                                        rich_help_panel="Runtime")] = PLAN_DEFAULTS["dtype"],
     plot: Annotated[Path | None, typer.Option(help="Also draw calibration perplexity against effective depth "
-                                                   "(the quality/depth front) into this PNG.",
+                                                   "(the quality/depth front) into this picture (.png, .svg or .pdf).",
                                               rich_help_panel="Output", show_default=False)] = None,
+    overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Choose which consecutive layers to pair, for a target depth, speedup or loss budget."""
     from ..formats import layer_strip, load_scores, source_fingerprint
-    from ..outputs import write_json_atomically
+    from ..outputs import PLAN_OUTPUT, write_json_atomically
     from ..plan import ALPHA, parse_target, plan_stage
-    from ..plots import plot_front
+    from ..plots import FRONT_PLOT, plot_front
     from ..render import plan_table
 
     target = parse_target(pairs, depth, speedup, max_loss_increase)
@@ -201,13 +204,14 @@ def plan(
         dtype=dtype, use_model=model is not None)
     if output is None and not as_json:
         raise LPError("give -o plan.json (or --json to print the plan)", "e.g. lpconvert plan scores.json -o plan.json")
-    for path in (output, plot):
-        check_output_file_early(path, model, scores, calib)
-    check_plot_path(plot)
+    outputs = ((output, PLAN_OUTPUT), (plot, FRONT_PLOT))
+    check_distinct_outputs(("-o", output), ("--plot", plot))
+    for path, kind in outputs:
+        check_output_file_early(path, kind, overwrite, model, scores, calib)
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress) if model is not None else None
         if source is not None:
-            check_output_file_against(source, output, plot)
+            check_output_file_against(source, overwrite, *outputs)
         scores_data = load_scores(scores, source_fingerprint(source.config, source.store) if source else None)
         if plot is not None and source is None and not any("loss_increase" in p for p in scores_data["pairs"]):
             raise LPError("--plot needs measured losses: none are known for this plan",  # before -o is written
@@ -216,9 +220,9 @@ def plan(
                             progress=lambda message: progress.step("planning", detail=message))
     data = result.to_json()
     if output is not None:
-        write_json_atomically(output, data)
+        write_json_atomically(output, data, PLAN_OUTPUT, overwrite)
     if plot is not None:
-        plot_front(data, scores_data, plot)
+        plot_front(data, scores_data, plot, overwrite)
     if as_json:
         print_json(data)
         return
@@ -271,7 +275,8 @@ def heal(
     batch_size: BatchOpt = HEAL_DEFAULTS["batch_size"],
     device: DeviceOpt = HEAL_DEFAULTS["device"],
     dtype: DtypeOpt = HEAL_DEFAULTS["dtype"],
-    plot: Annotated[Path | None, typer.Option(help="Also draw held-out perplexity before and after each pair.",
+    plot: Annotated[Path | None, typer.Option(help="Also draw held-out perplexity before and after each pair "
+                                                   "(.png, .svg or .pdf).",
                                               rich_help_panel="Output", show_default=False)] = None,
     overwrite: OverwriteOpt = False,
     trust_remote_code: TrustOpt = False,
@@ -281,9 +286,9 @@ def heal(
     least squares; distill: then a KL fine-tune). Writes only the replaced weights; `lpconvert export --heal`
     applies them."""
     from ..formats import load_plan, plan_for_source, source_fingerprint
-    from ..healfile import check_heal_outputs, write_heal_file
+    from ..healfile import HEAL_REPORT, check_heal_outputs, write_heal_file
     from ..outputs import protected_paths, write_json_atomically
-    from ..plots import plot_heal
+    from ..plots import HEAL_PLOT, plot_heal
     from ..render import heal_table
 
     settings = settings_from_options(
@@ -291,24 +296,24 @@ def heal(
         lr=lr, calib=calib, text_field=text_field, tokens=tokens, heldout_tokens=heldout_tokens, seq_len=seq_len,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype)
     loaded_plan = load_plan(plan)
-    report_path = check_heal_outputs(output, overwrite, typed_paths(model))
-    for path in (output, report_path, plot):
-        check_output_file_early(path, model, plan, calib)
-    check_plot_path(plot)
+    inputs = [Path(p) for p in (plan, calib) if p and Path(p).exists()]
+    report_path = check_heal_outputs(output, overwrite, typed_paths(model), inputs)
+    check_distinct_outputs(("-o", output), ("the heal report beside -o", report_path), ("--plot", plot))
+    check_output_file_early(plot, HEAL_PLOT, overwrite, model, plan, calib)
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress)
         check_heal_outputs(output, overwrite, protected_paths(source))
-        check_output_file_against(source, plot)
+        check_output_file_against(source, overwrite, (plot, HEAL_PLOT))
         chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
                                  plan_name=f"plan {plan}", allow_edge_layers=True)
         from ..heal import heal as run_heal
 
         result = run_heal(source, chosen, settings, progress=lambda message: progress.step("healing", detail=message))
-    write_heal_file(output, result.tensors, result.header)
+    write_heal_file(output, result.tensors, result.header, overwrite)
     report = {**result.report, "output": str(output)}
-    write_json_atomically(report_path, report)
+    write_json_atomically(report_path, report, HEAL_REPORT, overwrite)
     if plot is not None:
-        plot_heal(report, plot)
+        plot_heal(report, plot, overwrite)
     if as_json:
         print_json(report)
         return
