@@ -210,7 +210,7 @@ def written_json(path: Path) -> bool:
     return isinstance(data, dict) and isinstance(data.get("kind"), str) and data["kind"].startswith("lpconvert-")
 
 
-MAX_OWNED_JSON_BYTES = 1 << 30  # a scores or plan file is kilobytes to megabytes; a larger file is not one
+MAX_OWNED_JSON_BYTES = 256 * 2**20  # a scores or plan file is kilobytes to megabytes; a larger file is not one
 
 SCORES_OUTPUT = OwnedFile("scores file", (), "scores.json", written_json,
                           "write the scores outside any model folder, e.g. -o scores.json",
@@ -348,7 +348,7 @@ def _same_name(path: Path, other: Path) -> bool:
     return _real(path) == _real(other)
 
 
-MAX_PROTECTED_FILES = 100_000  # files of a source folder compared by identity (a model has dozens)
+MAX_PROTECTED_FILES = 100_000  # entries of a source folder walked to compare files by identity (a model has dozens)
 
 
 def file_identities(paths: Iterable[Path]) -> dict[tuple[int, int], Path]:
@@ -363,7 +363,9 @@ def file_identities(paths: Iterable[Path]) -> dict[tuple[int, int], Path]:
         if stat.S_ISREG(info.st_mode):
             found.setdefault((info.st_dev, info.st_ino), Path(root))
         elif stat.S_ISDIR(info.st_mode):
-            for folder, _, names in os.walk(root):
+            seen = 0
+            for folder, subfolders, names in os.walk(root):
+                seen += len(subfolders) + len(names)
                 for name in names:
                     file = Path(folder) / name
                     try:
@@ -372,7 +374,7 @@ def file_identities(paths: Iterable[Path]) -> dict[tuple[int, int], Path]:
                         continue
                     if stat.S_ISREG(info.st_mode):
                         found.setdefault((info.st_dev, info.st_ino), file)
-                if len(found) > MAX_PROTECTED_FILES:
+                if seen > MAX_PROTECTED_FILES:  # not a model's folder: its first files are compared, no more
                     break
     return found
 
