@@ -21,10 +21,14 @@ The protocol is a pipe of pickled (operation, arguments) requests, one answer ea
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
+import importlib
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -242,12 +246,15 @@ class LlamaProcess:
         self.path = Path(path)
         self.repack = use_repacking()
         self._eos = None
-        context = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's threads
-        self._conn, child_end = context.Pipe()
-        self._process = context.Process(target=self.child_main, args=(child_end, str(self.path), options, self.repack),
-                                        daemon=True, name=f"llama.cpp {self.path.name}")
-        self._process.start()
+        # A plain `python -m lpconvert.llamacppworker`, not multiprocessing: its spawn re-runs the caller's main
+        # module (a script without a __main__ guard, or stdin), and fork would copy a process holding torch's threads.
+        parent_end, child_end = socket.socketpair()
+        self._process = subprocess.Popen([sys.executable, "-m", __name__, str(child_end.fileno())],
+                                          pass_fds=[child_end.fileno()], stdin=subprocess.DEVNULL)
         child_end.close()
+        self._conn = Connection(parent_end.detach())
+        entry = self.child_main
+        self._conn.send((f"{entry.__module__}:{entry.__qualname__}", sys.path, str(self.path), options, self.repack))
         try:
             self._answer("loading")
         except LPError:
@@ -257,13 +264,12 @@ class LlamaProcess:
     def _answer(self, doing: str):
         """The child's answer; a dead child is noticed within 0.2 s and raised as NativeCrash."""
         while not self._conn.poll(0.2):
-            if not self._process.is_alive():
+            if self._process.poll() is not None:
                 break
         try:
             answer = self._conn.recv()
         except (EOFError, OSError):
-            self._process.join(5)
-            code = self._process.exitcode
+            code = self._wait(5)
             self._conn.close()
             raise NativeCrash(f"llama.cpp crashed {_exit_description(code)} while {doing} {self.path.name} "
                               f"(in its own process: lpconvert is fine)", crash_fix(self.repack)) from None
@@ -274,6 +280,12 @@ class LlamaProcess:
                               "check that the file is a complete GGUF")
             raise RuntimeError(f"llama.cpp {doing}: {kind}: {message}")
         return answer[1]
+
+    def _wait(self, seconds: float) -> int | None:
+        try:
+            return self._process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            return None
 
     def request(self, operation: str, *args, **kwargs):
         if self._conn.closed:
@@ -322,13 +334,27 @@ class LlamaProcess:
         return lambda *args, **kwargs: self.request("call", name, args, kwargs)
 
     def close(self) -> None:
-        """Stop the child: the pipe closed (it exits on its own), then terminated if it has not."""
+        """Stop the child: the pipe closed (it exits on its own), then terminated, then killed, if it has not."""
         if not self._conn.closed:
             self._conn.close()
-        self._process.join(2)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(2)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
+        for stop in (None, self._process.terminate, self._process.kill):
+            if stop is not None:
+                stop()
+            if self._wait(2) is not None:
+                return
+
+
+def _child(fd: int) -> None:
+    """The child process's start: the first message names the entry point and what it serves."""
+    conn = Connection(fd)
+    entry, parent_path, path, options, repack = conn.recv()
+    sys.path[:0] = [p for p in parent_path if p not in sys.path]
+    module, qualname = entry.split(":")
+    function = importlib.import_module(module)
+    for part in qualname.split("."):
+        function = getattr(function, part)
+    function(conn, path, options, repack)
+
+
+if __name__ == "__main__":
+    _child(int(sys.argv[1]))
