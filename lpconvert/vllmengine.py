@@ -12,6 +12,7 @@ not divide (vLLM shards each block's heads; an lpconvert pair's heads split even
 from __future__ import annotations
 
 import collections
+import getpass
 import importlib.util
 import json
 import os
@@ -330,7 +331,7 @@ def _run_worker(python: str, job: dict, folder: Path, progress) -> tuple[int, li
     with open(log_file, "wb") as log:
         worker = subprocess.Popen([python, str(WORKER), str(job_file), str(result_file)], stdin=subprocess.DEVNULL,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env={**environment(job["engine"]["tensor_parallel_size"]), **os.environ})
+                                  env=_worker_environment(job, folder))
     try:
         with open(log_file, "rb") as reader:
             while worker.poll() is None:
@@ -341,6 +342,25 @@ def _run_worker(python: str, job: dict, folder: Path, progress) -> tuple[int, li
     finally:
         stop_process_group(worker)
     return worker.returncode, list(tail)
+
+
+def _worker_environment(job: dict, folder: Path) -> dict[str, str]:
+    """The worker's environment: vLLM's settings where the user has set none, and the temporary files of vLLM,
+    torch and the compiler (IPC sockets, rendezvous files, a killed compiler's output) in the job's folder, so they
+    go with it; torch's compile cache stays where it persists."""
+    env = {**environment(job["engine"]["tensor_parallel_size"]), **os.environ}
+    system = tempfile.gettempdir()
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's user without a passwd entry
+        user = "unknown"
+    env.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(system, f"torchinductor_{user}"))
+    # vLLM's sockets are BASE/UUID, and a socket's path has 107 bytes at most
+    env.setdefault("VLLM_RPC_BASE_PATH", str(folder) if len(str(folder)) <= 60 else system)
+    scratch = folder / "tmp"
+    scratch.mkdir()
+    env["TMPDIR"] = str(scratch)
+    return env
 
 
 def _read_answer(job: dict, folder: Path, code: int, tail: list[str]) -> dict:

@@ -237,7 +237,7 @@ def test_a_killed_vllm_worker_is_noticed_at_once(tiny_models, tmp_path):
         assert not [pid for pid in pids if _alive(pid)]
         kept = re.search(r"kept in (\S+)\)$", lines[0])
         assert kept and Path(kept.group(1)).parent == temporary, lines[0]
-        assert sorted(p.name for p in Path(kept.group(1)).iterdir()) == ["job.json", "vllm.log"]
+        assert sorted(p.name for p in Path(kept.group(1)).iterdir()) == ["job.json", "tmp", "vllm.log"]
     finally:
         if process.poll() is None:
             process.kill()
