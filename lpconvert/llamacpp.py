@@ -28,10 +28,11 @@ INSTALL = "pip install 'lpconvert[llamacpp]' (llama-cpp-python 0.3.36, built fro
 
 
 def check_installed() -> None:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        raise LPError("llama-cpp-python is not installed, and running a GGUF needs it", INSTALL) from None
+    """llama-cpp-python is there (found, not imported: its native library loads in llama.cpp's own process only)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise LPError("llama-cpp-python is not installed, and running a GGUF needs it", INSTALL)
 
 
 def gguf_metadata(path: Path) -> dict:

@@ -149,3 +149,14 @@ def test_repacked_q8_0_on_amx_crashes_in_its_own_process_or_runs(tiny_gguf, monk
             logits(llm, list(range(3, 40)))
     except worker.NativeCrash as crash:
         assert "this CPU has AMX" in crash.fix and "LPCONVERT_LLAMACPP_REPACK" in crash.fix
+
+
+def test_without_llama_cpp_python_it_says_what_to_install(tiny_gguf, monkeypatch):
+    import importlib.util
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llama_cpp" else found(name, *a))
+    model, gguf = tiny_gguf
+    result = invoke("eval", model, gguf, *EVAL_QUICK)
+    assert result.exit_code == 2 and "llama-cpp-python is not installed" in result.stderr, result.output
+    assert "pip install 'lpconvert[llamacpp]'" in result.stderr
