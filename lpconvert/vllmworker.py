@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import statistics
 import sys
+import threading
 import time
 
 
@@ -207,7 +209,24 @@ def vllm_version() -> str:
 JOBS = {"bench": bench, "logprobs": logprobs}
 
 
+def watch_parent(interval: float = 0.5) -> None:
+    """lpconvert starts this worker as the leader of its own session and stops the whole group when it ends. If
+    lpconvert dies without doing so (kill -9, the OOM killer), the group stops itself: the worker, vLLM's
+    EngineCore and its tensor-parallel workers, which would otherwise run on, holding memory (a GPU's)."""
+    if os.getpgrp() != os.getpid():
+        return  # run by hand, in another program's process group: not ours to stop
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="lpconvert-parent-watch", daemon=True).start()
+
+
 def main() -> None:
+    watch_parent()
     job_path, result_path = sys.argv[1:3]
     with open(job_path) as f:
         job = json.load(f)

@@ -287,3 +287,48 @@ def test_the_vllm_workers_answer_is_checked_against_its_job():
     rows = valid_answer(bench)
     rows["rows"] = [row for row in rows["rows"] if row["batch"] != 4 or row["model"] != "baseline"]
     assert answer_problem(bench, rows) == "no row for baseline at batch 4"
+
+
+def test_the_vllm_worker_stops_itself_when_lpconvert_dies(tmp_path):
+    """lpconvert killed with kill -9 (nothing of it runs to stop the worker): vllmworker.py notices its parent is
+    gone and stops its group, vLLM's processes with it. vLLM here is a fake whose engine starts a child and waits."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from lpconvert.vllmengine import WORKER
+
+    (tmp_path / "packages" / "vllm").mkdir(parents=True)
+    (tmp_path / "packages" / "vllm" / "__init__.py").write_text(
+        "import json, os, subprocess, sys, time\n"
+        "class LLM:\n"
+        "    def __init__(self, **options):\n"
+        "        child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+        "        path = os.environ['FAKE_WORKER_PIDS']\n"
+        "        with open(path + '.tmp', 'w') as f:\n"
+        "            json.dump([os.getpid(), child.pid], f)\n"
+        "        os.replace(path + '.tmp', path)\n"
+        "        time.sleep(300)\n")
+    job = {"kind": "bench", "settings": {"batch_sizes": [1]}, "models": [{"label": "model", "path": "m"}],
+           "engine": {"dtype": "float32", "max_model_len": 32, "tensor_parallel_size": 1}}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    # lpconvert's part: the worker in its own session, then nothing (killed before it can stop anything)
+    parent_code = (f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(WORKER)!r}, "
+                   f"{str(tmp_path / 'job.json')!r}, {str(tmp_path / 'result.json')!r}], start_new_session=True); "
+                   "time.sleep(300)")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "packages"), "FAKE_WORKER_PIDS": str(tmp_path / "pids.json")}
+    parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env)
+    pids = []
+    try:
+        pids = _worker_pids(parent, tmp_path / "pids.json")
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while [pid for pid in pids if _alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not [pid for pid in pids if _alive(pid)], "the worker's group outlived lpconvert"
+    finally:
+        if parent.poll() is None:
+            parent.send_signal(signal.SIGKILL)
+        _kill_leftovers(pids)
