@@ -168,3 +168,19 @@ def test_a_parents_tighter_limit_counts(tmp_path, monkeypatch):
     _fake(tmp_path, "outer/job", memory__max="max", memory__current=str(2**29))
     monkeypatch.setattr(memory, "_cgroup_paths", lambda controller: ["/outer/job"] if controller == "" else [])
     assert memory.cgroup_available(tmp_path) == (2**30, 2 * 2**30)
+
+
+def test_on_a_gpu_its_free_memory_is_what_there_is(monkeypatch):
+    import torch
+
+    asked = []
+
+    def mem_get_info(index):
+        asked.append(index)
+        return 5 * 2**30, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert memory.available_memory("cuda") == (5 * 2**30, "free on cuda")
+    assert memory.available_memory("cuda:1") == (5 * 2**30, "free on cuda:1") and asked == [0, 1]
+    assert memory.available_memory("mps") is None  # unified memory: no figure to refuse on
