@@ -197,6 +197,7 @@ class OwnedFile:
     fix: str  # where to write it instead of a model folder
     option: str = "-o"  # how the path is given, in fixes
     stream_fix: str = "give the path of a file"  # the fix for -o /dev/stdout and other streams
+    outside_model_folders: bool = True  # refused in any model folder, not only the source's
 
 
 def written_json(path: Path) -> bool:
@@ -230,8 +231,10 @@ def written_gguf(path: Path) -> bool:
         return False
 
 
+# A GGUF is one self-contained file that no other model's reader picks up: convert writes one beside the
+# export folder's files, and GGUFs sit side by side. Only the source's own folder is refused for it.
 GGUF_OUTPUT = OwnedFile("GGUF", (".gguf",), "model.gguf", written_gguf,
-                        "write the GGUF outside any model folder, e.g. -o model.gguf")
+                        "write the GGUF outside the source model's folder", outside_model_folders=False)
 
 
 def check_output_gguf(path: Path, overwrite: bool, protect: Iterable[Path] = ()) -> None:
@@ -247,7 +250,8 @@ def check_owned_output(path: Path, kind: OwnedFile, overwrite: bool, protect: It
     - a symbolic link, whatever it points at: outputs are renamed into place, never written through a link;
     - a file of the source model or one the command reads (`protect`, `inputs`), compared by identity
       (device and inode), so a hard link is found whatever its name;
-    - a path in a model's folder or any folder under one (`model_folder_of`), the source's or another's;
+    - a path in a model's folder or any folder under one (`model_folder_of`), the source's or another's
+      (for a GGUF, the source's only);
     - an existing file without --overwrite, and with it one lpconvert did not write.
 
     `beside`: the output whose name this path was derived from (a heal file's report), for messages."""
@@ -271,7 +275,7 @@ def check_owned_output(path: Path, kind: OwnedFile, overwrite: bool, protect: It
         overlap = _overlap(path, protect)
         if overlap:  # a file inside the model's folder too, as for folder outputs: a Hub cache is no place for it
             raise LPError(f"output path {path} {overlap}", kind.fix)
-        found = model_folder_of(path, gguf=".gguf" not in kind.suffixes)
+        found = model_folder_of(path) if kind.outside_model_folders else None
         if found is not None:
             folder, evidence = found
             raise LPError(f"output {path} is inside the model folder {folder} ({evidence}), where a {kind.what} "
