@@ -52,12 +52,12 @@ def plan_stage(scores: dict, target: Target, settings: PlanSettings, source=None
     calibrator = build_calibrator(source, settings, progress, setter) if source is not None else None
     expected = source_fingerprint(source.config, source.store) if source is not None else None
     return make_plan(scores, target, settings, calibrator, source=expected, scores_path=scores_path,
-                     progress=progress, started=started)
+                     progress=progress, started=started, wording=wording)
 
 
 def make_plan(scores: dict, target: Target, settings: PlanSettings | None = None,
               calibrator: Calibrator | None = None, *, source: dict | None = None, scores_path: str = "the scores",
-              progress: Progress = None, started: float | None = None) -> Plan:
+              progress: Progress = None, started: float | None = None, wording: Wording = OPTIONS) -> Plan:
     """Choose pairs for `target` and return the plan (with what was measured, estimated and spent).
 
     `settings` supplies the strategy, metric, edge-layer rule and search settings (defaults: PlanSettings's).
@@ -74,7 +74,7 @@ def make_plan(scores: dict, target: Target, settings: PlanSettings | None = None
     metric = settings.metric or default_metric(scores)
     values = pair_values(scores, metric, scores_path)
     increases = loss_increase_values(scores)
-    k = pairs_for_target(target, num_layers, allow_edge_layers, unpairable)
+    k = pairs_for_target(target, num_layers, allow_edge_layers, unpairable, wording)
     budget = target.value if target.kind == "max_loss_increase" else None
     search = SearchSettings(settings.candidates, settings.beam, settings.verify)
 
@@ -103,7 +103,7 @@ def make_plan(scores: dict, target: Target, settings: PlanSettings | None = None
         if progress:
             progress("measuring the chosen pairs on the calibration text")
         choice.measured = calibrator.measure([choice.pairs])[0]
-    pairs = _checked_pairs(choice, k, strategy, target, num_layers, allow_edge_layers, unpairable)
+    pairs = _checked_pairs(choice, k, strategy, target, num_layers, allow_edge_layers, unpairable, wording)
     details = plan_details(choice, num_layers=num_layers, calibrator=calibrator,
                            search=search if strategy == "search" else None,
                            seconds=time.perf_counter() - started)
@@ -123,11 +123,11 @@ def _resolve_strategy(strategy: str | None, calibrator: Calibrator | None) -> st
 
 
 def _checked_pairs(choice: Choice, k: int | None, strategy: str, target: Target, num_layers: int,
-                   allow_edge_layers: bool, unpairable: frozenset[int]) -> list[int]:
+                   allow_edge_layers: bool, unpairable: frozenset[int], wording: Wording = OPTIONS) -> list[int]:
     """The chosen pairs, refused if they fall short of the count asked for or are empty."""
     if k is not None and len(choice.pairs) != k:
         raise LPError(f"{strategy} found only {len(choice.pairs)} of the {k} pairs asked for",
-                      "use a larger --candidates pool or another strategy")
+                      f"use a larger {wording.setting('candidates')} pool or another {wording.setting('strategy')}")
     pairs = validate_pairs(choice.pairs, num_layers, allow_edge_layers, unpairable)
     if not pairs:
         raise LPError(f"no set of pairs meets {target.describe()}", "allow a larger loss increase")

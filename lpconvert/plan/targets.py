@@ -79,10 +79,13 @@ class Wording:
 
     target: Callable[[str], str]  # "depth" -> "--depth", or "recipe key plan.target.depth"
     allow_edges: str  # what allows the edge layers
+    setting: Callable[[str], str]  # another plan setting: "candidates" -> "--candidates", or "plan.candidates"
 
 
-OPTIONS = Wording(lambda key: "--" + key.replace("_", "-"), "pass --allow-edge-layers")
-RECIPE = Wording(lambda key: f"recipe key plan.target.{key}", "set plan.allow_edge_layers: true")
+OPTIONS = Wording(lambda key: "--" + key.replace("_", "-"), "pass --allow-edge-layers",
+                  lambda key: "--" + key.replace("_", "-"))
+RECIPE = Wording(lambda key: f"recipe key plan.target.{key}", "set plan.allow_edge_layers: true",
+                 lambda key: f"plan.{key}")
 
 
 def pairs_for_target(target: Target, num_layers: int, allow_edge_layers: bool,
