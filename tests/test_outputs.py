@@ -308,3 +308,22 @@ def test_a_config_json_of_another_program_does_not_make_a_model_folder(tmp_path)
 
     (tmp_path / "config.json").write_text('{"editor": "vim"}')
     assert model_folder_of(tmp_path / "scores.json") is None
+
+
+def test_heal_replaces_its_own_picture_with_overwrite_and_keeps_a_users(tiny_models, tmp_path):
+    from builders import export_plan
+
+    from lpconvert.plots import written_plot
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(export_plan(tiny_models["llama"], tmp_path, pairs="2")))
+    args = ["heal", tiny_models["llama"], "--plan", plan, "-o", tmp_path / "heal.safetensors", "--plot",
+            tmp_path / "heal.pdf", "--tokens", "512", "--heldout-tokens", "128", "--seq-len", "64", "--device", "cpu"]
+    assert invoke(*args).exit_code == 0
+    assert (tmp_path / "heal.pdf").read_bytes().startswith(b"%PDF-") and written_plot(tmp_path / "heal.pdf")
+    replaced = invoke(*args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    (tmp_path / "heal.pdf").write_bytes(b"%PDF-1.4 the user's own document")
+    refused = invoke(*args, "--overwrite")
+    assert refused.exit_code == 2 and "heal.pdf was not written by lpconvert" in refused.stderr, refused.output
+    assert (tmp_path / "heal.pdf").read_bytes() == b"%PDF-1.4 the user's own document"
