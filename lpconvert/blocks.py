@@ -351,5 +351,4 @@ def convert_in_memory(model, pairs: list[int], *, dtype: torch.dtype | None = No
         raise RuntimeError(f"in-memory conversion mismatch: missing {missing}, unexpected {unexpected}")
     if getattr(lp_config, "tie_word_embeddings", False):
         lp_model.lm_head.weight = lp_model.model.embed_tokens.weight
-    lp_model.fuse_projections()  # as from_pretrained does on one device
     return lp_model.eval()

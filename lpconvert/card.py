@@ -6,7 +6,9 @@ The config is the source's with the blocks of the plan: the LPConfig that lpconv
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,8 @@ from .errors import LPError
 from .formats import Plan
 
 PLAN_FILE = "lpconvert-plan.json"
+MODELING_DIR = Path(__file__).parent / "modeling"
+MODELING_FILES = ("configuration_lpconvert.py", "modeling_lpconvert.py")  # the code every export ships
 
 
 def block_layer_types(config, blocks: list[list[int]]) -> list[str]:
@@ -159,3 +163,136 @@ tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)  # con
 
 The plan that produced it is in `{PLAN_FILE}`.
 """
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading an export back: its config.json must still describe its weights
+
+REEXPORT = "re-export the model with lpconvert: an export's config.json must stay as lpconvert wrote it"
+
+# The config.json key that decides whether a tensor exists, by the end of its name (first match wins).
+_PRESENCE_KEYS = (
+    ("lm_head.weight", "tie_word_embeddings"),
+    ("self_attn.o_proj.bias", "attention_out_bias"),
+    ("_proj.bias", "attention_bias"),  # q/k/v (after o_proj above); MLP biases are matched first below
+    ("_norm.weight", "qk_norm"),
+    ("feedforward_layernorm.weight", "sandwich_norms"),
+    ("_proj.weight", "lp_projections"),  # q_proj/k_proj/v_proj/gate_proj/up_proj against qkv_proj/gate_up_proj
+)
+# ... and the keys that decide its shape.
+_SHAPE_KEYS = (
+    ("self_attn.qkv_proj.", "num_attention_heads and num_key_value_heads"),
+    ("self_attn.k_proj.", "num_key_value_heads"),
+    ("self_attn.v_proj.", "num_key_value_heads"),
+    ("self_attn.q_proj.", "num_attention_heads"),
+    ("self_attn.o_proj.", "num_attention_heads"),
+    ("mlp.", "intermediate_size"),
+    ("_norm.weight", "head_dim"),
+    ("embed_tokens.weight", "vocab_size and hidden_size"),
+    ("lm_head.weight", "vocab_size and hidden_size"),
+)
+
+
+def _key_for(name: str, table) -> str | None:
+    if table is _PRESENCE_KEYS and ".mlp." in name and name.endswith(".bias"):
+        return "mlp_bias"
+    return next((key for suffix, key in table if suffix in name), None)
+
+
+def _block_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") and len(parts) > 3 and parts[2].isdigit() else None
+
+
+def expected_export_tensors(config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor the modeling file builds for CONFIG (an LPConfig), as a checkpoint stores them
+    (a tied lm_head not at all). LPError when the config does not build a model."""
+    import copy
+
+    from .modeling.modeling_lpconvert import LPForCausalLM
+    from .quiet import first_line, quiet_transformers
+
+    try:
+        with torch.device("meta"), quiet_transformers():
+            model = LPForCausalLM(copy.deepcopy(config))
+    except Exception as exc:  # whatever a hand-edited value makes the model code raise
+        raise LPError(f"config.json does not build a model: {first_line(exc)}", REEXPORT) from None
+    shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    if getattr(config, "tie_word_embeddings", False):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def check_export_config(folder, raw: dict, config, infos) -> None:
+    """Refuse an lpconvert export whose config.json no longer describes its weights (`infos`: name -> TensorInfo),
+    before anything is loaded: a tensor the config asks for that the checkpoint lacks, or holds that the config
+    has no place for (which loading would re-initialise or drop), one of another shape, or a pair head order
+    (lp_head_chunks) other than the one the weights were written in. One line naming the key that decides it."""
+    where = f"{folder}/config.json does not match the weights"  # then (key): what differs
+    expected = expected_export_tensors(config)
+    stored = {name: tuple(info.shape) for name, info in infos.items()}
+    for names, side in ((expected.keys() - stored.keys(), "the checkpoint has no {name}"),
+                        (stored.keys() - expected.keys(), "the checkpoint holds {name}, which the config has no place for")):
+        if names:
+            name = min(names, key=lambda n: (_block_of(n) or 0, n))
+            key = _key_for(name, _PRESENCE_KEYS)
+            if (block := _block_of(name)) is not None and block >= len(config.lp_blocks):
+                key = "lp_blocks"
+            raise LPError(f"{where} ({key or 'lp_blocks'}): {side.format(name=name)}", REEXPORT)
+    wrong = [name for name in expected if expected[name] != stored[name]]
+    if wrong:
+        blocks = {_block_of(name) for name in wrong}
+        some_blocks = None not in blocks and len(blocks) < len(config.lp_blocks)
+        key = "lp_blocks" if some_blocks else (_key_for(wrong[0], _SHAPE_KEYS) or "hidden_size")
+        raise LPError(f"{where} ({key}): {wrong[0]} is {list(stored[wrong[0]])} in the checkpoint but "
+                      f"{list(expected[wrong[0]])} by the config", REEXPORT)
+    kv_heads = raw.get("num_key_value_heads") or raw.get("num_attention_heads")  # one layer's (the config's are per block)
+    units = kv_heads if config.qk_norm and not config.sandwich_norms else 1
+    if config.lp_projections == "separate" and raw.get("lp_head_chunks") != units:
+        value = json.dumps(raw["lp_head_chunks"]) if "lp_head_chunks" in raw else "missing"
+        raise LPError(f"{folder}/config.json: lp_head_chunks is {value}, but the heads of this model's pairs are "
+                      f"stored in {units} unit{'s' if units > 1 else ''} per half", REEXPORT)
+
+
+# ----------------------------------------------------------------------------------------------
+# The files an export ships: recorded at export (config.json `lp_files`), checked when it is read back
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shipped_files(folder: Path, names) -> dict[str, str]:
+    """config.json's `lp_files`: the sha256 of each file NAMES of FOLDER (the model code, the tokenizer)."""
+    return {name: file_sha256(folder / name) for name in names}
+
+
+def check_shipped_files(folder: Path, config, tokenizer_files) -> None:
+    """Refuse an export that users cannot load as lpconvert wrote it. lpconvert runs its own copy of the model code,
+    never the folder's, so without this check eval would pass a folder whose modeling_lpconvert.py is missing or
+    edited, or whose tokenizer is gone: the code files must be present and byte for byte what the export wrote
+    (`lp_files`; exports from before the record: present), and a tokenizer must be there if the export wrote one.
+    A tokenizer re-saved by transformers (after a fine-tune) rewrites its files: it is checked by loading it,
+    where it is used, not by its bytes."""
+    recorded = getattr(config, "lp_files", None)
+    if not isinstance(recorded, dict):
+        recorded = dict.fromkeys(MODELING_FILES) if getattr(config, "lpconvert_version", None) else {}
+    fix = "re-export the model with lpconvert (or put back the files it wrote)"
+    for name in MODELING_FILES:
+        if name not in recorded:
+            continue
+        path = Path(folder) / name
+        if not path.is_file():
+            raise LPError(f"{folder} has no {name}: transformers cannot load this export as shipped "
+                          "(lpconvert would measure its own copy of the code)", fix)
+        if recorded[name] is not None and file_sha256(path) != recorded[name]:
+            raise LPError(f"{path} is not the file lpconvert wrote (its sha256 differs from config.json's lp_files): "
+                          "lpconvert measures its own copy of the code, not this one", fix)
+    wrote_tokenizer = any(name not in MODELING_FILES for name in recorded)
+    if wrote_tokenizer and not any((Path(folder) / name).is_file() for name in tokenizer_files):
+        raise LPError(f"{folder} has no tokenizer files, though lpconvert wrote {', '.join(sorted(set(recorded) - set(MODELING_FILES)))}: "
+                      "users cannot load this export as shipped", fix)

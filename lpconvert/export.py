@@ -30,7 +30,7 @@ from .blocks import (
     check_layer_tensors,
     unit_order,
 )
-from .card import PLAN_FILE, lp_config_dict, model_card
+from .card import MODELING_DIR, MODELING_FILES, PLAN_FILE, lp_config_dict, model_card, shipped_files
 from .checkpoint import (
     FileSlice,
     OutputTensor,
@@ -47,9 +47,6 @@ from .healfile import EXPORT_PARTS, HealFile, block_of_pair, check_heal_for, che
 from .outputs import atomic_output_dir, check_output_folder, protected_paths
 from .runtime import dtype_from_name
 from .settings import parse_size
-
-MODELING_DIR = Path(__file__).parent / "modeling"
-MODELING_FILES = ("configuration_lpconvert.py", "modeling_lpconvert.py")
 
 
 def resolve_dtype(name: str, store: TensorStore) -> torch.dtype:
@@ -362,13 +359,15 @@ def export(source, plan: Plan, out: Path, *, dtype: str = "auto", max_shard_size
             write_shard(tmp / name, shard, metadata, on_tensor=on_tensor)
         if len(shards) > 1:
             write_index(tmp, shards, names, {"producer": "lpconvert"})
-        (tmp / "config.json").write_text(json.dumps(lp_config, indent=2, sort_keys=True) + "\n")
         for file in MODELING_FILES:
             shutil.copy2(MODELING_DIR / file, tmp / file)
         pinned = tokenizer_class.result() if tokenizer_class else None
         if tokenizer_class:
             report.tokenizer_files = copy_tokenizer(source, tmp, pinned)
         write_generation_config(source, tmp)
+        # what loading the folder needs, as written: lpconvert checks it is still there when it reads the export
+        lp_config["lp_files"] = shipped_files(tmp, [*MODELING_FILES, *report.tokenizer_files])
+        (tmp / "config.json").write_text(json.dumps(lp_config, indent=2, sort_keys=True) + "\n")
         plan.save(tmp / PLAN_FILE)
         (tmp / "README.md").write_text(model_card(source.name, plan, lp_config, getattr(source, "hub_id", None),
                                                   pinned))

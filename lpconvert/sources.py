@@ -38,9 +38,17 @@ import torch
 
 from .archs import read_source_config, reads_without_transformers
 from .cache import build_cached_folder, cache_dir
+from .card import REEXPORT, check_export_config, check_shipped_files
 from .checkpoint import MemoryStore, TensorStore
 from .errors import LPError
-from .folders import load_hf_config, load_lp_config, open_weights, read_config_json, tokenizer_folder
+from .folders import (
+    TOKENIZER_FILES,
+    load_hf_config,
+    load_lp_config,
+    open_weights,
+    read_config_json,
+    tokenizer_folder,
+)
 from .hub import HUB_PATTERNS, hub_cache_dir, hub_offline, looks_like_hub_id, snapshot_hub_id
 from .quiet import first_line, quiet_transformers
 
@@ -83,10 +91,7 @@ class ModelSource:
                 self._gguf_model = _load_gguf_model(self.path, self.gguf_file, dtype)
             model = self._gguf_model
         elif self.kind == "lpconvert":
-            from .modeling.modeling_lpconvert import LPForCausalLM
-
-            with quiet_transformers():
-                model = LPForCausalLM.from_pretrained(self.path, dtype=dtype)
+            model = _load_export(self.path, dtype)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -173,7 +178,7 @@ def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code:
     raw = read_config_json(folder)
     model_type = raw.get("model_type")
     if model_type == LP_MODEL_TYPE:
-        config = load_lp_config(folder)
+        config = load_lp_config(folder)  # refuses a config.json that does not describe blocks (LPConfig's checks)
         kind = LP_MODEL_TYPE
     elif reads_without_transformers(raw):
         config = read_source_config(raw)
@@ -182,9 +187,28 @@ def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code:
         config = load_hf_config(folder, raw, trust_remote_code)
         kind = kind or "folder"
     store, weight_files = open_weights(folder)
+    if kind == LP_MODEL_TYPE:  # an export read back: as lpconvert wrote it, or refused now rather than wrong later
+        check_export_config(folder, raw, config, store.infos())
+        check_shipped_files(folder, config, TOKENIZER_FILES)
     return ModelSource(name=name, kind=kind, path=folder, config=config, store=store,
                        tokenizer_path=tokenizer_folder(folder), trust_remote_code=trust_remote_code,
                        hub_id=hub_id, weight_files=weight_files)
+
+
+def _load_export(folder: Path, dtype: torch.dtype):
+    """An lpconvert export, built by lpconvert's own copy of the model code (never the folder's), every weight
+    loaded: a tensor missing, left over or of another shape is refused, not re-initialised or dropped."""
+    from .modeling.modeling_lpconvert import LPForCausalLM
+
+    with quiet_transformers():
+        model, info = LPForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    for key, what in (("missing_keys", "has no"), ("unexpected_keys", "holds unused"),
+                      ("mismatched_keys", "holds a wrongly shaped")):
+        names = sorted(str(name if isinstance(name, str) else name[0]) for name in info.get(key) or ())
+        if names:
+            raise LPError(f"{folder} {what} weight {names[0]}{f' (and {len(names) - 1} more)' if len(names) > 1 else ''}"
+                          " for the model its config.json describes", REEXPORT)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Configuration of a layer-parallel checkpoint written by lpconvert.
 
-This file is copied, unchanged, into every exported checkpoint. It imports only transformers, and
+This file is copied, unchanged, into every exported checkpoint. It imports only json and transformers, and
 every model-specific value lives in config.json, never in this code.
 
 `num_hidden_layers` counts the *blocks* the model runs (its effective depth). `lp_blocks` says
@@ -11,6 +11,8 @@ as many, which `per_layer_config` declares (transformers 5.14 and later) for who
 widths: vLLM sizes each block's attention and KV cache from it, and tensor parallelism shards by it.
 It is derived from `lp_blocks`, the one source of truth; a config.json declaring other widths is refused.
 """
+
+import json
 
 from transformers import PretrainedConfig
 
@@ -49,6 +51,67 @@ PP_PLAN = {
 }
 
 
+# What a config.json edited by hand can get wrong in ways the model would only fail on later (a shape error, a
+# division by zero) or not at all: refused here, naming the key (ValueError).
+
+
+def _check_blocks(blocks) -> None:
+    """lp_blocks: [i] (a copied layer) or [i, i+1] (a pair), the source's layers 0, 1, 2, ... each once, in order."""
+    layers = [layer for block in blocks for layer in block] if _is_list(blocks) and all(map(_is_list, blocks)) \
+        else None
+    if not blocks or layers is None or not all(1 <= len(block) <= 2 for block in blocks) \
+            or any(type(layer) is not int for layer in layers) or layers != list(range(len(layers))):
+        raise ValueError(f"config.json: lp_blocks {_shown(blocks)} is not a list of blocks, each [i] (a layer) or "
+                         "[i, i+1] (a pair), that hold the layers 0, 1, 2, ... in order")
+
+
+def _check_heads(num_heads, num_kv_heads, head_chunks) -> None:
+    for key, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads),
+                       ("lp_head_chunks", head_chunks)):
+        if type(value) is not int or value < 1:
+            raise ValueError(f"config.json: {key} is {_shown(value)}, not a positive integer")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"config.json: num_key_value_heads {num_kv_heads} does not divide num_attention_heads "
+                         f"{num_heads}")
+    if num_kv_heads % head_chunks:
+        raise ValueError(f"config.json: lp_head_chunks {head_chunks} does not divide num_key_value_heads "
+                         f"{num_kv_heads} (a pair's heads come in lp_head_chunks units per half, whole KV groups)")
+
+
+def _check_layer_types(layer_types, blocks: int) -> None:
+    if not _is_list(layer_types) or len(layer_types) != blocks \
+            or not set(layer_types) <= {"full_attention", "sliding_attention"}:
+        raise ValueError(f"config.json: layer_types {_shown(layer_types)} is not one of full_attention or "
+                         f"sliding_attention for each of the {blocks} blocks of lp_blocks")
+
+
+def _check_choice(key: str, value, choices: tuple) -> None:
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        raise ValueError(f"config.json: {key} is {_shown(value)}, not one of {', '.join(map(_shown, choices))}")
+
+
+def _shown_widths(widths) -> str:
+    """Per-block widths as {"block": [heads, KV heads, MLP width]}, or as they are when they are no such thing."""
+    try:
+        return _shown({str(i): [w["num_attention_heads"], w["num_key_value_heads"], w["intermediate_size"]]
+                       for i, w in _as_int_keys(widths).items()})
+    except (AttributeError, KeyError, TypeError):
+        return _shown(widths)
+
+
+def _is_list(value) -> bool:
+    return isinstance(value, (list, tuple))
+
+
+def _shown(value) -> str:
+    """A value as config.json writes it, cut short."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class LPConfig(PretrainedConfig):
     model_type = "lpconvert"
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
@@ -82,7 +145,7 @@ class LPConfig(PretrainedConfig):
         sliding_window=None,
         layer_types=None,
         lp_blocks=None,
-        lp_projections="fused",
+        lp_projections=None,
         lp_head_chunks=1,
         tie_word_embeddings=False,
         pad_token_id=None,
@@ -93,8 +156,10 @@ class LPConfig(PretrainedConfig):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
+        num_key_value_heads = num_key_value_heads or num_attention_heads
+        _check_heads(num_attention_heads, num_key_value_heads, lp_head_chunks)  # before any division by them
         self.num_attention_heads = num_attention_heads
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
@@ -111,26 +176,33 @@ class LPConfig(PretrainedConfig):
         self.query_pre_attn_scalar = query_pre_attn_scalar  # attention scales by this ** -0.5; None: head_dim
         self.attention_dropout = attention_dropout
         self.sliding_window = sliding_window
-        self.lp_blocks = lp_blocks or [[i] for i in range(num_hidden_layers)]
+        self.lp_blocks = [[i] for i in range(num_hidden_layers)] if lp_blocks is None else lp_blocks
+        _check_blocks(self.lp_blocks)
         self.num_hidden_layers = len(self.lp_blocks)
         # How the checkpoint stores a block's projections: "separate" (q/k/v, gate/up: Llama's names), or "fused"
-        # (qkv_proj, gate_up_proj: earlier exports, whose config.json does not say).
+        # (qkv_proj, gate_up_proj): exports written before the separate layout, whose config.json does not say.
+        if lp_projections is None:
+            lp_projections = "fused" if "lpconvert_version" in kwargs else "separate"
+        _check_choice("lp_projections", lp_projections, ("separate", "fused"))
         self.lp_projections = lp_projections
         # Units per half in which a pair's heads alternate, a's unit then b's (one GQA group each for q/k-norm
         # architectures, so each tensor-parallel shard knows its norms); 1: all of a's heads, then b's.
         self.lp_head_chunks = lp_head_chunks
+        _check_choice("sandwich_norms", sandwich_norms, (True, False))
         self.base_model_tp_plan = {**TP_PLAN, **(QK_NORM_TP_PLAN if qk_norm else {})}
         if sandwich_norms and any(len(layers) > 1 for layers in self.lp_blocks):
             # A sandwich pair's o_proj and down_proj keep its branches apart (one [2, hidden] output per token, each
             # half normed before the sum): no plan shards them, so this model declares none (tensor parallelism off)
             self.base_model_tp_plan = {}
         self.layer_types = layer_types or ["full_attention"] * self.num_hidden_layers
+        _check_layer_types(self.layer_types, self.num_hidden_layers)
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         declared = kwargs.pop("per_layer_config", None)
         widths = self._wide_block_widths()
         if declared is not None and _as_int_keys(declared) != widths:  # None when it is no such mapping
-            raise ValueError(f"config.json: per_layer_config {str(declared)[:120]} does not match lp_blocks (which "
-                             f"imply {widths}); remove per_layer_config to have it derived")
+            raise ValueError(f"config.json: per_layer_config {_shown_widths(declared)} does not match lp_blocks and "
+                             f"the one-layer widths, which imply {_shown_widths(widths)} (wide blocks as [heads, KV "
+                             "heads, MLP width]); remove per_layer_config to have it derived")
         super().__init__(tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id,
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         if widths and _HETEROGENEOUS:  # transformers >= 5.14: vLLM and tensor parallelism read each block's widths

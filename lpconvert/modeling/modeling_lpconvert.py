@@ -37,10 +37,11 @@ Gemma's norms scale by 1 + weight (`norm_offset`), its embeddings by sqrt(hidden
 attention by query_pre_attn_scalar ** -0.5, and its local (sliding-window) and global layers each have their own
 rotary base (`rope_parameters` per attention type); a pair joins two layers of the same type.
 
-On one device, `from_pretrained` fuses each block's q/k/v into one GEMM (`qkv_proj`) and gate/up into
-another (`gate_up_proj`): fewer, larger kernels. `state_dict()` (and so `save_pretrained`) still
-writes the separate projections. Exports written before the separate layout store the fused tensors
-(`lp_projections` absent from config.json): their blocks are built fused.
+The modules are the checkpoint's tensors, name for name: `state_dict()` is what config.json's layout stores,
+so `load_state_dict`, `save_pretrained`, PEFT's target modules (q_proj, v_proj, ...) and training see the layout on
+disk. Nothing is fused at load (measured: one q/k/v GEMM instead of three gained nothing beyond noise, on the CPU
+and compiled on an H100). Exports written before the separate layout store q/k/v as one `qkv_proj` and gate/up as
+one `gate_up_proj` (`lp_projections` "fused", or absent from an export's config.json): their blocks have those.
 """
 
 import copy
@@ -210,32 +211,6 @@ def uniform_config(config: LPConfig) -> LPConfig:
     return config.per_layer_config[0] if getattr(config, "is_heterogeneous", False) else config
 
 
-def fused_linear(parts: list[nn.Linear]) -> nn.Linear:
-    """One Linear computing `parts` side by side (their output rows in order): one GEMM instead of several."""
-    first = parts[0]
-    fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
-                      device=first.weight.device, dtype=first.weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(torch.cat([p.weight for p in parts]))
-        if first.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in parts]))
-    return fused
-
-
-def split_fused(module: nn.Module, fused: str, parts: tuple[str, ...], sizes: list[int]):
-    """A state_dict hook: a fused projection's tensors written as its separate parts (the checkpoint layout)."""
-
-    def hook(_module, state_dict, prefix, _local_metadata):
-        for kind in ("weight", "bias"):
-            tensor = state_dict.pop(f"{prefix}{fused}.{kind}", None)
-            if tensor is not None:
-                for name, piece in zip(parts, tensor.split(sizes), strict=True):
-                    state_dict[f"{prefix}{name}.{kind}"] = piece
-        return state_dict
-
-    module._register_state_dict_hook(hook)
-
-
 class LPAttention(nn.Module):
     """Attention of one block: `halves` source layers' heads side by side."""
 
@@ -254,24 +229,19 @@ class LPAttention(nn.Module):
         is_sliding = config.layer_types[block_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if is_sliding else None
 
-        self.fused = False
-        self.q_proj = nn.Linear(config.hidden_size, self.qkv_sizes[0], bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.qkv_sizes[1], bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.qkv_sizes[2], bias=config.attention_bias)
+        self.fused = config.lp_projections == "fused"  # an export written before the separate layout
+        if self.fused:
+            self.qkv_proj = nn.Linear(config.hidden_size, sum(self.qkv_sizes), bias=config.attention_bias)
+        else:
+            self.q_proj = nn.Linear(config.hidden_size, self.qkv_sizes[0], bias=config.attention_bias)
+            self.k_proj = nn.Linear(config.hidden_size, self.qkv_sizes[1], bias=config.attention_bias)
+            self.v_proj = nn.Linear(config.hidden_size, self.qkv_sizes[2], bias=config.attention_bias)
         self.o_proj = output_projection(config, halves, self.qkv_sizes[0], config.attention_out_bias)
         if config.qk_norm:
             units = config.lp_head_chunks if halves > 1 else num_kv_heads  # a single layer: any unit will do
             eps, offset = config.rms_norm_eps, config.norm_offset
             self.q_norm = LPHeadRMSNorm(halves, num_heads // halves // units, self.head_dim, eps, offset)
             self.k_norm = LPHeadRMSNorm(halves, num_kv_heads // halves // units, self.head_dim, eps, offset)
-
-    def fuse(self, save_separate: bool = True) -> None:
-        """q/k/v in one GEMM (`qkv_proj`), for one device: tensor parallelism shards the separate ones."""
-        self.qkv_proj = fused_linear([self.q_proj, self.k_proj, self.v_proj])
-        del self.q_proj, self.k_proj, self.v_proj
-        if save_separate:
-            split_fused(self, "qkv_proj", ("q_proj", "k_proj", "v_proj"), self.qkv_sizes)
-        self.fused = True
 
     def forward(
         self,
@@ -285,7 +255,7 @@ class LPAttention(nn.Module):
         hidden_shape = (*input_shape, -1, self.head_dim)  # -1: the heads this rank holds
         if self.fused:
             query, key, value = self.qkv_proj(hidden_states).split(self.qkv_sizes, dim=-1)
-        else:  # Llama's calls, which vLLM recognises and fuses into its own sharded GEMM
+        else:  # Llama's calls, which tensor parallelism shards and vLLM fuses into its own sharded GEMM
             query = self.q_proj(hidden_states)
             key = self.k_proj(hidden_states)
             value = self.v_proj(hidden_states)
@@ -348,20 +318,14 @@ class LPMLP(nn.Module):
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
         _, _, width = block_widths(config, block_idx)
-        self.width = width
-        self.fused = False
-        self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+        self.fused = config.lp_projections == "fused"  # an export written before the separate layout
+        if self.fused:
+            self.gate_up_proj = nn.Linear(config.hidden_size, 2 * width, bias=config.mlp_bias)
+        else:
+            self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
+            self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
         self.down_proj = output_projection(config, len(config.lp_blocks[block_idx]), width, config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
-
-    def fuse(self, save_separate: bool = True) -> None:
-        """gate/up in one GEMM (`gate_up_proj`), for one device."""
-        self.gate_up_proj = fused_linear([self.gate_proj, self.up_proj])
-        del self.gate_proj, self.up_proj
-        if save_separate:
-            split_fused(self, "gate_up_proj", ("gate_proj", "up_proj"), [self.width, self.width])
-        self.fused = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -407,12 +371,6 @@ class LPDecoderBlock(nn.Module):
             self.post_feedforward_layernorm = output_norm(config, halves)
         else:
             self.post_attention_layernorm = LPRMSNorm(config.hidden_size, **norm)  # the MLP input's norm
-        if config.lp_projections == "fused":  # exports written before the separate layout store them fused
-            self.fuse(save_separate=False)
-
-    def fuse(self, save_separate: bool = True) -> None:
-        self.self_attn.fuse(save_separate)
-        self.mlp.fuse(save_separate)
 
     def forward(self, hidden_states, attention_mask, position_embeddings, cache=None, **kwargs):
         attention = self.self_attn(
@@ -439,6 +397,18 @@ class LPPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     # Weight init (for models built without a checkpoint) is transformers' default: it recognises
     # nn.Linear, nn.Embedding, *RMSNorm and *RotaryEmbedding modules by type and class name.
+
+    def _refuse_sharded_branches(self) -> None:
+        """A sandwich pair's o_proj and down_proj keep its branches apart (LPBranchLinear), which no tensor-parallel
+        plan shards (config.json declares none): refuse a tensor-parallel run (tp_plan="auto", a device mesh) in
+        one line, before a kernel fails on shards of the wrong size."""
+        distributed = getattr(self.config, "distributed_config", None)
+        tp_size = getattr(self, "_tp_size", None) or getattr(distributed, "tp_size", None) or 1
+        if tp_size > 1 and self.config.sandwich_norms and any(len(layers) > 1 for layers in self.config.lp_blocks):
+            raise ValueError(
+                "this model's layer-parallel pairs keep their branches apart until their post-norms (sandwich norms), "
+                f"and tensor parallelism ({tp_size} devices) cannot shard those branch projections: load it without "
+                "tp_plan (one device, or device_map for several)")
 
 
 class LPModel(LPPreTrainedModel):
@@ -507,6 +477,7 @@ class LPModel(LPPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        self._refuse_sharded_branches()
         cache = _pick_cache(cache, past_key_values)
         kwargs.pop("cache_position", None)  # positions come from the cache length
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -554,23 +525,6 @@ class LPForCausalLM(LPPreTrainedModel, GenerationMixin):
     _tp_plan = {"lm_head": "colwise_gather_output"}
     _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """transformers' from_pretrained, then each block's projections fused when the model runs whole on one
-        device (`fuse_projections`); pass `fuse_projections=False` to keep them separate."""
-        fuse = kwargs.pop("fuse_projections", True)
-        model = super().from_pretrained(*args, **kwargs)
-        if fuse and (model.tp_size or 1) == 1 and not any(p.is_meta for p in model.parameters()):
-            model.fuse_projections()
-        return model
-
-    def fuse_projections(self) -> None:
-        """One q/k/v GEMM and one gate/up GEMM per block (fewer, larger kernels): for a model that runs
-        whole on one device. state_dict() still holds the separate projections."""
-        for block in self.model.layers:
-            if not block.self_attn.fused:
-                block.fuse()
-
     def __init__(self, config: LPConfig):
         super().__init__(config)
         self.model = LPModel(config)
@@ -604,6 +558,7 @@ class LPForCausalLM(LPPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        self._refuse_sharded_branches()  # tensor parallelism is set on the model loaded (this one), not self.model
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
