@@ -275,7 +275,10 @@ def check_owned_output(path: Path, kind: OwnedFile, overwrite: bool, protect: It
         overlap = _overlap(path, protect)
         if overlap:  # a file inside the model's folder too, as for folder outputs: a Hub cache is no place for it
             raise LPError(f"output path {path} {overlap}", kind.fix)
-        found = model_folder_of(path) if kind.outside_model_folders else None
+        # A GGUF makes its folder a model folder only for a weights file (a heal file's .safetensors beside it
+        # reads as that folder's weights to other tools); scores, plans and pictures may sit beside a GGUF, as
+        # they do in the README's working folder.
+        found = model_folder_of(path, gguf=path.suffix == ".safetensors") if kind.outside_model_folders else None
         if found is not None:
             folder, evidence = found
             raise LPError(f"output {path} is inside the model folder {folder} ({evidence}), where a {kind.what} "

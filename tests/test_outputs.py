@@ -327,3 +327,15 @@ def test_heal_replaces_its_own_picture_with_overwrite_and_keeps_a_users(tiny_mod
     refused = invoke(*args, "--overwrite")
     assert refused.exit_code == 2 and "heal.pdf was not written by lpconvert" in refused.stderr, refused.output
     assert (tmp_path / "heal.pdf").read_bytes() == b"%PDF-1.4 the user's own document"
+
+
+def test_scores_and_pictures_may_sit_beside_a_gguf(tiny_models, tmp_path):
+    """The README's working folder holds the exported GGUF and then the next run's scores: only a weights file
+    (a heal file) is refused beside a GGUF, where other tools would read it as that folder's weights."""
+    from builders import invoke
+
+    (tmp_path / "smollm2-lp27.gguf").write_bytes(b"GGUF")
+    result = invoke("score", tiny_models["llama"], "-o", tmp_path / "scores.json", "--plot", tmp_path / "scores.png",
+                    "--tokens", "256", "--seq-len", "64")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "scores.json").is_file() and (tmp_path / "scores.png").is_file()
