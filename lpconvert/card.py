@@ -281,14 +281,13 @@ def check_shipped_files(folder: Path, config, tokenizer_files) -> None:
     recorded = getattr(config, "lp_files", None)
     if not isinstance(recorded, dict):
         recorded = dict.fromkeys(MODELING_FILES) if getattr(config, "lpconvert_version", None) else {}
-    fix = "re-export the model with lpconvert (or put back the files it wrote)"
+    fix = "re-export the model with lpconvert, or put back the files it wrote"
     for name in MODELING_FILES:
         if name not in recorded:
             continue
         path = Path(folder) / name
         if not path.is_file():
-            raise LPError(f"{folder} has no {name}: transformers cannot load this export as shipped "
-                          "(lpconvert would measure its own copy of the code)", fix)
+            raise LPError(f"{folder} has no {name}: transformers cannot load this export as shipped", fix)
         if recorded[name] is not None and file_sha256(path) != recorded[name]:
             raise LPError(f"{path} is not the file lpconvert wrote (its sha256 differs from config.json's lp_files): "
                           "lpconvert measures its own copy of the code, not this one", fix)

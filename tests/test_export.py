@@ -442,3 +442,136 @@ def test_a_transformers_without_per_layer_widths_builds_the_same_model(exported,
     ids = _ids()
     with torch.no_grad():
         assert torch.equal(derived(ids).logits, declared(ids).logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# A loaded export is its checkpoint: module names, state_dict and loading info (issue 32 items 4, 5, 15)
+
+
+def _checkpoint_keys(folder: Path) -> set[str]:
+    keys = set()
+    for shard in folder.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            keys |= set(f.keys())
+    return keys
+
+
+@pytest.mark.parametrize("strict", [True, False], ids=["strict", "non-strict"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_loaded_export_takes_back_its_own_state_dict(arch, strict, exported):
+    """transformers' Trainer resumes with load_state_dict(strict=False): every key of the model's own state_dict
+    must land (none skipped with a log line), and the model compute what it computed before."""
+    model = _load(exported[arch])
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}  # not views of the parameters
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert set(state) - tied == _checkpoint_keys(exported[arch])  # the checkpoint's names, nothing fused
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        for tensor in model.parameters():  # so that only load_state_dict can bring the values back
+            tensor.zero_()
+    result = model.load_state_dict(state, strict=strict)
+    assert not result.missing_keys and not result.unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
+
+
+def test_the_modules_are_the_checkpoints_projections(exported):
+    """What PEFT targets by name (q_proj, v_proj, gate_proj ...) is there after from_pretrained: nothing fused."""
+    pair = _load(exported["qwen3"]).model.layers[1]
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= {name for name, _ in pair.self_attn.named_children()}
+    assert {"gate_proj", "up_proj", "down_proj"} <= {name for name, _ in pair.mlp.named_children()}
+    assert not pair.self_attn.fused and not hasattr(pair.self_attn, "qkv_proj")
+
+
+def test_output_loading_info_returns_the_model_and_an_empty_report(exported):
+    model, info = AutoModelForCausalLM.from_pretrained(exported["gemma3"], trust_remote_code=True,
+                                                       output_loading_info=True)
+    assert type(model).__name__ == "LPForCausalLM"
+    assert not any(info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
+def test_an_export_of_the_earlier_fused_layout_still_loads(exported, tmp_path):
+    """Exports written before the separate layout store qkv_proj and gate_up_proj and do not name their layout in
+    config.json: they load fused, take back their own state_dict, and compute the same as the separate export."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    shutil.copytree(exported["qwen2"], old)
+    tensors = {}
+    for shard in sorted(old.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+        shard.unlink()
+    (old / "model.safetensors.index.json").unlink()
+    for prefix in {name.rsplit(".self_attn.", 1)[0] for name in tensors if ".self_attn." in name}:
+        for kind in ("weight", "bias"):
+            parts = [tensors.pop(f"{prefix}.self_attn.{p}.{kind}") for p in ("q_proj", "k_proj", "v_proj")]
+            tensors[f"{prefix}.self_attn.qkv_proj.{kind}"] = torch.cat(parts)
+        tensors[f"{prefix}.mlp.gate_up_proj.weight"] = torch.cat(
+            [tensors.pop(f"{prefix}.mlp.gate_proj.weight"), tensors.pop(f"{prefix}.mlp.up_proj.weight")])
+    save_file(tensors, old / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((old / "config.json").read_text())
+    for key in ("lp_projections", "lp_head_chunks", "lp_files"):
+        config.pop(key)
+    (old / "config.json").write_text(json.dumps(config))
+    model = resolve_model(str(old)).load_model()
+    assert model.model.layers[1].self_attn.fused
+    assert set(model.state_dict()) == set(tensors)
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, _load(exported["qwen2"])(ids).logits, atol=1e-5)
+        model.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_a_model_built_from_a_config_in_code_has_the_separate_layout():
+    from lpconvert.modeling.configuration_lpconvert import LPConfig
+
+    assert LPConfig().lp_projections == "separate"
+    assert LPConfig(lpconvert_version="0.1.0").lp_projections == "fused"  # an early export's config.json
+
+
+def test_lpconverts_loader_refuses_weights_its_config_does_not_describe(exported, tmp_path, monkeypatch):
+    """Behind the up-front check (test_errors' export_config_* cases): loading itself refuses a missing or left-over
+    weight rather than re-initialise or drop it."""
+    import shutil
+
+    import lpconvert.sources as sources
+
+    shutil.copytree(exported["llama"], tmp_path / "edited")
+    source = resolve_model(str(tmp_path / "edited"))
+    config = json.loads((tmp_path / "edited" / "config.json").read_text())
+    config["lp_projections"] = "fused"
+    (tmp_path / "edited" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LPError, match=r"has no weight model\.layers\.\d\.(mlp\.gate_up_proj|self_attn\.qkv_proj)"):
+        sources._load_export(source.path, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# What an export ships, recorded (issue 32 item 9; the refusals are test_errors' export_* cases)
+
+
+def test_config_records_the_digests_of_the_shipped_code_and_tokenizer(exported):
+    import hashlib
+
+    folder = exported["llama"]
+    recorded = json.loads((folder / "config.json").read_text())["lp_files"]
+    assert set(recorded) == {"configuration_lpconvert.py", "modeling_lpconvert.py", "tokenizer.json",
+                             "tokenizer_config.json"}
+    for name, digest in recorded.items():
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest
+
+
+def test_a_fine_tuned_export_saved_by_transformers_reads_back(exported, tmp_path):
+    """save_pretrained of a loaded export (what a fine-tune ends with) keeps the code lpconvert wrote, and a
+    tokenizer re-saved by transformers (its files rewritten) still counts as the export's tokenizer."""
+    from transformers import AutoTokenizer
+
+    model = _load(exported["llama"])
+    model.save_pretrained(tmp_path / "tuned")
+    AutoTokenizer.from_pretrained(exported["llama"]).save_pretrained(tmp_path / "tuned")
+    reread = resolve_model(str(tmp_path / "tuned")).load_model()
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(reread(ids).logits, model(ids).logits)

@@ -164,3 +164,30 @@ def test_gemma3_270m_export_is_exact_and_answers(tmp_path):
     assert ((got - want).norm() / want.norm()).item() <= 1e-5
     answer = model.generate(prompt, max_new_tokens=3, do_sample=False)[0, prompt.shape[1]:]
     assert tokenizer.decode(answer).strip().startswith("Berlin")
+
+
+def test_tensor_parallelism_of_sandwich_pairs_is_refused_in_one_line(exported8, gemma8, tmp_path):
+    """transformers' tp_plan="auto" (torchrun) gives a model with pairs no plan for their branch projections, which
+    crashed at the first forward ("narrow unexpectedly changed concrete size"). Simulated here as transformers marks
+    a model it distributed (config.distributed_config, the model's _tp_size): refused in one line, as vLLM is.
+    Checked for real under torchrun (2 gloo processes) with the same message."""
+    from types import SimpleNamespace
+
+    model = _load(exported8)
+    ids = _ids(batch=1, seq=6)
+    model(ids)  # one process: runs
+    for mark in ("config", "model"):
+        if mark == "config":
+            model.config.distributed_config = SimpleNamespace(tp_size=2)  # what maybe_distribute_model sets
+        else:
+            del model.config.distributed_config
+            model._tp_size = 2
+        with pytest.raises(ValueError) as refused:
+            model(ids)
+        assert "tensor parallelism (2 devices) cannot shard those branch projections" in str(refused.value)
+        assert "\n" not in str(refused.value)
+    source = resolve_model(str(gemma8))  # without pairs every projection has its plan: not refused
+    export(source, plan_for_pairs(source, []), tmp_path / "copy")
+    unpaired = _load(tmp_path / "copy")
+    unpaired._tp_size = 2
+    unpaired(ids)
