@@ -54,7 +54,9 @@ def test_missing_config_fields_are_named():
 # ----------------------------------------------------------------------------------------------
 # config.json read without transformers (archs.read_source_config) against transformers' classes
 
-_MINIMAL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, vocab_size=128)
+# 32 heads: every architecture's default num_key_value_heads (8 or 32) divides it, as in a real model (LPConfig
+# refuses one that does not)
+_MINIMAL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=32, vocab_size=128)
 _RAW_CONFIGS = {
     **{f"{t}-minimal": dict(_MINIMAL, model_type=t) for t in ARCHITECTURES},
     **{f"{t}-nothing-but-type": dict(model_type=t) for t in ARCHITECTURES},
