@@ -9,7 +9,9 @@ A source is one of
   sha256), converted once into a safetensors folder in the user cache,
 - a Hugging Face Hub id (`org/name`, fetched with huggingface_hub),
 - a folder exported by lpconvert (config.json model_type "lpconvert", loaded with lpconvert's own
-  packaged model code, never the folder's).
+  packaged model code, never the folder's), refused when its config.json no longer describes its
+  weights or the code and tokenizer it shipped are gone or changed (card.py), and loaded with every
+  weight accounted for.
 
 Nothing here runs a source model's own code unless `trust_remote_code=True`, and nothing prints:
 callers render progress through the optional `progress` callback.

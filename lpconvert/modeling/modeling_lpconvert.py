@@ -37,11 +37,12 @@ Gemma's norms scale by 1 + weight (`norm_offset`), its embeddings by sqrt(hidden
 attention by query_pre_attn_scalar ** -0.5, and its local (sliding-window) and global layers each have their own
 rotary base (`rope_parameters` per attention type); a pair joins two layers of the same type.
 
-The modules are the checkpoint's tensors, name for name: `state_dict()` is what config.json's layout stores,
-so `load_state_dict`, `save_pretrained`, PEFT's target modules (q_proj, v_proj, ...) and training see the layout on
-disk. Nothing is fused at load (measured: one q/k/v GEMM instead of three gained nothing beyond noise, on the CPU
-and compiled on an H100). Exports written before the separate layout store q/k/v as one `qkv_proj` and gate/up as
-one `gate_up_proj` (`lp_projections` "fused", or absent from an export's config.json): their blocks have those.
+The modules are the checkpoint's tensors, name for name: `state_dict()` holds exactly what the checkpoint stores
+(a tied lm_head aside), so `load_state_dict`, `save_pretrained`, PEFT's target modules (q_proj, v_proj, ...) and
+training see the layout on disk. Nothing is fused at load: one q/k/v GEMM instead of three measured no faster on
+the CPU, and vLLM fuses them itself. Exports written before the separate layout store q/k/v as one `qkv_proj` and
+gate/up as one `gate_up_proj` (`lp_projections` "fused", or absent from an export's config.json): their blocks have
+those.
 """
 
 import copy
