@@ -376,8 +376,12 @@ def _read_answer(job: dict, folder: Path, code: int, tail: list[str]) -> dict:
     kept = f"vLLM's job and full log are kept in {folder}"
     result_file = folder / "result.json"
     if code != 0:
-        what = f"vLLM's worker was killed by {_exit_text(code)}" if code < 0 else f"vLLM failed (exit {code})"
-        raise LPError(f"{what}: {_last_error(tail)}", kept)
+        if code < 0:  # a signal from outside: its log's last line is whatever vLLM was doing then
+            error = _last_error(tail, last_line=False)
+            raise LPError(f"vLLM's worker was killed by {_exit_text(code)}, not by lpconvert"
+                          + (" (the out-of-memory killer sends that signal)" if code == -signal.SIGKILL else "")
+                          + (f"; vLLM's log had said: {error}" if error else ""), kept)
+        raise LPError(f"vLLM failed (exit {code}): {_last_error(tail)}", kept)
     if not result_file.exists():
         raise LPError(f"vLLM's worker exited without an answer: {_last_error(tail)}", kept)
     text = result_file.read_bytes()
@@ -455,9 +459,9 @@ _UNHELPFUL = ("See root cause above", "For further information visit")
 _MISSING_FILE = re.compile(r"(\S+) does not appear to have a file named (\S+?)\.?(\s|$)")
 
 
-def _last_error(lines) -> str:
+def _last_error(lines, last_line: bool = True) -> str | None:
     """The line that says what went wrong: a missing file of the model, else the last exception of vLLM's log
-    that is not a pointer to another ("See root cause above"), else its last line."""
+    that is not a pointer to another ("See root cause above"), else (LAST_LINE) its last line."""
     texts = [_LOG_PREFIX.sub("", line).strip() for line in lines]
     texts = [text for text in texts if text]
     for text in reversed(texts):
@@ -473,5 +477,7 @@ def _last_error(lines) -> str:
             if reason:
                 return _shorten(reason.removeprefix("Value error, ").split(" [type=")[0], 300)
         return _shorten(text, 300)
+    if not last_line:
+        return None
     return next((_shorten(text, 300) for text in reversed(texts) if not any(w in text for w in _UNHELPFUL)),
                 "it printed nothing")

@@ -111,8 +111,8 @@ def case_vllm_worker_exits_without_an_answer(t, p):
 
 
 def case_vllm_worker_killed(t, p):  # kill -9, its child still holding the log open
-    return _worker(t, p, vllm_fakes.KILLED, "vLLM's worker was killed by signal 9 (SIGKILL): INFO starting the "
-                   "engine (vLLM's job and full log are kept in")
+    return _worker(t, p, vllm_fakes.KILLED, "vLLM's worker was killed by signal 9 (SIGKILL), not by lpconvert (the "
+                   "out-of-memory killer sends that signal) (vLLM's job and full log are kept in")
 
 
 def case_vllm_worker_root_cause_quoted(t, p):
