@@ -204,7 +204,7 @@ def _block_of(name: str) -> int | None:
     return int(parts[2]) if name.startswith("model.layers.") and len(parts) > 3 and parts[2].isdigit() else None
 
 
-def expected_export_tensors(config) -> dict[str, tuple[int, ...]]:
+def expected_export_tensors(config, folder="") -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor the modeling file builds for CONFIG (an LPConfig), as a checkpoint stores them
     (a tied lm_head not at all). LPError when the config does not build a model."""
     import copy
@@ -216,7 +216,8 @@ def expected_export_tensors(config) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"), quiet_transformers():
             model = LPForCausalLM(copy.deepcopy(config))
     except Exception as exc:  # whatever a hand-edited value makes the model code raise
-        raise LPError(f"config.json does not build a model: {first_line(exc)}", REEXPORT) from None
+        cause = f"it names an unknown {exc}" if isinstance(exc, KeyError) else first_line(exc)  # ACT2FN, rope types
+        raise LPError(f"{folder}/config.json does not build a model: {cause}", REEXPORT) from None
     shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
     if getattr(config, "tie_word_embeddings", False):
         shapes.pop("lm_head.weight", None)
@@ -229,7 +230,7 @@ def check_export_config(folder, raw: dict, config, infos) -> None:
     has no place for (which loading would re-initialise or drop), one of another shape, or a pair head order
     (lp_head_chunks) other than the one the weights were written in. One line naming the key that decides it."""
     where = f"{folder}/config.json does not match the weights"  # then (key): what differs
-    expected = expected_export_tensors(config)
+    expected = expected_export_tensors(config, folder)
     stored = {name: tuple(info.shape) for name, info in infos.items()}
     for names, side in ((expected.keys() - stored.keys(), "the checkpoint has no {name}"),
                         (stored.keys() - expected.keys(), "the checkpoint holds {name}, which the config has no place for")):

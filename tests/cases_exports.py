@@ -96,6 +96,11 @@ def case_export_config_sandwich_norms_not_a_boolean(t, p):
         "config.json: sandwich_norms is \"yes\", not one of true, false"
 
 
+def case_export_config_unknown_activation(t, p):  # any other value the model code cannot build: named, not a KeyError
+    return _edited_export(t, p, hidden_act="swishy"), \
+        "config.json does not build a model: it names an unknown 'swishy' (re-export the model with lpconvert"
+
+
 # --- item 9: the folder as shipped (eval runs lpconvert's own copy of the code, users run the folder's) ---
 
 
