@@ -123,6 +123,10 @@ class _TokenClock:
     def put(self, _tokens) -> None:
         self.readings.append(time.perf_counter())
 
+    def put_at(self, _tokens, when: float) -> None:
+        """Tokens that came out at `when` (time.perf_counter() read by the engine's own process: llama.cpp's)."""
+        self.readings.append(when)
+
     def end(self) -> None:
         pass
 

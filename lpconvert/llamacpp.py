@@ -130,23 +130,22 @@ class LlamaCppLM:
     def generate(self, input_ids, max_new_tokens: int, min_new_tokens: int = 0, attention_mask=None,
                  streamer=None, **_):
         """Greedy; stops at the end-of-text token once min_new_tokens are out (as transformers does). A
-        `streamer` is told the prompt, then each new token as it comes out (bench times decode steps so: one
-        step per request to llama.cpp's process; without a streamer the whole loop runs there)."""
+        `streamer` is told the prompt, then each new token; one with `put_at` (bench's clock) is told when each
+        came out by llama.cpp's process, so no pipe round trip falls inside a timed step."""
         import torch
 
         llm = self._ready(input_ids.shape[1] + max_new_tokens)
         rows = []
         for row in input_ids:
             ids = row.tolist()
-            if streamer is None:
-                rows.append(torch.tensor(ids + llm.greedy(ids, max_new_tokens, min_new_tokens)))
-                continue
-            streamer.put(row[None])
-            new, eos = [llm.start(ids)], llm.eos
-            streamer.put(torch.tensor([new[-1]]))
-            while len(new) < max_new_tokens and not (new[-1] == eos and len(new) >= min_new_tokens):
-                new.append(llm.step(new[-1]))
-                streamer.put(torch.tensor([new[-1]]))
+            if streamer is not None:
+                streamer.put(row[None])
+            new, clock = llm.greedy_clocked(ids, max_new_tokens, min_new_tokens)
+            for token, when in zip(new, clock, strict=True):
+                if hasattr(streamer, "put_at"):
+                    streamer.put_at(torch.tensor([token]), when)
+                elif streamer is not None:
+                    streamer.put(torch.tensor([token]))
             rows.append(torch.tensor(ids + new))
         if streamer is not None:
             streamer.end()

@@ -130,6 +130,18 @@ def op_greedy(llm, ids: list[int], new_tokens: int, min_new_tokens: int | None =
     return out
 
 
+def op_greedy_clocked(llm, ids: list[int], new_tokens: int, min_new_tokens: int) -> tuple[list[int], list[float]]:
+    """op_greedy (stopping at end-of-text once min_new_tokens are out), and time.perf_counter() as each token came
+    out: CLOCK_MONOTONIC, the same clock in every process, so the parent can time the steps without a pipe round
+    trip inside them."""
+    out, clock = [op_start(llm, ids)], [time.perf_counter()]
+    eos = llm.token_eos()
+    while len(out) < new_tokens and not (out[-1] == eos and len(out) >= min_new_tokens):
+        out.append(op_step(llm, out[-1]))
+        clock.append(time.perf_counter())
+    return out, clock
+
+
 def op_decode_seconds(llm, prompt: list[int], new_tokens: int) -> float:
     """Seconds to decode `new_tokens` one at a time after `prompt` (prefill not counted)."""
     token = op_start(llm, prompt)
@@ -165,7 +177,7 @@ def op_attribute(llm, name: str):
 
 
 OPERATIONS = {"logits": op_logits, "last_logits": op_last_logits, "start": op_start, "step": op_step,
-              "greedy": op_greedy, "decode_seconds": op_decode_seconds, "prefill_seconds": op_prefill_seconds,
+              "greedy": op_greedy, "greedy_clocked": op_greedy_clocked, "decode_seconds": op_decode_seconds, "prefill_seconds": op_prefill_seconds,
               "nll": op_nll, "call": op_call, "attribute": op_attribute}
 
 # llama.cpp logs a paired model's V-cache padding (every layer padded to the widest layer's width when
@@ -307,6 +319,9 @@ class LlamaProcess:
 
     def greedy(self, ids: list[int], new_tokens: int, min_new_tokens: int | None = None) -> list[int]:
         return self.request("greedy", list(ids), new_tokens, min_new_tokens)
+
+    def greedy_clocked(self, ids: list[int], new_tokens: int, min_new_tokens: int) -> tuple[list[int], list[float]]:
+        return self.request("greedy_clocked", list(ids), new_tokens, min_new_tokens)
 
     def decode_seconds(self, prompt: list[int], new_tokens: int) -> float:
         return self.request("decode_seconds", list(prompt), new_tokens)
