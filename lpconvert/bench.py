@@ -242,6 +242,15 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
     for checked in (target, baseline):
         if checked is not None:
             check_positions_for(checked, settings)
+    held = [m for m in (target, baseline) if m is not None and m not in ggufs]  # in transformers, at once
+    if held:
+        from .memory import check_fits, memory_fixes, option_setter
+
+        fixes = memory_fixes(option_setter, dtype=settings.dtype)
+        if len(held) == 2:
+            fixes.append("drop --baseline (time the model alone)")
+        check_fits(held[0], stage="bench", dtype=settings.dtype, device=device, copies=len(held), fixes=fixes,
+                   second="its baseline")
     model = target.load_model(dtype=dtype, device=device)
     rows: list[dict] = []
     if baseline is not None:

@@ -253,9 +253,10 @@ def _has_gpu() -> bool:
 
 
 def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, working: int = 0,
-               fixes: list[str] | None = None, spread: bool = False) -> Estimate | None:
+               fixes: list[str] | None = None, spread: bool = False,
+               second: str = "the converted model") -> Estimate | None:
     """Refuse in one line when `stage`'s estimated peak exceeds what `device` has (all devices and the CPU with
-    `spread`, a device_map). `copies`: models held at once (eval: 2); `working`: the stage's own bytes beyond the
+    `spread`, a device_map). `copies`: models held at once (eval: 2; `second` names the other); `working`: the stage's own bytes beyond the
     weights; `fixes`: what lowers the peak, as the user writes it (memory_fixes). Returns the estimate, or None
     where none can be made (no parameter count, an unknown device) or LPCONVERT_SKIP_MEMORY_CHECK is set."""
     if os.environ.get(SKIP_ENV, "").strip() not in ("", "0"):
@@ -267,7 +268,7 @@ def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, 
     have = available_memory(device, spread)
     if have is None or found.total <= have[0]:
         return found
-    held = " and the converted model" if copies == 2 else f" {copies} times" if copies > 2 else ""
+    held = f" and {second}" if copies == 2 else f" {copies} times" if copies > 2 else ""
     count = f"{copies} x " if copies > 1 else ""
     working_text = f" + {gib(found.working)} working" if found.working >= GIB // 10 else ""
     fix_text = "; ".join(fixes or []) or "run on a machine with more memory"

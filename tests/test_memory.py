@@ -122,7 +122,7 @@ def test_score_refuses_before_loading_and_the_env_skips_the_check(tiny_models, t
 
 
 def test_every_stage_that_loads_a_model_checks(tiny_models, tmp_path, monkeypatch):
-    """plan --model, heal and eval refuse in one line, naming their own options; a recipe names its keys."""
+    """plan --model, heal, eval and bench (the model and its baseline at once) refuse in one line, naming their own options; a recipe names its keys."""
     from builders import QUICK_RECIPE, cli_export, write_scores
 
     source = tmp_path / "llama"
@@ -147,6 +147,10 @@ def test_every_stage_that_loads_a_model_checks(tiny_models, tmp_path, monkeypatc
     assert "drop --model (plan from the scores alone)" in invoke(*runs["plan would need"]).stderr
     assert "fewer --tokens or --heldout-tokens" in invoke(*runs["heal would need"]).stderr
     assert "and the converted model (2 x " in invoke(*runs["eval would need"]).stderr
+    bench = invoke("bench", converted, "--baseline", source, "--device", "cpu", "--dtype", "float32", "--prompt-len",
+                   "8", "--new-tokens", "4", "--warmup", "0", "--repeats", "1")
+    assert bench.exit_code == 2 and "bench would need" in bench.stderr and "and its baseline (2 x " in bench.stderr
+    assert "(--dtype bfloat16 halves the weights; drop --baseline (time the model alone);" in bench.stderr
     (tmp_path / "recipe.yaml").write_text(QUICK_RECIPE)
     recipe = invoke("convert", source, "-o", tmp_path / "out", "--recipe", tmp_path / "recipe.yaml")
     assert recipe.exit_code == 2 and "(score.dtype: bfloat16 halves the weights" in recipe.stderr, recipe.output
