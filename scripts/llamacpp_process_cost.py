@@ -1,7 +1,7 @@
 """What running llama.cpp in its own process costs (lpconvert/llamacppworker.py), next to running it in lpconvert's.
 
 Same GGUF, same options, same repacking rule, in one run: the in-process Llama and the child process are
-timed in turn, each figure the median of --repeats. Measured:
+timed in turn, repeat by repeat, each figure the median of --repeats. Measured:
   - open: seconds from asking to a loaded model (the child's: a Python start and llama_cpp's import too);
   - logits: one window of --window tokens with every position's logits (what eval does), the logits
     pickled through the pipe in the child's case;
@@ -31,50 +31,49 @@ from lpconvert import llamacppworker as worker  # noqa: E402
 from lpconvert.llamacpp import open_gguf  # noqa: E402
 
 
-def median_of(repeats: int, measure) -> float:
-    return statistics.median(measure() for _ in range(repeats))
-
-
 def timed(call) -> float:
     started = time.perf_counter()
     call()
     return time.perf_counter() - started
 
 
-def in_process(path: Path, options: dict, window: list[int], new_tokens: int, repeats: int) -> dict:
-    holder = {}
-    opened = median_of(repeats, lambda: timed(lambda: holder.update(llm=worker._open_llama(str(path), options,
-                                                                                            worker.use_repacking()))))
-    llm = holder["llm"]
-    row = {"open_s": opened,
-           "logits_s": median_of(repeats, lambda: timed(lambda: worker.op_logits(llm, window))),
-           "decode_tok_s_per_request": new_tokens / median_of(
-               repeats, lambda: worker.op_decode_seconds(llm, window[:16], new_tokens))}
-    row["decode_tok_s_loop_in_engine"] = row["decode_tok_s_per_request"]  # the same thing in one process
-    llm.close()
-    return row
+def measure_both(path: Path, options: dict, window: list[int], new_tokens: int, repeats: int) -> dict:
+    """Both ways, interleaved repeat by repeat (A, B, A, B...), so that a change in the machine's load falls on both."""
+    repack = worker.use_repacking()
+    kinds = ("in lpconvert's process", "in a child process")
+    times = {kind: {"open_s": [], "logits_s": [], "per_request_s": [], "loop_s": []} for kind in kinds}
+    child_options = {k: v for k, v in options.items() if k not in ("verbose",)}
 
+    def open_child():
+        return open_gguf(path, n_ctx=child_options["n_ctx"], exact=False, logits_all=True,
+                         n_threads=child_options["n_threads"])
 
-def in_child(path: Path, window: list[int], new_tokens: int, repeats: int, n_ctx: int, threads: int) -> dict:
-    def open_once():
-        with open_gguf(path, n_ctx=n_ctx, exact=False, logits_all=True, n_threads=threads) as llm:
-            llm.start([0])
-
-    opened = median_of(repeats, lambda: timed(open_once))
-    with open_gguf(path, n_ctx=n_ctx, exact=False, logits_all=True, n_threads=threads) as llm:
-
-        def per_request():
-            token = llm.start(window[:16])
+    for _ in range(repeats):
+        times[kinds[0]]["open_s"].append(timed(lambda: worker._open_llama(str(path), options, repack).close()))
+        times[kinds[1]]["open_s"].append(timed(lambda: open_child().__enter__().close()))
+    same = worker._open_llama(str(path), options, repack)
+    with open_child() as child:
+        def per_request(llm_step, llm_start):
+            token = llm_start(window[:16])
             started = time.perf_counter()
             for _ in range(new_tokens):
-                token = llm.step(token)
+                token = llm_step(token)
             return time.perf_counter() - started
 
-        return {"open_s": opened,
-                "logits_s": median_of(repeats, lambda: timed(lambda: llm.logits(window))),
-                "decode_tok_s_per_request": new_tokens / median_of(repeats, per_request),
-                "decode_tok_s_loop_in_engine": new_tokens / median_of(
-                    repeats, lambda: llm.decode_seconds(window[:16], new_tokens))}
+        for _ in range(repeats):
+            for kind, logits_of, start, step, loop in (
+                    (kinds[0], lambda w: worker.op_logits(same, w), lambda w: worker.op_start(same, w),
+                     lambda t: worker.op_step(same, t), lambda p, n: worker.op_decode_seconds(same, p, n)),
+                    (kinds[1], child.logits, child.start, child.step, child.decode_seconds)):
+                times[kind]["logits_s"].append(timed(lambda logits_of=logits_of: logits_of(window)))
+                times[kind]["per_request_s"].append(per_request(step, start))
+                times[kind]["loop_s"].append(loop(window[:16], new_tokens))
+    same.close()
+    return {kind: {"open_s": statistics.median(t["open_s"]), "logits_s": statistics.median(t["logits_s"]),
+                   "decode_tok_s_per_request": new_tokens / statistics.median(t["per_request_s"]),
+                   "decode_tok_s_loop_in_engine": new_tokens / statistics.median(t["loop_s"]),
+                   "runs": t}
+            for kind, t in times.items()}
 
 
 def main() -> None:
@@ -93,13 +92,12 @@ def main() -> None:
     n_ctx = 1024
     window = np.random.default_rng(0).integers(10, 30000, args.window).tolist()
     options = dict(n_ctx=n_ctx, n_batch=512, n_threads=args.threads, verbose=False, logits_all=True)
-    rows = {"in lpconvert's process": in_process(args.gguf, options, window, args.new_tokens, args.repeats),
-            "in a child process": in_child(args.gguf, window, args.new_tokens, args.repeats, n_ctx, args.threads)}
+    rows = measure_both(args.gguf, options, window, args.new_tokens, args.repeats)
     same, child = rows.values()
     print(f"{args.gguf.name}: {args.window}-token window, {args.new_tokens} decoded tokens, {args.threads} threads, "
           f"repacking {'on' if worker.use_repacking() else 'off'} (AMX: {worker.cpu_has_amx()}), "
           f"median of {args.repeats}")
-    print(f"| where | open (s) | logits of the window (s) | decode tok/s, a request a token | decode tok/s, loop in llama.cpp's process |")
+    print("| where | open (s) | logits of the window (s) | decode tok/s, a request a token | decode tok/s, loop in llama.cpp's process |")
     print("|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['open_s']:.2f} | {r['logits_s']:.3f} | {r['decode_tok_s_per_request']:.1f} | "
