@@ -67,6 +67,38 @@ FIRST_OF_ISSUE_23 = "heal_output_in_another_models_folder"
 LATER_ISSUES = {"24": ("vllm_",), "25": ("gemma3_", "vllm_sandwich_")}
 
 
+# Issue 32's findings that are not one command's bad input (a signal, a Python call, a native crash): what happens
+# now, and the test that holds it. Hand-written: the tests named assert each behaviour.
+BEYOND_THE_TABLE = [
+    "## Beyond one command's input (issue 32)", "",
+    "| finding | what happens now | test |", "|---|---|---|",
+    "| llama.cpp crashes (native code: SIGSEGV, SIGILL, abort), e.g. q8_0 on an AMX CPU with repacking on | llama.cpp "
+    "runs in a process of its own: `error: llama.cpp crashed with SIGSEGV while running logits on lp.gguf (in its own "
+    "process: lpconvert is fine) (export with --gguf-type f16 and run it again, ...; docs/gguf.md)`, exit 2; on AMX "
+    "CPUs repacking is off by default, so q8_0 runs | `tests/test_native_crash.py` (real crashes of the child; a "
+    "pytest run goes on past a crashing test) |",
+    "| 3.4 `m.load_state_dict(m.state_dict())` on a loaded export (and `strict=False`, as Trainer uses) | takes back "
+    "every key: nothing is fused at load, modules and state dict are the checkpoint's tensors | "
+    "`tests/test_export.py::test_a_loaded_export_takes_back_its_own_state_dict` (Llama, Gemma 3, strict and not) |",
+    "| 3.10 Ctrl-C or SIGTERM during `--engine vllm` | exit 130, `interrupted: nothing was written at the output "
+    "path`; the worker's whole process group (EngineCore, TP workers) is stopped first | `tests/test_serving.py::"
+    "test_interrupt_stops_the_vllm_worker_and_everything_it_started` |",
+    "| 3.11 the vLLM worker killed (`kill -9`) | noticed within 0.1 s of polling: `vLLM's worker was killed by signal "
+    "9 (SIGKILL), not by lpconvert ...`, exit 2 (was 313 s) | `tests/test_serving.py::"
+    "test_a_killed_vllm_worker_is_noticed_at_once` |",
+    "| 3.12 a `lpconvert-vllm-*` folder left after every run | removed when the job succeeds, kept and named only when "
+    "it fails | `tests/test_serving.py::test_a_vllm_job_that_succeeds_leaves_no_folder` |",
+    "| 3.15 `from_pretrained(EXPORT, trust_remote_code=True, output_loading_info=True)` | returns the model and an "
+    "empty report | `tests/test_export.py::test_output_loading_info_returns_the_model_and_an_empty_report` |",
+    "| 3.16 a Gemma 3 export with pairs under transformers `tp_plan=\"auto\"` | the first forward raises one "
+    "`ValueError`: its pairs' branches stay apart until their post-norms, which tensor parallelism cannot shard "
+    "(load it without tp_plan) | `tests/test_gemma3.py::test_tensor_parallelism_of_sandwich_pairs_is_refused_in_one_line` |",
+    "", "Memory (issue 32, section 2): every stage that loads a model whole estimates its peak from config.json before "
+    "it loads (`lpconvert/memory.py`) and refuses in one line when it exceeds the memory there is (the cgroup's limit "
+    "first); `LPCONVERT_SKIP_MEMORY_CHECK=1` tries anyway. Rows above: the cases named `memory_...`.",
+]
+
+
 def _issue(name: str, number: int | None) -> str:
     """Issue 7 (first bad-input sweep) numbered its cases; issue 15 added the rest, except those that came
     from the commands' own tests ("-"), those added with a later stage (ADDED_WITH) and issue 23's."""
@@ -138,7 +170,8 @@ def main() -> None:
             "The disk-full and interrupt rows raise the fault inside the shard writer, as `tests/test_errors.py`",
             "does; real SIGINT/SIGTERM sent to an exporting process are tested in `tests/test_export.py`. Zero pairs (case 11) is not an error: `export --pairs none` writes an exact",
             "copy in lpconvert's format and warns (`tests/test_cli.py`). A gate fails (exit 1) on a broken bound and on",
-            "any figure that is not a finite number, bound or not."]
+            "any figure that is not a finite number, bound or not.", "",
+            *BEYOND_THE_TABLE]
     (ROOT / "docs" / "errors.md").write_text("\n".join(text) + "\n")
     print(f"wrote docs/errors.md with {len(rows)} cases")
 

@@ -139,3 +139,21 @@ def case_recipe_gguf_type_without_gguf(t, p):
 def case_recipe_distill_keys_with_lsq(t, p):
     return _recipe(t, p, "heal: {method: lsq, steps: 40}\n"), \
         "recipe key heal.steps applies only with heal.method: distill, and this recipe's heal.method is lsq"
+
+
+# --- item 7: NaN log-likelihoods fail every task's row, LAMBADA or not ---
+
+
+def case_tasks_gate_with_a_nan_model_without_lambada(t, p):
+    import shutil
+
+    from builders import TINY, make_tiny_tokenizer
+    from test_errors import _broken_export
+
+    source = p / "source"  # the tiny Llama, with an end-of-sequence token: the harness prefixes with it
+    shutil.copytree(t["llama"], source)
+    make_tiny_tokenizer(TINY["vocab_size"], eos_token="</s>").save_pretrained(source)
+    broken = _broken_export({"llama": source}, p, b"\xff")  # NaN in its first tensor
+    return ["eval", str(source), str(broken), "--tasks", "arc_easy,piqa", "--limit", "3", "--device", "cpu",
+            "--min-retained", "97%"], "log-likelihoods are NaN or Inf on arc_easy, piqa: a model is broken", \
+        Expect(exit_code=1)
