@@ -238,6 +238,16 @@ def main() -> None:
     with open(result_path + ".tmp", "w") as f:
         json.dump(result, f)
     os.replace(result_path + ".tmp", result_path)
+    exit_now()
+
+
+def exit_now() -> None:
+    """Exit 0 without the interpreter's teardown. The answer is written; what is left is vLLM's threads, and one of
+    them (the CPU build's pipeline-parallel mode) sometimes aborts the process at teardown ("terminate called without
+    an active exception", SIGABRT) after the work is done. lpconvert stops the worker's process group afterwards."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":  # vLLM starts its engine core and workers with spawn: they re-import this file

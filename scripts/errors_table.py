@@ -126,7 +126,7 @@ def _sort_key(row: str) -> tuple[int, int]:
 
 def _row(number, name: str, args: list[str], result, work: Path, root: Path) -> str:
     message = " ".join(result.stderr.split()).replace(str(work) + "/", "").replace(str(root) + "/", "")
-    command = " ".join(a.replace(str(work) + "/", "").replace(str(root) + "/tiny/", "") for a in args)
+    command = " ".join(str(a).replace(str(work) + "/", "").replace(str(root) + "/tiny/", "") for a in args)
     return (f"| {_issue(name, number)} | {name.replace('_', ' ')} | `lpconvert {command}` | {result.exit_code} | "
             f"{message.replace('|', '/')} |")
 

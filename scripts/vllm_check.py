@@ -113,7 +113,11 @@ def main() -> None:
     if args.vllm_phase:
         found = run_vllm(args.vllm_phase, args.names, args.tp, args.pp)
         (args.vllm_phase / "vllm.json").write_text(json.dumps(found))
-        return
+        # No interpreter teardown: vLLM's CPU pipeline-parallel threads sometimes abort it ("terminate called
+        # without an active exception", SIGABRT) after every result is written (seen in the suite, 2026-12-06).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if not args.vllm_python:
         parser.error("--vllm-python is required")
     rows = check(args.vllm_python, tuple(args.archs.split(",")), args.tp, args.pp)
