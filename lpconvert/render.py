@@ -174,7 +174,11 @@ def export_table(report: dict, source: str, layer_strip: str) -> Table:
     if not dry_run:
         table.add_row("time", f"{report['seconds']:.1f} s")
         if report.get("format") == "gguf":
-            table.add_row("run with", f"llama-cli -m {report['out']}   (llama.cpp, architecture deci)")
+            from .llamacppworker import cpu_has_amx
+
+            # llama.cpp's repacked q8_0 kernels crash on AMX CPUs (docs/gguf.md): say the flag where it matters
+            amx = "  (this CPU has AMX: add -nr, --no-repack)" if report["dtype"] == "q8_0" and cpu_has_amx() else ""
+            table.add_row("run with", f"llama-cli -m {report['out']}   (llama.cpp, architecture deci){amx}")
         else:
             table.add_row("load with", f'AutoModelForCausalLM.from_pretrained("{report["out"]}", trust_remote_code=True)')
     return table

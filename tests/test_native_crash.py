@@ -160,3 +160,15 @@ def test_without_llama_cpp_python_it_says_what_to_install(tiny_gguf, monkeypatch
     result = invoke("eval", model, gguf, *EVAL_QUICK)
     assert result.exit_code == 2 and "llama-cpp-python is not installed" in result.stderr, result.output
     assert "pip install 'lpconvert[llamacpp]'" in result.stderr
+
+
+@pytest.mark.parametrize("flags, gguf_type, hinted", [("amx_int8", "q8_0", True), ("avx2", "q8_0", False),
+                                                      ("amx_int8", "f16", False)])
+def test_the_export_summary_names_no_repack_for_q8_0_on_amx(flags, gguf_type, hinted, tiny_gguf, tmp_path,
+                                                            monkeypatch):
+    model, _ = tiny_gguf
+    monkeypatch.setattr(worker, "CPUINFO", _cpuinfo(tmp_path, flags))
+    monkeypatch.setenv("COLUMNS", "250")
+    result = invoke("export", model, "--pairs", "2", "-o", tmp_path / "x.gguf", "--gguf-type", gguf_type)
+    assert result.exit_code == 0, result.output
+    assert ("add -nr, --no-repack" in result.stdout) is hinted, result.stdout
