@@ -121,13 +121,7 @@ def op_step(llm, token: int) -> int:
 def op_greedy(llm, ids: list[int], new_tokens: int, min_new_tokens: int | None = None) -> list[int]:
     """Greedy continuation of `ids`, argmax at every step. With min_new_tokens, it stops at the end-of-text token
     once that many are out (as transformers' generate does); without, it runs `new_tokens` steps."""
-    out = [op_start(llm, ids)]
-    eos = llm.token_eos()
-    while len(out) < new_tokens:
-        if min_new_tokens is not None and out[-1] == eos and len(out) >= min_new_tokens:
-            break
-        out.append(op_step(llm, out[-1]))
-    return out
+    return op_greedy_clocked(llm, ids, new_tokens, new_tokens if min_new_tokens is None else min_new_tokens)[0]
 
 
 def op_greedy_clocked(llm, ids: list[int], new_tokens: int, min_new_tokens: int) -> tuple[list[int], list[float]]:
