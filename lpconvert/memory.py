@@ -212,6 +212,11 @@ def estimate(parameters: int, dtype: str, copies: int = 1, working: int = 0) -> 
     return Estimate(parameters, weights, working, int(MARGIN_FRACTION * weights) + MARGIN_BYTES)
 
 
+def stream_bytes(config, tokens: int, dtype: str, streams: int = 1) -> int:
+    """The residual stream of `tokens` tokens, `streams` times (what a layer-major stage keeps between layers)."""
+    return streams * tokens * int(getattr(config, "hidden_size", 0) or 0) * DTYPE_BYTES[dtype]
+
+
 def logits_bytes(config, batch_size: int, seq_len: int, copies: int = 1) -> int:
     """A batch's logits in float32, with the log-softmax and the probabilities beside them, per model."""
     vocab = getattr(config, "vocab_size", 0) or 0
@@ -252,9 +257,51 @@ def _has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
+def streamed_part_bytes(source, dtype: str) -> dict[str, int]:
+    """Bytes in the compute dtype of what a streamed model (streaming.py) reads at once: its largest decoder layer,
+    the embedding and the output head (the embedding again where they are tied), from the tensor headers."""
+    parts = {"layer": {}, "embedding": 0, "head": 0}
+    for name, info in source.store.infos().items():
+        count = 1
+        for size in info.shape:
+            count *= int(size)
+        size = count * DTYPE_BYTES[dtype]
+        if name.startswith("model.layers."):
+            layer = name.split(".")[2]
+            parts["layer"][layer] = parts["layer"].get(layer, 0) + size
+        elif name.startswith("model.embed_tokens."):
+            parts["embedding"] += size
+        elif name.startswith("lm_head."):
+            parts["head"] += size
+    return {"layer": max(parts["layer"].values(), default=0), "embedding": parts["embedding"],
+            "head": parts["head"] or parts["embedding"]}
+
+
+def streamed_weights(sources, dtype: str, keep: int = 2) -> int:
+    """The most weight bytes streamed models hold at once: `keep` of their largest parts (streaming.KEEP)."""
+    sizes = sorted((size for source in sources for size in streamed_part_bytes(source, dtype).values()),
+                   reverse=True)
+    return sum(sizes[:keep])
+
+
+def memory_plan(source, *, dtype: str, load: str, working: int, copies: int = 1, others=()) -> str:
+    """One line a stage prints before its work: what it will hold and the peak it expects."""
+    if load == "whole":
+        parameters = parameters_of(source) or 0
+        weights = copies * parameters * DTYPE_BYTES.get(dtype, 4)
+        held = f"the whole model{'s' if copies > 1 else ''} {gib(weights)}"
+    else:
+        parts = streamed_part_bytes(source, dtype)
+        weights = streamed_weights([source, *others], dtype)
+        held = (f"a layer at a time ({gib(parts['layer'])} per layer, embedding {gib(parts['embedding'])}, "
+                f"head {gib(parts['head'])} in {dtype}; at most {gib(weights)} at once)")
+    total = weights + working + int(MARGIN_FRACTION * weights) + MARGIN_BYTES
+    return f"memory: {held} + {gib(working)} activations and logits; expected peak about {gib(total)}"
+
+
 def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, working: int = 0,
                fixes: list[str] | None = None, spread: bool = False,
-               second: str = "the converted model") -> Estimate | None:
+               second: str = "the converted model", load: str = "whole", others=()) -> Estimate | None:
     """Refuse in one line when `stage`'s estimated peak exceeds what `device` has (all devices and the CPU with
     `spread`, a device_map). `copies`: models held at once (eval: 2; `second` names the other); `working`: the stage's own bytes beyond the
     weights; `fixes`: what lowers the peak, as the user writes it (memory_fixes). Returns the estimate, or None
@@ -265,11 +312,19 @@ def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, 
     if not parameters or dtype not in DTYPE_BYTES:
         return None
     found = estimate(parameters, dtype, copies, working)
+    if load == "stream":  # a layer at a time (`others`: models streamed beside it, eval's converted one)
+        weights = streamed_weights([source, *others], dtype)
+        found = Estimate(parameters, weights, working, int(MARGIN_FRACTION * weights) + MARGIN_BYTES)
     have = available_memory(device, spread)
     if have is None or found.total <= have[0]:
         return found
     held = f" and {second}" if copies == 2 else f" {copies} times" if copies > 2 else ""
     count = f"{copies} x " if copies > 1 else ""
+    if load == "stream":
+        raise LPError(f"{stage} would need about {gib(found.total)} to run {source.name} a layer at a time "
+                      f"({gib(found.weights)} of weights in {dtype} at once + {gib(found.working)} activations and "
+                      f"logits + {gib(found.margin)} margin), more than the {gib(have[0])} {have[1]}",
+                      f"{'; '.join(fixes or []) or 'run on a machine with more memory'}; {SKIP_ENV}=1 tries anyway")
     working_text = f" + {gib(found.working)} working" if found.working >= GIB // 10 else ""
     fix_text = "; ".join(fixes or []) or "run on a machine with more memory"
     raise LPError(f"{stage} would need about {gib(found.total)} to hold {source.name}{held} "

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .archs import architecture_for, rope_by_layer_type
+from .streaming import real_module
 
 # A pair's fused input projections (the export's names) -> the module holding them and their parts in row order.
 # The norm folded into them is the layer's input norm of that sub-block (archs.LayerNorms).
@@ -92,19 +93,23 @@ class LayerRunner:
 
     # --- one layer, one pair -------------------------------------------------------------------
 
+    def _layer(self, i: int) -> torch.nn.Module:
+        """Decoder layer i (a streamed model reads its weights now, unless they are among the last used)."""
+        return real_module(self.inner.layers[i])
+
     def _on_layer_device(self, i: int, x: torch.Tensor) -> torch.Tensor:
         # With a device_map the layers of a pair may sit on different devices.
-        return x.to(self.inner.layers[i].input_layernorm.weight.device)
+        return x.to(self._layer(i).input_layernorm.weight.device)
 
     def _post_norm(self, i: int, name: str, out: torch.Tensor) -> torch.Tensor:
         """A sandwich layer's norm of its attention ("o_proj") or MLP ("down_proj") output; else the output."""
         norm = self.norms.attention_output if name == "o_proj" else self.norms.mlp_output
-        return getattr(self.inner.layers[i], norm)(out) if norm else out
+        return getattr(self._layer(i), norm)(out) if norm else out
 
     def attention(self, i: int, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
                   post_norm: bool = True) -> torch.Tensor:
         """Attn_i(N1_i(x)); `weights`: a healed pair's q/k/v for this layer, its norm folded in (norm then unit)."""
-        layer = self.inner.layers[i]
+        layer = self._layer(i)
         local = self._on_layer_device(i, x)
         cos, sin = (t.to(local.device) for t in self.rotary[i])
         norm = getattr(layer, self.norms.attention_input)
@@ -115,7 +120,7 @@ class LayerRunner:
 
     def mlp(self, i: int, h: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
             post_norm: bool = True) -> torch.Tensor:
-        layer = self.inner.layers[i]
+        layer = self._layer(i)
         local = self._on_layer_device(i, h)
         out = _call(layer.mlp, weights, _norm(getattr(layer, self.norms.mlp_input), local, weights, self.norm_offset))
         return (self._post_norm(i, "down_proj", out) if post_norm else out).to(h.device)
@@ -135,7 +140,7 @@ class LayerRunner:
     @contextlib.contextmanager
     def _projection_inputs(self, i: int, name: str) -> Iterator[None]:
         """Layer i's attention or MLP returns the input of its output projection (o_proj, down_proj)."""
-        module = self.inner.layers[i].self_attn if name == "o_proj" else self.inner.layers[i].mlp
+        module = self._layer(i).self_attn if name == "o_proj" else self._layer(i).mlp
         projection = getattr(module, name)
         setattr(module, name, torch.nn.Identity())
         try:
@@ -154,7 +159,7 @@ class LayerRunner:
         row = 0
         for part in parts:  # rows [p1_a, p1_b, p2_a, p2_b, ...] as archs' "rows" rule writes them
             for layer, half in zip((i, i + 1), halves, strict=True):
-                weight = getattr(getattr(self.inner.layers[layer], module_name), part).weight
+                weight = getattr(getattr(self._layer(layer), module_name), part).weight
                 half[f"{part}.weight"] = fused[row:row + weight.shape[0]].to(weight)
                 row += weight.shape[0]
         return halves
@@ -171,7 +176,7 @@ class LayerRunner:
     def projection(self, i: int, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The pair's fused projection as the export builds it: an output projection's weight [a | b]
         and summed bias; an input projection's rows with each layer's norm folded in (float32), no bias."""
-        layers = [self.inner.layers[i], self.inner.layers[i + 1]]
+        layers = [self._layer(i), self._layer(i + 1)]
         if name in INPUT_PROJECTIONS:
             blocks, norms = self.input_parts(i, name)
             return torch.cat([w.float() * norms[half].float()[None, :] for w, half in blocks]).detach(), None
@@ -186,7 +191,7 @@ class LayerRunner:
         each with its half (0: layer i, 1: layer i+1), and each half's norm weight (folded into its rows)."""
         module_name, parts = INPUT_PROJECTIONS[name]
         norm = self.norms.attention_input if name == "qkv_proj" else self.norms.mlp_input
-        layers = [self.inner.layers[i], self.inner.layers[i + 1]]
+        layers = [self._layer(i), self._layer(i + 1)]
         blocks = [(getattr(getattr(layer, module_name), part).weight, half)
                   for part in parts for half, layer in enumerate(layers)]
         return blocks, {half: self.norm_offset + getattr(layer, norm).weight for half, layer in enumerate(layers)}
@@ -201,13 +206,13 @@ class LayerRunner:
         return F.linear(inputs, weight, None if bias is None else bias.to(inputs))
 
     def _own_bias(self, i: int, name: str) -> torch.Tensor | None:
-        module = self.inner.layers[i].self_attn if name == "o_proj" else self.inner.layers[i].mlp
+        module = self._layer(i).self_attn if name == "o_proj" else self._layer(i).mlp
         return getattr(module, name).bias
 
     def output_gains(self, i: int, name: str) -> torch.Tensor:
         """A sandwich pair's post-norm scales after its o_proj ("o_proj") or down_proj: [2, hidden], float32."""
         norm = self.norms.attention_output if name == "o_proj" else self.norms.mlp_output
-        return torch.stack([self.norm_offset + getattr(self.inner.layers[layer], norm).weight.float()
+        return torch.stack([self.norm_offset + getattr(self._layer(layer), norm).weight.float()
                             for layer in (i, i + 1)])
 
     def pair_attention(self, i: int, x: torch.Tensor) -> torch.Tensor:
@@ -260,7 +265,8 @@ class LayerRunner:
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.inner.norm.weight.device)
-        return self.model.lm_head(self.inner.norm(x).to(self.model.lm_head.weight.device)).float()
+        head = real_module(self.model.lm_head)
+        return head(self.inner.norm(x).to(head.weight.device)).float()
 
 
 def topk_reference(logp: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -308,12 +314,12 @@ def locate_nonfinite(runner: LayerRunner, input_ids: torch.Tensor) -> str:
     with torch.inference_mode():
         x = runner.embed(input_ids)
         if not bool(torch.isfinite(x).all()):
-            bad = _bad_tensor(runner.inner.embed_tokens, "model.embed_tokens")
+            bad = _bad_tensor(real_module(runner.inner.embed_tokens), "model.embed_tokens")
             return "the embeddings" + (f" ({bad} holds NaN or Inf)" if bad else "")
         for i in range(runner.num_layers):
             x = runner.layer(i, x)
             if not bool(torch.isfinite(x).all()):
-                bad = _bad_tensor(runner.inner.layers[i], f"model.layers.{i}")
+                bad = _bad_tensor(runner._layer(i), f"model.layers.{i}")
                 return f"layer {i}" + (f" ({bad} holds NaN or Inf)" if bad else "'s output")
         if not bool(torch.isfinite(runner.logprobs(x)).all()):
             return "the output head (final norm and lm_head)"

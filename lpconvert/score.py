@@ -28,10 +28,11 @@ from . import __version__
 from .archs import architecture_for, unpairable_starts
 from .errors import LPError
 from .formats import PAIR_METRICS, SCORES_KIND, SCORES_SCHEMA_VERSION, source_fingerprint
-from .memory import DTYPE_BYTES, Setter, check_fits, logits_bytes, memory_fixes, option_setter
+from .memory import Setter, check_fits, logits_bytes, memory_fixes, memory_plan, option_setter, stream_bytes
 from .runner import LayerRunner, batches, locate_nonfinite, not_finite_fix
 from .runtime import check_positions, dtype_from_name, resolve_device, text_windows
 from .settings import CHEAP_METRICS, SCORE_METRICS, ScoreSettings  # noqa: F401  (ScoreSettings: the stage's API)
+from .streaming import load_model
 
 ALL_METRICS = SCORE_METRICS
 
@@ -64,14 +65,18 @@ def _token_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _capture_cheap_metrics(runner: LayerRunner, input_ids: torch.Tensor, settings: ScoreSettings,
                            tick: Callable[[], None]) -> tuple[Sums, Sums, float, int]:
-    """One pass: layer and pair statistics summed over windows, and the base calibration NLL."""
+    """One pass, layer-major: every batch goes through layer i before layer i+1 is read (a streamed model reads
+    each layer once). Kept between layers: the stream before layer i and before layer i-1, for every window.
+    Layer and pair statistics are summed over windows, and the base calibration NLL taken at the end."""
     num_layers = runner.num_layers
     layers, pairs = Sums(num_layers), Sums(num_layers - 1)
     want_pairs = "pair_error" in settings.metrics
-    nll_total, nll_count = 0.0, 0
-    for ids in batches(input_ids, settings.batch_size):
-        before_prev, x = None, runner.embed(ids)
-        for i in range(num_layers):
+    windows = list(batches(input_ids, settings.batch_size))
+    xs = [runner.embed(ids) for ids in windows]
+    before_prev: list[torch.Tensor | None] = [None] * len(xs)
+    for i in range(num_layers):
+        ys = []
+        for b, x in enumerate(xs):
             y = runner.layer(i, x)
             cos = _token_cos(x, y)
             layers.add("angular_distance", i, _angular(cos).sum())
@@ -79,51 +84,69 @@ def _capture_cheap_metrics(runner: LayerRunner, input_ids: torch.Tensor, setting
             layers.add("block_influence", i, (1 - cos).sum())
             layers.add("tokens", i, cos.numel())
             layers.add("windows", i, cos.shape[0])
-            if before_prev is not None:
-                p = i - 1  # the pair (i-1, i): its input is before_prev, its sequential output is y
-                cos2 = _token_cos(before_prev, y)
-                pairs.add("angular_distance", p, _angular(cos2).sum())
-                pairs.add("tokens", p, cos2.numel())
-                if want_pairs:
-                    sequential = (y - before_prev).float()
-                    parallel = (runner.pair(p, before_prev) - before_prev).float()
-                    pairs.add("diff_sq", p, (parallel - sequential).pow(2).sum())
-                    pairs.add("update_sq", p, sequential.pow(2).sum())
-                    pairs.add("cosine", p, F.cosine_similarity(parallel, sequential, dim=-1).sum())
-            before_prev, x = x, y
-            tick()  # per layer, so a bar moves even when the whole budget is one batch
+            if before_prev[b] is not None:
+                _add_pair(runner, pairs, i - 1, before_prev[b], y, want_pairs)
+            ys.append(y)
+            tick()  # per layer and batch, so a bar moves even when the whole budget is one batch
+        before_prev, xs = xs, ys
+    del before_prev
+    nll_total, nll_count = 0.0, 0
+    for ids, x in zip(windows, xs, strict=True):
         total, count = runner.nll(x, ids)
         nll_total, nll_count = nll_total + total, nll_count + count
     return layers, pairs, nll_total, nll_count
 
 
+def _add_pair(runner: LayerRunner, pairs: Sums, p: int, before: torch.Tensor, after: torch.Tensor,
+              want_pairs: bool) -> None:
+    """Pair (p, p+1)'s statistics for one batch: its input `before` and sequential output `after`."""
+    cos2 = _token_cos(before, after)
+    pairs.add("angular_distance", p, _angular(cos2).sum())
+    pairs.add("tokens", p, cos2.numel())
+    if want_pairs:
+        sequential = (after - before).float()
+        parallel = (runner.pair(p, before) - before).float()
+        pairs.add("diff_sq", p, (parallel - sequential).pow(2).sum())
+        pairs.add("update_sq", p, sequential.pow(2).sum())
+        pairs.add("cosine", p, F.cosine_similarity(parallel, sequential, dim=-1).sum())
+
+
 def _measure_pair_losses(runner: LayerRunner, input_ids: torch.Tensor, settings: ScoreSettings,
                          tick: Callable[[], None]) -> tuple[float, list[float]]:
-    """Base loss and the loss with each single pair in parallel, on `input_ids` (the loss budget)."""
+    """Base loss and the loss with each single pair in parallel, on `input_ids` (the loss budget).
+
+    One layer-major pass reads each layer once: at layer i the base stream goes on through layer i, pair
+    (i, i+1) branches off it (run in parallel on the base stream at i), and every pair that branched below
+    goes on through layer i. Kept: one stream per pair branched so far, at most num_layers - 1 streams of
+    the loss budget (what check_score_memory counts), the price of reading the model once rather than once
+    per pair."""
     num_layers = runner.num_layers
     windows = list(batches(input_ids, settings.batch_size))
-    # The stream before every layer, for every window of the budget (the budget keeps this small).
-    streams: list[list[torch.Tensor]] = []
-    base_total = base_count = 0
-    for ids in windows:
-        x, per_layer = runner.embed(ids), []
-        for i in range(num_layers):
-            per_layer.append(x)
-            x = runner.layer(i, x)
-        total, count = runner.nll(x, ids)
-        base_total, base_count = base_total + total, base_count + count
-        streams.append(per_layer)
-    tick()
+    base = [runner.embed(ids) for ids in windows]
+    branches: dict[int, list[torch.Tensor]] = {}  # pair start -> its stream, per batch, at the current layer
+    for i in range(num_layers):
+        for p, xs in branches.items():
+            if i >= p + 2:  # a pair's own two layers ran in parallel when it branched
+                branches[p] = [runner.layer(i, x) for x in xs]
+        if i < num_layers - 1:
+            branches[i] = [runner.pair(i, x) for x in base]
+        base = [runner.layer(i, x) for x in base]
+        tick()
+    base_total, base_count = _nll(runner, base, windows)
     losses = []
     for p in range(num_layers - 1):
-        total = count = 0
-        for ids, per_layer in zip(windows, streams, strict=True):
-            x = runner.run(runner.pair(p, per_layer[p]), start=p + 2)
-            t, c = runner.nll(x, ids)
-            total, count = total + t, count + c
+        total, count = _nll(runner, branches.pop(p), windows)
         losses.append(total / count)
-        tick()
+    tick()
     return base_total / base_count, losses
+
+
+def _nll(runner: LayerRunner, streams: list[torch.Tensor], windows: list[torch.Tensor]) -> tuple[float, int]:
+    total = count = 0
+    for x, ids in zip(streams, windows, strict=True):
+        t, c = runner.nll(x, ids)
+        total, count = total + t, count + c
+    return total, count
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,20 +221,33 @@ def _check_finite(runner: LayerRunner, ids: torch.Tensor, name: str, dtype: str,
                   not_finite_fix(dtype, setter))
 
 
-def check_score_memory(source, settings: ScoreSettings, device: str, setter: Setter = option_setter) -> None:
-    """The model, a batch's logits and (measuring losses) the stream before every layer of the loss windows
-    must fit: refused in one line before anything loads (memory.py)."""
-    measuring = settings.measure_loss or "loss" in settings.metrics
-    working = logits_bytes(source.config, settings.batch_size, settings.seq_len)
-    if measuring:
+def score_working_bytes(config, settings: ScoreSettings) -> int:
+    """What score keeps besides weights: a batch's logits, the streams of every calibration window (three, layer-major:
+    before layer i-1, before i, after i; one whole-model: the batch in flight) and, measuring losses, one stream
+    of the loss windows per pair."""
+    streaming = settings.load == "stream" and settings.device_map is None
+    tokens = settings.tokens if streaming else settings.batch_size * settings.seq_len
+    working = logits_bytes(config, settings.batch_size, settings.seq_len)
+    working += stream_bytes(config, tokens, settings.dtype, streams=3)
+    if settings.measure_loss or "loss" in settings.metrics:
         windows = math.ceil(settings.loss_tokens / settings.seq_len)
-        hidden = int(getattr(source.config, "hidden_size", 0) or 0)
-        layers = int(getattr(source.config, "num_hidden_layers", 0) or 0)
-        working += layers * windows * settings.seq_len * hidden * DTYPE_BYTES[settings.dtype]
+        layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+        working += stream_bytes(config, windows * settings.seq_len, settings.dtype, streams=layers)
+    return working
+
+
+def check_score_memory(source, settings: ScoreSettings, device: str, setter: Setter = option_setter) -> str:
+    """The weights score holds (a layer at a time, or the whole model), a batch's logits and the kept streams must fit:
+    refused in one line before anything loads (memory.py). Returns the memory plan, one line to print."""
+    measuring = settings.measure_loss or "loss" in settings.metrics
+    working = score_working_bytes(source.config, settings)
+    load = "whole" if settings.device_map is not None else settings.load
     check_fits(source, stage="score", dtype=settings.dtype, device=device, working=working,
-               spread=settings.device_map is not None,
-               fixes=memory_fixes(setter, dtype=settings.dtype, tokens=("loss_tokens",) if measuring else (),
+               spread=settings.device_map is not None, load=load,
+               fixes=memory_fixes(setter, dtype=settings.dtype,
+                                  tokens=("tokens", *(("loss_tokens",) if measuring else ())),
                                   device_map=settings.device_map))
+    return memory_plan(source, dtype=settings.dtype, load=load, working=working)
 
 
 def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int, int], None] | None = None,
@@ -228,12 +264,13 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
                       f"use --loss-tokens {settings.seq_len} or more, or a smaller --seq-len")
     device = resolve_device(settings.device)
     dtype = dtype_from_name(settings.dtype)
-    check_score_memory(source, settings, device, setter)
+    plan = check_score_memory(source, settings, device, setter)
     if progress:
+        progress(plan, None, None)
         progress("reading the calibration text and loading the model", None, None)
     _, windows = text_windows(source.load_tokenizer(), settings.calib, text_field=settings.text_field,
                               tokens=settings.tokens, seq_len=settings.seq_len, seed=settings.seed, split="calib")
-    model = source.load_model(dtype=dtype, device=device, device_map=settings.device_map)
+    model = load_model(source, dtype=dtype, device=device, load=settings.load, device_map=settings.device_map)
     runner = LayerRunner(model, settings.seq_len)
     num_layers = runner.num_layers
     n_batches = math.ceil(windows.input_ids.shape[0] / settings.batch_size)
@@ -261,7 +298,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
             n_loss = math.ceil(settings.loss_tokens / settings.seq_len)
             loss_ids = windows.input_ids[:n_loss]
             loss_result = _measure_pair_losses(runner, loss_ids, settings,
-                                               tick_for("measuring the loss of each pair", num_layers))
+                                               tick_for("measuring the loss of each pair", num_layers + 1))
             timings["loss_seconds"] = time.perf_counter() - t0
 
     base_loss = nll_total / nll_count

@@ -45,6 +45,7 @@ MAX_STEPS = 10**6
 HEAL_METHODS = ("lsq", "distill")  # heal: least squares (training-free); lsq then a short KL fine-tune
 HEAL_TRAINED = ("all", "output")  # distill trains every fused projection of a pair, or o_proj and down_proj only
 HEAL_TARGETS = ("global", "local")  # lsq fits toward the source's own stream, or the two layers run in sequence
+LOADS = ("stream", "whole")  # how a stage holds the model: a layer at a time from disk, or whole (streaming.py)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies (sources.load_model)
 
 
@@ -65,6 +66,7 @@ class ScoreSettings:
     batch_size: int = setting(4, int_spec(4, min=1))
     device: str = setting("auto", Spec("device", "cpu"))
     dtype: str = setting("float32", Spec("choice", "bfloat16", choices=DTYPES))
+    load: str = setting("stream", Spec("choice", "whole", choices=LOADS))
     device_map: str | None = setting(None, Spec("choice", "auto", choices=DEVICE_MAPS, optional=True))
     metrics: tuple[str, ...] = setting(CHEAP_METRICS, Spec("choices", ["angular_distance", "pair_error"],
                                                            choices=SCORE_METRICS))
@@ -90,6 +92,7 @@ class PlanSettings:
     batch_size: int = setting(4, int_spec(4, min=1))
     device: str = setting("auto", Spec("device", "cpu"))
     dtype: str = setting("auto", Spec("choice", "bfloat16", choices=COMPUTE_DTYPES))
+    load: str = setting("stream", Spec("choice", "whole", choices=LOADS))
     use_model: bool = setting(True, Spec("bool", True))
 
 
@@ -112,6 +115,7 @@ class HealSettings:
     lr: float = setting(3e-4, Spec("number", 3e-4, above=0))  # distill: Adam's peak learning rate (cosine decay)
     device: str = setting("auto", Spec("device", "cpu"))
     dtype: str = setting("float32", Spec("choice", "float32", choices=DTYPES))
+    load: str = setting("stream", Spec("choice", "whole", choices=LOADS))
 
 
 @dataclass
@@ -141,6 +145,7 @@ class EvalSettings:
     batch_size: int = setting(4, int_spec(4, min=1))
     device: str = setting("auto", Spec("device", "cpu"))
     dtype: str = setting("float32", Spec("choice", "bfloat16", choices=DTYPES))
+    load: str = setting("stream", Spec("choice", "whole", choices=LOADS))
     prompt: str = setting("The capital of France is", Spec("text", "The capital of France is"))
     new_tokens: int = setting(24, int_spec(24, min=1))
     # fractions: 0.10 for 10% ('10%' on the command line and in recipes)
@@ -157,6 +162,7 @@ class TaskSettings:
     batch_size: int = setting(16, int_spec(16, min=1))  # requests (prompt + one choice) per forward pass
     device: str = setting("auto", Spec("device", "cpu"))
     dtype: str = setting("float32", Spec("choice", "bfloat16", choices=DTYPES))
+    load: str = setting("stream", Spec("choice", "whole", choices=LOADS))
     # fraction of the source's average accuracy the converted model must keep: 0.97 for 97%
     min_retained: float | None = setting(None, Spec("percent", "97%", min=0, optional=True))
 

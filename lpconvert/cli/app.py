@@ -107,6 +107,10 @@ AllowEdgeOpt = Annotated[bool, typer.Option(
     "--allow-edge-layers", help="Allow pairing the first or last layer (most damaging).", rich_help_panel="Pairs")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda.", rich_help_panel="Runtime")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.", rich_help_panel="Runtime")]
+LoadOpt = Annotated[str, typer.Option(
+    help="stream: read one layer at a time from disk and free it (memory flat in depth: a 70B on a small machine); "
+         "whole: load the whole model first (no faster when it fits: the same reads, see docs/benchmarks.md).",
+    rich_help_panel="Runtime")]
 EngineOpt = Annotated[str, typer.Option(
     help="transformers, or vllm: run the models in vLLM's Transformers backend (a Python with vLLM: this one, or "
          "LPCONVERT_VLLM_PYTHON).", rich_help_panel="Runtime")]

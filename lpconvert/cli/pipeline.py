@@ -19,6 +19,7 @@ from .app import (
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    LoadOpt,
     ModelArg,
     OverwriteOpt,
     SeedOpt,
@@ -83,6 +84,7 @@ def score(
     batch_size: BatchOpt = SCORE_DEFAULTS["batch_size"],
     device: DeviceOpt = SCORE_DEFAULTS["device"],
     dtype: DtypeOpt = SCORE_DEFAULTS["dtype"],
+    load: LoadOpt = SCORE_DEFAULTS["load"],
     device_map: Annotated[str | None, typer.Option(
         help="'auto' spreads a model too large for one device (accelerate).", rich_help_panel="Runtime",
         show_default=False)] = SCORE_DEFAULTS["device_map"],
@@ -100,7 +102,7 @@ def score(
 
     settings = settings_from_options(
         ScoreSettings, calib=calib, text_field=text_field, tokens=tokens, seq_len=seq_len, seed=seed,
-        batch_size=batch_size, device=device, dtype=dtype, device_map=device_map,
+        batch_size=batch_size, device=device, dtype=dtype, device_map=device_map, load=load,
         metrics=[name.strip() for name in metrics.split(",") if name.strip()], measure_loss=measure_loss,
         loss_tokens=loss_tokens)
     outputs = ((output, SCORES_OUTPUT), (plot, SCORES_PLOT))
@@ -182,6 +184,7 @@ def plan(
     device: DeviceOpt = PLAN_DEFAULTS["device"],
     dtype: Annotated[str, typer.Option(help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16 or float16.",
                                        rich_help_panel="Runtime")] = PLAN_DEFAULTS["dtype"],
+    load: LoadOpt = PLAN_DEFAULTS["load"],
     plot: Annotated[Path | None, typer.Option(help="Also draw calibration perplexity against effective depth "
                                                    "(the quality/depth front) into this picture (.png, .svg or .pdf).",
                                               rich_help_panel="Output", show_default=False)] = None,
@@ -201,7 +204,7 @@ def plan(
         PlanSettings, strategy=strategy, metric=metric, objective=objective, candidates=candidates, beam=beam,
         verify=verify, allow_edge_layers=allow_edge_layers, calib=calib, tokens=tokens,
         heldout_tokens=heldout_tokens, seq_len=seq_len, seed=seed, batch_size=batch_size, device=device,
-        dtype=dtype, use_model=model is not None)
+        dtype=dtype, load=load, use_model=model is not None)
     if output is None and not as_json:
         raise LPError("give -o plan.json (or --json to print the plan)", "e.g. lpconvert plan scores.json -o plan.json")
     outputs = ((output, PLAN_OUTPUT), (plot, FRONT_PLOT))
@@ -275,6 +278,7 @@ def heal(
     batch_size: BatchOpt = HEAL_DEFAULTS["batch_size"],
     device: DeviceOpt = HEAL_DEFAULTS["device"],
     dtype: DtypeOpt = HEAL_DEFAULTS["dtype"],
+    load: LoadOpt = HEAL_DEFAULTS["load"],
     plot: Annotated[Path | None, typer.Option(help="Also draw held-out perplexity before and after each pair "
                                                    "(.png, .svg or .pdf).",
                                               rich_help_panel="Output", show_default=False)] = None,
@@ -294,7 +298,7 @@ def heal(
     settings = settings_from_options(
         HealSettings, method=method, target=target, damping=_comma_numbers(damping, "--damping"), train=train, steps=steps,
         lr=lr, calib=calib, text_field=text_field, tokens=tokens, heldout_tokens=heldout_tokens, seq_len=seq_len,
-        seed=seed, batch_size=batch_size, device=device, dtype=dtype)
+        seed=seed, batch_size=batch_size, device=device, dtype=dtype, load=load)
     loaded_plan = load_plan(plan)
     inputs = [Path(p) for p in (plan, calib) if p and Path(p).exists()]
     report_path = check_heal_outputs(output, overwrite, typed_paths(model), inputs)

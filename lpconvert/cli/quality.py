@@ -19,6 +19,7 @@ from .app import (
     DtypeOpt,
     EngineOpt,
     JsonOpt,
+    LoadOpt,
     ModelArg,
     OverwriteOpt,
     SeqLenOpt,
@@ -81,6 +82,7 @@ def eval_command(
              f"(default {TASK_DEFAULTS['batch_size']}).", rich_help_panel="Runtime", show_default=False)] = None,
     device: DeviceOpt = EVAL_DEFAULTS["device"],
     dtype: DtypeOpt = EVAL_DEFAULTS["dtype"],
+    load: LoadOpt = EVAL_DEFAULTS["load"],
     engine: EngineOpt = "transformers",
     tensor_parallel: TensorParallelOpt = 1,
     trust_remote_code: TrustOpt = False,
@@ -99,7 +101,7 @@ def eval_command(
         _refuse_options("does not apply with --tasks (it bounds the text evaluation)",
                         {"--max-ppl-increase": max_ppl_increase, "--min-agreement": min_agreement})
         settings = settings_from_options(TaskSettings, tasks=tasks, limit=limit, seed=seed, device=device,
-                                         dtype=dtype, min_retained=min_retained, **batch)
+                                         dtype=dtype, load=load, min_retained=min_retained, **batch)
         report = _task_report(source_model, converted_model, settings, trust_remote_code)
         from ..render import tasks_table
 
@@ -107,7 +109,7 @@ def eval_command(
     else:
         _refuse_options("needs --tasks", {"--limit": limit, "--min-retained": min_retained})
         settings = settings_from_options(EvalSettings, text=text, split=split, text_field=text_field, tokens=tokens,
-                                         seq_len=seq_len, device=device, dtype=dtype, prompt=prompt,
+                                         seq_len=seq_len, device=device, dtype=dtype, load=load, prompt=prompt,
                                          max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, **batch)
         report = _text_report(source_model, converted_model, settings, trust_remote_code, **runtime)
         from ..render import eval_table
