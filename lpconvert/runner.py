@@ -252,6 +252,19 @@ class LayerRunner:
                 i += 1
         return x
 
+    def run_all(self, xs: list[torch.Tensor], start: int = 0, pairs: Iterable[int] = (), stop: int | None = None
+                ) -> list[torch.Tensor]:
+        """`run` for every batch of `xs`, layer-major: every batch through one layer (or pair) before the next, so a
+        streamed model reads each layer once. Same operations per batch as `run`: the same results."""
+        starts = set(pairs)
+        stop = self.num_layers if stop is None else stop
+        i = start
+        while i < stop:
+            step = self.pair if i in starts else self.layer
+            xs = [step(i, x) for x in xs]
+            i += 2 if i in starts else 1
+        return xs
+
     def nll(self, x: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token negative log-likelihood (float64) and token count, from the final stream."""
         logits = self._head(x)

@@ -63,6 +63,7 @@ class WeightCache:
             state[name] = stored.to(device=self.device, dtype=dtype)
             self.read_bytes += stored.numel() * stored.element_size()
         module.load_state_dict(state, strict=True, assign=True)
+        module.requires_grad_(False)  # streamed weights are read, never trained (heal trains copies of its own)
         self.reads += 1
         return module.eval()
 

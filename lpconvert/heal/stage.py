@@ -18,10 +18,11 @@ from ..archs import architecture_for
 from ..errors import LPError
 from ..formats import Plan, check_fingerprint, content_digest, source_fingerprint
 from ..healfile import HEALED_PARTS, heal_header, tensor_name
-from ..memory import DTYPE_BYTES, Setter, check_fits, logits_bytes, memory_fixes, option_setter
+from ..memory import DTYPE_BYTES, Setter, check_fits, logits_bytes, memory_fixes, memory_plan, option_setter
 from ..runner import LayerRunner
 from ..runtime import check_positions, dtype_from_name, resolve_device, text_windows
 from ..settings import HealSettings
+from ..streaming import load_model
 from .distill import heal_distill
 from .lsq import heal_lsq
 from .streams import Progress, Streams
@@ -74,17 +75,20 @@ def _peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def check_heal_memory(source, s: HealSettings, device: str, setter: Setter = option_setter) -> None:
+def check_heal_memory(source, s: HealSettings, device: str, setter: Setter = option_setter) -> str:
     """The model, the streams of every window (calibration and held-out, kept at the current layer), a pair's
     float64 Gram and its solve, and a batch's logits must fit (memory.py)."""
     config = source.config
     hidden = int(getattr(config, "hidden_size", 0) or 0)
     inner = int(getattr(config, "intermediate_size", 0) or 0)
     windows = math.ceil(s.tokens / s.seq_len) * (2 if s.target == "global" else 1) + math.ceil(s.heldout_tokens / s.seq_len)
+    # the held-out streams twice: kept at the pair, and run on to the head to measure a loss
+    windows += math.ceil(s.heldout_tokens / s.seq_len)
     working = windows * s.seq_len * hidden * DTYPE_BYTES[s.dtype] + 2 * (2 * inner) ** 2 * 8
     working += logits_bytes(config, s.batch_size, s.seq_len)
-    check_fits(source, stage="heal", dtype=s.dtype, device=device, working=working,
+    check_fits(source, stage="heal", dtype=s.dtype, device=device, working=working, load=s.load,
                fixes=memory_fixes(setter, dtype=s.dtype, tokens=("tokens", "heldout_tokens")))
+    return memory_plan(source, dtype=s.dtype, load=s.load, working=working)
 
 
 def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Progress = None,
@@ -101,7 +105,9 @@ def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Pro
     _check_settings(s)
     check_positions(source.name, source.config, s.seq_len, "--seq-len")
     device = resolve_device(s.device)
-    check_heal_memory(source, s, device, setter)
+    plan_line = check_heal_memory(source, s, device, setter)
+    if progress:
+        progress(plan_line)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if progress:
@@ -109,7 +115,7 @@ def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Pro
     calib, heldout = _windows(source, s)
     if progress:
         progress(f"loading {source.name} ({s.dtype} on {device})")
-    model = source.load_model(dtype=dtype_from_name(s.dtype), device=device)
+    model = load_model(source, dtype=dtype_from_name(s.dtype), device=device, load=s.load)
     model.requires_grad_(False)  # distill trains copies of the pairs' fused projections, nothing of the model
     runner = LayerRunner(model, seq_len=s.seq_len)
     pairs = sorted(plan.pairs)

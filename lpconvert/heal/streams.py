@@ -2,7 +2,8 @@
 
 Healing walks the model from the bottom up: each pair is corrected with its input as the model
 healed so far computes it (GPTQ's order), so the streams are kept at the current layer and advanced
-as the pairs below are settled, never recomputed from the embedding.
+as the pairs below are settled, never recomputed from the embedding. Every batch goes through a layer before
+the next layer runs (LayerRunner.run_all), so a streamed model (streaming.py) reads each layer once per pass.
 """
 
 from __future__ import annotations
@@ -35,14 +36,15 @@ class Streams:
         if stop < self.layer:
             raise ValueError(f"streams are at layer {self.layer}, past {stop}")
         with torch.no_grad():
-            self.xs = [self.runner.run(x, start=self.layer, pairs=pairs, stop=stop) for x in self.xs]
+            self.xs = self.runner.run_all(self.xs, start=self.layer, pairs=pairs, stop=stop)
         self.layer = stop
 
     def loss(self, pairs=()) -> float:
         """Mean next-token NLL of the windows, running the model from here to its head."""
         nll, count = 0.0, 0
         with torch.no_grad():
-            for x, ids in zip(self.xs, self.batches, strict=True):
-                total, n = self.runner.nll(self.runner.run(x, start=self.layer, pairs=pairs), ids)
+            finals = self.runner.run_all(self.xs, start=self.layer, pairs=pairs)  # layer-major: each layer read once
+            for x, ids in zip(finals, self.batches, strict=True):
+                total, n = self.runner.nll(x, ids)
                 nll, count = nll + total, count + n
         return nll / count
