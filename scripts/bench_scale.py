@@ -24,7 +24,7 @@ and the last line of its stderr, and the benchmark goes on.
 
     .venv/bin/python scripts/bench_scale.py --shapes 7b,7b-16        # ~14 + 7 GB of checkpoints in /tmp/lp_scale
     .venv/bin/python scripts/bench_scale.py --shapes 70b-2,70b-4     # the 80-layer extrapolation
-    .venv/bin/python scripts/bench_scale.py --tiny                   # the same pipeline on a tiny shape (a minute or two)
+    .venv/bin/python scripts/bench_scale.py --tiny                   # tiny-2,tiny-4 (hidden 64): about 3 min, mostly CLI start-up
     .venv/bin/python scripts/bench_scale.py --build-only --shapes 7b # just build (and time) the checkpoint
 
 Writes --json (default docs/bench_scale.json) and prints the tables.
