@@ -206,6 +206,35 @@ def _harness_model(model, tokenizer, batch_size: int, progress: Callable[[int, i
     return CountingHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+STREAMED_GROUP_TOKENS = 2**16  # a streamed model runs this many request tokens layer-major at a time (256 MiB at 1k)
+
+
+def _batch_logits(model, batches: list):
+    """The logits of each batch's last `keep` positions. A streamed model (streaming.py) runs groups of batches
+    layer-major, every batch of a group through a layer before the next is read: it reads its layers once per
+    group of STREAMED_GROUP_TOKENS request tokens instead of once per batch."""
+    import torch
+
+    from .streaming import LayerMajor, is_streamed
+
+    if not is_streamed(model):
+        for _, inputs, keep in batches:
+            with torch.no_grad():
+                yield model(inputs, logits_to_keep=keep).logits
+        return
+    group: list = []
+    for item in [*batches, None]:
+        if item is not None:
+            group.append(item)
+        if group and (item is None or sum(i[1].numel() for i in group) >= STREAMED_GROUP_TOKENS):
+            with torch.inference_mode():
+                run = LayerMajor(model, [inputs for _, inputs, _ in group])
+                finals = run.run(run.inputs)
+                for (_, _, keep), x in zip(group, finals, strict=True):
+                    yield run.logits(x[:, -keep:])
+            group = []
+
+
 def continuation_logprobs(model, requests: list, batch_size: int, max_length: int, device) -> list[tuple[float, bool]]:
     """For each harness request (strings, context tokens, continuation tokens): the sum of the continuation's
     log-probabilities and whether each of its tokens is the argmax, as the harness's HFLM computes them (the same
@@ -220,6 +249,7 @@ def continuation_logprobs(model, requests: list, batch_size: int, max_length: in
         windows.setdefault((tokens, len(continuation)), []).append(index)
     order = sorted(windows, key=lambda window: -len(window[0]))  # longest first: batches of like lengths
     results: list = [None] * len(requests)
+    batches = []
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         width = len(batch[0][0])
@@ -227,8 +257,9 @@ def continuation_logprobs(model, requests: list, batch_size: int, max_length: in
         for row, (tokens, _) in enumerate(batch):
             inputs[row, :len(tokens)] = torch.tensor(tokens)
         keep = width - min(len(tokens) - scored for tokens, scored in batch)  # the last `keep` positions
-        with torch.no_grad():
-            logits = model(inputs.to(device), logits_to_keep=keep).logits
+        batches.append((batch, inputs.to(device), keep))
+    for (batch, inputs, keep), logits in zip(batches, _batch_logits(model, batches), strict=True):
+        width = inputs.shape[1]
         for row, (tokens, scored) in enumerate(batch):
             end = len(tokens) - (width - keep)
             logprobs = torch.log_softmax(logits[row, end - scored:end].float(), dim=-1)
@@ -392,11 +423,13 @@ def task_accuracy(source, converted, settings: TaskSettings,
     if progress:
         progress("items", 0, None)
     items = item_lists(names, settings)
+    from .streaming import load_model
+
     answers = {}
     for role, model_source in (("source", source), ("converted", converted)):
         if progress:
             progress(role, 0, None)  # loading the model and building the harness's requests come first
-        model = model_source.load_model(dtype=dtype, device=device)
+        model = load_model(model_source, dtype=dtype, device=device, load=settings.load)
         answers[role] = answer_tasks(model, tokenizer, names, items, settings.batch_size,
                                      (lambda done, total, role=role: progress(role, done, total)) if progress else None)
         del model

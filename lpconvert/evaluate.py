@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import __version__
 from .checks import percent_text
 from .formats import check_converted_from, check_same_tokenizer
-from .memory import Setter, check_fits, logits_bytes, memory_fixes, option_setter
+from .memory import Setter, check_fits, logits_bytes, memory_fixes, memory_plan, option_setter, stream_bytes
 from .runner import batches
 from .runtime import check_positions, dtype_from_name, perplexity, resolve_device, text_windows
 from .settings import EvalSettings  # noqa: F401  (the stage's API)
@@ -89,6 +89,94 @@ def _transformers_totals(source, converted, windows: torch.Tensor, tokenizer, se
     return totals, generations
 
 
+def _streamed_totals(source, converted, windows: torch.Tensor, tokenizer, settings: EvalSettings, device: str,
+                     progress) -> tuple[dict, dict]:
+    """`_transformers_totals` with both models read a layer at a time (streaming.py), layer-major: every window through
+    a layer before the next is read, the source first, then the converted model from the first layer it does not
+    share with the source (the layers before its first pair, when their tensors are the same bytes, run once, for
+    both). Kept: the stream of every window twice (at the shared layer, and the source's), a batch's logits of each.
+    The generations read every layer once per new token."""
+    from .streaming import LayerMajor, streamed_model
+
+    dtype = dtype_from_name(settings.dtype)
+    chunks = [ids.to(device) for ids in batches(windows, settings.batch_size)]
+    in_llamacpp = getattr(converted, "kind", None) == "llama.cpp"
+    source_model = streamed_model(source, dtype, device)
+    converted_model = converted.load_model(dtype=dtype, device=device) if in_llamacpp else \
+        streamed_model(converted, dtype, device)
+    steps = [0]
+
+    def tick():
+        steps[0] += 1
+        if progress:
+            progress(steps[0], total)
+
+    with torch.inference_mode():
+        source_run = LayerMajor(source_model, chunks)
+        shared = 0 if in_llamacpp else shared_layers(source, converted)
+        total = source_run.num_layers + (0 if in_llamacpp else converted.config.num_hidden_layers - shared) + 1
+        prefix = source_run.inputs
+        for i in range(shared):
+            source_run.run(prefix, i, i + 1)
+            tick()
+        source_final = list(prefix)
+        for i in range(shared, source_run.num_layers):
+            source_run.run(source_final, i, i + 1)
+            tick()
+        source_model.weight_cache.clear()
+        converted_run = None
+        if not in_llamacpp:
+            converted_run = LayerMajor(converted_model, chunks)
+            if shared:
+                converted_run.inputs = prefix  # the embedding and layers below the first pair: the source's
+            for i in range(shared, converted_run.num_layers):
+                converted_run.run(converted_run.inputs, i, i + 1)
+                tick()
+            converted_model.weight_cache.clear()
+        totals = {"nll_source": 0.0, "nll_converted": 0.0, "agree": 0, "kl": 0.0, "tokens": 0}
+        for b, ids in enumerate(chunks):
+            converted_logits = converted_model(ids).logits if in_llamacpp else \
+                converted_run.logits(converted_run.inputs[b])
+            stats = _token_stats(source_run.logits(source_final[b]), converted_logits, ids)
+            for key, value in stats.items():
+                totals[key] += value
+        tick()
+        generations = {
+            "prompt": settings.prompt,
+            "source": _generate(source_model, tokenizer, settings.prompt, settings.new_tokens, device),
+            "converted": _generate(converted_model, tokenizer, settings.prompt, settings.new_tokens, device),
+        }
+    if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
+        converted_model.close()
+    return totals, generations
+
+
+def shared_layers(source, converted) -> int:
+    """How many of the converted model's first blocks are the source's own layers with the same tensors (and the same
+    embedding): the blocks below its first pair, unless the export changed their dtype or values."""
+    blocks = getattr(converted.config, "lp_blocks", None)
+    if not blocks or not _same_tensors(source.store, converted.store, "model.embed_tokens."):
+        return 0
+    shared = 0
+    for block, layers in enumerate(blocks):
+        if list(layers) != [block] or not _same_tensors(source.store, converted.store, f"model.layers.{block}."):
+            break
+        shared += 1
+    return shared
+
+
+def _same_tensors(a, b, prefix: str) -> bool:
+    """Both stores hold the same tensors under `prefix`: the same names, dtypes, shapes and bytes (read to compare:
+    reading a layer costs far less than running every window through it)."""
+    infos_a, infos_b = a.infos(), b.infos()
+    names = sorted(n for n in infos_a if n.startswith(prefix))
+    if not names or names != sorted(n for n in infos_b if n.startswith(prefix)):
+        return False
+    if any(infos_a[n] != infos_b[n] for n in names):
+        return False
+    return all(torch.equal(a.read(n), b.read(n)) for n in names)
+
+
 def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSettings, tensor_parallel: int,
                  progress) -> tuple[dict, dict, str]:
     """Both models in vLLM, one engine after the other, on the same token windows: summed log-probs of the text's
@@ -113,19 +201,24 @@ def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSetting
     return totals, generations, f"{answer['vllm']}, tensor parallel {tensor_parallel}"
 
 
-def check_eval_memory(source, converted, settings: EvalSettings, device: str, setter: Setter = option_setter) -> None:
+def check_eval_memory(source, converted, settings: EvalSettings, device: str, setter: Setter = option_setter) -> str:
     """Both models (eval holds two), and a batch's logits of each, must fit (memory.py). A GGUF export runs in
     llama.cpp beside the source: its file counts instead of a second copy. `converted` None: not written yet
     (convert checks before any work), a copy of the source's size."""
     in_llamacpp = getattr(converted, "kind", None) == "llama.cpp"
     working = logits_bytes(source.config, settings.batch_size, settings.seq_len, copies=2)
+    if settings.load == "stream":  # every window's stream, twice (eval.streamed_totals), and a layer's temporaries
+        working += stream_bytes(source.config, settings.tokens, settings.dtype, streams=3)
     if in_llamacpp:
         try:
             working += converted.path.stat().st_size
         except OSError:
             pass
+    others = () if converted is None or in_llamacpp else (converted,)
     check_fits(source, stage="eval", dtype=settings.dtype, device=device, copies=1 if in_llamacpp else 2,
-               working=working, fixes=memory_fixes(setter, dtype=settings.dtype))
+               working=working, load=settings.load, others=others,
+               fixes=memory_fixes(setter, dtype=settings.dtype, tokens=("tokens",) if settings.load == "stream" else ()))
+    return memory_plan(source, dtype=settings.dtype, load=settings.load, working=working, copies=2, others=others)
 
 
 def evaluate(source, converted, settings: EvalSettings, progress: Callable | None = None,
@@ -146,8 +239,7 @@ def evaluate(source, converted, settings: EvalSettings, progress: Callable | Non
         for model in (source, converted):
             check_servable(model, tensor_parallel)
     device = resolve_device(settings.device) if engine == "transformers" else "vllm"
-    if engine == "transformers":
-        check_eval_memory(source, converted, settings, device, setter)
+    memory = check_eval_memory(source, converted, settings, device, setter) if engine == "transformers" else None
     tokenizer = source.load_tokenizer()
     _, windows = text_windows(tokenizer, settings.text, text_field=settings.text_field, tokens=settings.tokens,
                               seq_len=settings.seq_len, seed=settings.seed, split=settings.split)
@@ -155,8 +247,8 @@ def evaluate(source, converted, settings: EvalSettings, progress: Callable | Non
         totals, generations, runs_in = _vllm_totals(source, converted, windows.input_ids, settings, tensor_parallel,
                                                     progress)
     else:
-        totals, generations = _transformers_totals(source, converted, windows.input_ids, tokenizer, settings, device,
-                                                   progress)
+        run = _transformers_totals if settings.load == "whole" else _streamed_totals
+        totals, generations = run(source, converted, windows.input_ids, tokenizer, settings, device, progress)
         runs_in = "llama.cpp" if getattr(converted, "kind", None) == "llama.cpp" else "transformers"
     n = totals["tokens"]
     ppl_source = perplexity(totals["nll_source"] / n)
@@ -183,6 +275,7 @@ def evaluate(source, converted, settings: EvalSettings, progress: Callable | Non
         "passed": not failures,
         "failures": failures,
         "settings": {**asdict(settings), "device": device, "engine": engine, "tensor_parallel": tensor_parallel},
+        "memory_plan": memory,
         "seconds": time.perf_counter() - started,
         "created_by": f"lpconvert {__version__}",
     }

@@ -53,8 +53,9 @@ def gib(n: int) -> str:
 # Parameters
 
 
-def config_parameters(config) -> int | None:
-    """Parameters a source config promises (Llama family and Gemma 3 tables), or None for another config."""
+def config_parts(config) -> dict[str, int] | None:
+    """Parameters a source config promises (Llama family and Gemma 3 tables): one decoder layer's, the embedding's,
+    the head's (0 where tied) and the number of layers; None for another config."""
     from .archs import ARCHITECTURES, config_size
 
     arch = ARCHITECTURES.get(getattr(config, "model_type", None))
@@ -74,7 +75,15 @@ def config_parameters(config) -> int | None:
     per_layer += (q + 2 * kv if flags["attention_bias"] else 0) + (hidden if flags["attention_out_bias"] else 0)
     per_layer += (2 * inner + hidden if flags["mlp_bias"] else 0)
     head = 0 if getattr(config, "tie_word_embeddings", False) else vocab * hidden
-    return vocab * hidden + layers * per_layer + hidden + head
+    return {"layer": per_layer, "embedding": vocab * hidden, "head": head, "layers": layers, "norm": hidden}
+
+
+def config_parameters(config) -> int | None:
+    """Parameters a source config promises, or None for a config that is not a table architecture's."""
+    parts = config_parts(config)
+    if parts is None:
+        return None
+    return parts["embedding"] + parts["layers"] * parts["layer"] + parts["norm"] + parts["head"]
 
 
 def stored_parameters(source) -> int | None:
@@ -259,28 +268,37 @@ def _has_gpu() -> bool:
 
 def streamed_part_bytes(source, dtype: str) -> dict[str, int]:
     """Bytes in the compute dtype of what a streamed model (streaming.py) reads at once: its largest decoder layer,
-    the embedding and the output head (the embedding again where they are tied), from the tensor headers."""
-    parts = {"layer": {}, "embedding": 0, "head": 0}
+    the embedding and the output head (the embedding again where they are tied). From config.json where it is a
+    table architecture's, else from the tensor headers (an lpconvert export, whose pairs are wider layers)."""
+    size = DTYPE_BYTES[dtype]
+    parts = config_parts(source.config)
+    if parts is not None:
+        return {"layer": parts["layer"] * size, "embedding": parts["embedding"] * size,
+                "head": (parts["head"] or parts["embedding"]) * size}
+    layers: dict[str, int] = {}
+    found = {"embedding": 0, "head": 0}
     for name, info in source.store.infos().items():
         count = 1
-        for size in info.shape:
-            count *= int(size)
-        size = count * DTYPE_BYTES[dtype]
+        for dim in info.shape:
+            count *= int(dim)
         if name.startswith("model.layers."):
             layer = name.split(".")[2]
-            parts["layer"][layer] = parts["layer"].get(layer, 0) + size
+            layers[layer] = layers.get(layer, 0) + count * size
         elif name.startswith("model.embed_tokens."):
-            parts["embedding"] += size
+            found["embedding"] += count * size
         elif name.startswith("lm_head."):
-            parts["head"] += size
-    return {"layer": max(parts["layer"].values(), default=0), "embedding": parts["embedding"],
-            "head": parts["head"] or parts["embedding"]}
+            found["head"] += count * size
+    return {"layer": max(layers.values(), default=0), "embedding": found["embedding"],
+            "head": found["head"] or found["embedding"]}
 
 
 def streamed_weights(sources, dtype: str, keep: int = 2) -> int:
     """The most weight bytes streamed models hold at once: `keep` of their largest parts (streaming.KEEP)."""
-    sizes = sorted((size for source in sources for size in streamed_part_bytes(source, dtype).values()),
-                   reverse=True)
+    sizes = []
+    for source in sources:
+        parts = streamed_part_bytes(source, dtype)
+        sizes += [parts["layer"]] * keep + [parts["embedding"], parts["head"]]  # a pair is two layers at once
+    sizes.sort(reverse=True)
     return sum(sizes[:keep])
 
 
@@ -321,7 +339,7 @@ def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, 
     held = f" and {second}" if copies == 2 else f" {copies} times" if copies > 2 else ""
     count = f"{copies} x " if copies > 1 else ""
     if load == "stream":
-        raise LPError(f"{stage} would need about {gib(found.total)} to run {source.name} a layer at a time "
+        raise LPError(f"{stage} would need about {gib(found.total)} to run {source.name}{held} a layer at a time "
                       f"({gib(found.weights)} of weights in {dtype} at once + {gib(found.working)} activations and "
                       f"logits + {gib(found.margin)} margin), more than the {gib(have[0])} {have[1]}",
                       f"{'; '.join(fixes or []) or 'run on a machine with more memory'}; {SKIP_ENV}=1 tries anyway")

@@ -245,7 +245,8 @@ def check_score_memory(source, settings: ScoreSettings, device: str, setter: Set
     check_fits(source, stage="score", dtype=settings.dtype, device=device, working=working,
                spread=settings.device_map is not None, load=load,
                fixes=memory_fixes(setter, dtype=settings.dtype,
-                                  tokens=("tokens", *(("loss_tokens",) if measuring else ())),
+                                  tokens=(*(("tokens",) if load == "stream" else ()),
+                                          *(("loss_tokens",) if measuring else ())),
                                   device_map=settings.device_map))
     return memory_plan(source, dtype=settings.dtype, load=load, working=working)
 
@@ -348,6 +349,7 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
         "agreement_with_loss": metric_agreement(pairs) if loss_result else None,
         "settings": {**asdict(settings), "metrics": list(settings.metrics), "device": device},
         "timings": {**timings, "total_seconds": time.perf_counter() - started},
+        "memory_plan": plan,
         "created_by": f"lpconvert {__version__}",
     }
     return result

@@ -173,6 +173,9 @@ def streamed_model(source, dtype: torch.dtype, device: str | torch.device = "cpu
         streamed.add(prefix)
     _load_the_rest(model, source.store, expected, streamed, dtype, device)
     model.weight_cache = cache
+    # Tied weights are tied in the store (the head reads the embedding's tensor): nothing left for transformers to tie
+    # (lm-evaluation-harness calls tie_weights on the model it is given).
+    model.tie_weights = lambda *args, **kwargs: None
     return model.eval()
 
 
@@ -210,6 +213,67 @@ def is_streamed(model: nn.Module) -> bool:
 def load_model(source, *, dtype: torch.dtype, device: str, load: str = "stream", device_map: str | None = None):
     """The model a stage runs: streamed (the default), or whole in memory (`load` "whole", or a device_map to spread
     it over several devices with accelerate)."""
-    if load == "whole" or device_map:
+    if load == "whole" or device_map or source.kind == "llama.cpp":  # llama.cpp runs a GGUF in its own process
         return source.load_model(dtype=dtype, device=device, device_map=device_map)
     return streamed_model(source, dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layer-major runs of a model's own forward
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer i during a capture: passes the stream through and keeps what the model's forward
+    gives the layer (masks, rotary tables, positions) for each batch, and (`inputs`) the stream itself."""
+
+    def __init__(self, calls: list, inputs: list | None = None):
+        super().__init__()
+        self.calls, self.inputs = calls, inputs
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        if self.inputs is not None:
+            self.inputs.append(hidden_states)
+        return hidden_states
+
+
+class LayerMajor:
+    """Many batches through a causal LM's decoder layers one layer at a time, each layer called exactly as the
+    model's own forward calls it: the same modules with the same masks and rotary tables, so the logits are the
+    ones model(ids) gives, bit for bit, while a streamed model reads each layer once.
+
+    The per-layer arguments are captured once per batch by running the model's forward with every layer replaced
+    by a recorder that passes the stream through (GPTQModel's StageInputsCapture does the same for layer 0); the
+    first recorder's input is the embedded batch."""
+
+    def __init__(self, model: nn.Module, batches: list[torch.Tensor]):
+        self.model, self.inner = model, model.model
+        self.num_layers = len(self.inner.layers)
+        self.calls: list[list[tuple]] = [[] for _ in range(self.num_layers)]
+        self.inputs: list[torch.Tensor] = []  # the embedded batches
+        layers = self.inner.layers
+        self.inner.layers = nn.ModuleList(_Recorder(calls, self.inputs if i == 0 else None)
+                                          for i, calls in enumerate(self.calls))
+        try:
+            with torch.inference_mode():
+                for ids in batches:
+                    self.inner(input_ids=ids.to(model.device), use_cache=False)
+        finally:
+            self.inner.layers = layers
+
+    def run(self, xs: list[torch.Tensor], start: int = 0, stop: int | None = None) -> list[torch.Tensor]:
+        """Move the streams `xs` (one per batch, at the input of layer `start`) on past layers start..stop-1, in place
+        (the list holds the newest streams only: one stream of every batch is kept, not two)."""
+        for i in range(start, self.num_layers if stop is None else stop):
+            layer = real_module(self.inner.layers[i])
+            for b, (args, kwargs) in enumerate(self.calls[i]):
+                xs[b] = _stream(layer(xs[b], *args, **kwargs))
+        return xs
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """What the model's head makes of a final stream (its final norm, then lm_head)."""
+        return real_module(self.model.lm_head)(self.inner.norm(x))
+
+
+def _stream(output):
+    return output[0] if isinstance(output, tuple) else output

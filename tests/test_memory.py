@@ -74,22 +74,42 @@ def _machine_with(monkeypatch, gib: float) -> None:
 
 
 def test_a_llama2_7b_shape_on_a_24_gib_machine(monkeypatch):
-    """The issue's case: score's default float32 cannot fit 24 GiB, bfloat16 can; eval holds two models."""
+    """The issue's case: loaded whole, score's float32 cannot fit 24 GiB, bfloat16 can; eval holds two models.
+    Streamed (the default, issue 33) both fit, and the plan says what is held."""
     from lpconvert.evaluate import check_eval_memory
     from lpconvert.score import check_score_memory
 
     _machine_with(monkeypatch, 22.0)
     source = type("Source", (), {"name": "Llama-2-7b-hf", "config": read_source_config(LLAMA2_7B)})()
+    plan = check_score_memory(source, ScoreSettings(), "cpu")
+    assert plan.startswith("memory: a layer at a time (0.8 GiB per layer, embedding 0.5 GiB, head 0.5 GiB in "
+                           "float32; at most 1.5 GiB at once)"), plan
+    assert check_eval_memory(source, None, EvalSettings(), "cpu").startswith("memory: a layer at a time")
+    with pytest.raises(LPError) as refused:
+        check_score_memory(source, ScoreSettings(load="whole"), "cpu")
+    assert refused.value.one_line() == (
+        "score would need about 29.4 GiB to hold Llama-2-7b-hf (6.74B parameters in float32: 25.1 GiB + 0.8 GiB "
+        "working + 3.5 GiB margin), more than the 22.0 GiB available (test) (--dtype bfloat16 halves the weights; "
+        "LPCONVERT_SKIP_MEMORY_CHECK=1 tries anyway)")
+    check_score_memory(source, ScoreSettings(dtype="bfloat16", load="whole"), "cpu")  # 12.6 GiB + 0.7 + 2.3: fits
+    with pytest.raises(LPError, match=r"eval would need about 30\.1 GiB to hold Llama-2-7b-hf and the converted "
+                                      r"model \(2 x 6\.74B parameters in bfloat16"):
+        check_eval_memory(source, None, EvalSettings(dtype="bfloat16", load="whole"), "cpu")
+
+
+def test_a_streamed_stage_that_cannot_fit_is_refused_in_one_line(monkeypatch):
+    """Issue 33: streamed, a 7B's score needs a layer or two and the streams of its windows; on a 2 GiB machine that
+    does not fit, and the one line names what it holds and what lowers it."""
+    from lpconvert.score import check_score_memory
+
+    _machine_with(monkeypatch, 2.0)
+    source = type("Source", (), {"name": "Llama-2-7b-hf", "config": read_source_config(LLAMA2_7B)})()
     with pytest.raises(LPError) as refused:
         check_score_memory(source, ScoreSettings(), "cpu")
     assert refused.value.one_line() == (
-        "score would need about 29.3 GiB to hold Llama-2-7b-hf (6.74B parameters in float32: 25.1 GiB + 0.7 GiB "
-        "working + 3.5 GiB margin), more than the 22.0 GiB available (test) (--dtype bfloat16 halves the weights; "
-        "LPCONVERT_SKIP_MEMORY_CHECK=1 tries anyway)")
-    check_score_memory(source, ScoreSettings(dtype="bfloat16"), "cpu")  # 12.6 GiB + 0.7 + 2.3: fits
-    with pytest.raises(LPError, match=r"eval would need about 30\.1 GiB to hold Llama-2-7b-hf and the converted "
-                                      r"model \(2 x 6\.74B parameters in bfloat16"):
-        check_eval_memory(source, None, EvalSettings(dtype="bfloat16"), "cpu")
+        "score would need about 4.1 GiB to run Llama-2-7b-hf a layer at a time (1.5 GiB of weights in float32 at once "
+        "+ 1.5 GiB activations and logits + 1.2 GiB margin), more than the 2.0 GiB available (test) (--dtype bfloat16 "
+        "halves the weights; fewer --tokens; LPCONVERT_SKIP_MEMORY_CHECK=1 tries anyway)")
 
 
 def test_the_estimate_is_stated():
@@ -146,7 +166,8 @@ def test_every_stage_that_loads_a_model_checks(tiny_models, tmp_path, monkeypatc
         assert message in result.stderr and "--dtype bfloat16 halves the weights" in result.stderr, result.stderr
     assert "drop --model (plan from the scores alone)" in invoke(*runs["plan would need"]).stderr
     assert "fewer --tokens or --heldout-tokens" in invoke(*runs["heal would need"]).stderr
-    assert "and the converted model (2 x " in invoke(*runs["eval would need"]).stderr
+    assert "and the converted model a layer at a time (" in invoke(*runs["eval would need"]).stderr
+    assert "and the converted model (2 x " in invoke(*runs["eval would need"], "--load", "whole").stderr
     bench = invoke("bench", converted, "--baseline", source, "--device", "cpu", "--dtype", "float32", "--prompt-len",
                    "8", "--new-tokens", "4", "--warmup", "0", "--repeats", "1")
     assert bench.exit_code == 2 and "bench would need" in bench.stderr and "and its baseline (2 x " in bench.stderr

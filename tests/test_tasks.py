@@ -330,7 +330,7 @@ def test_nan_log_likelihoods_fail_every_tasks_row(source, converted, monkeypatch
 
     monkeypatch.setattr(ModelSource, "load_model", nan_converted)
     result = invoke("eval", source, converted, "--tasks", "arc_easy,piqa", "--limit", "3", "--device", "cpu",
-                    "--min-retained", "97%", "--json")
+                    "--load", "whole", "--min-retained", "97%", "--json")
     assert result.exit_code == 1, result.output
     assert "the converted model's log-likelihoods are NaN or Inf on arc_easy, piqa: a model is broken" in result.stderr
     report = json.loads(result.stdout)

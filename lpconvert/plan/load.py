@@ -17,6 +17,7 @@ def build_calibrator(source, settings: PlanSettings | None = None, progress: Pro
 
     from ..runner import NotFinite, not_finite_fix
     from ..runtime import compute_dtype, dtype_name, resolve_device, text_windows
+    from ..streaming import load_model
 
     s = settings or PlanSettings()
     calib, tokens, seq_len, seed, objective = s.calib, s.tokens, s.seq_len, s.seed, s.objective
@@ -37,7 +38,7 @@ def build_calibrator(source, settings: PlanSettings | None = None, progress: Pro
                       "use the model's own tokenizer files")
     if progress:
         progress(f"loading {source.name} ({dtype_name(torch_dtype)} on {device})")
-    model = source.load_model(dtype=torch_dtype, device=device)
+    model = load_model(source, dtype=torch_dtype, device=device, load=s.load)
     if progress:
         progress(f"measuring the source on {windows.provenance['tokens']} calibration tokens")
     try:
@@ -53,7 +54,7 @@ def check_plan_memory(source, s: PlanSettings, dtype: str, device: str, setter: 
     """The model, a batch's logits and the streams the search keeps (CACHE_LIMIT) must fit (memory.py)."""
     working = logits_bytes(source.config, s.batch_size, s.seq_len) + CACHE_LIMIT
     without = "drop --model (plan from the scores alone)" if setter is option_setter else setter("use_model", "false")
-    check_fits(source, stage="plan", dtype=dtype, device=device, working=working,
+    check_fits(source, stage="plan", dtype=dtype, device=device, working=working, load=s.load,
                fixes=[*memory_fixes(setter, dtype=dtype), without])
 
 
