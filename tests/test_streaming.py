@@ -109,3 +109,22 @@ def test_score_heal_and_eval_equal_in_memory(tiny_models, tmp_path, arch):
     for key in ("perplexity_source", "perplexity_converted", "agreement", "kl_divergence"):
         assert reports["stream"][key] == pytest.approx(reports["whole"][key], rel=1e-6), key
     assert reports["stream"]["generation"] == reports["whole"]["generation"]
+
+
+def test_plan_search_measures_equal_streamed(tiny_models, tmp_path):
+    import json
+
+    from builders import invoke, write_scores
+
+    scores = write_scores(tmp_path / "scores.json", tiny_models["llama"])
+    plans = {}
+    for load in ("stream", "whole"):
+        result = invoke("plan", scores, "--model", tiny_models["llama"], "--pairs", "2", "--strategy", "search",
+                        "--calib", "news", "--tokens", "128", "--heldout-tokens", "64", "--seq-len", "32",
+                        "--device", "cpu", "--load", load, "-o", tmp_path / f"{load}.json")
+        assert result.exit_code == 0, result.output
+        plans[load] = json.loads((tmp_path / f"{load}.json").read_text())
+    for plan in plans.values():  # all but the clock
+        plan["details"].pop("planning_seconds")
+        plan["details"]["cost"].pop("seconds")
+    assert plans["stream"] == plans["whole"]

@@ -49,14 +49,13 @@ class Calibrator:
     What holds, before and after every call to `measure`:
 
     * `_streams[split]` is `(base, {d: [stream of batch 0, stream of batch 1, ...]})`: for each kept
-      layer d, the input of layer d of every batch of `split`'s windows (in batch order, one entry
-      per batch: lists missing a batch are dropped at the end of the call that made them), run with
-      `base`'s pairs. d is a branch point inside the model (0 < d < num_layers).
+      layer d, the input of layer d of every batch of `split`'s windows (in batch order; a layer's
+      streams are kept for every batch or not at all), run with `base`'s pairs. d is a branch point inside the model (0 < d < num_layers).
     * `measure` takes its split's entry out (`_cached_streams`) and keeps only the layers d below
       which the old and the new base have the same pairs, and where no pair of the new base covers
       d - 1 and d (the stream between them does not exist): there the old streams are the new base's.
-      While it walks the batches it adds the streams at its own branch points (batch b's stream is
-      appended only as entry b), and it puts the entry back under the new base at the end. The other
+      While it walks it adds the streams at its own branch points, and it puts the entry back under
+      the new base at the end. The other
       splits' entries are left as they are.
     * `_cache_bytes` is the size of the streams held (all splits), recounted from the tensors by
       `_cached_streams`; a stream is only added while the total stays within `cache_limit` (0: keep
@@ -145,9 +144,10 @@ class Calibrator:
         started = time.perf_counter()
         refs, nll, count = [], 0.0, 0
         with torch.inference_mode():
-            for _, ids in self._batches(split):
-                x = self.runner.run(self.runner.embed(ids))
-                self.layer_windows += self.num_layers * ids.shape[0]
+            windows = [ids for _, ids in self._batches(split)]
+            finals = self.runner.run_all([self.runner.embed(ids) for ids in windows])  # layer-major: one read per layer
+            self.layer_windows += self.num_layers * self.splits[split].shape[0]
+            for ids, x in zip(windows, finals, strict=True):
                 logp = self.runner.logprobs(x)[:, :-1]
                 targets = ids.to(logp.device)[:, 1:, None]
                 nll += float(-logp.gather(-1, targets).double().sum())
@@ -194,10 +194,8 @@ class Calibrator:
         walk = [(sets[i], branch[i], totals[i]) for i in sorted(range(len(sets)), key=lambda i: branch[i])]
         cached = self._cached_streams(split, base)
         with self.torch.inference_mode():
-            for b, ids in self._batches(split):
-                self._walk_batch(split, b, ids, base, walk, cached)
-        n_batches = -(-self.splits[split].shape[0] // self.batch_size)
-        self._streams[split] = (base, {c: xs for c, xs in cached.items() if len(xs) == n_batches})
+            self._walk(split, base, walk, cached)
+        self._streams[split] = (base, cached)
         if split == "calib":
             self.evaluations += len(sets)
         else:
@@ -210,46 +208,49 @@ class Calibrator:
                               "ranked", "exclude those pairs, or measure in float32 (--dtype float32)")
         return [Measured(s, t[0] / t[2], t[1] / t[2], t[2], split) for s, t in zip(sets, totals, strict=True)]
 
-    def _walk_batch(self, split: str, b: int, ids, base: tuple[int, ...], walk: list, cached: dict[int, list]
-                    ) -> None:
-        """Run batch b under `base` from the embedding up, branching off each set (by branch point) on the way."""
-        n = ids.shape[0]
-        x, at = self.runner.embed(ids), 0
+    def _walk(self, split: str, base: tuple[int, ...], walk: list, cached: dict[int, list]) -> None:
+        """Run every batch under `base` from the embedding up, branching off each set (by branch point) on the way.
+
+        Layer-major: every batch goes through a layer before the next layer runs (LayerRunner.run_all), so a streamed
+        model reads each layer once per set rather than once per set and batch. Per batch, the same operations as
+        a batch at a time: the same results."""
+        windows = [ids for _, ids in self._batches(split)]
+        n = self.splits[split].shape[0]
+        xs, at = [self.runner.embed(ids) for ids in windows], 0
         for pairs, d, total in walk:
             if d > at:
-                x, at = self._base_stream(b, n, x, at, d, base, cached), d
-            self._keep_stream(cached, b, d, x)
-            y = self.runner.run(x, start=d, pairs=pairs) if d < self.num_layers else x
+                xs, at = self._base_streams(xs, at, d, base, cached, n), d
+            self._keep_streams(cached, d, xs)
+            ys = self.runner.run_all(xs, start=d, pairs=pairs) if d < self.num_layers else xs
             self.layer_windows += (self.num_layers - d) * n
-            nll, kl, count = self._score(split, b, y, ids)
-            total[0] += nll
-            total[1] += kl
-            total[2] += count
+            for b, (y, ids) in enumerate(zip(ys, windows, strict=True)):
+                nll, kl, count = self._score(split, b, y, ids)
+                total[0] += nll
+                total[1] += kl
+                total[2] += count
 
-    def _base_stream(self, b: int, n: int, x, at: int, d: int, base: tuple[int, ...], cached: dict[int, list]):
-        """Batch b's stream at the input of layer d under `base`, from `x` at layer `at` (below d).
+    def _base_streams(self, xs: list, at: int, d: int, base: tuple[int, ...], cached: dict[int, list], n: int) -> list:
+        """Every batch's stream at the input of layer d under `base`, from `xs` at layer `at` (below d).
 
-        Starts from the highest kept stream above `at` and not above d, then runs the base's layers
-        that are left.
+        Starts from the highest kept layer above `at` and not above d, then runs the base's layers that are left.
         """
-        reusable = [c for c in cached if at < c <= d and len(cached[c]) > b]
+        reusable = [c for c in cached if at < c <= d]
         if reusable:
             at = max(reusable)
-            x = cached[at][b]
+            xs = list(cached[at])
         if d > at:
-            x = self.runner.run(x, start=at, pairs=base, stop=d)
+            xs = self.runner.run_all(xs, start=at, pairs=base, stop=d)
             self.layer_windows += (d - at) * n
-        return x
+        return xs
 
-    def _keep_stream(self, cached: dict[int, list], b: int, d: int, x) -> None:
-        """Keep batch b's stream at branch point d, as entry b of layer d's list, while the cache has room."""
-        # Entry b only: once a batch did not fit, the layer's list stays short and is dropped at the
-        # end of the call, where appending a later batch would misalign the list with the batches.
-        if not 0 < d < self.num_layers or len(cached.get(d, ())) != b:
+    def _keep_streams(self, cached: dict[int, list], d: int, xs: list) -> None:
+        """Keep every batch's stream at branch point d, while the cache has room for all of them (a layer's
+        streams are kept whole or not at all)."""
+        if not 0 < d < self.num_layers or d in cached:
             return
-        size = x.shape[0] * self.seq_len * self.config_hidden * self.runner.dtype.itemsize
+        size = sum(x.numel() for x in xs) * self.runner.dtype.itemsize
         if self._cache_bytes + size <= self.cache_limit:
-            cached.setdefault(d, []).append(x)
+            cached[d] = list(xs)
             self._cache_bytes += size
 
     def _cached_streams(self, split: str, base: tuple[int, ...]) -> dict[int, list]:
