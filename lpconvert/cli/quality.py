@@ -151,7 +151,8 @@ def _text_report(source_model: str, converted_model: str, settings: EvalSettings
         if engine == "vllm":
             return evaluate(source, converted, settings, lambda text: progress.step("evaluating in vLLM", detail=text),
                             engine=engine, tensor_parallel=tensor_parallel)
-        return evaluate(source, converted, settings, progress.counter("evaluating both models", "batches"))
+        unit = "batches" if settings.load == "whole" else "layers"  # streamed: every window through a layer at a time
+        return evaluate(source, converted, settings, progress.counter("evaluating both models", unit))
 
 
 def _task_report(source_model: str, converted_model: str, settings: TaskSettings, trust_remote_code: bool) -> dict:
