@@ -86,9 +86,12 @@ def check_heal_memory(source, s: HealSettings, device: str, setter: Setter = opt
     windows += math.ceil(s.heldout_tokens / s.seq_len)
     working = windows * s.seq_len * hidden * DTYPE_BYTES[s.dtype] + lsq_memory_bytes(config, device.split(":")[0])
     working += logits_bytes(config, s.batch_size, s.seq_len)
-    check_fits(source, stage="heal", dtype=s.dtype, device=device, working=working, load=s.load,
+    # distill backpropagates through every layer from the first pair up: autograd keeps their weights for the
+    # step's backward pass, so a streamed model holds them all then (and reads them again every step)
+    load = "whole" if s.method == "distill" else s.load
+    check_fits(source, stage="heal", dtype=s.dtype, device=device, working=working, load=load,
                fixes=memory_fixes(setter, dtype=s.dtype, tokens=("tokens", "heldout_tokens")))
-    return memory_plan(source, dtype=s.dtype, load=s.load, working=working)
+    return memory_plan(source, dtype=s.dtype, load=load, working=working)
 
 
 def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Progress = None,
