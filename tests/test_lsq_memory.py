@@ -62,9 +62,10 @@ def test_blocked_solve_equals_a_dense_solve_and_leaves_the_gram_as_it_was(block,
 
 
 def test_a_gram_that_is_not_positive_definite_falls_back_to_least_squares():
+    torch.manual_seed(0)
     normal = lsq.Normal(64, 3, "cpu")
     normal.add(torch.randn(20, 64), torch.randn(20, 3))  # rank 20 of 64: Cholesky fails with no damping
     before = normal.gram.clone()
     solution = normal.solve(torch.zeros(3, 64), 0.0)
     assert torch.isfinite(solution).all() and torch.equal(normal.gram, before)
-    assert normal.residual(solution) < 1e-6
+    assert normal.residual(solution) < 1e-5  # an exact fit exists (rank 20 < 64): float rounding only
