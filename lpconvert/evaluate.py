@@ -79,6 +79,12 @@ def _transformers_totals(source, converted, windows: torch.Tensor, tokenizer, se
                 totals[key] += value
             if progress:
                 progress(done, len(chunks))
+    return totals, _generations(source_model, converted_model, tokenizer, settings, device)
+
+
+def _generations(source_model, converted_model, tokenizer, settings: EvalSettings, device: str) -> dict:
+    """Each model's greedy continuation of the prompt; then a GGUF's llama.cpp process is closed."""
+    with torch.inference_mode():
         generations = {
             "prompt": settings.prompt,
             "source": _generate(source_model, tokenizer, settings.prompt, settings.new_tokens, device),
@@ -86,7 +92,7 @@ def _transformers_totals(source, converted, windows: torch.Tensor, tokenizer, se
         }
     if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
         converted_model.close()
-    return totals, generations
+    return generations
 
 
 def _streamed_totals(source, converted, windows: torch.Tensor, tokenizer, settings: EvalSettings, device: str,
@@ -141,14 +147,7 @@ def _streamed_totals(source, converted, windows: torch.Tensor, tokenizer, settin
             for key, value in stats.items():
                 totals[key] += value
         tick()
-        generations = {
-            "prompt": settings.prompt,
-            "source": _generate(source_model, tokenizer, settings.prompt, settings.new_tokens, device),
-            "converted": _generate(converted_model, tokenizer, settings.prompt, settings.new_tokens, device),
-        }
-    if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
-        converted_model.close()
-    return totals, generations
+    return totals, _generations(source_model, converted_model, tokenizer, settings, device)
 
 
 def shared_layers(source, converted) -> int:
