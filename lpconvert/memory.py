@@ -302,20 +302,25 @@ def streamed_weights(sources, dtype: str, keep: int = 2) -> int:
     return sum(sizes[:keep])
 
 
+def _size(n: int) -> str:
+    """GiB, or MiB below a tenth of one (a small model's layer is not "0.0 GiB")."""
+    return gib(n) if n >= GIB // 10 else f"{n / 2**20:.0f} MiB"
+
+
 def memory_plan(source, *, dtype: str, load: str, working: int, copies: int = 1, others=()) -> str:
     """One line a stage prints before its work: what it will hold and the peak it expects."""
     if load == "whole":
         parameters = parameters_of(source) or 0
         weights = copies * parameters * DTYPE_BYTES.get(dtype, 4)
-        held = f"the whole model{'s' if copies > 1 else ''} {gib(weights)}"
+        held = f"the whole model{'s' if copies > 1 else ''} {_size(weights)}"
     else:
         parts = streamed_part_bytes(source, dtype)
         weights = streamed_weights([source, *others], dtype)
-        held = (f"a layer at a time ({gib(parts['layer'])} per layer, embedding {gib(parts['embedding'])}, "
-                f"head {gib(parts['head'])} in {dtype}; at most {gib(weights)} at once)")
+        held = (f"a layer at a time ({_size(parts['layer'])} per layer, embedding {_size(parts['embedding'])}, "
+                f"head {_size(parts['head'])} in {dtype}; at most {_size(weights)} at once)")
     total = weights + working + int(MARGIN_FRACTION * weights) + MARGIN_BYTES
-    return f"memory: {held} + {gib(working)} working (activations, logits, the stage's own); " \
-           f"expected peak about {gib(total)}"
+    return f"memory: {held} + {_size(working)} working (activations, logits, the stage's own); " \
+           f"expected peak about {_size(total)}"
 
 
 def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, working: int = 0,

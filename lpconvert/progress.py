@@ -113,6 +113,17 @@ class Reporter:
             step.done, step.total, step.unit, step.detail = done, total, unit or step.unit, detail
             self._show(now)
 
+    def note(self, text: str) -> None:
+        """One line that is not a step (a stage's memory plan): printed above the bars, or as a timed line."""
+        if self.mode == "off":
+            return
+        with self._lock:
+            now = time.monotonic()
+            if self.mode == "bars":
+                self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+            else:
+                self._print_line(now, text)
+
     def counter(self, label: str, unit: str = ""):
         """A `progress(done, total)` callback for step `label`."""
         return lambda done, total=None: self.step(label, done, total, unit=unit)

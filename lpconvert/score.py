@@ -267,7 +267,6 @@ def compute_scores(source, settings: ScoreSettings, progress: Callable[[str, int
     dtype = dtype_from_name(settings.dtype)
     plan = check_score_memory(source, settings, device, setter)
     if progress:
-        progress(plan, None, None)
         progress("reading the calibration text and loading the model", None, None)
     _, windows = text_windows(source.load_tokenizer(), settings.calib, text_field=settings.text_field,
                               tokens=settings.tokens, seq_len=settings.seq_len, seed=settings.seed, split="calib")

@@ -128,3 +128,18 @@ def test_plan_search_measures_equal_streamed(tiny_models, tmp_path):
         plan["details"].pop("planning_seconds")
         plan["details"]["cost"].pop("seconds")
     assert plans["stream"] == plans["whole"]
+
+
+def test_score_and_eval_print_their_memory_plan_before_work(tiny_models, tmp_path):
+    from builders import invoke
+
+    model = tiny_models["llama"]
+    score = invoke("--progress", "lines", "score", model, "--calib", "news", "--tokens", "128", "--seq-len", "32",
+                   "--device", "cpu", "-o", tmp_path / "scores.json")
+    assert score.exit_code == 0, score.output
+    assert score.stderr.index("memory: a layer at a time (") < score.stderr.index("reading the calibration text")
+    converted = cli_export(model, tmp_path / "lp")
+    evaluated = invoke("--progress", "lines", "eval", model, converted, "--text", "news", "--tokens", "64",
+                       "--seq-len", "32", "--device", "cpu", "--load", "whole")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert evaluated.stderr.index("memory: the whole models") < evaluated.stderr.index("evaluating both models")

@@ -98,7 +98,8 @@ def score(
     from ..outputs import SCORES_OUTPUT, write_json_atomically
     from ..plots import SCORES_PLOT, plot_scores
     from ..render import scores_table
-    from ..score import compute_scores
+    from ..runtime import resolve_device
+    from ..score import check_score_memory, compute_scores
 
     settings = settings_from_options(
         ScoreSettings, calib=calib, text_field=text_field, tokens=tokens, seq_len=seq_len, seed=seed,
@@ -112,6 +113,7 @@ def score(
     with reporter() as report:
         source = load_source(model, trust_remote_code, report)
         check_output_file_against(source, overwrite, *outputs)
+        report.note(check_score_memory(source, settings, resolve_device(settings.device)))  # what it will hold
         scores = compute_scores(source, settings, report.step)
     write_json_atomically(output, scores, SCORES_OUTPUT, overwrite)
     if plot is not None:
@@ -311,7 +313,10 @@ def heal(
         chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
                                  plan_name=f"plan {plan}", allow_edge_layers=True)
         from ..heal import heal as run_heal
+        from ..heal.stage import check_heal_memory
+        from ..runtime import resolve_device
 
+        progress.note(check_heal_memory(source, settings, resolve_device(settings.device)))  # what it will hold
         result = run_heal(source, chosen, settings, progress=lambda message: progress.step("healing", detail=message))
     write_heal_file(output, result.tensors, result.header, overwrite)
     report = {**result.report, "output": str(output)}

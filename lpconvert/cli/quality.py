@@ -151,6 +151,10 @@ def _text_report(source_model: str, converted_model: str, settings: EvalSettings
         if engine == "vllm":
             return evaluate(source, converted, settings, lambda text: progress.step("evaluating in vLLM", detail=text),
                             engine=engine, tensor_parallel=tensor_parallel)
+        from ..evaluate import check_eval_memory
+        from ..runtime import resolve_device
+
+        progress.note(check_eval_memory(source, converted, settings, resolve_device(settings.device)))  # before work
         unit = "batches" if settings.load == "whole" else "layers"  # streamed: every window through a layer at a time
         return evaluate(source, converted, settings, progress.counter("evaluating both models", unit))
 

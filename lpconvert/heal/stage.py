@@ -108,9 +108,7 @@ def heal(source, plan: Plan, settings: HealSettings | None = None, progress: Pro
     _check_settings(s)
     check_positions(source.name, source.config, s.seq_len, "--seq-len")
     device = resolve_device(s.device)
-    plan_line = check_heal_memory(source, s, device, setter)
-    if progress:
-        progress(plan_line)
+    check_heal_memory(source, s, device, setter)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if progress:
