@@ -83,13 +83,13 @@ def _transformers_totals(source, converted, windows: torch.Tensor, tokenizer, se
 
 
 def _generations(source_model, converted_model, tokenizer, settings: EvalSettings, device: str) -> dict:
-    """Each model's greedy continuation of the prompt; then a GGUF's llama.cpp process is closed."""
-    with torch.inference_mode():
-        generations = {
-            "prompt": settings.prompt,
-            "source": _generate(source_model, tokenizer, settings.prompt, settings.new_tokens, device),
-            "converted": _generate(converted_model, tokenizer, settings.prompt, settings.new_tokens, device),
-        }
+    """Each model's greedy continuation of the prompt (None with new_tokens 0); then a GGUF's llama.cpp process is
+    closed."""
+    generations = {"prompt": settings.prompt, "source": None, "converted": None}
+    if settings.new_tokens:
+        with torch.inference_mode():
+            for label, model in (("source", source_model), ("converted", converted_model)):
+                generations[label] = _generate(model, tokenizer, settings.prompt, settings.new_tokens, device)
     if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
         converted_model.close()
     return generations
@@ -183,8 +183,9 @@ def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSetting
     from .vllmengine import engine_options, run_job
 
     ids = windows.tolist()
-    job = {"kind": "logprobs", "windows": ids, "prompt": settings.prompt, "new_tokens": settings.new_tokens,
-           "engine": engine_options((source, converted), settings.seq_len + settings.new_tokens + 64, settings.dtype,
+    new_tokens = max(settings.new_tokens, 1)  # vLLM's worker always generates; dropped below with new_tokens 0
+    job = {"kind": "logprobs", "windows": ids, "prompt": settings.prompt, "new_tokens": new_tokens,
+           "engine": engine_options((source, converted), settings.seq_len + new_tokens + 64, settings.dtype,
                                     tensor_parallel, compiled=False),
            "models": [{"label": label, "path": str(model.path),
                        "tokenizer": str(model.tokenizer_path) if getattr(model, "tokenizer_path", None) else None}
@@ -195,8 +196,8 @@ def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSetting
               "nll_converted": -sum(sum(w["logprobs"]) for w in conv),
               "agree": sum(a == b for s, c in zip(src, conv, strict=True) for a, b in zip(s["top"], c["top"], strict=True)),
               "kl": None, "tokens": sum(len(w["logprobs"]) for w in src)}
-    generations = {"prompt": settings.prompt, **{label: answer["models"][label]["generation"]
-                                                  for label in ("source", "converted")}}
+    generations = {"prompt": settings.prompt, **{label: answer["models"][label]["generation"] if settings.new_tokens
+                                                  else None for label in ("source", "converted")}}
     return totals, generations, f"{answer['vllm']}, tensor parallel {tensor_parallel}"
 
 

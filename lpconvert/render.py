@@ -231,8 +231,9 @@ def eval_table(report: dict) -> Table:
     kl = report["kl_divergence"]
     table.add_row("KL(source || converted), nats/token", "", "not measured" if kl is None else f"{kl:.4f}")
     generation = report["generation"]
-    table.add_row(f"generation: {generation['prompt']!r}", " ".join(generation["source"].split()),
-                  " ".join(generation["converted"].split()))
+    if generation["source"] is not None:
+        table.add_row(f"generation: {generation['prompt']!r}", " ".join(generation["source"].split()),
+                      " ".join(generation["converted"].split()))
     gate = [f"{k}={v}" for k, v in report["gate"].items() if v is not None]
     table.caption = ("gate: " + ", ".join(gate) + (" passed" if report["passed"] else " FAILED")) if gate else None
     return table

@@ -121,7 +121,7 @@ def test_failed_gate_exits_1_and_leaves_nothing(tiny_models, tmp_path):
     ("export: {copy_tokenizer: 'no'}", "export.copy_tokenizer", "true or false, got 'no'"),
     ("export: {dtype: fp16}", "export.dtype", "one of auto, float32"),
     ("eval: {split: test}", "eval.split", "one of heldout, all"),
-    ("eval: {new_tokens: 0}", "eval.new_tokens", "positive integer"),
+    ("eval: {new_tokens: -1}", "eval.new_tokens", "non-negative integer"),
     ("eval: {prompt: ' '}", "eval.prompt", "non-empty string"),
     ("eval: {max_ppl_increase: -5%}", "eval.max_ppl_increase", "percentage"),
     ("eval: {max_ppl_increase: lots}", "eval.max_ppl_increase", "percentage"),

@@ -59,6 +59,9 @@ def eval_command(
     seq_len: SeqLenOpt = EVAL_DEFAULTS["seq_len"],
     prompt: Annotated[str, typer.Option(help="Prompt of the side-by-side generation.",
                                         rich_help_panel="Text")] = EVAL_DEFAULTS["prompt"],
+    new_tokens: Annotated[int, typer.Option(
+        help="Tokens each model generates from --prompt; 0: no generation (streamed, each new token reads every "
+             "layer again).", rich_help_panel="Text")] = EVAL_DEFAULTS["new_tokens"],
     max_ppl_increase: Annotated[str | None, typer.Option(
         help="Gate: fail (exit 1) when perplexity rises more than this, e.g. 10%.", rich_help_panel="Gate",
         show_default=False)] = None,
@@ -109,7 +112,7 @@ def eval_command(
     else:
         _refuse_options("needs --tasks", {"--limit": limit, "--min-retained": min_retained})
         settings = settings_from_options(EvalSettings, text=text, split=split, text_field=text_field, tokens=tokens,
-                                         seq_len=seq_len, device=device, dtype=dtype, load=load, prompt=prompt,
+                                         seq_len=seq_len, device=device, dtype=dtype, load=load, prompt=prompt, new_tokens=new_tokens,
                                          max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, **batch)
         report = _text_report(source_model, converted_model, settings, trust_remote_code, **runtime)
         from ..render import eval_table
