@@ -429,7 +429,7 @@ def task_accuracy(source, converted, settings: TaskSettings,
     for role, model_source in (("source", source), ("converted", converted)):
         if progress:
             progress(role, 0, None)  # loading the model and building the harness's requests come first
-        model = load_model(model_source, dtype=dtype, device=device, load=settings.load)
+        model = load_model(model_source, dtype=dtype, device=device, load=settings.load, keep=1)  # one module at once
         answers[role] = answer_tasks(model, tokenizer, names, items, settings.batch_size,
                                      (lambda done, total, role=role: progress(role, done, total)) if progress else None)
         del model

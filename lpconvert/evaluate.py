@@ -90,6 +90,8 @@ def _generations(source_model, converted_model, tokenizer, settings: EvalSetting
         with torch.inference_mode():
             for label, model in (("source", source_model), ("converted", converted_model)):
                 generations[label] = _generate(model, tokenizer, settings.prompt, settings.new_tokens, device)
+                if hasattr(model, "weight_cache"):  # streamed: its last module is not held while the other runs
+                    model.weight_cache.clear()
     if hasattr(converted_model, "close"):  # a GGUF in llama.cpp (llamacpp.LlamaCppLM)
         converted_model.close()
     return generations
@@ -107,9 +109,11 @@ def _streamed_totals(source, converted, windows: torch.Tensor, tokenizer, settin
     dtype = dtype_from_name(settings.dtype)
     chunks = [ids.to(device) for ids in batches(windows, settings.batch_size)]
     in_llamacpp = getattr(converted, "kind", None) == "llama.cpp"
-    source_model = streamed_model(source, dtype, device)
+    # One module at a time is enough here (no pair runs two layers of one model at once): a 7B's wide block in
+    # float32 is 1.6 GB, and a second cached one would double that.
+    source_model = streamed_model(source, dtype, device, keep=1)
     converted_model = converted.load_model(dtype=dtype, device=device) if in_llamacpp else \
-        streamed_model(converted, dtype, device)
+        streamed_model(converted, dtype, device, keep=1)
     steps = [0]
 
     def tick():
@@ -216,9 +220,10 @@ def check_eval_memory(source, converted, settings: EvalSettings, device: str, se
             pass
     others = () if converted is None or in_llamacpp else (converted,)
     check_fits(source, stage="eval", dtype=settings.dtype, device=device, copies=1 if in_llamacpp else 2,
-               working=working, load=settings.load, others=others,
+               working=working, load=settings.load, others=others, keep=1,
                fixes=memory_fixes(setter, dtype=settings.dtype, tokens=("tokens",) if settings.load == "stream" else ()))
-    return memory_plan(source, dtype=settings.dtype, load=settings.load, working=working, copies=2, others=others)
+    return memory_plan(source, dtype=settings.dtype, load=settings.load, working=working, copies=2, others=others,
+                       keep=1)
 
 
 def evaluate(source, converted, settings: EvalSettings, progress: Callable | None = None,

@@ -292,14 +292,15 @@ def streamed_part_bytes(source, dtype: str) -> dict[str, int]:
             "head": found["head"] or found["embedding"]}
 
 
-def streamed_weights(sources, dtype: str, keep: int = 2) -> int:
-    """The most weight bytes streamed models hold at once: `keep` of their largest parts (streaming.KEEP)."""
+def streamed_weights(sources, dtype: str, keep: int = 2, at_once: int = 2) -> int:
+    """The most weight bytes streamed models hold at once: `at_once` of their largest parts, where a model caches up
+    to `keep` layers (streaming.KEEP: a pair's two layers; eval keeps one of each of its two models)."""
     sizes = []
     for source in sources:
         parts = streamed_part_bytes(source, dtype)
-        sizes += [parts["layer"]] * keep + [parts["embedding"], parts["head"]]  # a pair is two layers at once
+        sizes += [parts["layer"]] * keep + [parts["embedding"], parts["head"]]
     sizes.sort(reverse=True)
-    return sum(sizes[:keep])
+    return sum(sizes[:at_once])
 
 
 def _size(n: int) -> str:
@@ -307,7 +308,7 @@ def _size(n: int) -> str:
     return gib(n) if n >= GIB // 10 else f"{n / 2**20:.0f} MiB"
 
 
-def memory_plan(source, *, dtype: str, load: str, working: int, copies: int = 1, others=()) -> str:
+def memory_plan(source, *, dtype: str, load: str, working: int, copies: int = 1, others=(), keep: int = 2) -> str:
     """One line a stage prints before its work: what it will hold and the peak it expects."""
     if load == "whole":
         parameters = parameters_of(source) or 0
@@ -315,7 +316,7 @@ def memory_plan(source, *, dtype: str, load: str, working: int, copies: int = 1,
         held = f"the whole model{'s' if copies > 1 else ''} {_size(weights)}"
     else:
         parts = streamed_part_bytes(source, dtype)
-        weights = streamed_weights([source, *others], dtype)
+        weights = streamed_weights([source, *others], dtype, keep)
         held = (f"a layer at a time ({_size(parts['layer'])} per layer, embedding {_size(parts['embedding'])}, "
                 f"head {_size(parts['head'])} in {dtype}; at most {_size(weights)} at once)")
     total = weights + working + int(MARGIN_FRACTION * weights) + MARGIN_BYTES
@@ -325,7 +326,7 @@ def memory_plan(source, *, dtype: str, load: str, working: int, copies: int = 1,
 
 def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, working: int = 0,
                fixes: list[str] | None = None, spread: bool = False,
-               second: str = "the converted model", load: str = "whole", others=()) -> Estimate | None:
+               second: str = "the converted model", load: str = "whole", others=(), keep: int = 2) -> Estimate | None:
     """Refuse in one line when `stage`'s estimated peak exceeds what `device` has (all devices and the CPU with
     `spread`, a device_map). `copies`: models held at once (eval: 2; `second` names the other); `working`: the stage's own bytes beyond the
     weights; `fixes`: what lowers the peak, as the user writes it (memory_fixes). Returns the estimate, or None
@@ -337,7 +338,7 @@ def check_fits(source, *, stage: str, dtype: str, device: str, copies: int = 1, 
         return None
     found = estimate(parameters, dtype, copies, working)
     if load == "stream":  # a layer at a time (`others`: models streamed beside it, eval's converted one)
-        weights = streamed_weights([source, *others], dtype)
+        weights = streamed_weights([source, *others], dtype, keep)
         found = Estimate(parameters, weights, working, int(MARGIN_FRACTION * weights) + MARGIN_BYTES)
     have = available_memory(device, spread)
     if have is None or found.total <= have[0]:

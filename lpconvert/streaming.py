@@ -210,12 +210,13 @@ def is_streamed(model: nn.Module) -> bool:
     return hasattr(model, "weight_cache")
 
 
-def load_model(source, *, dtype: torch.dtype, device: str, load: str = "stream", device_map: str | None = None):
-    """The model a stage runs: streamed (the default), or whole in memory (`load` "whole", or a device_map to spread
-    it over several devices with accelerate)."""
+def load_model(source, *, dtype: torch.dtype, device: str, load: str = "stream", device_map: str | None = None,
+               keep: int = KEEP):
+    """The model a stage runs: streamed (the default; `keep` modules cached), or whole in memory (`load` "whole", or a
+    device_map to spread it over several devices with accelerate)."""
     if load == "whole" or device_map or source.kind == "llama.cpp":  # llama.cpp runs a GGUF in its own process
         return source.load_model(dtype=dtype, device=device, device_map=device_map)
-    return streamed_model(source, dtype, device)
+    return streamed_model(source, dtype, device, keep)
 
 
 # ----------------------------------------------------------------------------------------------
