@@ -64,11 +64,33 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._fd: int | None = None
         self.entries: dict[str, tuple[TensorInfo, int, int]] = {}
         try:
             self._parse_header()
         except OSError as exc:
             raise self._unreadable(exc) from None
+
+    def _read_into(self, buffer, offset: int) -> int:
+        """Fill `buffer` from `offset`. The file is opened once and read with pread where the OS has it: a streamed
+        model reads a layer's tensors from its shard without opening the file (a Hub cache's link) per tensor."""
+        if not hasattr(os, "preadv"):
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                return f.readinto(buffer)
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        done, view = 0, memoryview(buffer).cast("B")
+        while done < len(view):  # pread may return less than asked for a large read
+            got = os.preadv(self._fd, [view[done:]], offset + done)
+            if got <= 0:
+                break
+            done += got
+        return done
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
 
     def _corrupt(self, why: str) -> LPError:
         return LPError(f"{self.path.name} is not a valid safetensors file: {why}",
@@ -124,10 +146,8 @@ class SafetensorsFile:
         row_bytes = (end - begin) // rows if rows else 0
         count = (stop - start) * row_bytes
         buffer = torch.empty(count, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(begin + start * row_bytes)
-            if f.readinto(buffer.numpy()) != count:
-                raise self._corrupt(f"tensor {name} is truncated")
+        if self._read_into(buffer.numpy(), begin + start * row_bytes) != count:
+            raise self._corrupt(f"tensor {name} is truncated")
         shape = info.shape if (start, stop) == (0, rows) else (stop - start, *info.shape[1:])
         return buffer.view(info.dtype).reshape(shape)
 
