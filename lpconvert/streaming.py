@@ -45,9 +45,9 @@ class WeightCache:
     def get(self, streamed: StreamedModule) -> nn.Module:
         module = self.loaded.pop(streamed.prefix, None)
         if module is None:
-            module = self._read(streamed)
-            while len(self.loaded) >= self.keep:
+            while len(self.loaded) >= self.keep:  # make room first: the old and the new module are never both held
                 self.loaded.popitem(last=False)
+            module = self._read(streamed)
         self.loaded[streamed.prefix] = module
         return module
 
@@ -269,6 +269,7 @@ class LayerMajor:
             layer = real_module(self.inner.layers[i])
             for b, (args, kwargs) in enumerate(self.calls[i]):
                 xs[b] = _stream(layer(xs[b], *args, **kwargs))
+            del layer  # not held while the next layer is read
         return xs
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
