@@ -1,6 +1,6 @@
 """Running a GGUF in llama.cpp, through llama-cpp-python (the optional extra `lpconvert[llamacpp]`).
 
-Used to check a GGUF export against the same model in transformers (tests, scripts/gguf_bench.py)
+Used to check a GGUF export against the same model in transformers (tests, scripts/results/gguf_bench.py)
 and to measure it where people run it: `GgufModel` is an lpconvert GGUF export as eval and bench
 take a model (its provenance from the file's lpconvert.* metadata, a model whose forward and greedy
 generate run in llama.cpp). `exact=True` asks llama.cpp for what the comparison needs:

@@ -1,4 +1,4 @@
-"""Builders of test inputs, shared by the test modules, conftest's fixtures and scripts/errors_table.py:
+"""Builders of test inputs, shared by the test modules, conftest's fixtures and scripts/results/errors_table.py:
 tiny random checkpoints of every supported architecture (and of GPT-2 and lpconvert's own model), tokenizers,
 .bin and sharded checkpoints, hand-written scores files, a quick recipe, and exports made through the command
 line (which must succeed: they are setup steps).

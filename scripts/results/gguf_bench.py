@@ -13,8 +13,8 @@ Every model is made the way a user makes it (`lpconvert export ... -o FILE.gguf`
 
 llama.cpp runs as llama-cpp-python runs it by default: f16 KV cache, flash attention off.
 
-    .venv/bin/python scripts/gguf_bench.py                        # the table in docs/benchmarks.md (about 20 min)
-    .venv/bin/python scripts/gguf_bench.py --rounds 2 --windows 2 # a quick look
+    .venv/bin/python scripts/results/gguf_bench.py                        # the table in docs/benchmarks.md (about 20 min)
+    .venv/bin/python scripts/results/gguf_bench.py --rounds 2 --windows 2 # a quick look
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from heal_front import PLANS  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
+from smollm2_plans import SMOLLM2_PLANS as PLANS  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
 
 from lpconvert.llamacpp import decode_seconds, nll, open_gguf  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
@@ -181,7 +181,7 @@ def main() -> None:
         "kv_cache": "llama.cpp's default (f16), flash attention off (llama-cpp-python's default)",
         "rounds": args.rounds, "new_tokens": args.new_tokens, "prompt_tokens": len(prompt),
         "text": f"news, {args.windows} windows of {SEQ_LEN} tokens (seed 0)", "rows": results,
-        "command": "scripts/gguf_bench.py " + " ".join(a for a in sys.argv[1:]),
+        "command": "scripts/results/gguf_bench.py " + " ".join(a for a in sys.argv[1:]),
     }
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))

@@ -1,7 +1,7 @@
 """vLLM decode and prefill speed of sources against their lpconvert exports, and the collectives per forward step
 under tensor parallelism, counted.
 
-    python scripts/vllm_bench.py [--parts tp1,tp2] [--rounds 5] [--json docs/vllm_bench.json]
+    python scripts/results/vllm_bench.py [--parts tp1,tp2] [--rounds 5] [--json docs/vllm_bench.json]
 
 tp1: SmolLM2-135M (30 layers) against its default 27- and 25-block exports (pairs 7,17,25 and 7,17,19,24,26:
 docs/quality.md), one device. tp2: a random Llama with head counts two devices divide (16 query, 8 KV heads,
@@ -21,8 +21,10 @@ import statistics
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOLLM2_PLANS = {"27 blocks": [7, 17, 25], "25 blocks": [7, 17, 19, 24, 26]}
+from smollm2_plans import SMOLLM2_PLANS as PLANS
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOLLM2_PLANS = {f"{depth} blocks": PLANS[(depth, "search")] for depth in (27, 25)}  # the default plans
 RANDOM_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
                     num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
 RANDOM_PAIRS = [4, 6, 8, 10]  # 4 middle pairs: 12 blocks

@@ -1,7 +1,7 @@
 """Benchmark the score stage on SmolLM2-135M: cost of the cheap metrics and of --measure-loss, and
 how well each cheap metric's pair ranking agrees with the measured loss (Spearman).
 
-    python scripts/bench_score.py            # 16k wiki tokens for the metrics, 4k for the loss
+    python scripts/results/bench_score.py            # 16k wiki tokens for the metrics, 4k for the loss
 Writes docs/scores_smollm2.json and docs/scores_smollm2.png and prints a Markdown summary.
 """
 
@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from lpconvert.plots import plot_scores  # noqa: E402
 from lpconvert.score import ScoreSettings, compute_scores, safest_pairs  # noqa: E402

@@ -5,16 +5,16 @@ rows, each in its own process) and scored with lpconvert's task definitions on t
 subset of each task's items (`lpconvert eval --tasks core --limit N` picks the same ones). The source
 answers once; each conversion is compared with it item by item (lpconvert.accuracy.compare_task).
 
-    .venv/bin/python scripts/task_table.py                          # the table in docs/tasks.md (about an hour)
-    .venv/bin/python scripts/task_table.py --limit 20 --rows 27/contiguous --json /tmp/t.json   # a quick look
-    .venv/bin/python scripts/task_table.py --redraw                 # the table again from --json
-    .venv/bin/python scripts/task_table.py --model gemma3-270m --plans-from docs/quality_front_gemma3.json \
+    .venv/bin/python scripts/results/task_table.py                          # the table in docs/tasks.md (about an hour)
+    .venv/bin/python scripts/results/task_table.py --limit 20 --rows 27/contiguous --json /tmp/t.json   # a quick look
+    .venv/bin/python scripts/results/task_table.py --redraw                 # the table again from --json
+    .venv/bin/python scripts/results/task_table.py --model gemma3-270m --plans-from docs/quality_front_gemma3.json \
         --rows 16/contiguous,16/search,15/contiguous,15/search,15/search/lsq --json docs/tasks_gemma3.json \
         --plot docs/tasks_gemma3.png
 
 On a GPU, every item of every task (the command docs/tasks.md gives):
 
-    .venv/bin/python scripts/task_table.py --full --device cuda --batch-size 64 --json tasks-full.json
+    .venv/bin/python scripts/results/task_table.py --full --device cuda --batch-size 64 --json tasks-full.json
 
 Rows: depth/plan[/heal method]. Plans are the pairs the CLI's defaults chose (docs/quality.md).
 """
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from heal_front import plans_from  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
+from smollm2_plans import plans_from  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
 
 from lpconvert.accuracy import (  # noqa: E402
     ABOVE_CHANCE_BY,
@@ -170,7 +170,7 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--plans-from", type=Path, help="a quality front's JSON (scripts/quality_front.py --out): "
+    parser.add_argument("--plans-from", type=Path, help="a quality front's JSON (scripts/results/quality_front.py --out): "
                         "its plans, instead of SmolLM2's")
     parser.add_argument("--rows", default=DEFAULT_ROWS, help="depth/plan[/lsq|distill], comma-separated")
     parser.add_argument("--tasks", default=",".join(CORE))
@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "tasks.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "tasks.png")
-    parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal (as scripts/heal_front.py), "
+    parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal (as scripts/results/heal_front.py), "
                         "e.g. '--tokens 8192 --damping 0.1,0.3,1'")
     parser.add_argument("--redraw", action="store_true", help="only print the table and draw --plot from --json")
     args = parser.parse_args()

@@ -12,10 +12,10 @@ on two texts heal never reads:
 
 Recovered fraction of the gap = (ln ppl_unhealed - ln ppl_healed) / (ln ppl_unhealed - ln ppl_source).
 
-    .venv/bin/python scripts/heal_front.py                                  # every row (about an hour)
-    .venv/bin/python scripts/heal_front.py --depths 25 --plans search --methods lsq
-    .venv/bin/python scripts/heal_front.py --distill-at 25/search           # distill only there
-    .venv/bin/python scripts/heal_front.py --model gemma3-270m --plans-from docs/quality_front_gemma3.json \
+    .venv/bin/python scripts/results/heal_front.py                                  # every row (about an hour)
+    .venv/bin/python scripts/results/heal_front.py --depths 25 --plans search --methods lsq
+    .venv/bin/python scripts/results/heal_front.py --distill-at 25/search           # distill only there
+    .venv/bin/python scripts/results/heal_front.py --model gemma3-270m --plans-from docs/quality_front_gemma3.json \
         --depths 16,15,14 --json docs/heal_front_gemma3.json --plot docs/heal_front_gemma3.png
 
 Targets (issue 16), 25 blocks with the default plan: lsq recovers at least 35% on each held-out text
@@ -36,8 +36,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from smollm2_plans import plans_from  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
+
 from lpconvert.export import plan_for_pairs  # noqa: E402
 from lpconvert.healfile import corrections_of, load_heal_file  # noqa: E402
 from lpconvert.runner import LayerRunner  # noqa: E402
@@ -45,15 +47,6 @@ from lpconvert.settings import HealSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402
 
-# Pairs chosen by scripts/quality_front.py with the CLI's defaults (docs/quality.md, issue 5 table).
-PLANS = {
-    (27, "contiguous"): [17, 19, 21],
-    (27, "search"): [7, 17, 25],
-    (25, "contiguous"): [18, 20, 22, 24, 26],
-    (25, "search"): [7, 17, 19, 24, 26],
-    (23, "contiguous"): [14, 16, 18, 20, 22, 24, 26],
-    (23, "search"): [7, 13, 17, 19, 21, 24, 26],
-}
 SEQ_LEN = 512
 
 
@@ -80,13 +73,6 @@ def perplexity(runner: LayerRunner, ids: torch.Tensor, pairs: list[int], batch: 
     return math.exp(nll / count)
 
 
-def plans_from(path: Path | None) -> dict[tuple[int, str], list[int]]:
-    """(depth, plan) -> pairs: SmolLM2's table, or the rows of a quality front's JSON (scripts/quality_front.py)."""
-    if path is None:
-        return PLANS
-    return {(row["depth"], row["strategy"]): row["pairs"] for row in json.loads(path.read_text())["rows"]}
-
-
 def run_heal(model: str, plan_path: Path, out: Path, method: str, extra: list[str]) -> dict:
     """`lpconvert heal` in its own process; its report (time, peak memory) as it wrote it."""
     command = [str(ROOT / ".venv/bin/lpconvert"), "--progress", "lines", "heal", model, "--plan",
@@ -108,7 +94,7 @@ def recovered(unhealed: float, healed: float, source: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--plans-from", type=Path, help="a quality front's JSON (scripts/quality_front.py --out): "
+    parser.add_argument("--plans-from", type=Path, help="a quality front's JSON (scripts/results/quality_front.py --out): "
                         "its plans, instead of SmolLM2's")
     parser.add_argument("--depths", default="27,25,23")
     parser.add_argument("--plans", default="contiguous,search")

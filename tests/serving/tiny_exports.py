@@ -7,7 +7,6 @@ middle pair. The reference is single-process transformers in float32.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 # Tensor parallelism shards these; a Gemma 3 pair keeps its branches apart through o_proj and down_proj (sandwich
@@ -25,7 +24,6 @@ NATURAL_ORDER = "qwen3-natural-order"
 
 def build_exports(root: Path, archs=ARCHS, natural_order_control: bool = False) -> dict[str, Path]:
     """Export every tiny architecture under ROOT: name -> export folder."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
     from builders import make_tiny_model, make_tiny_tokenizer
 
     from lpconvert.archs import Architecture

@@ -5,9 +5,9 @@ steadier figure for a change to its own work. Each run starts as bench_export's 
 A variant is NAME=SETTINGS, SETTINGS a comma list of KEY:VALUE environment entries; LP_CWD runs the
 lpconvert found in that folder (e.g. a `git worktree` of the commit before):
 
-    python scripts/bench_export.py --shape llama2-7b --workdir /tmp/lpb7 --repeats 1   # builds the source
+    python scripts/results/bench_export.py --shape llama2-7b --workdir /tmp/lpb7 --repeats 1   # builds the source
     git worktree add /tmp/before HEAD~1
-    python scripts/ab_export.py /tmp/lpb7/source --runs 3 before=LP_CWD:/tmp/before after=
+    python scripts/results/ab_export.py /tmp/lpb7/source --runs 3 before=LP_CWD:/tmp/before after=
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_export import same_start  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:

@@ -4,9 +4,9 @@ Plans pairs for SmolLM2 (30 layers) with each strategy at each effective depth, 
 Wikipedia text (`wiki` calibration windows and their held-out split), and reports the perplexity
 of the paired model on the `news` text, which no strategy sees:
 
-    .venv/bin/python scripts/quality_front.py                      # all 147 news windows (75k tokens)
-    .venv/bin/python scripts/quality_front.py --news-every 3       # every third window (faster)
-    .venv/bin/python scripts/quality_front.py --depths 25 --strategies search --tokens 16384
+    .venv/bin/python scripts/results/quality_front.py                      # all 147 news windows (75k tokens)
+    .venv/bin/python scripts/results/quality_front.py --news-every 3       # every third window (faster)
+    .venv/bin/python scripts/results/quality_front.py --depths 25 --strategies search --tokens 16384
 
 Strategies run as `lpconvert plan` runs them (lpconvert.plan.make_plan), with the CLI's defaults
 unless options here say otherwise; the contiguous rule is the paper's: a perplexity (loss) sweep
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lpconvert.formats import source_fingerprint  # noqa: E402
 from lpconvert.plan import (  # noqa: E402
     DEFAULT_BEAM,

@@ -5,9 +5,9 @@ runs `lpconvert export --pairs ...` in a child process and `cp -r` of the source
 times from the same start (earlier outputs deleted, `sync`ed so no write-back of an earlier run is
 pending, the source read into the page cache), and prints a table and JSON.
 
-    python scripts/bench_export.py                      # about 1 GB, bf16, 20 layers, 8 pairs
-    python scripts/bench_export.py --shape llama2-7b    # 13.5 GB, 32 layers
-    python scripts/bench_export.py --gguf q8_0          # the same, exported as one GGUF (ggufexport.py)
+    python scripts/results/bench_export.py                      # about 1 GB, bf16, 20 layers, 8 pairs
+    python scripts/results/bench_export.py --shape llama2-7b    # 13.5 GB, 32 layers
+    python scripts/results/bench_export.py --gguf q8_0          # the same, exported as one GGUF (ggufexport.py)
 Targets (issue 3): time <= 1.5x cp, peak RSS <= 1.5 GB whatever the model size.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lpconvert.checkpoint import (  # noqa: E402
     OutputTensor,
     TensorInfo,

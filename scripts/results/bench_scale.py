@@ -22,10 +22,10 @@ one width it fits cost = fixed + per-layer x layers per stage and extrapolates t
 for 70B). A stage that fails (nonzero exit, 137 when killed for memory) is recorded with its exit code
 and the last line of its stderr, and the benchmark goes on.
 
-    .venv/bin/python scripts/bench_scale.py --shapes 7b,7b-16        # ~14 + 7 GB of checkpoints in /tmp/lp_scale
-    .venv/bin/python scripts/bench_scale.py --shapes 70b-2,70b-4     # the 80-layer extrapolation
-    .venv/bin/python scripts/bench_scale.py --tiny                   # tiny-2,tiny-4 (hidden 64): about 3 min, mostly CLI start-up
-    .venv/bin/python scripts/bench_scale.py --build-only --shapes 7b # just build (and time) the checkpoint
+    .venv/bin/python scripts/results/bench_scale.py --shapes 7b,7b-16        # ~14 + 7 GB of checkpoints in /tmp/lp_scale
+    .venv/bin/python scripts/results/bench_scale.py --shapes 70b-2,70b-4     # the 80-layer extrapolation
+    .venv/bin/python scripts/results/bench_scale.py --tiny                   # tiny-2,tiny-4 (hidden 64): about 3 min, mostly CLI start-up
+    .venv/bin/python scripts/results/bench_scale.py --build-only --shapes 7b # just build (and time) the checkpoint
 
 Writes --json (default docs/bench_scale.json) and prints the tables.
 """
@@ -45,7 +45,7 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CLI = ROOT / ".venv" / "bin" / "lpconvert"
 PYTHON = ROOT / ".venv" / "bin" / "python"
 TIME = Path("/usr/bin/time")

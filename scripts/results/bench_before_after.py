@@ -1,7 +1,7 @@
 """transformers eager speed of exports before and after a change: `lpconvert bench` of the code at REV and of this
 checkout, in alternating processes.
 
-    python scripts/bench_before_after.py --before REV [--models tiny,smollm2-135m] [--rounds 5] [--json out.json]
+    python scripts/results/bench_before_after.py --before REV [--models tiny,smollm2-135m] [--rounds 5] [--json out.json]
 
 REV is checked out with `git worktree` (the commit before a change, e.g. the one before the separate-projection
 layout: f60b629). Each version exports each model with its own code, so each times the layout it writes, loaded as
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PAIRS = {"tiny": "2", "smollm2-135m": "14,17,20"}  # tiny: tests/builders' 6-layer Llama
 
 
