@@ -292,6 +292,12 @@ def check_owned_output(path: Path, kind: OwnedFile, overwrite: bool, protect: It
     _check_replaceable(path, kind, overwrite)
 
 
+def check_file_name(path: Path, kind: OwnedFile) -> None:
+    """One LPError line for a name that is not one of the kind's (a picture's NAME.png, NAME.pdf or NAME.svg):
+    another suffix, nothing before the suffix (`.png`, `figs/.svg`), or no name at all."""
+    _check_name(Path(path), kind, None)
+
+
 def _check_name(path: Path, kind: OwnedFile, beside: Path | None) -> None:
     if not kind.suffixes or beside is not None:
         return

@@ -2,9 +2,10 @@
 from a scores or plan file): layer and pair importance (score), quality against depth (plan), healing
 pair by pair (heal).
 
-A picture is written in the format its name ends in (.png, .pdf or .svg), atomically, and carries
-PLOT_MARKER (a PNG text chunk, the SVG's dc:description, the PDF's Subject): that is how lpconvert knows
-a picture at the --plot path is one it drew, which --overwrite may replace (`written_plot`).
+Every picture, the CLI's and scripts/results/'s, is written by `save_figure`: in the format its name ends in
+(.png, .pdf or .svg; a name with nothing before the suffix, such as `.png`, is refused in one line),
+atomically, and carrying PLOT_MARKER (a PNG text chunk, the SVG's dc:description, the PDF's Subject): that is
+how lpconvert knows a picture at the --plot path is one it drew, which --overwrite may replace (`written_plot`).
 
 matplotlib is imported when a picture is drawn, never at import.
 """
@@ -17,7 +18,7 @@ import struct
 from pathlib import Path
 
 from .errors import LPError
-from .outputs import OwnedFile, atomic_output_file
+from .outputs import OwnedFile, atomic_output_file, check_file_name
 
 FORMATS = ("png", "pdf", "svg")  # what --plot writes, by the file's extension (matplotlib's savefig)
 PLOT_MARKER = "lpconvert-plot"
@@ -72,10 +73,12 @@ def plot_output(example: str) -> OwnedFile:
 
 
 SCORES_PLOT, FRONT_PLOT, HEAL_PLOT = plot_output("scores.png"), plot_output("front.png"), plot_output("heal.png")
+PICTURE = plot_output("plot.png")  # a picture of scripts/results/
 STRATEGY_COLORS = {"contiguous": "tab:blue", "greedy": "tab:orange", "search": "tab:green"}  # in every plot
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot, drawing off screen (Agg); without matplotlib, one line."""
     try:
         import matplotlib
     except ImportError:
@@ -89,7 +92,7 @@ def _pyplot():
 def plot_scores(scores: dict, path, overwrite: bool | None = None) -> None:
     """Per-layer importance and per-pair cost in one picture. `overwrite` (the CLI's flag, checked before
     the work): what is at `path` is checked again just before it is replaced."""
-    plt = _pyplot()
+    plt = pyplot()
     layers, pairs = scores["layers"], scores["pairs"]
     panels = 3 if "loss_increase" in pairs[0] else 2
     fig, axes = plt.subplots(panels, 1, figsize=(10, 3.2 * panels), sharex=True)
@@ -117,7 +120,7 @@ def plot_scores(scores: dict, path, overwrite: bool | None = None) -> None:
         ax.set_ylabel("loss increase, % (measured)")
     axes[-1].set_xlabel("layer")
     fig.tight_layout()
-    _save(fig, path, plt, overwrite)
+    save_figure(fig, path, overwrite, SCORES_PLOT)
 
 
 def plot_front(plan_json: dict, scores: dict, path, overwrite: bool | None = None) -> None:
@@ -131,7 +134,7 @@ def plot_front(plan_json: dict, scores: dict, path, overwrite: bool | None = Non
     if not series:
         raise LPError("--plot needs measured losses: none are known for this plan",
                       "pass --model, or scores measured with --measure-loss")
-    plt = _pyplot()
+    plt = pyplot()
     num_layers = plan.num_layers
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for name, points in series.items():
@@ -148,7 +151,7 @@ def plot_front(plan_json: dict, scores: dict, path, overwrite: bool | None = Non
         ax.axhline(source_ppl, color="gray", linewidth=0.8, linestyle=":", label=f"source ({source_ppl:.2f})")
     _style_axes(ax, num_layers)
     fig.tight_layout()
-    _save(fig, path, plt, overwrite)
+    save_figure(fig, path, overwrite, FRONT_PLOT)
 
 
 def _style_axes(ax, num_layers: int) -> None:
@@ -179,7 +182,7 @@ def _chosen_ppl(plan, series: dict) -> float:
 
 def plot_heal(report: dict, path, overwrite: bool | None = None) -> None:
     """Held-out perplexity of the model as each pair is healed in turn (heal report JSON)."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = report["pairs"]
     labels = ["unhealed"] + [f"({a},{b})" for a, b in (row["pair"] for row in rows)]
     values = [math.exp(rows[0]["heldout_loss_before"])] + [math.exp(row["heldout_loss_after"]) for row in rows]
@@ -194,20 +197,26 @@ def plot_heal(report: dict, path, overwrite: bool | None = None) -> None:
     ax.set_ylabel("held-out perplexity")
     ax.set_title(f"{report['source']['name']}: healing pair by pair ({report['method']}; orange: rejected)")
     fig.tight_layout()
-    _save(fig, path, plt, overwrite)
+    save_figure(fig, path, overwrite, HEAL_PLOT)
 
 
-def _save(fig, path, plt, overwrite: bool | None) -> None:
-    """Write the picture in the format its name ends in (FORMATS), marked as lpconvert's, atomically (a new
-    file renamed into place: never through a link); an unwritable path is one line."""
+def check_plot_path(path, kind: OwnedFile = PICTURE) -> str:
+    """The format a picture at PATH is written in (png, pdf or svg: its name's end), or one LPError line for a
+    name that is none of them or has nothing before its suffix (`.png`, `figs/.svg`)."""
     path = Path(path)
-    fmt = path.suffix.lower().lstrip(".")
+    check_file_name(path, kind)
+    return path.suffix.lower().lstrip(".")
+
+
+def save_figure(fig, path, overwrite: bool | None = None, kind: OwnedFile = PICTURE) -> None:
+    """The one writer of pictures: FIG in the format its name ends in (FORMATS), marked as lpconvert's, atomically
+    (a new file renamed into place: never through a link); a bad or unwritable path is one line. `overwrite`: the
+    CLI's --overwrite (what is at `path` is checked again just before it is replaced); None (scripts/results/,
+    redrawing docs/'s figures) replaces what is there."""
+    plt = pyplot()
     try:
-        if fmt not in FORMATS:
-            raise LPError(f"--plot {path}: a picture is written as {', '.join('.' + f for f in FORMATS)}",
-                          f"e.g. --plot {path.parent / (path.stem + '.png')}")
-        kind = SCORES_PLOT if overwrite is not None else None
-        with atomic_output_file(path, kind, bool(overwrite)) as tmp:
+        fmt = check_plot_path(path, kind)
+        with atomic_output_file(Path(path), kind if overwrite is not None else None, bool(overwrite)) as tmp:
             fig.savefig(tmp, format=fmt, dpi=110, metadata={MARKER_KEYS[fmt]: PLOT_MARKER})
     finally:
         plt.close(fig)

@@ -185,10 +185,43 @@ def test_outputs_are_checked_against_a_resolved_source_too(tiny_models, tmp_path
     assert tree_digest(model) == before
 
 
-def test_plot_must_be_a_picture_format(tiny_models, tmp_path):
-    result = invoke("score", tiny_models["llama"], "-o", tmp_path / "s.json", "--plot", tmp_path / "p.txt")
-    assert result.exit_code == 2 and "a picture is written as .png, .pdf, .svg" in result.stderr
-    assert not (tmp_path / "s.json").exists()
+@pytest.mark.parametrize("name, problem", [
+    ("p.txt", "p.txt: a picture is written as .png, .pdf, .svg"),
+    (".png", ".png has no name before .png: a picture is written as NAME.png"),
+    ("figs/.svg", ".svg has no name before .svg: a picture is written as NAME.svg"),
+])
+def test_plot_must_be_a_picture_format(name, problem, tiny_models, tmp_path):
+    (tmp_path / "figs").mkdir()
+    result = invoke("score", tiny_models["llama"], "-o", tmp_path / "s.json", "--plot", tmp_path / name)
+    assert result.exit_code == 2 and problem in result.stderr, result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["figs"]  # nothing written: not -o, not the picture
+
+
+@pytest.mark.parametrize("name, magic", [("x.svg", (b"<?xml", b"<svg")), ("x.png", (b"\x89PNG\r\n\x1a\n",)),
+                                         ("x.pdf", (b"%PDF-",))])
+def test_the_one_picture_writer_writes_the_format_of_the_name(name, magic, tmp_path):
+    """save_figure, which every picture goes through (the CLI's --plot and scripts/results/'s): an .svg is SVG
+    text, never PNG bytes under another name, and carries lpconvert's marker."""
+    from lpconvert.plots import pyplot, save_figure, written_plot
+
+    fig, ax = pyplot().subplots()
+    ax.plot([1, 2], [3, 4])
+    save_figure(fig, tmp_path / name)
+    assert (tmp_path / name).read_bytes().startswith(magic) and written_plot(tmp_path / name)
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary file left
+
+
+@pytest.mark.parametrize("name", [".png", "figs/.svg", "x.jpg", ""])
+def test_the_one_picture_writer_refuses_a_name_without_a_stem_or_format(name, tmp_path):
+    from lpconvert.plots import pyplot, save_figure
+
+    (tmp_path / "figs").mkdir()
+    fig, _ = pyplot().subplots()
+    with pytest.raises(LPError) as refused:
+        save_figure(fig, tmp_path / name if name else Path(name))
+    assert "\n" not in refused.value.one_line() and "picture" in refused.value.one_line()
+    assert [p.name for p in tmp_path.rglob("*")] == ["figs"]
 
 
 # ----------------------------------------------------------------------------------------------

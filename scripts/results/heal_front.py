@@ -40,8 +40,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from smollm2_plans import plans_from  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
 
+from lpconvert.errors import LPError  # noqa: E402
 from lpconvert.export import plan_for_pairs  # noqa: E402
 from lpconvert.healfile import corrections_of, load_heal_file  # noqa: E402
+from lpconvert.plots import check_plot_path, pyplot, save_figure  # noqa: E402
 from lpconvert.runner import LayerRunner  # noqa: E402
 from lpconvert.settings import HealSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
@@ -111,6 +113,7 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, help="put this run's rows (another --json) into --json in place of "
                         "the same depth/plan/method, then redraw")
     args = parser.parse_args()
+    check_plot_path(args.plot)  # before an hour of work
     if args.merge:
         merge(args.json, args.merge)
     if args.redraw or args.merge:
@@ -213,11 +216,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     styles = {"unhealed": ("o", "-"), "lsq": ("s", "--"), "distill": ("^", ":")}
     colors = {"contiguous": "#dd8452", "search": "#4c72b0"}
@@ -238,8 +237,12 @@ def plot(result: dict, path: Path) -> None:
     name = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}.get(result.get("model", "smollm2-135m"))
     fig.suptitle(f"{name or result['model']}: perplexity against depth, unhealed and healed")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LPError as exc:  # a bad --plot path: one line and exit 2, as the CLI says it
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)

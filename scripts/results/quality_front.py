@@ -11,7 +11,8 @@ of the paired model on the `news` text, which no strategy sees:
 Strategies run as `lpconvert plan` runs them (lpconvert.plan.make_plan), with the CLI's defaults
 unless options here say otherwise; the contiguous rule is the paper's: a perplexity (loss) sweep
 over every contiguous run, on the scores' calibration tokens. The scores (single-pair calibration
-loss on --score-tokens tokens) come from lpconvert.score.compute_scores, cached in --scores.
+loss on --score-tokens tokens of --calib) come from lpconvert.score.compute_scores, cached in --scores
+(reused only for the same model, settings and text).
 Planning time counts what `lpconvert plan` would do after scoring: loading the model, tokenising,
 measuring. Target (issue 5): at 25 layers the default strategy's increase over the source is at most
 75% of the contiguous rule's, in at most 10 minutes of planning on a 2-core CPU.
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from lpconvert.errors import LPError  # noqa: E402
 from lpconvert.formats import source_fingerprint  # noqa: E402
 from lpconvert.plan import (  # noqa: E402
     DEFAULT_BEAM,
@@ -41,7 +43,7 @@ from lpconvert.plan import (  # noqa: E402
     build_calibrator,
     make_plan,
 )
-from lpconvert.plots import STRATEGY_COLORS  # noqa: E402
+from lpconvert.plots import STRATEGY_COLORS, check_plot_path, pyplot, save_figure  # noqa: E402
 from lpconvert.settings import STRATEGIES, PlanSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402
@@ -51,19 +53,47 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def score_settings(tokens: int, calib: str):
+    """The scores this script plans from: single-pair calibration loss measured on TOKENS tokens of CALIB."""
+    from lpconvert.score import ScoreSettings
+
+    return ScoreSettings(calib=calib, tokens=tokens, measure_loss=True, loss_tokens=tokens, device="cpu")
+
+
+def cache_key(source, settings) -> dict:
+    """Everything the scores depend on: the model (its fingerprint), every score setting (--score-tokens and --calib
+    among them) and the calibration text itself (its digest, read as compute_scores reads it)."""
+    from dataclasses import asdict
+
+    from lpconvert.texts import bytes_for_tokens
+
+    text = resolve_text(settings.calib, text_field=settings.text_field,
+                        max_bytes=bytes_for_tokens(settings.tokens, settings.seq_len))
+    return {"source": source_fingerprint(source.config, source.store),
+            "settings": json.loads(json.dumps({**asdict(settings), "metrics": list(settings.metrics)})),
+            "calibration_sha256": text.sha256}
+
+
+def key_of(scores: dict) -> dict:
+    """A scores file's cache key, as written by compute_scores (cache_key's fields)."""
+    return {"source": scores.get("source"), "settings": scores.get("settings"),
+            "calibration_sha256": (scores.get("calibration") or {}).get("sha256")}
+
+
 def get_scores(source, path: Path | None, tokens: int, calib: str) -> tuple[dict, float]:
-    """The scores file (with measured single-pair loss), computed once and cached in `path`."""
-    fingerprint = source_fingerprint(source.config, source.store)
+    """The scores file (with measured single-pair loss), computed once and cached in `path`: reused only when it
+    was made from the same model, settings and text (cache_key), else computed again and the cache replaced."""
+    settings = score_settings(tokens, calib)
     if path is not None and path.exists():
         scores = json.loads(path.read_text())
-        if scores.get("source") == fingerprint and scores.get("pairs") and "loss_increase" in scores["pairs"][0]:
+        if key_of(scores) == cache_key(source, settings):
             log(f"scores from {path}")
             return scores, float(scores.get("timings", {}).get("total_seconds", math.nan))
-    from lpconvert.score import ScoreSettings, compute_scores
+        log(f"{path} holds scores of another model, text or settings: scoring again")
+    from lpconvert.score import compute_scores
 
     log(f"scoring: single-pair calibration loss on {tokens} {calib} tokens")
     started = time.perf_counter()
-    settings = ScoreSettings(calib=calib, tokens=tokens, measure_loss=True, loss_tokens=tokens, device="cpu")
     scores = compute_scores(source, settings)
     seconds = time.perf_counter() - started
     if path is not None:
@@ -126,13 +156,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--extra-sets", default="", help="More pair sets to evaluate, e.g. '7,13,17,20,25;9,11'.")
     parser.add_argument("--out", type=Path, default=None, help="Write the JSON here too.")
-    parser.add_argument("--plot", type=Path, default=None, help="Draw held-out perplexity against depth (PNG).")
+    parser.add_argument("--plot", type=Path, default=None, help="Draw held-out perplexity against depth (.png, .svg or .pdf).")
     parser.add_argument("--from-json", type=Path, default=None,
                         help="Print the table (and --plot) of an earlier run's JSON instead of running.")
     parser.add_argument("--merge", nargs=2, type=Path, metavar=("INTO", "OTHER"),
                         help="put OTHER's rows (another --out) into INTO in place of the same depth/strategy, then "
                              "print (and --plot) INTO")
     args = parser.parse_args()
+    if args.plot:
+        check_plot_path(args.plot)  # before minutes of work
     if args.merge:
         merge(*args.merge)
         args.from_json = args.merge[0]
@@ -225,11 +257,9 @@ def merge(into: Path, other: Path) -> None:
 
 def plot(result: dict, path: Path) -> None:
     """Held-out perplexity against effective depth, one line per strategy, the source as depth L."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+
+    plt = pyplot()
 
     ev = result["evaluation"]
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
@@ -249,8 +279,7 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(result: dict) -> str:
@@ -277,4 +306,8 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LPError as exc:  # a bad --plot path: one line and exit 2, as the CLI says it
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -46,7 +46,9 @@ from lpconvert.accuracy import (  # noqa: E402
     item_lists,
     summarize,
 )
+from lpconvert.errors import LPError  # noqa: E402
 from lpconvert.export import plan_for_pairs  # noqa: E402
+from lpconvert.plots import check_plot_path, pyplot, save_figure  # noqa: E402
 from lpconvert.settings import TaskSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 
@@ -136,11 +138,7 @@ def table(result: dict) -> str:
 def plot(result: dict, path: Path) -> None:
     """The paired difference per task (converted - source, percentage points, ± one standard error), a
     group of bars per task and one bar per row, then the averages (all tasks, and above chance)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = result["tasks"]
     clear = bool(rows := result["rows"]) and "above_chance" in rows[0]["average"]
     labels = [TASKS[name].title.removesuffix("-OpenAI") for name in names] + ["average"] + (["above chance"] if clear else [])
@@ -164,7 +162,7 @@ def plot(result: dict, path: Path) -> None:
     name = {"smollm2-135m": "SmolLM2-135M", "gemma3-270m": "Gemma-3-270M"}.get(result.get("model", "smollm2-135m"))
     ax.set_title(f"{name or result['model']}: accuracy change per task, paired on the same items ({count}), ± 1 s.e.")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -185,6 +183,7 @@ def main() -> None:
                         "e.g. '--tokens 8192 --damping 0.1,0.3,1'")
     parser.add_argument("--redraw", action="store_true", help="only print the table and draw --plot from --json")
     args = parser.parse_args()
+    check_plot_path(args.plot)  # before an hour of work
     if args.redraw:
         result = json.loads(args.json.read_text())
         print(table(result))
@@ -220,4 +219,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LPError as exc:  # a bad --plot path: one line and exit 2, as the CLI says it
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
