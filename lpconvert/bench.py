@@ -273,14 +273,15 @@ def bench_models(target, baseline, settings: BenchSettings, progress: Callable[[
     return report
 
 
-def bench_models_vllm(target, baseline, settings: BenchSettings, tensor_parallel: int = 1,
-                      progress: Callable[[str], None] | None = None) -> dict:
-    """TARGET and BASELINE in vLLM, each in its own engine with the same options, all started before any timing;
-    the rounds interleave the models. `--compile` is vLLM's compiled mode (torch.compile, and CUDA graphs on a GPU);
+def bench_models_vllm(target, baseline, settings: BenchSettings, progress: Callable[[str], None] | None = None
+                      ) -> dict:
+    """TARGET and BASELINE in vLLM (settings.engine "vllm", over settings.tensor_parallel devices), each in its own
+    engine with the same options, all started before any timing; the rounds interleave the models. `--compile` is vLLM's compiled mode (torch.compile, and CUDA graphs on a GPU);
     without it, enforce_eager. Batch B is B requests at once."""
     from .formats import check_same_origin
     from .vllmengine import check_servable, engine_options, run_job
 
+    tensor_parallel = settings.tensor_parallel
     models = [("model", target)] + ([] if baseline is None else [("baseline", baseline)])
     if baseline is not None:
         check_same_origin(target, baseline)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .errors import LPError
-from .settings import SETTINGS, build, check_setting, closest, defaults_of, recipe_label
+from .settings import SETTINGS, build, check_engine, check_setting, closest, defaults_of, recipe_label
 
 EXIT_GATE_FAILED = 1
 RECIPE_SECTIONS = ("score", "plan", "heal", "export", "eval", "tasks")  # pipeline order; each a settings.py dataclass
@@ -182,6 +182,10 @@ def check_runnable_here(recipe: dict) -> None:
     for section, values in recipe.items():
         if "device" in values:
             resolve_device(values["device"], f"recipe key {section}.device")
+    if recipe["eval"]["engine"] == "vllm":  # vLLM is there (LPCONVERT_VLLM_PYTHON, or this Python), or one line now
+        from .vllmengine import vllm_python
+
+        vllm_python()
 
 
 def _check_key(section: str, key: str, value) -> None:
@@ -200,7 +204,8 @@ def _calibrates(use_model: bool, strategy: str | None) -> bool:
 
 def _check_across_stages(recipe: dict) -> None:
     """Combinations the stages would only refuse after scoring has run (plan.make_plan, build_calibrator)."""
-    score, plan = recipe["score"], recipe["plan"]
+    score, plan, evaluating = recipe["score"], recipe["plan"], recipe["eval"]
+    check_engine(evaluating["engine"], evaluating["tensor_parallel"], evaluating["device"], "eval")
     for section, key in (("score", "tokens"), ("score", "loss_tokens"), ("heal", "tokens"),
                          ("heal", "heldout_tokens"), ("eval", "tokens")):
         if section not in recipe:
@@ -353,10 +358,17 @@ def convert(source, out: Path, recipe: dict, *, overwrite: bool = False, keep_fa
         if healed:
             write_heal_file(tmp / HEAL_FILE, healed.tensors, healed.header)
             (tmp / "lpconvert-heal.json").write_text(strict_json(healed.report) + "\n")
-        step("eval: the converted model against the source")
-        report = evaluate(source, resolve_model(str(tmp)), settings["eval"],
-                          lambda done, total: step("eval: the converted model against the source", done, total,
-                                                   unit="batches"), setter=recipe_setter("eval"))
+        evaluating = "eval: the converted model against the source" + (
+            " in vLLM" if settings["eval"].engine == "vllm" else "")
+        step(evaluating)
+        if settings["eval"].engine == "vllm":  # vLLM's worker reports in words
+            def eval_progress(text: str) -> None:
+                step(evaluating, detail=text)
+        else:
+            def eval_progress(done, total) -> None:
+                step(evaluating, done, total, unit="batches")
+        report = evaluate(source, resolve_model(str(tmp)), settings["eval"], eval_progress,
+                          setter=recipe_setter("eval"))
         report["converted"] = str(out)  # not the temporary folder it was evaluated in
         (tmp / "lpconvert-eval.json").write_text(strict_json(report) + "\n")
         failures = list(report["failures"])
@@ -404,7 +416,8 @@ def check_memory_up_front(source, settings: dict) -> None:
                           recipe_setter("plan"))
     if settings["heal"] is not None:
         check_heal_memory(source, settings["heal"], device("heal"), recipe_setter("heal"))
-    check_eval_memory(source, None, settings["eval"], device("eval"), recipe_setter("eval"))
+    if settings["eval"].engine == "transformers":  # vLLM sizes its own engines
+        check_eval_memory(source, None, settings["eval"], device("eval"), recipe_setter("eval"))
     if settings["tasks"] is not None:
         tasks = settings["tasks"]
         check_fits(source, stage="tasks", dtype=tasks.dtype, device=device("tasks"),

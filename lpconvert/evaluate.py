@@ -180,8 +180,7 @@ def _same_tensors(a, b, prefix: str) -> bool:
     return all(torch.equal(a.read(n), b.read(n)) for n in names)
 
 
-def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSettings, tensor_parallel: int,
-                 progress) -> tuple[dict, dict, str]:
+def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSettings, progress) -> tuple[dict, dict, str]:
     """Both models in vLLM, one engine after the other, on the same token windows: summed log-probs of the text's
     tokens and how often the two engines' top tokens agree."""
     from .vllmengine import engine_options, run_job
@@ -190,7 +189,7 @@ def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSetting
     new_tokens = max(settings.new_tokens, 1)  # vLLM's worker always generates; dropped below with new_tokens 0
     job = {"kind": "logprobs", "windows": ids, "prompt": settings.prompt, "new_tokens": new_tokens,
            "engine": engine_options((source, converted), settings.seq_len + new_tokens + 64, settings.dtype,
-                                    tensor_parallel, compiled=False),
+                                    settings.tensor_parallel, compiled=False),
            "models": [{"label": label, "path": str(model.path),
                        "tokenizer": str(model.tokenizer_path) if getattr(model, "tokenizer_path", None) else None}
                       for label, model in (("source", source), ("converted", converted))]}
@@ -202,7 +201,7 @@ def _vllm_totals(source, converted, windows: torch.Tensor, settings: EvalSetting
               "kl": None, "tokens": sum(len(w["logprobs"]) for w in src)}
     generations = {"prompt": settings.prompt, **{label: answer["models"][label]["generation"] if settings.new_tokens
                                                   else None for label in ("source", "converted")}}
-    return totals, generations, f"{answer['vllm']}, tensor parallel {tensor_parallel}"
+    return totals, generations, f"{answer['vllm']}, tensor parallel {settings.tensor_parallel}"
 
 
 def check_eval_memory(source, converted, settings: EvalSettings, device: str, setter: Setter = option_setter) -> str:
@@ -227,12 +226,14 @@ def check_eval_memory(source, converted, settings: EvalSettings, device: str, se
 
 
 def evaluate(source, converted, settings: EvalSettings, progress: Callable | None = None,
-             engine: str = "transformers", tensor_parallel: int = 1, setter: Setter = option_setter) -> dict:
-    """Compare `converted` with `source` on held-out text; returns the report (with `passed`).
+             setter: Setter = option_setter) -> dict:
+    """Compare `converted` with `source` on held-out text; returns the report (with `passed`). `progress`: called
+    (done, total) as windows or layers are done; with settings.engine "vllm", (text) as vLLM's worker reports.
 
-    engine "vllm": both models run in vLLM (vllmengine), which returns each position's log-prob and top token, not
-    whole distributions: perplexity and agreement are measured, KL is not (null)."""
+    settings.engine "vllm": both models run in vLLM (vllmengine), which returns each position's log-prob and top
+    token, not whole distributions: perplexity and agreement are measured, KL is not (null)."""
     started = time.perf_counter()
+    engine = settings.engine
     if progress and engine == "transformers":
         progress(0, None)  # the step starts now: reading text and loading both models come first
     check_converted_from(converted, source)
@@ -242,15 +243,14 @@ def evaluate(source, converted, settings: EvalSettings, progress: Callable | Non
         from .vllmengine import check_servable
 
         for model in (source, converted):
-            check_servable(model, tensor_parallel)
+            check_servable(model, settings.tensor_parallel)
     device = resolve_device(settings.device) if engine == "transformers" else "vllm"
     memory = check_eval_memory(source, converted, settings, device, setter) if engine == "transformers" else None
     tokenizer = source.load_tokenizer()
     _, windows = text_windows(tokenizer, settings.text, text_field=settings.text_field, tokens=settings.tokens,
                               seq_len=settings.seq_len, seed=settings.seed, split=settings.split)
     if engine == "vllm":
-        totals, generations, runs_in = _vllm_totals(source, converted, windows.input_ids, settings, tensor_parallel,
-                                                    progress)
+        totals, generations, runs_in = _vllm_totals(source, converted, windows.input_ids, settings, progress)
     else:
         run = _transformers_totals if settings.load == "whole" else _streamed_totals
         totals, generations = run(source, converted, windows.input_ids, tokenizer, settings, device, progress)
@@ -279,7 +279,7 @@ def evaluate(source, converted, settings: EvalSettings, progress: Callable | Non
         "gate": {"max_ppl_increase": settings.max_ppl_increase, "min_agreement": settings.min_agreement},
         "passed": not failures,
         "failures": failures,
-        "settings": {**asdict(settings), "device": device, "engine": engine, "tensor_parallel": tensor_parallel},
+        "settings": {**asdict(settings), "device": device},
         "memory_plan": memory,
         "seconds": time.perf_counter() - started,
         "created_by": f"lpconvert {__version__}",

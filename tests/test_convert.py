@@ -38,6 +38,11 @@ def test_recipe_written_back_loads_to_the_same_recipe_with_defaults_filled(tmp_p
     ("scroe: {}", "did you mean 'score'"),
     ("score: [1, 2", "not valid YAML"),
     ("plan: {target: {depth: 2, pairs: 1}}", "exactly one of"),
+    # eval.engine and eval.tensor_parallel: the rules of --engine and --tensor-parallel (settings.EvalSettings)
+    ("eval: {engine: vlm}", "eval.engine 'vlm' does not exist"),
+    ("eval: {tensor_parallel: 0}", "eval.tensor_parallel"),
+    ("eval: {tensor_parallel: 2}", "eval.tensor_parallel needs eval.engine: vllm"),
+    ("eval: {engine: vllm, device: cpu}", "eval.device: cpu with eval.engine: vllm: vLLM runs where its build runs"),
 ])
 def test_bad_recipe_files_are_refused_saying_what_is_wrong(tmp_path, content, message):
     (tmp_path / "r.yaml").write_text(content)

