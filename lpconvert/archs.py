@@ -9,12 +9,13 @@ layer-parallel pair; docs/method.md section 2):
 - `norm`:  the layer's norm weight; copied for one layer, ones for a pair (folded into `rows`).
 - `rows`:  source matrices concatenated along the OUTPUT dimension, layer by layer ([q_a, q_b]); for
            a pair each layer's norm weight `fold` is multiplied into the columns first, in float32.
-- `cols`:  concatenated along the INPUT dimension (o_proj, down_proj): the matmul sums both halves.
+- `cols`:  concatenated along the INPUT dimension (o_proj, down_proj): the matmul sums both halves (with sandwich
+           post-norms the model multiplies each half's columns by its own inputs and keeps the products apart).
 - `sum`:   added (biases after a `cols` matrix: Attn_a + Attn_b carries both biases).
 - `stack`: one row per layer (per-head q/k norms: each half keeps its own weight).
 - `branches`: each layer's tensor kept whole, stacked on a new first dimension: a pair whose outputs are
-           normed before they are summed (Gemma 3's "sandwich" post-norms) keeps its o_proj, down_proj and
-           post-norms apart, one branch each, and sums after the post-norms (docs/method.md section 2).
+           normed before they are summed (Gemma 3's "sandwich" post-norms) keeps its post-norms (and output
+           biases) apart, one branch each, and sums after the post-norms (docs/method.md section 2).
 
 A `heads` rule holds attention heads (rows of q/k/v, columns of o_proj). Where an architecture has per-head
 q/k norms, a pair's heads alternate in units (`Architecture.head_units`: one GQA group), a's unit then
@@ -72,20 +73,21 @@ LLAMA_FAMILY_RULES = (
 
 
 # Gemma 3: four norms per layer. The input and pre-feed-forward norms fold into the projections that read them; the
-# post-attention and post-feed-forward norms act on each layer's own output, so a pair keeps its two branches'
-# o_proj, down_proj and post-norms apart ("branches") and sums them after the post-norms.
+# post-attention and post-feed-forward norms act on each layer's own output, so a pair keeps its two branches apart
+# until after the post-norms: o_proj and down_proj are [a | b] columns as any pair's (the model computes each half's
+# product on its own), the post-norms one row per branch ("branches").
 GEMMA3_RULES = (
     Rule(INPUT_NORM, "norm", (INPUT_NORM,)),
     *(Rule(f"{proj}.weight", "rows", (f"{proj}.weight",), fold=INPUT_NORM, heads=True) for proj in (_Q, _K, _V)),
     *(Rule(f"{proj}.bias", "rows", (f"{proj}.bias",), when="attention_bias", heads=True) for proj in (_Q, _K, _V)),
     Rule("self_attn.q_norm.weight", "stack", ("self_attn.q_norm.weight",)),
     Rule("self_attn.k_norm.weight", "stack", ("self_attn.k_norm.weight",)),
-    Rule(f"{_O}.weight", "branches", (f"{_O}.weight",)),
+    Rule(f"{_O}.weight", "cols", (f"{_O}.weight",)),
     Rule(f"{_O}.bias", "branches", (f"{_O}.bias",), when="attention_out_bias"),
     Rule(POST_NORM, "branches", (POST_NORM,)),
     Rule(PRE_FF_NORM, "norm", (PRE_FF_NORM,)),
     *(Rule(f"mlp.{proj}.weight", "rows", (f"mlp.{proj}.weight",), fold=PRE_FF_NORM) for proj in ("gate_proj", "up_proj")),
-    Rule("mlp.down_proj.weight", "branches", ("mlp.down_proj.weight",)),
+    Rule("mlp.down_proj.weight", "cols", ("mlp.down_proj.weight",)),
     Rule(POST_FF_NORM, "branches", (POST_FF_NORM,)),
 )
 

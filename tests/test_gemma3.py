@@ -68,8 +68,10 @@ def test_a_pair_keeps_its_branches_apart_until_its_post_norms(exported8):
     assert set(config["rope_parameters"]) == {"full_attention", "sliding_attention"}
     model = _load(exported8)
     pair, single = model.model.layers[0], model.model.layers[3]
-    assert tuple(pair.self_attn.o_proj.weight.shape) == (2, 64, 4 * 16)  # two branches, each its own projection
-    assert tuple(pair.mlp.down_proj.weight.shape) == (2, 64, 96)
+    # [a | b] columns as any pair's; each branch's product kept apart (LPBranchLinear, a Linear PEFT can wrap)
+    assert tuple(pair.self_attn.o_proj.weight.shape) == (64, 2 * 4 * 16)
+    assert tuple(pair.mlp.down_proj.weight.shape) == (64, 2 * 96)
+    assert type(pair.self_attn.o_proj).__name__ == "LPBranchLinear" and isinstance(pair.mlp.down_proj, torch.nn.Linear)
     assert tuple(pair.post_attention_layernorm.weight.shape) == (2, 64)
     assert torch.equal(pair.input_layernorm.weight, torch.zeros(64))  # folded: 1 + 0 = unit
     assert isinstance(single.self_attn.o_proj, torch.nn.Linear)

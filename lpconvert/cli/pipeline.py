@@ -343,6 +343,15 @@ def _comma_numbers(text: str, option: str) -> list[float]:
 # export
 
 
+def _refuse_export_of_export(source, model: str, gguf: bool) -> None:
+    """An lpconvert export's blocks are already joined: its layers are no source layers to pair or copy again."""
+    if source.kind == "lpconvert":
+        raise LPError(f"{model} is already an lpconvert export (its blocks are pairs joined as wide layers), not a "
+                      "source to export again",
+                      "export the original model with the same --plan" + (" to a .gguf" if gguf else "")
+                      + "; a fine-tuned export is loaded as it is (AutoModelForCausalLM, vLLM)")
+
+
 @app.command()
 @stage
 def export(
@@ -402,6 +411,7 @@ def export(
         check_output_folder_early(output, overwrite, model)
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress)
+        _refuse_export_of_export(source, model, gguf)
         chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
                                  plan_name=f"plan {plan}", pairs=wanted, allow_edge_layers=allow_edge_layers)
         if not chosen.pairs:

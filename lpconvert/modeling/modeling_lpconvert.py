@@ -26,9 +26,9 @@ are stored in units (`lp_head_chunks` units per half, one GQA group each), a's u
 rank holding whole units knows which norm each head takes.
 
 Gemma 3 checkpoints convert too (`sandwich_norms`): each layer also norms its attention and MLP outputs before
-they reach the residual, so a pair keeps its two branches apart until then ("branches": o_proj and down_proj
-project each half's heads or MLP rows to its own [2, hidden] output, each normed by its own post-norm, then
-summed):
+they reach the residual, so a pair keeps its two branches apart until then: o_proj and down_proj hold [a | b]
+columns as any pair's, but each half's inputs meet only its own columns (LPBranchLinear), giving a [2, hidden]
+output whose rows are normed by their own post-norm (P, Q), then summed:
 
     h = x + P_a(Attn_a(N1_a(x))) + P_b(Attn_b(N1_b(x)))
     y = h + Q_a(Mlp_a(N2_a(h)))  + Q_b(Mlp_b(N2_b(h)))
@@ -38,9 +38,9 @@ attention by query_pre_attn_scalar ** -0.5, and its local (sliding-window) and g
 rotary base (`rope_parameters` per attention type); a pair joins two layers of the same type.
 
 The modules are the checkpoint's tensors, name for name: `state_dict()` holds exactly what the checkpoint stores
-(a tied lm_head aside), so `load_state_dict`, `save_pretrained`, PEFT's target modules (q_proj, v_proj, ...) and
-training see the layout on disk. Nothing is fused at load: one q/k/v GEMM instead of three measured no faster on
-the CPU, and vLLM fuses them itself. Exports written before the separate layout store q/k/v as one `qkv_proj` and
+(a tied lm_head aside), so `load_state_dict`, `save_pretrained`, PEFT's target modules (q_proj, ..., down_proj: every
+projection is an nn.Linear) and training see the layout on disk; gradient checkpointing recomputes block by block.
+Nothing is fused at load: one q/k/v GEMM instead of three measured no faster on the CPU, and vLLM fuses them itself. Exports written before the separate layout store q/k/v as one `qkv_proj` and
 gate/up as one `gate_up_proj` (`lp_projections` "fused", or absent from an export's config.json): their blocks have
 those.
 """
@@ -56,6 +56,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -64,6 +65,7 @@ from .configuration_lpconvert import LPConfig
 
 # transformers 5.x renamed the cache keyword from `past_key_values` to `cache` (and the mask
 # builders' `input_embeds` to `inputs_embeds`). Read the installed names once, at import.
+
 _OUTPUT_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 _MASK_PARAMS = inspect.signature(create_causal_mask).parameters
 _MASK_CACHE_KW = "cache" if "cache" in _MASK_PARAMS else "past_key_values"
@@ -73,6 +75,20 @@ _MASK_EMBEDS_KW = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input
 def _pick_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
+def block_widths(config: LPConfig, block_idx: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, MLP width) of a block: declared per block where transformers has per_layer_config
+    (5.14 and later), else the one-layer values times the layers the block holds."""
+    if getattr(config, "is_heterogeneous", False):
+        layer = config.per_layer_config[block_idx]
+        return layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size
+    halves = len(config.lp_blocks[block_idx])
+    return halves * config.num_attention_heads, halves * config.num_key_value_heads, halves * config.intermediate_size
+
+
+def uniform_config(config: LPConfig) -> LPConfig:
+    """A config whose widths read globally (block 0's): for code that reads them so, such as transformers' rope
+    initialisers (which compute hidden_size // num_attention_heads as a default argument)."""
+    return config.per_layer_config[0] if getattr(config, "is_heterogeneous", False) else config
 
 class LPRMSNorm(nn.Module):
     """RMSNorm over the last dimension; `weight` has one row per half for per-head q/k norms and for a sandwich
@@ -121,6 +137,12 @@ class LPBranchRMSNorm(LPRMSNorm):
     def forward(self, branches: torch.Tensor) -> torch.Tensor:
         return super().forward(branches).sum(dim=-2)
 
+def output_norm(config: LPConfig, halves: int) -> LPRMSNorm:
+    """A sandwich block's norm of its attention or MLP output: for a pair, each half's output [..., halves, hidden]
+    normed by its own weight row, then the halves summed."""
+    norm_class = LPBranchRMSNorm if halves > 1 else LPRMSNorm
+    shape = (halves, config.hidden_size) if halves > 1 else config.hidden_size
+    return norm_class(shape, eps=config.rms_norm_eps, offset=config.norm_offset)
 
 class LPRotaryEmbedding(nn.Module):
     """Rotary tables, shared by every block of an attention type: both halves of a pair use the same positions.
@@ -174,6 +196,45 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
     sin = sin.unsqueeze(unsqueeze_dim)
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
+class LPBranchLinear(nn.Linear):
+    """A sandwich pair's o_proj or down_proj: any pair's [W_a | W_b] columns, but each half's output kept apart for
+    its post-norm.
+
+    It reads `branch_inputs(x)`: (..., halves, halves * in), row h holding half h's inputs in its own columns and
+    zeros in the others. As a plain Linear it would then compute W_h x_h for each half, which is what PEFT's LoRA
+    (x -> B A x, added to the output) and its merge (W += B A) assume: a LoRA on it trains and merges as on any
+    Linear. Its forward skips the zero blocks: one (in -> out) GEMM per half. bias, if any: one row per half.
+    """
+
+    def __init__(self, halves: int, in_features: int, out_features: int, bias: bool):
+        super().__init__(halves * in_features, out_features, bias=False)
+        self.halves = halves
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(halves, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        width = self.in_features // self.halves
+        out = torch.stack([
+            F.linear(x[..., h, h * width:(h + 1) * width], self.weight[:, h * width:(h + 1) * width])
+            for h in range(self.halves)
+        ], dim=-2)
+        return out + self.bias if self.bias is not None else out
+
+
+def branch_inputs(x: torch.Tensor, halves: int) -> torch.Tensor:
+    """(..., halves * in) -> (..., halves, halves * in): row h keeps half h's columns, zeros elsewhere (LPBranchLinear's
+    input)."""
+    mask = torch.eye(halves, dtype=x.dtype, device=x.device).repeat_interleave(x.shape[-1] // halves, dim=1)
+    return x.unsqueeze(-2) * mask
+
+
+def output_projection(config: LPConfig, halves: int, in_features: int, bias: bool) -> nn.Linear:
+    """o_proj or down_proj of a block ([a | b] columns for a pair): one Linear summing the halves' products, or, where
+    each half's output is normed before the sum (sandwich norms), an LPBranchLinear keeping them apart."""
+    if config.sandwich_norms and halves > 1:
+        return LPBranchLinear(halves, in_features // halves, config.hidden_size, bias)
+    return nn.Linear(in_features, config.hidden_size, bias=bias)
+
 
 def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
     """(batch, kv_heads, seq, dim) -> (batch, kv_heads * n_rep, seq, dim); kv head i serves queries i*n_rep.."""
@@ -195,29 +256,12 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
     return attn_output, attn_weights
 
-
-def block_widths(config: LPConfig, block_idx: int) -> tuple[int, int, int]:
-    """(query heads, KV heads, MLP width) of a block: declared per block where transformers has per_layer_config
-    (5.14 and later), else the one-layer values times the layers the block holds."""
-    if getattr(config, "is_heterogeneous", False):
-        layer = config.per_layer_config[block_idx]
-        return layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size
-    halves = len(config.lp_blocks[block_idx])
-    return halves * config.num_attention_heads, halves * config.num_key_value_heads, halves * config.intermediate_size
-
-
-def uniform_config(config: LPConfig) -> LPConfig:
-    """A config whose widths read globally (block 0's): for code that reads them so, such as transformers' rope
-    initialisers (which compute hidden_size // num_attention_heads as a default argument)."""
-    return config.per_layer_config[0] if getattr(config, "is_heterogeneous", False) else config
-
-
 class LPAttention(nn.Module):
     """Attention of one block: `halves` source layers' heads side by side."""
 
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
-        halves = len(config.lp_blocks[block_idx])
+        halves = self.halves = len(config.lp_blocks[block_idx])
         self.config = config
         self.layer_idx = block_idx  # the cache and the mask builders index blocks
         self.head_dim = config.head_dim
@@ -285,33 +329,18 @@ class LPAttention(nn.Module):
             sliding_window=self.sliding_window,
             **kwargs,
         )
-        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous())
+        return self.project_output(attn_output.reshape(*input_shape, -1).contiguous())
 
+    def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(attn_output)
 
-class LPBranchLinear(nn.Module):
-    """A sandwich pair's output projection: each half's inputs to its own output, kept apart for its post-norm.
+class LPBranchAttention(LPAttention):
+    """A sandwich pair's attention: its o_proj (an LPBranchLinear) gives each half's output, [..., 2, hidden]. Its own
+    class because runtimes that rewrite modules by class, once per class (vLLM's Transformers backend), must not take
+    a single layer's plain o_proj pattern for it."""
 
-    weight[h] (out x in) is half h's own projection; (..., halves * in) -> (..., halves, out), one batched GEMM.
-    """
-
-    def __init__(self, halves: int, in_features: int, out_features: int, bias: bool):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(halves, out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(halves, out_features)) if bias else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        halves, _, in_features = self.weight.shape
-        out = torch.einsum("...hi,hoi->...ho", x.view(*x.shape[:-1], halves, in_features), self.weight)
-        return out + self.bias if self.bias is not None else out
-
-
-def output_projection(config: LPConfig, halves: int, in_features: int, bias: bool) -> nn.Module:
-    """o_proj or down_proj of a block: one Linear summing the halves' inputs ([a | b] columns), or the branches
-    kept apart where each half's output is normed before the sum (sandwich norms)."""
-    if config.sandwich_norms and halves > 1:
-        return LPBranchLinear(halves, in_features // halves, config.hidden_size, bias)
-    return nn.Linear(in_features, config.hidden_size, bias=bias)
-
+    def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(branch_inputs(attn_output, self.halves))
 
 class LPMLP(nn.Module):
     """Gated MLP of one block: a pair's gate and up rows are [a, b], its down_proj columns [a | b]."""
@@ -319,13 +348,14 @@ class LPMLP(nn.Module):
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
         _, _, width = block_widths(config, block_idx)
+        self.halves = len(config.lp_blocks[block_idx])
         self.fused = config.lp_projections == "fused"  # an export written before the separate layout
         if self.fused:
             self.gate_up_proj = nn.Linear(config.hidden_size, 2 * width, bias=config.mlp_bias)
         else:
             self.gate_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
             self.up_proj = nn.Linear(config.hidden_size, width, bias=config.mlp_bias)
-        self.down_proj = output_projection(config, len(config.lp_blocks[block_idx]), width, config.mlp_bias)
+        self.down_proj = output_projection(config, self.halves, width, config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -334,26 +364,15 @@ class LPMLP(nn.Module):
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
-
-class LPBranchAttention(LPAttention):
-    """A sandwich pair's attention (its o_proj an LPBranchLinear). Its own class because runtimes that rewrite
-    modules by class, once per class (vLLM's Transformers backend), must not take a single layer's plain o_proj
-    pattern for it."""
-
-
 class LPBranchMLP(LPMLP):
-    """A sandwich pair's MLP (its down_proj an LPBranchLinear): its own class, as LPBranchAttention."""
+    """A sandwich pair's MLP: its down_proj (an LPBranchLinear) gives each half's output; its own class, as
+    LPBranchAttention."""
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(branch_inputs(hidden, self.halves))
 
-def output_norm(config: LPConfig, halves: int) -> LPRMSNorm:
-    """A sandwich block's norm of its attention or MLP output: for a pair, each half's output [..., halves, hidden]
-    normed by its own weight row, then the halves summed."""
-    norm_class = LPBranchRMSNorm if halves > 1 else LPRMSNorm
-    shape = (halves, config.hidden_size) if halves > 1 else config.hidden_size
-    return norm_class(shape, eps=config.rms_norm_eps, offset=config.norm_offset)
-
-
-class LPDecoderBlock(nn.Module):
+class LPDecoderBlock(GradientCheckpointingLayer):
     """One source layer, or a layer-parallel pair as one wide pre-norm layer (with sandwich norms: each half's
     attention and MLP outputs normed by its own post-norm, then summed)."""
 
@@ -384,12 +403,11 @@ class LPDecoderBlock(nn.Module):
         mlp = self.mlp(self.pre_feedforward_layernorm(hidden_states))
         return hidden_states + self.post_feedforward_layernorm(mlp)
 
-
 class LPPreTrainedModel(PreTrainedModel):
     config_class = LPConfig
     config: LPConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # each block recomputed in the backward pass (GradientCheckpointingLayer)
     _no_split_modules = ["LPDecoderBlock"]
     _supports_flash_attn = True
     _supports_sdpa = True
@@ -481,7 +499,9 @@ class LPModel(LPPreTrainedModel):
         self._refuse_sharded_branches()
         cache = _pick_cache(cache, past_key_values)
         kwargs.pop("cache_position", None)  # positions come from the cache length
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:  # no cache to fill while the blocks are recomputed for the backward pass
+            recomputed = self.training and any(block.gradient_checkpointing for block in self.layers)
+            use_cache = self.config.use_cache and not recomputed
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
 
