@@ -45,10 +45,12 @@ def assert_all_match(rows: list[dict]) -> None:
 def test_vllm_gives_the_log_probs_of_transformers(tp, tmp_path):
     """Every architecture, block 0 wide and a middle pair: vLLM's prompt log-probs are single-process transformers',
     on one device and with the heads of every block split over two workers (Gemma 3 at TP=1 only: its pairs' branch
-    projections have no tensor-parallel plan). At TP=1 also the export with no pairs, against its source."""
+    projections have no tensor-parallel plan). At TP=1 also the export with no pairs, against its source, and the
+    Llama and Gemma 3 exports after a LoRA was merged into them (peft), as a fine-tuned export is served."""
     archs = ARCHS if tp == 1 else TP_ARCHS
     rows = vllm_check.check(vllm_python(), archs, tp, 1, tmp_path)
-    assert {row["model"] for row in rows} == set(archs) | ({vllm_check.NO_PAIRS} if tp == 1 else set())
+    extra = {vllm_check.NO_PAIRS, *(f"{name}-lora-merged" for name in vllm_check.MERGED)} if tp == 1 else set()
+    assert {row["model"] for row in rows} == set(archs) | extra
     assert_all_match(rows)
 
 

@@ -36,15 +36,39 @@ from serving.tiny_exports import (  # noqa: E402
 )
 
 NO_PAIRS = "llama-no-pairs"
+MERGED = ("llama", "gemma3")  # at TP=1 also these exports after a LoRA merged into them (docs/finetune.md)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_merged(export: Path, out: Path) -> Path:
+    """EXPORT with a LoRA on the seven usual targets merged in (random A and B, so every target's weights move), saved
+    as a fine-tuned model is (save_pretrained, the export's tokenizer files beside it)."""
+    import shutil
+
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    peft.get_peft_model(model, config).merge_and_unload().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        if (export / name).is_file():
+            shutil.copy(export / name, out / name)
+    return out
 
 
 def prepare(root: Path, archs: tuple[str, ...], no_pairs: bool = True) -> dict:
     """Export the models under ROOT; name -> the reference log-probs vLLM must reproduce. `no_pairs`: also the
-    Llama exported with no pairs, whose reference is its source."""
+    Llama exported with no pairs, whose reference is its source, and the exports of MERGED with a LoRA merged in."""
     from lpconvert.export import export, plan_for_pairs
     from lpconvert.sources import resolve_model
 
     folders = build_exports(root, archs)
+    if no_pairs:
+        folders |= {f"{name}-lora-merged": lora_merged(folders[name], root / f"{name}-lora-merged")
+                    for name in MERGED if name in folders}
     reference = {name: reference_logprobs(folder) for name, folder in folders.items()}
     if no_pairs and "llama" in archs:  # no pairs: the export must be the source itself
         source = resolve_model(str(root / "llama-source"))
