@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .archs import PER_BLOCK_WIDTHS, Architecture, config_size, layer_types_of, rope_parameters_of
+from .archs import Architecture, layer_types_of, rope_parameters_of
 from .errors import LPError
 from .formats import Plan
 
@@ -50,7 +50,12 @@ _DROPPED_CONFIG_FIELDS = ("architectures", "auto_map", "model_type", "transforme
 
 def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, source_name: str,
                    content_sha256: str | None = None) -> dict:
-    """The exported model's config.json (LPConfig): the source's config with the blocks of the plan."""
+    """The exported model's config.json (LPConfig): the source's config with the blocks of the plan.
+
+    Its model_type is the source's, which transformers knows: AutoTokenizer reads config.json first, and would
+    ask whether to run the folder's code (auto_map) for a model_type it does not know. The per-block widths
+    (per_layer_config) are not written: LPConfig derives them from lp_blocks, and transformers' config class of
+    that model_type refuses them."""
     blocks = plan.blocks()
     types = block_layer_types(config, blocks)
     base = {k: v for k, v in config.to_dict().items() if k not in _DROPPED_CONFIG_FIELDS}
@@ -58,7 +63,7 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
     return {
         **base,
         "architectures": ["LPForCausalLM"],
-        "model_type": "lpconvert",
+        "model_type": config.model_type,  # the source's (LPConfig.written_model_type)
         "auto_map": AUTO_MAP,
         "num_hidden_layers": len(blocks),
         "num_attention_heads": num_heads,
@@ -68,7 +73,6 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
         "sliding_window": getattr(config, "sliding_window", None) if "sliding_attention" in types else None,
         "layer_types": types,
         "lp_blocks": blocks,
-        "per_layer_config": _wide_block_widths(config, blocks),
         "lp_projections": "separate",
         "lp_head_chunks": arch.head_units(config),
         **arch.flags(config),
@@ -84,15 +88,6 @@ def lp_config_dict(arch: Architecture, config, plan: Plan, dtype: torch.dtype, s
         },
         "lpconvert_version": __version__,
     }
-
-
-def _wide_block_widths(config, blocks: list[list[int]]) -> dict[str, dict[str, int]]:
-    """What a reader of one block's widths needs (vLLM sizes each block's attention and KV cache by it): the
-    widths of every block of more than one layer. LPConfig derives the same from lp_blocks and refuses a
-    config.json where the two disagree."""
-    one_layer = {name: config_size(config, name) for name in PER_BLOCK_WIDTHS}
-    return {str(i): {name: len(layers) * value for name, value in one_layer.items()}
-            for i, layers in enumerate(blocks) if len(layers) > 1}
 
 
 def _healed_line(heal: dict) -> str:
@@ -117,9 +112,9 @@ def model_card(source_name: str, plan: Plan, config: dict, hub_id: str | None = 
     pairs = ", ".join(f"({p}, {p + 1})" for p in plan.pairs) or "none"
     heal = config.get("lp_heal")
     healed = _healed_line(heal) if heal else ""
-    # AutoTokenizer reads config.json first, and its auto_map makes transformers ask before running
-    # the folder's config code; the pinned tokenizer class loads without asking anything.
-    plain_tokenizer = (f"\n# or, running no code from this folder: "
+    # AutoTokenizer reads config.json first: its model_type is the source's, which transformers knows, so it
+    # runs none of the folder's code and asks nothing. The pinned tokenizer class reads no config.json at all.
+    plain_tokenizer = (f"\n# or by its class: "
                        f"transformers.{tokenizer_class}.from_pretrained(\"PATH\")") if tokenizer_class else ""
     return f"""---
 base_model: {json.dumps(hub_id or source_name)}
@@ -154,11 +149,16 @@ with the norm weights folded into the projections. The modeling code in this fol
 (`modeling_lpconvert.py`) is the same file for every lpconvert export; it needs only torch and
 transformers.
 
+Loading the model requires `trust_remote_code=True`: config.json keeps the source's model_type
+({config.get("model_type")}) so that tools which read only the tokenizer need no custom code, and
+without the flag transformers would build the source's architecture, which the pairs' wider
+weights do not fit. The tokenizer needs no flag.
+
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)
-tokenizer = AutoTokenizer.from_pretrained("PATH", trust_remote_code=True)  # config.json has auto_map{plain_tokenizer}
+model = AutoModelForCausalLM.from_pretrained("PATH", trust_remote_code=True)  # required
+tokenizer = AutoTokenizer.from_pretrained("PATH"){plain_tokenizer}
 ```
 
 The plan that produced it is in `{PLAN_FILE}`.

@@ -143,9 +143,11 @@ def copy_tokenizer(source, folder: Path, tokenizer_class: str | None) -> list[st
 def _pin_tokenizer_class(folder: Path, resolved: str | None) -> None:
     """Name the tokenizer class the source resolves to in tokenizer_config.json.
 
-    transformers picks a tokenizer class from config.json's model_type when it knows it; the
-    export's model_type ("lpconvert") is unknown to it, so without this the same files could load
-    as a different class than the source's (e.g. a generic backend instead of Qwen2Tokenizer).
+    transformers picks a tokenizer class from config.json's model_type when it knows it. The
+    export's is the source's, but lpconvert reads its exports with an LPConfig (model_type
+    "lpconvert", unknown to transformers), as AutoTokenizer reads older exports: without this the
+    same files could load as a different class than the source's (e.g. a generic backend instead
+    of Qwen2Tokenizer).
     """
     config_path = folder / "tokenizer_config.json"
     if resolved is None or not config_path.is_file():

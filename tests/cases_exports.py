@@ -34,15 +34,20 @@ def case_export_config_qwen3_head_chunks_changed(t, p):  # the tiny Qwen3's pair
 # --- item 14: hand-edited export configs (once a RuntimeError, ValidationError or ZeroDivisionError) ---
 
 
+# The per-block widths an older export's config.json declared (per_layer_config; exports no longer write them):
+# the tiny Llama's pair (2, 3) is block 2.
+OLDER_EXPORT_WIDTHS = {"2": {"num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 192}}
+
+
 def case_export_config_blocks_moved(t, p):  # the tiny Llama's export with pair (2, 3): blocks [0] [1] [2, 3] [4] [5]
-    return _edited_export(t, p, lp_blocks=[[0], [1, 2], [3], [4], [5]]), \
+    return _edited_export(t, p, lp_blocks=[[0], [1, 2], [3], [4], [5]], per_layer_config=OLDER_EXPORT_WIDTHS), \
         'config.json: per_layer_config {"2": [8, 4, 192]} does not match lp_blocks and the one-layer widths, which ' \
         'imply {"1": [8, 4, 192]} (wide blocks as [heads, KV heads, MLP width]); remove per_layer_config to have it ' \
         "derived (re-export the model with lpconvert)"
 
 
-def case_export_config_blocks_moved_with_their_widths(t, p):
-    return _edited_export(t, p, lp_blocks=[[0], [1, 2], [3], [4], [5]], per_layer_config=None), \
+def case_export_config_blocks_moved_with_their_widths(t, p):  # as exports are now: no per_layer_config
+    return _edited_export(t, p, lp_blocks=[[0], [1, 2], [3], [4], [5]]), \
         "config.json does not match the weights (lp_blocks): model.layers.1.self_attn.q_proj.weight is [64, 64] " \
         "in the checkpoint but [128, 64] by the config"
 
@@ -64,7 +69,7 @@ def case_export_config_kv_heads(t, p):
 
 
 def case_export_config_kv_heads_with_their_widths(t, p):
-    return _edited_export(t, p, num_key_value_heads=1, per_layer_config=None), \
+    return _edited_export(t, p, num_key_value_heads=1), \
         "config.json does not match the weights (num_key_value_heads): model.layers.0.self_attn.k_proj.weight is " \
         "[32, 64] in the checkpoint but [16, 64] by the config"
 

@@ -9,7 +9,12 @@ as one wide layer (2x heads, 2x KV heads, 2x MLP width, norm weights folded into
 Head counts and `intermediate_size` are those of ONE source layer; a block of h layers has h times
 as many, which `per_layer_config` declares (transformers 5.14 and later) for whoever reads a layer's
 widths: vLLM sizes each block's attention and KV cache from it, and tensor parallelism shards by it.
-It is derived from `lp_blocks`, the one source of truth; a config.json declaring other widths is refused.
+It is derived from `lp_blocks`, the one source of truth, and not written to config.json (transformers' own config
+classes refuse it); a config.json that still declares other widths is refused.
+
+config.json's `model_type` is the source's ("llama", "gemma3_text", ...), from `lp_source`: AutoTokenizer and
+AutoConfig know that type and so need not ask whether to run this folder's code, while `auto_map` still loads
+LPConfig and the model with `trust_remote_code=True`. In Python an LPConfig's model_type stays "lpconvert".
 """
 
 import json
@@ -197,7 +202,8 @@ class LPConfig(PretrainedConfig):
         self.layer_types = layer_types or ["full_attention"] * self.num_hidden_layers
         _check_layer_types(self.layer_types, self.num_hidden_layers)
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
-        declared = kwargs.pop("per_layer_config", None)
+        kwargs.pop("model_type", None)  # config.json's is the source's (`written_model_type`); this class's stays
+        declared = kwargs.pop("per_layer_config", None)  # exports before lpconvert stopped writing it
         widths = self._wide_block_widths()
         if declared is not None and _as_int_keys(declared) != widths:  # None when it is no such mapping
             raise ValueError(f"config.json: per_layer_config {_shown_widths(declared)} does not match lp_blocks and "
@@ -207,6 +213,33 @@ class LPConfig(PretrainedConfig):
                          bos_token_id=bos_token_id, eos_token_id=eos_token_id, **kwargs)
         if widths and _HETEROGENEOUS:  # transformers >= 5.14: vLLM and tensor parallelism read each block's widths
             self.per_layer_config = widths
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """config.json as transformers reads it, an export's model_type taken as this class's: the file carries the
+        source's (for AutoTokenizer), which transformers would otherwise warn is not "lpconvert"."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        if isinstance(config_dict, dict) and "lp_blocks" in config_dict:
+            config_dict = {**config_dict, "model_type": cls.model_type}
+        return config_dict, kwargs
+
+    def written_model_type(self) -> str:
+        """The model_type config.json gets: the source's, which transformers knows (lp_source; "lpconvert" for a
+        config that names no source)."""
+        source = getattr(self, "lp_source", None)
+        model_type = source.get("model_type") if isinstance(source, dict) else None
+        return model_type if isinstance(model_type, str) and model_type else self.model_type
+
+    def _as_written(self, output: dict) -> dict:
+        output.pop("per_layer_config", None)  # derived from lp_blocks again on load
+        output["model_type"] = self.written_model_type()
+        return output
+
+    def to_dict(self) -> dict:
+        return self._as_written(super().to_dict())
+
+    def to_diff_dict(self) -> dict:
+        return self._as_written(super().to_diff_dict())
 
     def _wide_block_widths(self) -> dict[int, dict[str, int]]:
         """Each wide block's head counts and MLP width, from lp_blocks (blocks of one layer have the global
