@@ -147,11 +147,18 @@ PER_BLOCK_WIDTHS = ("num_attention_heads", "num_key_value_heads", "intermediate_
 
 
 def one_layer_value(config, name: str):
-    """A config value as one source layer has it, or None. An export whose blocks differ in width declares the
-    widths per block, and block 0's divided by the layers it holds is one layer's."""
-    if name in PER_BLOCK_WIDTHS and getattr(config, "is_heterogeneous", False):
-        return getattr(config.per_layer_config[0], name) // len(config.lp_blocks[0])
+    """A config value as one source layer has it, or None. An export's config (LPConfig) knows one layer's widths
+    (its blocks' differ)."""
+    if name in PER_BLOCK_WIDTHS and hasattr(config, "layer_widths"):
+        return config.layer_widths()[PER_BLOCK_WIDTHS.index(name)]
     return getattr(config, name, None)
+
+
+def block_widths(config, blocks: list[list[int]]) -> list[tuple[int, int, int]]:
+    """(query heads, KV heads, MLP width) of each block of source layers: one layer's times the layers it holds
+    (LPConfig.block_widths, the exported model's own rule)."""
+    layer = [config_size(config, name) for name in PER_BLOCK_WIDTHS]
+    return [tuple(len(block) * width for width in layer) for block in blocks]
 
 
 def config_size(config, expression: str) -> int:

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .archs import config_size
+from .archs import block_widths
 from .errors import LPError
 
 WORKER = Path(__file__).with_name("vllmworker.py")
@@ -204,8 +204,7 @@ def _group_alive(pgid: int) -> bool:
 def block_heads(config) -> list[tuple[int, int]]:
     """(query heads, KV heads) of every block: an export's pair blocks have twice a layer's."""
     blocks = getattr(config, "lp_blocks", None) or [[i] for i in range(config.num_hidden_layers)]
-    heads, kv = config_size(config, "num_attention_heads"), config_size(config, "num_key_value_heads")
-    return [(heads * len(block), kv * len(block)) for block in blocks]
+    return [(heads, kv) for heads, kv, _ in block_widths(config, blocks)]
 
 
 def check_servable(model, tensor_parallel: int) -> None:

@@ -204,6 +204,8 @@ class LPConfig(PretrainedConfig):
         self.rope_parameters = rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}
         kwargs.pop("model_type", None)  # config.json's is the source's (`written_model_type`); this class's stays
         declared = kwargs.pop("per_layer_config", None)  # exports before lpconvert stopped writing it
+        # One source layer's widths, kept apart: once per_layer_config is set, a global read of them raises.
+        self._layer_widths = (num_attention_heads, num_key_value_heads, intermediate_size)
         widths = self._wide_block_widths()
         if declared is not None and _as_int_keys(declared) != widths:  # None when it is no such mapping
             raise ValueError(f"config.json: per_layer_config {_shown_widths(declared)} does not match lp_blocks and "
@@ -232,6 +234,7 @@ class LPConfig(PretrainedConfig):
 
     def _as_written(self, output: dict) -> dict:
         output.pop("per_layer_config", None)  # derived from lp_blocks again on load
+        output.pop("_layer_widths", None)
         output["model_type"] = self.written_model_type()
         return output
 
@@ -241,12 +244,20 @@ class LPConfig(PretrainedConfig):
     def to_diff_dict(self) -> dict:
         return self._as_written(super().to_diff_dict())
 
+    def layer_widths(self) -> tuple[int, int, int]:
+        """(query heads, KV heads, MLP width) of one source layer."""
+        return self._layer_widths
+
+    def block_widths(self, block: int) -> tuple[int, int, int]:
+        """(query heads, KV heads, MLP width) of a block: one source layer's times the layers it holds. The one place
+        an export's widths are worked out: per_layer_config, the modeling file, and lpconvert's vLLM and GGUF
+        writers (archs.block_widths) read them here."""
+        return tuple(len(self.lp_blocks[block]) * width for width in self.layer_widths())
+
     def _wide_block_widths(self) -> dict[int, dict[str, int]]:
-        """Each wide block's head counts and MLP width, from lp_blocks (blocks of one layer have the global
-        values). Called before the widths become per-layer: afterwards a global read of them raises."""
-        per_layer = {"num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
-                     "intermediate_size": self.intermediate_size}
-        return {i: {key: len(layers) * value for key, value in per_layer.items()}
+        """per_layer_config: each wide block's widths (blocks of one layer have the global values)."""
+        keys = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
+        return {i: dict(zip(keys, self.block_widths(i), strict=True))
                 for i, layers in enumerate(self.lp_blocks) if len(layers) > 1}
 
 

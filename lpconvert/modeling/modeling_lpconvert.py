@@ -75,16 +75,6 @@ _MASK_EMBEDS_KW = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input
 def _pick_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
-def block_widths(config: LPConfig, block_idx: int) -> tuple[int, int, int]:
-    """(query heads, KV heads, MLP width) of a block: declared per block where transformers has per_layer_config
-    (5.14 and later), else the one-layer values times the layers the block holds."""
-    if getattr(config, "is_heterogeneous", False):
-        layer = config.per_layer_config[block_idx]
-        return layer.num_attention_heads, layer.num_key_value_heads, layer.intermediate_size
-    halves = len(config.lp_blocks[block_idx])
-    return halves * config.num_attention_heads, halves * config.num_key_value_heads, halves * config.intermediate_size
-
-
 def uniform_config(config: LPConfig) -> LPConfig:
     """A config whose widths read globally (block 0's): for code that reads them so, such as transformers' rope
     initialisers (which compute hidden_size // num_attention_heads as a default argument)."""
@@ -265,7 +255,7 @@ class LPAttention(nn.Module):
         self.config = config
         self.layer_idx = block_idx  # the cache and the mask builders index blocks
         self.head_dim = config.head_dim
-        num_heads, num_kv_heads, _ = block_widths(config, block_idx)
+        num_heads, num_kv_heads, _ = config.block_widths(block_idx)
         self.num_key_value_groups = num_heads // num_kv_heads
         self.qkv_sizes = [num_heads * self.head_dim, num_kv_heads * self.head_dim, num_kv_heads * self.head_dim]
         self.scaling = (config.query_pre_attn_scalar or self.head_dim) ** -0.5  # Gemma: query_pre_attn_scalar
@@ -347,7 +337,7 @@ class LPMLP(nn.Module):
 
     def __init__(self, config: LPConfig, block_idx: int):
         super().__init__()
-        _, _, width = block_widths(config, block_idx)
+        _, _, width = config.block_widths(block_idx)
         self.halves = len(config.lp_blocks[block_idx])
         self.fused = config.lp_projections == "fused"  # an export written before the separate layout
         if self.fused:
