@@ -11,6 +11,9 @@ rows become attn_q, attn_k and attn_v, the q and k rows permuted per head for GG
 gate_up becomes ffn_gate and ffn_up. They stream: the header (every tensor's name, shape and type)
 is written first, then each tensor in row chunks of about 16 MB (blocks.CHUNK_BYTES), so memory
 stays at a few chunks whatever the model size; the file is written beside OUT and renamed into place at the end.
+
+An lpconvert export (fine-tuned or not: a LoRA merged into it, saved with save_pretrained) is written the same way
+by `export_gguf_of_export`: its own tensors, copied, are the blocks, and the GGUF names the export as its source.
 """
 
 from __future__ import annotations
@@ -29,12 +32,21 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import quantize
 
 from . import __version__
-from .archs import Architecture, config_size, layer_types_of, rope_parameters_of
-from .blocks import CHUNK_BYTES, all_output_tensors
-from .checkpoint import FileSlice, OutputTensor
+from .archs import (
+    ARCHITECTURES,
+    LAYER_PREFIX,
+    Architecture,
+    config_size,
+    layer_types_of,
+    one_layer_value,
+    rope_parameters_of,
+)
+from .blocks import CHUNK_BYTES, all_output_tensors, check_float_weights, copy_pieces
+from .checkpoint import FileSlice, OutputTensor, TensorInfo
 from .errors import LPError
 from .export import ExportReport, checked_source, healed, one_torch_thread, refuse_nonfinite
 from .formats import Plan, content_digest
+from .formats import fingerprint as model_fingerprint
 from .ggufvocab import check_vocabulary, write_vocabulary
 from .healfile import HealFile
 from .outputs import atomic_output_file, check_output_gguf, protected_paths, sigterm_as_interrupt
@@ -88,8 +100,11 @@ class BlockWidths:
 
 
 def block_widths(config, blocks: list[list[int]]) -> list[BlockWidths]:
-    heads, kv = config.num_attention_heads, config_size(config, "num_key_value_heads")
-    return [BlockWidths(heads * len(b), kv * len(b), config.intermediate_size * len(b)) for b in blocks]
+    """Each block's widths: one source layer's times the layers it holds. One layer's, not config.num_attention_heads:
+    an export's config (LPConfig) declares its widths per block, and a global read of them raises."""
+    heads, kv = config_size(config, "num_attention_heads"), config_size(config, "num_key_value_heads")
+    ffn = config_size(config, "intermediate_size")
+    return [BlockWidths(heads * len(b), kv * len(b), ffn * len(b)) for b in blocks]
 
 
 def head_dim_of(config) -> int:
@@ -231,17 +246,25 @@ def write_metadata(writer, config, blocks: list[list[int]], gguf_type: str, cont
 
 
 def _provenance(writer, source_name: str, plan: Plan, blocks: list[list[int]], heal: HealFile | None,
-                content: str) -> None:
+                content: str | None, export_of: dict | None = None) -> None:
     """What eval and bench read to check a GGUF against its source (llamacpp.open_exported_gguf). Written
-    before everything else but general.architecture: ggufhead reads the entries before the tokenizer."""
+    before everything else but general.architecture: ggufhead reads the entries before the tokenizer.
+
+    A GGUF written from an export names the export as its source (lpconvert.source, and .plan: the export's
+    fingerprint, no further pairs), as its weights may be fine-tuned and no longer the model it was exported from;
+    it has no content_sha256 (`content` None), which eval cannot compute for an export. `export_of` is the export's
+    own lineage (its config's lp_source and its plan), kept in lpconvert.export_of for the reader."""
     writer.add_name(f"{Path(source_name).name} layer-parallel ({len(blocks)} blocks)")
     writer.add_string(f"{LP_KEY}.version", __version__)
     writer.add_string(f"{LP_KEY}.source", source_name)
-    writer.add_string(f"{LP_KEY}.content_sha256", content)  # formats.content_digest of the source
+    if content is not None:
+        writer.add_string(f"{LP_KEY}.content_sha256", content)  # formats.content_digest of the source
     writer.add_string(f"{LP_KEY}.plan", json.dumps(plan.to_json(), sort_keys=True))
     writer.add_string(f"{LP_KEY}.blocks", json.dumps(blocks))
     if heal is not None:
         writer.add_string(f"{LP_KEY}.heal", json.dumps(heal.summary(), sort_keys=True))
+    if export_of is not None:
+        writer.add_string(f"{LP_KEY}.export_of", json.dumps(export_of, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,10 +374,15 @@ def tensor_data(group: list[GgufTensor], head_dim: int) -> Iterator[tuple[GgufTe
 # The stage
 
 
-def check_gguf_exportable(arch: Architecture, config) -> None:
+def check_gguf_exportable(arch: Architecture, config, fix: str | None = None) -> None:
     problem = gguf_unsupported(arch, config)
     if problem:
-        raise LPError(*problem)
+        raise LPError(problem[0], fix or problem[1])
+
+
+def _check_gguf_type(gguf_type: str) -> None:
+    if gguf_type not in GGUF_TYPES:
+        raise LPError(f"GGUF type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}", "pass e.g. --gguf-type f16")
 
 
 def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwrite: bool = False,
@@ -362,8 +390,7 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
                 progress: Callable[[int, int], None] | None = None) -> ExportReport:
     """Write `source` under `plan` as one llama.cpp GGUF file at `out` (atomically)."""
     started = time.perf_counter()
-    if gguf_type not in GGUF_TYPES:
-        raise LPError(f"GGUF type '{gguf_type}' is not one of {', '.join(GGUF_TYPES)}", "pass e.g. --gguf-type f16")
+    _check_gguf_type(gguf_type)
     config, store = source.config, source.store
     arch, fingerprint = checked_source(source, plan)
     check_gguf_exportable(arch, config)
@@ -373,14 +400,149 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
     content = content_digest(arch, store)
     if heal is not None:
         tensors = healed(tensors, heal, plan, fingerprint, content, torch.float32, arch, config)
+    return _export(source, tensors, blocks, out, gguf_type=gguf_type, overwrite=overwrite, dry_run=dry_run,
+                   progress=progress, started=started, tokenizer=tokenizer,
+                   provenance=dict(plan=plan, heal=heal, content=content),
+                   healed=heal.summary()["tensors"] if heal is not None else [])
+
+
+# ----------------------------------------------------------------------------------------------
+# An export (fine-tuned or not) as a GGUF
+
+
+# What no deci GGUF can hold is refused for an export in its source's words (gguf_unsupported, for the architecture in
+# config.json lp_source); the way out differs: an export is not exported again as safetensors, it already runs.
+EXPORT_AS_IT_IS = "run the export as it is, with transformers or vLLM (trust_remote_code=True)"
+
+
+def source_architecture_of_export(source) -> Architecture:
+    """The architecture an lpconvert export was made from (config.json lp_source: its model_type, or its fingerprint's
+    architecture in an export that did not record one). An export's own config is an LPConfig (model_type
+    "lpconvert"), which archs.architecture_for does not know."""
+    lp_source = getattr(source.config, "lp_source", None)
+    lp_source = lp_source if isinstance(lp_source, dict) else {}
+    recorded = (lp_source.get("fingerprint") or {}) if isinstance(lp_source.get("fingerprint"), dict) else {}
+    model_type = lp_source.get("model_type") or recorded.get("architecture")
+    if model_type not in ARCHITECTURES:
+        raise LPError(f"{source.name} is an lpconvert export whose config.json names no source architecture lpconvert "
+                      f"knows (lp_source model_type {model_type!r})",
+                      "export the original model to a GGUF with its --plan instead")
+    return ARCHITECTURES[model_type]
+
+
+class _OneLayerConfig:
+    """An export's config as formats.fingerprint reads a config: each width (num_attention_heads, ...) one
+    layer's (archs.one_layer_value), which an LPConfig with per-block widths refuses to give as a global value."""
+
+    def __init__(self, config):
+        self._config = config
+
+    def __getattr__(self, name: str):
+        return one_layer_value(self._config, name)
+
+
+def export_fingerprint(source) -> dict:
+    """The fingerprint of an export as a model of its own: its config (model_type "lpconvert", one entry per
+    block) and its tensors' names and shapes."""
+    return model_fingerprint(_OneLayerConfig(source.config), {name: info.shape for name, info in source.store.infos().items()})
+
+
+def export_plan(source) -> dict:
+    """The plan the export was made with: its lpconvert-plan.json when it has one that matches its blocks, else the
+    one its config.json implies (a folder saved by save_pretrained, after a fine-tune, has no plan file)."""
+    from .card import PLAN_FILE
+    from .formats import plan_from_json
+
+    config = source.config
+    blocks = [list(b) for b in config.lp_blocks]
+    lp_source = config.lp_source if isinstance(getattr(config, "lp_source", None), dict) else {}
+    path = Path(source.path) / PLAN_FILE
+    if path.is_file():
+        try:
+            plan = plan_from_json(json.loads(path.read_text()), path)
+        except (LPError, ValueError, OSError):
+            plan = None
+        if plan is not None and plan.blocks() == blocks:
+            return plan.to_json()
+    pairs = [b[0] for b in blocks if len(b) > 1]
+    source_print = lp_source.get("fingerprint") if isinstance(lp_source.get("fingerprint"), dict) else {
+        "num_layers": sum(len(b) for b in blocks)}
+    return Plan(source=source_print, pairs=pairs).to_json()
+
+
+def export_gguf_of_export(source, out: Path, *, gguf_type: str = "f16", overwrite: bool = False,
+                          dry_run: bool = False, progress: Callable[[int, int], None] | None = None) -> ExportReport:
+    """Write an lpconvert export (its config's lp_blocks, its own tensors copied) as the deci GGUF that exporting its
+    source under its plan writes: the same tensors for an export left as written, a fine-tune's own after one.
+
+    The GGUF's provenance is the export (lpconvert.source, and .plan: the export's fingerprint, its blocks as they
+    are with no further pairs), and lpconvert.export_of keeps what the export was made from: eval and bench take
+    the file for a conversion of the export, and refuse the original source, which a fine-tuned export no longer
+    is. No content_sha256: eval computes none for an export (formats._content_of), and the one it hashes (final
+    norm, first embedding rows) is what a LoRA on the projections leaves unchanged."""
+    started = time.perf_counter()
+    _check_gguf_type(gguf_type)
+    config, store = source.config, source.store
+    arch = source_architecture_of_export(source)
+    check_gguf_exportable(arch, config, EXPORT_AS_IT_IS)
+    check_float_weights(arch, store)
+    tokenizer = check_vocabulary(source)
+    blocks = [list(b) for b in config.lp_blocks]
+    tensors = export_tensors(arch, source, len(blocks))
+    plan = Plan(source=export_fingerprint(source), pairs=[])  # the export with no further pairs
+    export_of = {"source": dict(config.lp_source) if isinstance(getattr(config, "lp_source", None), dict) else None,
+                 "plan": export_plan(source)}
+    return _export(source, tensors, blocks, out, gguf_type=gguf_type, overwrite=overwrite, dry_run=dry_run,
+                   progress=progress, started=started, tokenizer=tokenizer,
+                   provenance=dict(plan=plan, heal=None, content=None, export_of=export_of),
+                   healed=[])
+
+
+def export_tensors(arch: Architecture, source, num_blocks: int) -> list[OutputTensor]:
+    """The export's tensors in the order the source path builds them (embeddings; each block's in the
+    architecture's table order; final norm, head), each copied as float32 (its file bytes when it is float32)."""
+    infos = source.store.infos()
+    order = {rule.out: i for i, rule in enumerate(arch.rules)}
+    by_block: list[list[str]] = [[] for _ in range(num_blocks)]
+    outer = [w.name for w in (*arch.pre_weights, *arch.post_weights)]
+    for name in infos:
+        if name in outer or name.endswith(arch.ignored_suffixes):
+            continue
+        block_text, _, rest = name.removeprefix(LAYER_NAME_PREFIX).partition(".")
+        if not (name.startswith(LAYER_NAME_PREFIX) and block_text.isdigit() and int(block_text) < num_blocks
+                and rest in order):
+            raise LPError(f"the export's tensor {name} has no place in a llama.cpp deci model", EXPORT_AS_IT_IS)
+        by_block[int(block_text)].append(rest)
+    names = [w.name for w in arch.pre_weights if w.name in infos]
+    for block, rests in enumerate(by_block):
+        names += [LAYER_PREFIX.format(block) + rest for rest in sorted(rests, key=order.__getitem__)]
+    names += [w.name for w in arch.post_weights if w.name in infos]
+    return [_copied(source.store, name) for name in names]
+
+
+def _copied(store, name: str) -> OutputTensor:
+    info = store.infos()[name]
+    return OutputTensor(name, TensorInfo(info.shape, torch.float32),
+                        lambda: copy_pieces(store, name, info, torch.float32))
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing the file
+
+
+def _export(source, tensors: list[OutputTensor], blocks: list[list[int]], out: Path, *, gguf_type: str,
+            overwrite: bool, dry_run: bool, progress, started: float, tokenizer, provenance: dict,
+            healed: list[str]) -> ExportReport:
+    """TENSORS (an export's, float32) of BLOCKS (source layers each) written as the GGUF at OUT, atomically."""
+    config = source.config
     layout = gguf_tensors(tensors, config, blocks)
     types = {t.name: storage_type(t.shape, gguf_type) for t in layout}
     total = sum(stored_bytes(t.shape, types[t.name]) for t in layout)
     window = sliding_window_limit(config)
     report = ExportReport(
-        out=str(out), dry_run=dry_run, source=source.name, num_layers=plan.num_layers,
-        effective_depth=plan.effective_depth, pairs=[[p, p + 1] for p in plan.pairs], blocks=blocks,
-        dtype=gguf_type, healed=heal.summary()["tensors"] if heal is not None else [],
+        out=str(out), dry_run=dry_run, source=source.name, num_layers=sum(len(b) for b in blocks),
+        effective_depth=len(blocks), pairs=[list(b) for b in blocks if len(b) > 1], blocks=blocks,
+        dtype=gguf_type, healed=healed,
         shards=[{"file": Path(out).name, "tensors": len(layout), "bytes": total}], total_bytes=total,
         format="gguf",
         notes=[f"llama.cpp has no sliding window: exact up to {window} tokens, the context the file declares"]
@@ -392,7 +554,7 @@ def export_gguf(source, plan: Plan, out: Path, *, gguf_type: str = "f16", overwr
     context = min(window, config.max_position_embeddings) if window else config.max_position_embeddings
     with sigterm_as_interrupt(), atomic_output_file(Path(out)) as tmp, one_torch_thread():
         writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
-        _provenance(writer, source.name, plan, blocks, heal, content)
+        _provenance(writer, source.name, blocks=blocks, **provenance)
         rope_freqs = write_metadata(writer, config, blocks, gguf_type, context)
         write_vocabulary(writer, source, config.vocab_size, tokenizer)
         _write_tensors(writer, layout, types, total, rope_freqs, head_dim_of(config), progress)

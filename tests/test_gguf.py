@@ -401,3 +401,117 @@ def test_gguf_output_inside_the_source_is_refused(gguf_models, tmp_path):
     before = sorted(p.name for p in model.iterdir())
     assert "lies inside the source model" in refused(tmp_path, "export", model, "--pairs", "2", "-o", model / "lp.gguf")
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# An lpconvert export (fine-tuned with a LoRA merged in, or as written) to a GGUF: lpconvert export EXPORT -o x.gguf
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def lora_merged(export, folder, seed: int = 0):
+    """EXPORT with a random (non-zero) LoRA on every projection merged in and saved as a user does
+    (merge_and_unload().save_pretrained), the export's tokenizer files copied beside it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lpconvert.folders import TOKENIZER_FILES
+
+    peft = pytest.importorskip("peft")
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32)
+    torch.manual_seed(seed)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS,
+                                                      init_lora_weights=False))
+    lora.merge_and_unload().save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        if (export / name).is_file():
+            shutil.copy2(export / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("variant, pairs", [("llama", "2"), ("llama-bias", "0,3")])
+def test_fine_tuned_export_to_gguf(variant, pairs, gguf_models, tmp_path):
+    """A LoRA merged into an export with pairs: its GGUF computes in llama.cpp what the merged folder computes in
+    transformers, names the folder as its source (not the model the export came from), and eval refuses to
+    compare it with that model."""
+    edge = ("--allow-edge-layers",) if pairs.startswith("0") else ()
+    export = tmp_path / "lp"
+    assert invoke("export", gguf_models[variant], "--pairs", pairs, "-o", export, *edge).exit_code == 0
+    merged = lora_merged(export, tmp_path / "tuned")
+    gg = tmp_path / "tuned.gguf"
+    result = invoke("export", merged, "-o", gg, "--gguf-type", "f32")
+    assert result.exit_code == 0, result.output
+    ids = random_ids(320, seed=5)
+    model, want = transformers_logits(merged, ids)
+    _, untuned = transformers_logits(export, ids)
+    assert relative_error(untuned, want) > 100 * TOLERANCE  # the LoRA changed the model
+    with open_gguf(gg, n_ctx=128, logits_all=True, n_threads=2) as llm:
+        got = logits(llm, ids)
+        assert relative_error(got, want) < TOLERANCE
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(ids):].tolist()
+        assert greedy(llm, ids, 16) == out
+    meta = gguf_metadata(gg)
+    blocks = json.loads(meta["lpconvert.blocks"])
+    assert meta["deci.attention.head_count"] == [4 * len(b) for b in blocks] and len(blocks) == 6 - len(pairs.split(","))
+    assert meta["lpconvert.source"] == str(merged) and "lpconvert.content_sha256" not in meta
+    plan = json.loads(meta["lpconvert.plan"])
+    assert plan["pairs"] == [] and plan["source"]["architecture"] == "lpconvert"
+    lineage = json.loads(meta["lpconvert.export_of"])
+    assert lineage["source"]["name"] == str(gguf_models[variant])
+    assert [p[0] for p in lineage["plan"]["pairs"]] == [int(p) for p in pairs.split(",")]
+    line = refused(tmp_path, "eval", gguf_models[variant], gg, *EVAL_QUICK)
+    assert "converted from another model" in line and str(merged) in line
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama3-rope", "qwen2"])
+@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+def test_export_to_gguf_is_the_source_to_gguf(variant, gguf_type, gguf_models, tmp_path):
+    """An export as written, converted to a GGUF, holds the very tensors (names, types, shapes, bytes, in file
+    order) and hyperparameters that exporting its source to a GGUF under the same pairs writes."""
+    from gguf import GGUFReader
+
+    model = gguf_models[variant]
+    export, direct, via = tmp_path / "lp", tmp_path / "direct.gguf", tmp_path / "via.gguf"
+    for args in (("--pairs", "1,3", "-o", export), ("--pairs", "1,3", "-o", direct, "--gguf-type", gguf_type)):
+        assert invoke("export", model, *args).exit_code == 0
+    result = invoke("export", export, "--pairs", "none", "-o", via, "--gguf-type", gguf_type)  # --pairs none: the same
+    assert result.exit_code == 0, result.output
+    a, b = GGUFReader(direct).tensors, GGUFReader(via).tensors
+    assert [(t.name, t.tensor_type, list(t.shape)) for t in a] == [(t.name, t.tensor_type, list(t.shape)) for t in b]
+    for x, y in zip(a, b, strict=True):
+        assert x.data.tobytes() == y.data.tobytes(), x.name
+    ours, theirs = gguf_metadata(via), gguf_metadata(direct)
+    kept = [k for k in theirs if not k.startswith(("lpconvert.", "general.name"))]
+    assert {k: ours[k] for k in kept} == {k: theirs[k] for k in kept}
+    assert ours["lpconvert.blocks"] == theirs["lpconvert.blocks"]
+
+
+def test_gemma3_export_to_gguf_is_refused(tiny_models, tmp_path):
+    """What no deci GGUF can hold is refused for an export as for its source, in the same words."""
+    export = tmp_path / "lp"
+    assert invoke("export", tiny_models["gemma3"], "--pairs", "2", "-o", export).exit_code == 0
+    from_source = refused(tmp_path, "export", tiny_models["gemma3"], "--pairs", "2", "-o", tmp_path / "s.gguf")
+    line = refused(tmp_path, "export", export, "-o", tmp_path / "g.gguf")
+    assert "sandwich norms" in line and line.partition(" (")[0] == from_source.partition(" (")[0]
+    assert "run the export as it is" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lp"]
+
+
+def test_export_of_an_export_refusals(gguf_models, tmp_path):
+    """An export is written to a GGUF as it is: a folder output, other pairs, a plan or a heal file are refused in
+    one line, nothing written; a source still needs --pairs or --plan."""
+    export = tmp_path / "lp"
+    assert invoke("export", gguf_models["llama"], "--pairs", "2", "-o", export).exit_code == 0
+    assert "not a source to export again as a folder" in refused(tmp_path, "export", export, "-o", tmp_path / "again")
+    assert "not a source to export again" in refused(tmp_path, "export", export, "--pairs", "none", "-o",
+                                                     tmp_path / "again")
+    assert "--pairs cannot pair them again" in refused(tmp_path, "export", export, "--pairs", "1", "-o",
+                                                       tmp_path / "x.gguf")
+    assert "--plan cannot pair them again" in refused(tmp_path, "export", export, "--plan",
+                                                      export / "lpconvert-plan.json", "-o", tmp_path / "x.gguf")
+    assert "exactly one of --plan and --pairs" in refused(tmp_path, "export", gguf_models["llama"], "-o",
+                                                          tmp_path / "x.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lp"]

@@ -343,13 +343,34 @@ def _comma_numbers(text: str, option: str) -> list[float]:
 # export
 
 
-def _refuse_export_of_export(source, model: str, gguf: bool) -> None:
-    """An lpconvert export's blocks are already joined: its layers are no source layers to pair or copy again."""
-    if source.kind == "lpconvert":
+def _names_an_export(model: str) -> bool:
+    """Whether MODEL is a local folder whose config.json is an lpconvert export's (it has lp_blocks): read before
+    the model is loaded, so that an export, which needs no --plan or --pairs, is told apart from a source that does."""
+    import json
+
+    config = Path(model).expanduser() / "config.json"
+    try:
+        return config.is_file() and "lp_blocks" in json.loads(config.read_text())
+    except (OSError, ValueError, TypeError):  # unreadable or no JSON object: loading it says why
+        return False
+
+
+def _check_export_of_export(model: str, gguf: bool, plan: Path | None, pairs: str | None, heal: Path | None) -> None:
+    """An lpconvert export's blocks are already joined: they are written to a GGUF as they are (a fine-tuned export
+    too), and are no source layers to pair again or to copy into another safetensors folder."""
+    if not gguf:
         raise LPError(f"{model} is already an lpconvert export (its blocks are pairs joined as wide layers), not a "
-                      "source to export again",
-                      "export the original model with the same --plan" + (" to a .gguf" if gguf else "")
-                      + "; a fine-tuned export is loaded as it is (AutoModelForCausalLM, vLLM)")
+                      "source to export again as a folder",
+                      "load it as it is with AutoModelForCausalLM or vLLM, or write it for llama.cpp with -o FILE.gguf")
+    if plan is not None or (pairs is not None and pairs.strip().lower() != "none"):
+        raise LPError(f"{model} is an lpconvert export, whose blocks are already joined: "
+                      f"{'--plan' if plan is not None else '--pairs'} cannot pair them again (its GGUF holds them as "
+                      "they are)",
+                      "leave out --plan and --pairs, or pass --pairs none; to pair other layers, export the original "
+                      "model")
+    if heal is not None:
+        raise LPError(f"{model} is an lpconvert export: --heal replaces a source's pair projections as it is exported, "
+                      "and an export's are already written", "leave out --heal, or export the original model with it")
 
 
 @app.command()
@@ -361,7 +382,8 @@ def export(
     plan: Annotated[Path | None, typer.Option("--plan", help="Plan JSON from `lpconvert plan`.",
                                               rich_help_panel="Pairs", show_default=False)] = None,
     pairs: Annotated[str | None, typer.Option(
-        "--pairs", help="First layer of each pair, e.g. 12,14,16 (12 pairs layers 12 and 13); 'none' for a copy.",
+        "--pairs", help="First layer of each pair, e.g. 12,14,16 (12 pairs layers 12 and 13); 'none' for a copy. "
+        "An lpconvert export (fine-tuned or not) needs neither --pairs nor --plan: -o FILE.gguf writes its blocks.",
         rich_help_panel="Pairs", show_default=False)] = None,
     allow_edge_layers: AllowEdgeOpt = False,
     heal_file: Annotated[Path | None, typer.Option(
@@ -387,13 +409,14 @@ def export(
 ) -> None:
     """Write a layer-parallel checkpoint: each pair becomes one wide block, loadable with
     AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); or, with -o FILE.gguf, one GGUF
-    file that stock llama.cpp runs (architecture deci)."""
+    file that stock llama.cpp runs (architecture deci). MODEL may also be an lpconvert export (e.g. one
+    fine-tuned and merged): `lpconvert export EXPORT -o FILE.gguf` writes its blocks as they are."""
     from ..export import export as run_export
     from ..formats import layer_strip, load_plan, parse_pairs, plan_for_source, source_fingerprint
     from ..healfile import load_heal_file
     from ..render import export_table
 
-    if (plan is None) == (pairs is None):
+    if (plan is None) == (pairs is None) and not (plan is None and _names_an_export(model)):
         raise LPError("give exactly one of --plan and --pairs", "e.g. --pairs 12,14 or --plan plan.json")
     if pairs is not None and not pairs.strip():
         raise LPError("--pairs is empty", "give pair starts such as --pairs 12,14, or --pairs none for an exact copy")
@@ -411,28 +434,39 @@ def export(
         check_output_folder_early(output, overwrite, model)
     with reporter() as progress:
         source = load_source(model, trust_remote_code, progress)
-        _refuse_export_of_export(source, model, gguf)
-        chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
-                                 plan_name=f"plan {plan}", pairs=wanted, allow_edge_layers=allow_edge_layers)
-        if not chosen.pairs:
-            progress.end()
-            err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy "
-                      + ("of the source as a deci GGUF (the baseline)" if gguf else "in lpconvert's format"))
-        writing = progress.counter("writing weights", "bytes")
-        if gguf:
-            from ..ggufexport import export_gguf
+        if source.kind == "lpconvert":  # its blocks as they are, fine-tuned or not
+            _check_export_of_export(model, gguf, plan, pairs, heal_file)
+            from ..ggufexport import export_gguf_of_export
 
-            report = export_gguf(source, chosen, output, gguf_type=settings.gguf_type, overwrite=overwrite,
-                                 dry_run=dry_run, heal=healing, progress=writing)
+            report = export_gguf_of_export(source, output, gguf_type=settings.gguf_type, overwrite=overwrite,
+                                           dry_run=dry_run, progress=progress.counter("writing weights", "bytes"))
+            pairs_shown = [p[0] for p in report.pairs]
+            source_line = f"{source.name} (an lpconvert export, {report.num_layers} layers in {len(report.blocks)} blocks)"
         else:
-            report = run_export(source, chosen, output, dtype=settings.dtype, max_shard_size=settings.max_shard_size,
-                                copy_tokenizer_files=settings.copy_tokenizer, overwrite=overwrite, dry_run=dry_run,
-                                heal=healing, progress=writing)
+            if plan is None and pairs is None:  # a folder that looked like an export, and is not one
+                raise LPError("give exactly one of --plan and --pairs", "e.g. --pairs 12,14 or --plan plan.json")
+            chosen = plan_for_source(source_fingerprint(source.config, source.store), plan=loaded_plan,
+                                     plan_name=f"plan {plan}", pairs=wanted, allow_edge_layers=allow_edge_layers)
+            if not chosen.pairs:
+                progress.end()
+                err.print("[yellow]warning:[/] the plan has no pairs; the export is an exact copy "
+                          + ("of the source as a deci GGUF (the baseline)" if gguf else "in lpconvert's format"))
+            writing = progress.counter("writing weights", "bytes")
+            if gguf:
+                from ..ggufexport import export_gguf
+
+                report = export_gguf(source, chosen, output, gguf_type=settings.gguf_type, overwrite=overwrite,
+                                     dry_run=dry_run, heal=healing, progress=writing)
+            else:
+                report = run_export(source, chosen, output, dtype=settings.dtype,
+                                    max_shard_size=settings.max_shard_size, copy_tokenizer_files=settings.copy_tokenizer,
+                                    overwrite=overwrite, dry_run=dry_run, heal=healing, progress=writing)
+            pairs_shown = chosen.pairs
+            source_line = f"{source.name} ({source.config.model_type}, {chosen.num_layers} layers)"
     if as_json:
         print_json(report.to_json())
         return
-    source_line = f"{source.name} ({source.config.model_type}, {chosen.num_layers} layers)"
-    out.print(export_table(report.to_json(), source_line, layer_strip(chosen.pairs, chosen.num_layers)))
+    out.print(export_table(report.to_json(), source_line, layer_strip(pairs_shown, report.num_layers)))
     for note in report.notes:
         err.print(f"[yellow]note:[/] {note}")
 
