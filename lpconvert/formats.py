@@ -38,8 +38,11 @@ def _sha256_json(value: Any) -> str:
 
 
 def fingerprint(config, tensor_shapes: dict[str, tuple[int, ...]]) -> dict:
-    """Identify a source model by what a plan depends on: its architecture and tensor shapes."""
-    fields = {name: getattr(config, name, None) for name in _FINGERPRINT_FIELDS}
+    """Identify a source model by what a plan depends on: its architecture and tensor shapes. (An export's head
+    counts and MLP width are one layer's: its blocks' differ.)"""
+    from .archs import one_layer_value  # here: settings.py imports this module and must stay light
+
+    fields = {name: one_layer_value(config, name) for name in _FINGERPRINT_FIELDS}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     index = sorted((name, list(shape)) for name, shape in tensor_shapes.items()
                    if not (tied and name == "lm_head.weight") and not name.endswith("rotary_emb.inv_freq"))

@@ -41,6 +41,9 @@ from .archs import (
     one_layer_value,
     rope_parameters_of,
 )
+from .archs import (
+    block_widths as archs_block_widths,
+)
 from .blocks import CHUNK_BYTES, all_output_tensors, check_float_weights, copy_pieces
 from .checkpoint import FileSlice, OutputTensor, TensorInfo
 from .errors import LPError
@@ -100,11 +103,8 @@ class BlockWidths:
 
 
 def block_widths(config, blocks: list[list[int]]) -> list[BlockWidths]:
-    """Each block's widths: one source layer's times the layers it holds. One layer's, not config.num_attention_heads:
-    an export's config (LPConfig) declares its widths per block, and a global read of them raises."""
-    heads, kv = config_size(config, "num_attention_heads"), config_size(config, "num_key_value_heads")
-    ffn = config_size(config, "intermediate_size")
-    return [BlockWidths(heads * len(b), kv * len(b), ffn * len(b)) for b in blocks]
+    """Each block's head counts and FFN width (archs.block_widths: one source layer's times the layers it holds)."""
+    return [BlockWidths(*widths) for widths in archs_block_widths(config, blocks)]
 
 
 def head_dim_of(config) -> int:

@@ -464,6 +464,11 @@ def test_fine_tuned_export_to_gguf(variant, pairs, gguf_models, tmp_path):
     assert [p[0] for p in lineage["plan"]["pairs"]] == [int(p) for p in pairs.split(",")]
     line = refused(tmp_path, "eval", gguf_models[variant], gg, *EVAL_QUICK)
     assert "converted from another model" in line and str(merged) in line
+    result = invoke("eval", merged, gg, *EVAL_QUICK)  # the fine-tuned folder against its own GGUF
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["converted_runs_in"] == "llama.cpp"
+    assert report["perplexity_converted"] == pytest.approx(report["perplexity_source"], rel=1e-3)
 
 
 @pytest.mark.parametrize("variant", ["llama", "llama3-rope", "qwen2"])
