@@ -19,3 +19,14 @@ class LPError(Exception):
 
     def one_line(self) -> str:
         return f"{self.problem} ({self.fix})" if self.fix else self.problem
+
+
+def run_script(main) -> None:
+    """Run a script's main(): an LPError (a bad --plot path, say) as one line and its exit code, as the CLI does."""
+    import sys
+
+    try:
+        main()
+    except LPError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(exc.exit_code)

@@ -134,3 +134,21 @@ def case_export_without_its_tokenizer(t, p):
     return _export_without(t, p, "tokenizer.json", "tokenizer_config.json"), \
         "export has no tokenizer files, though lpconvert wrote tokenizer.json, tokenizer_config.json: users cannot " \
         "load this export as shipped (re-export the model with lpconvert, or put back the files it wrote)"
+
+
+# --- issue 34: an export is not a source to join again (it converts to GGUF as it is: tests/test_gguf.py) ---
+
+
+def case_export_of_an_export_to_a_folder(t, p):
+    export = cli_export(t["llama"], p / "export", pairs="2")
+    return ["export", str(export), "--pairs", "none", "-o", str(p / "again")], \
+        "is already an lpconvert export (its blocks are pairs joined as wide layers), not a source to export again " \
+        "as a folder (load it as it is with AutoModelForCausalLM or vLLM, or write it for llama.cpp with -o FILE.gguf)"
+
+
+def case_export_of_an_export_with_pairs(t, p):
+    export = cli_export(t["llama"], p / "export", pairs="2")
+    return ["export", str(export), "--pairs", "1", "-o", str(p / "again.gguf")], \
+        "is an lpconvert export, whose blocks are already joined: --pairs cannot pair them again (its GGUF holds " \
+        "them as they are) (leave out --plan and --pairs, or pass --pairs none; to pair other layers, export the " \
+        "original model)"

@@ -99,11 +99,16 @@ BEYOND_THE_TABLE = [
 ]
 
 
+ISSUE_34_CASES = ("export_of_an_export",)  # in tests/cases_exports.py
+
+
 def _issue(name: str, number: int | None) -> str:
     """Issue 7 (first bad-input sweep) numbered its cases; issue 15 added the rest, except those that came
     from the commands' own tests ("-"), those added with a later stage (ADDED_WITH) and issue 23's."""
     if number is not None:
         return f"7, case {number}"
+    if name.startswith(ISSUE_34_CASES):
+        return "34"
     if CASES[name].__module__.startswith("cases_"):  # issue 32's modules (tests/cases_*.py)
         return "32"
     if name in FROM_COMMAND_TESTS:

@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from smollm2_plans import plans_from  # noqa: E402  (the pairs the CLI's defaults chose: docs/quality.md)
 
-from lpconvert.errors import LPError  # noqa: E402
+from lpconvert.errors import run_script  # noqa: E402
 from lpconvert.export import plan_for_pairs  # noqa: E402
 from lpconvert.healfile import corrections_of, load_heal_file  # noqa: E402
 from lpconvert.plots import check_plot_path, pyplot, save_figure  # noqa: E402
@@ -241,8 +241,4 @@ def plot(result: dict, path: Path) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LPError as exc:  # a bad --plot path: one line and exit 2, as the CLI says it
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main)  # a bad --plot path: one line and exit 2, as the CLI says it

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from lpconvert.errors import LPError  # noqa: E402
+from lpconvert.errors import run_script  # noqa: E402
 from lpconvert.formats import source_fingerprint  # noqa: E402
 from lpconvert.plan import (  # noqa: E402
     DEFAULT_BEAM,
@@ -306,8 +306,4 @@ def markdown(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LPError as exc:  # a bad --plot path: one line and exit 2, as the CLI says it
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main)  # a bad --plot path: one line and exit 2, as the CLI says it

@@ -46,7 +46,7 @@ from lpconvert.accuracy import (  # noqa: E402
     item_lists,
     summarize,
 )
-from lpconvert.errors import LPError  # noqa: E402
+from lpconvert.errors import run_script  # noqa: E402
 from lpconvert.export import plan_for_pairs  # noqa: E402
 from lpconvert.plots import check_plot_path, pyplot, save_figure  # noqa: E402
 from lpconvert.settings import TaskSettings  # noqa: E402
@@ -219,8 +219,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except LPError as exc:  # a bad --plot path: one line and exit 2, as the CLI says it
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+    run_script(main)  # a bad --plot path: one line and exit 2, as the CLI says it
