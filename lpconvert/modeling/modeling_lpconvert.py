@@ -75,10 +75,12 @@ _MASK_EMBEDS_KW = "inputs_embeds" if "inputs_embeds" in _MASK_PARAMS else "input
 def _pick_cache(cache, past_key_values):
     return cache if cache is not None else past_key_values
 
+
 def uniform_config(config: LPConfig) -> LPConfig:
     """A config whose widths read globally (block 0's): for code that reads them so, such as transformers' rope
     initialisers (which compute hidden_size // num_attention_heads as a default argument)."""
     return config.per_layer_config[0] if getattr(config, "is_heterogeneous", False) else config
+
 
 class LPRMSNorm(nn.Module):
     """RMSNorm over the last dimension; `weight` has one row per half for per-head q/k norms and for a sandwich
@@ -127,12 +129,14 @@ class LPBranchRMSNorm(LPRMSNorm):
     def forward(self, branches: torch.Tensor) -> torch.Tensor:
         return super().forward(branches).sum(dim=-2)
 
+
 def output_norm(config: LPConfig, halves: int) -> LPRMSNorm:
     """A sandwich block's norm of its attention or MLP output: for a pair, each half's output [..., halves, hidden]
     normed by its own weight row, then the halves summed."""
     norm_class = LPBranchRMSNorm if halves > 1 else LPRMSNorm
     shape = (halves, config.hidden_size) if halves > 1 else config.hidden_size
     return norm_class(shape, eps=config.rms_norm_eps, offset=config.norm_offset)
+
 
 class LPRotaryEmbedding(nn.Module):
     """Rotary tables, shared by every block of an attention type: both halves of a pair use the same positions.
@@ -185,6 +189,7 @@ def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim: int = 1):
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
 
 class LPBranchLinear(nn.Linear):
     """A sandwich pair's o_proj or down_proj: any pair's [W_a | W_b] columns, but each half's output kept apart for
@@ -245,6 +250,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
     attn_output = torch.matmul(attn_weights, value_states).transpose(1, 2).contiguous()
     return attn_output, attn_weights
+
 
 class LPAttention(nn.Module):
     """Attention of one block: `halves` source layers' heads side by side."""
@@ -324,6 +330,7 @@ class LPAttention(nn.Module):
     def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
         return self.o_proj(attn_output)
 
+
 class LPBranchAttention(LPAttention):
     """A sandwich pair's attention: its o_proj (an LPBranchLinear) gives each half's output, [..., 2, hidden]. Its own
     class because runtimes that rewrite modules by class, once per class (vLLM's Transformers backend), must not take
@@ -331,6 +338,7 @@ class LPBranchAttention(LPAttention):
 
     def project_output(self, attn_output: torch.Tensor) -> torch.Tensor:
         return self.o_proj(branch_inputs(attn_output, self.halves))
+
 
 class LPMLP(nn.Module):
     """Gated MLP of one block: a pair's gate and up rows are [a, b], its down_proj columns [a | b]."""
@@ -354,6 +362,7 @@ class LPMLP(nn.Module):
             return self.down_proj(self.act_fn(gate) * up)
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
+
 class LPBranchMLP(LPMLP):
     """A sandwich pair's MLP: its down_proj (an LPBranchLinear) gives each half's output; its own class, as
     LPBranchAttention."""
@@ -361,6 +370,7 @@ class LPBranchMLP(LPMLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(branch_inputs(hidden, self.halves))
+
 
 class LPDecoderBlock(GradientCheckpointingLayer):
     """One source layer, or a layer-parallel pair as one wide pre-norm layer (with sandwich norms: each half's
@@ -392,6 +402,7 @@ class LPDecoderBlock(GradientCheckpointingLayer):
         hidden_states = hidden_states + self.post_attention_layernorm(attention)
         mlp = self.mlp(self.pre_feedforward_layernorm(hidden_states))
         return hidden_states + self.post_feedforward_layernorm(mlp)
+
 
 class LPPreTrainedModel(PreTrainedModel):
     config_class = LPConfig
