@@ -241,6 +241,13 @@ def check_export_config(folder, raw: dict, config, infos) -> None:
                 key = "lp_blocks"
             raise LPError(f"{where} ({key or 'lp_blocks'}): {side.format(name=name)}", REEXPORT)
     wrong = [name for name in expected if expected[name] != stored[name]]
+    stacked = [name for name in wrong if config.sandwich_norms and len(stored[name]) == 3
+               and name.endswith(("o_proj.weight", "down_proj.weight"))]
+    if stacked:  # a Gemma 3 pair's branch projections as lpconvert wrote them before issue 34
+        raise LPError(f"{folder} stores its pairs' {stacked[0]} as {list(stored[stacked[0]])} (the branches "
+                      f"stacked), the layout lpconvert wrote before 2026-12-06; it now writes {list(expected[stacked[0]])}",
+                      "re-export the model with this lpconvert; transformers still loads this export with the "
+                      "modeling file it ships")
     if wrong:
         blocks = {_block_of(name) for name in wrong}
         some_blocks = None not in blocks and len(blocks) < len(config.lp_blocks)

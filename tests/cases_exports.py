@@ -6,6 +6,7 @@ gone or changed (item 9), before any model is loaded."""
 
 from __future__ import annotations
 
+import torch
 from builders import cli_export
 from test_errors import EVAL_QUICK, Expect, _copy, _edit_json  # noqa: F401  (test_errors imports this module at its end)
 
@@ -152,3 +153,18 @@ def case_export_of_an_export_with_pairs(t, p):
         "is an lpconvert export, whose blocks are already joined: --pairs cannot pair them again (its GGUF holds " \
         "them as they are) (leave out --plan and --pairs, or pass --pairs none; to pair other layers, export the " \
         "original model)"
+
+
+def case_export_of_gemma3_pairs_in_the_stacked_layout(t, p):
+    """A Gemma 3 export written before issue 34: its pair's o_proj and down_proj stored [2, out, in]."""
+    from safetensors.torch import load_file, save_file
+
+    export = cli_export(t["gemma3"], p / "export", pairs="2")
+    tensors = load_file(export / "model.safetensors")
+    for name in ("model.layers.2.self_attn.o_proj.weight", "model.layers.2.mlp.down_proj.weight"):
+        tensors[name] = torch.stack(tensors[name].chunk(2, dim=1)).contiguous()
+    save_file(tensors, export / "model.safetensors", metadata={"format": "pt"})
+    return ["eval", str(t["gemma3"]), str(export), *EVAL_QUICK], \
+        "stores its pairs' model.layers.2.self_attn.o_proj.weight as [2, 64, 64] (the branches stacked), the " \
+        "layout lpconvert wrote before 2026-12-06; it now writes [64, 128] (re-export the model with this " \
+        "lpconvert; transformers still loads this export with the modeling file it ships)"

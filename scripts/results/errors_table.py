@@ -99,7 +99,7 @@ BEYOND_THE_TABLE = [
 ]
 
 
-ISSUE_34_CASES = ("export_of_an_export",)  # in tests/cases_exports.py
+ISSUE_34_CASES = ("export_of_an_export", "export_of_gemma3_pairs")  # in tests/cases_exports.py
 
 
 def _issue(name: str, number: int | None) -> str:
