@@ -192,17 +192,6 @@ class HealedPiece:
     start: int
     stop: int
     heads_dim: int | None  # the dimension holding heads, put in the export's unit order; None: not heads
-    branches: bool = False  # the export keeps the pair's branches apart ([2, out, in]; heal files hold [a | b])
-
-    def heal_shape(self, export_shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of this export tensor's part of the heal tensor."""
-        if self.branches:
-            halves, rows, columns = export_shape
-            return rows, halves * columns
-        return export_shape
-
-    def export_values(self, values: torch.Tensor) -> torch.Tensor:
-        return torch.stack(values.chunk(2, dim=1)) if self.branches else values
 
 
 def healed_pieces(tensors: list[OutputTensor], plan: Plan, arch: Architecture, config) -> dict[str, HealedPiece]:
@@ -216,11 +205,9 @@ def healed_pieces(tensors: list[OutputTensor], plan: Plan, arch: Architecture, c
             start = 0
             for out in outs:
                 rule = rules[out]
-                branches = rule.kind == "branches"
-                rows = shapes[prefix + out][1 if branches else 0]
+                rows = shapes[prefix + out][0]
                 heads_dim = (0 if rule.kind == "rows" else 1) if rule.heads else None
-                pieces[prefix + out] = HealedPiece(tensor_name(plan, pair, part), start, start + rows, heads_dim,
-                                                   branches)
+                pieces[prefix + out] = HealedPiece(tensor_name(plan, pair, part), start, start + rows, heads_dim)
                 start += rows
     return pieces
 
@@ -237,7 +224,7 @@ def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint:
     shapes = {t.name: t.info.shape for t in tensors}
     fused_shapes: dict[str, tuple[int, ...]] = {}
     for name, piece in pieces.items():
-        shape = piece.heal_shape(shapes[name])
+        shape = shapes[name]  # heal files hold the export's [a | b] layout for every projection
         rows = fused_shapes.get(piece.heal_name, (0,))[0] + shape[0]
         fused_shapes[piece.heal_name] = (rows, *shape[1:])
     check_heal_for(heal, fingerprint, content, plan, fused_shapes)
@@ -250,7 +237,7 @@ def healed(tensors: list[OutputTensor], heal: HealFile, plan: Plan, fingerprint:
             values = checked_tensor(heal, piece.heal_name)[piece.start:piece.stop]
             if piece.heads_dim is not None and units > 1:
                 values = unit_order(values, units, piece.heads_dim)
-            yield piece.export_values(values).to(dtype)
+            yield values.to(dtype)
 
         return OutputTensor(tensor.name, tensor.info, build, origin=f"heal file {heal.path}")
 

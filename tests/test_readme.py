@@ -192,16 +192,7 @@ def broken_links(path: Path) -> list[str]:
     return broken
 
 
-# Pages other work is writing at the same time as this check: a link to one of them is expected to break
-# until it lands (reported as xfail, not passed). Remove an entry once its page exists.
-PENDING: set[Path] = set()  # pages linked before they are written
-
-
 @pytest.mark.parametrize("path", [README, *sorted(DOCS.glob("*.md"))], ids=lambda p: p.name)
 def test_relative_links_point_at_files_that_exist(path):
     broken = broken_links(path)
-    pending = [b for b in broken if b.endswith("(no such file)")
-               and (path.parent / b.split()[0].partition("#")[0]).resolve() in PENDING]
-    if broken and broken == pending:
-        pytest.xfail(f"{path.relative_to(ROOT)} links to pages not written yet: {pending}")
     assert not broken, f"{path.relative_to(ROOT)}: {broken}"
