@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import LPError
+from . import objectives
 from .defaults import CACHE_LIMIT, OBJECTIVES, TOP_K, Progress
 
 
@@ -23,17 +24,20 @@ class Measured:
     kl: float  # mean KL(source || paired) per position, top-k of the source + one bucket for the rest
     tokens: int
     split: str = "calib"
+    values: dict[str, float] = field(default_factory=dict)  # every objective (objectives.OBJECTIVE_TABLE)
 
     @property
     def perplexity(self) -> float:
         return math.exp(self.loss)
 
     def value(self, objective: str) -> float:
-        return self.kl if objective == "kl" else self.loss
+        return self.values[objective] if objective in self.values else (self.kl if objective == "kl" else self.loss)
 
     def to_json(self) -> dict:
-        return {"pairs": list(self.pairs), "loss": round(self.loss, 6), "perplexity": round(self.perplexity, 4),
-                "kl": round(self.kl, 6)}
+        shown = {"pairs": list(self.pairs), "loss": round(self.loss, 6), "perplexity": round(self.perplexity, 4),
+                 "kl": round(self.kl, 6)}
+        shown.update({name: round(v, 6) for name, v in self.values.items() if name not in shown and math.isfinite(v)})
+        return shown
 
 
 class Calibrator:
@@ -88,6 +92,8 @@ class Calibrator:
         if heldout_ids is not None and heldout_ids.shape[0] > 0:
             self.splits["heldout"] = heldout_ids
         self.references: dict[str, list] = {}
+        self.masks: dict[str, list] = {}  # per split and batch: the positions each objective averages over
+        self.common = self._common_tokens(calib_ids, model.config.vocab_size)
         self.base: dict[str, Measured] = {}
         self.layer_windows = 0
         self.evaluations = 0  # pair sets measured on the calibration split
@@ -136,39 +142,48 @@ class Calibrator:
         for start in range(0, ids.shape[0], self.batch_size):
             yield start // self.batch_size, ids[start:start + self.batch_size]
 
+    def _common_tokens(self, ids, vocab_size: int):
+        """A bool mask over the vocabulary: the calibration text's commonest tokens (never copies)."""
+        torch = self.torch
+        counts = torch.bincount(ids.flatten(), minlength=vocab_size)
+        common = torch.zeros(max(vocab_size, counts.numel()), dtype=torch.bool)
+        common[counts.topk(min(objectives.COMMON_TOKENS, counts.numel())).indices] = True
+        return common
+
     def _reference(self, split: str) -> Measured:
-        """Run the source once: its loss, and its top-k next-token distribution for the KL."""
+        """Run the source once: its top-k next-token distribution for the KL, the positions each objective
+        averages over, and the source's own values."""
         from ..runner import topk_reference
 
         torch = self.torch
         started = time.perf_counter()
-        refs, nll, count = [], 0.0, 0
+        refs, masks, totals = [], [], {}
         with torch.inference_mode():
             windows = [ids for _, ids in self._batches(split)]
             finals = self.runner.run_all([self.runner.embed(ids) for ids in windows])  # layer-major: one read per layer
             self.layer_windows += self.num_layers * self.splits[split].shape[0]
             for ids, x in zip(windows, finals, strict=True):
                 logp = self.runner.logprobs(x)[:, :-1]
-                targets = ids.to(logp.device)[:, 1:, None]
-                nll += float(-logp.gather(-1, targets).double().sum())
-                count += targets.numel()
                 refs.append(topk_reference(logp, self.top_k))
-        if not math.isfinite(nll):  # NaN weights or an overflow: every set would measure NaN, and rank nothing
+                masks.append(objectives.position_masks(ids.to(logp.device), refs[-1], self.common.to(logp.device)))
+                targets = ids.to(logp.device)[:, 1:]
+                objectives.accumulate(totals, objectives.position_values(logp, targets, refs[-1]), masks[-1])
+        values = objectives.means(totals)
+        if not math.isfinite(values["loss"]):  # NaN weights or an overflow: every set would measure NaN, and rank nothing
             from ..runner import NotFinite, locate_nonfinite
 
             raise NotFinite(locate_nonfinite(self.runner, next(self._batches(split))[1]))
         self.references[split] = refs
+        self.masks[split] = masks
         self.seconds += time.perf_counter() - started
-        return Measured((), nll / count, 0.0, count, split)
+        return Measured((), values["loss"], 0.0, totals["loss"][1], split, values)
 
-    def _score(self, split: str, batch: int, x, ids) -> tuple[float, float, int]:
-        from ..runner import kl_to_reference
-
+    def _score(self, split: str, batch: int, x, ids, totals: dict) -> None:
+        """Add one batch's per-objective sums and counts into totals."""
         logp = self.runner.logprobs(x)[:, :-1]
-        targets = ids.to(logp.device)[:, 1:, None]
-        nll = float(-logp.gather(-1, targets).double().sum())
-        kl = kl_to_reference(self.references[split][batch], logp)
-        return nll, float(kl.double().sum()), targets.numel()
+        targets = ids.to(logp.device)[:, 1:]
+        reference = self.references[split][batch]
+        objectives.accumulate(totals, objectives.position_values(logp, targets, reference), self.masks[split][batch])
 
     def measure(self, sets: Iterable[Iterable[int]], base: Iterable[int] = (), split: str = "calib"
                 ) -> list[Measured]:
@@ -190,7 +205,7 @@ class Calibrator:
             self.base[split] = self._reference(split)
         started = time.perf_counter()
         branch = [self._branch_point(base, s) for s in sets]
-        totals = [[0.0, 0.0, 0] for _ in sets]  # nll, kl, tokens
+        totals = [{} for _ in sets]  # per set: {objective: [sum, count]}
         walk = [(sets[i], branch[i], totals[i]) for i in sorted(range(len(sets)), key=lambda i: branch[i])]
         cached = self._cached_streams(split, base)
         with self.torch.inference_mode():
@@ -201,12 +216,15 @@ class Calibrator:
         else:
             self.heldout_evaluations += len(sets)
         self.seconds += time.perf_counter() - started
-        for pairs, (nll, kl, _) in zip(sets, totals, strict=True):
-            if not (math.isfinite(nll) and math.isfinite(kl)):  # the source measured finite: these pairs broke it
+        results = []
+        for pairs, total in zip(sets, totals, strict=True):
+            values = objectives.means(total)
+            results.append(Measured(pairs, values["loss"], values["kl"], total["loss"][1], split, values))
+            if not (math.isfinite(values["loss"]) and math.isfinite(values["kl"])):  # the source measured finite: these pairs broke it
                 shown = ", ".join(f"({p}, {p + 1})" for p in pairs)
                 raise LPError(f"plan measured NaN or Inf with the pairs {shown} run in parallel: they cannot be "
                               "ranked", "exclude those pairs, or measure in float32 (--dtype float32)")
-        return [Measured(s, t[0] / t[2], t[1] / t[2], t[2], split) for s, t in zip(sets, totals, strict=True)]
+        return results
 
     def _walk(self, split: str, base: tuple[int, ...], walk: list, cached: dict[int, list]) -> None:
         """Run every batch under `base` from the embedding up, branching off each set (by branch point) on the way.
@@ -224,10 +242,7 @@ class Calibrator:
             ys = self.runner.run_all(xs, start=d, pairs=pairs) if d < self.num_layers else xs
             self.layer_windows += (self.num_layers - d) * n
             for b, (y, ids) in enumerate(zip(ys, windows, strict=True)):
-                nll, kl, count = self._score(split, b, y, ids)
-                total[0] += nll
-                total[1] += kl
-                total[2] += count
+                self._score(split, b, y, ids, total)
 
     def _base_streams(self, xs: list, at: int, d: int, base: tuple[int, ...], cached: dict[int, list], n: int) -> list:
         """Every batch's stream at the input of layer d under `base`, from `xs` at layer `at` (below d).

@@ -14,7 +14,7 @@ from collections.abc import Collection
 
 from ..errors import LPError
 from .defaults import DEFAULT_BEAM, DEFAULT_CANDIDATES, DEFAULT_VERIFY, Progress
-from .layers import NONE, fits_beside, max_pairs
+from .layers import NONE, candidate_starts, fits_beside, max_pairs
 from .measure import Calibrator, Measured
 from .strategies import Choice
 
@@ -27,7 +27,9 @@ def plan_search(calibrator: Calibrator, ranking: list[int], k: int | None, *, nu
                 progress: Progress = None) -> Choice:
     """Grow the set pair by pair, measuring the model with all chosen pairs applied.
 
-    At each step every pool candidate compatible with each beam set is measured on the calibration
+    The first step measures every pair that fits, alone: that ranks the pairs by the objective itself
+    (what the scores' metric only estimates), and the later steps choose among the `candidates` best
+    of that ranking. At each step every pool candidate compatible with each beam set is measured on the calibration
     windows (branching off the beam set's stream at the candidate's layer). When held-out windows
     exist, the `verify` best expansions are also measured there, and the beam keeps the best by the
     token-weighted mean of both measurements (the held-out text guards against a choice that only
@@ -48,8 +50,9 @@ class _Search:
                  allow_edge_layers: bool, unpairable: Collection[int], candidates: int, beam: int, verify: int,
                  loss_budget: float | None, progress: Progress):
         self.calibrator = calibrator
-        self.ranking = ranking
-        self.pool = ranking[:candidates]
+        allowed = set(candidate_starts(num_layers, allow_edge_layers, unpairable))
+        self.ranking = [p for p in ranking if p in allowed]  # re-ranked by the first step (ranked_by_first_step)
+        self.pool = list(self.ranking)  # the first step measures every pair that fits
         self.candidates = candidates
         self.k = k
         self.num_layers = num_layers
@@ -81,6 +84,8 @@ class _Search:
                 held = self.measure_heldout(ranked, beam_sets, step)
                 ranked = sorted(ranked, key=lambda m: (self.combined(m, held[m.pairs]) if m.pairs in held
                                                        else math.inf, *self.by_objective(m)))
+            if step == 1:
+                self.ranked_by_first_step(expansions)
             beam_sets = [m.pairs for m in ranked[:self.beam]]
             chosen, chosen_heldout = ranked[0], held.get(ranked[0].pairs)
             trace.append(self.trace_step(step, expansions, held, beam_sets))
@@ -101,6 +106,14 @@ class _Search:
             for m in self.calibrator.measure(new, base=current):
                 expansions[m.pairs] = m
         return expansions
+
+    def ranked_by_first_step(self, singles: dict[PairSet, Measured]) -> None:
+        """Rank the pairs by their own measurement alone (unmeasured ones after, in the scores' order); the
+        pool becomes the `candidates` best."""
+        measured = sorted((m for m in singles.values() if len(m.pairs) == 1), key=self.by_objective)
+        firsts = [m.pairs[0] for m in measured]
+        self.ranking = firsts + [p for p in self.ranking if p not in firsts]
+        self.pool = self.ranking[:self.candidates]
 
     def options(self, current: PairSet) -> list[int]:
         """Pool pairs that fit beside `current`; once the pool is used up, the next-ranked pairs that do."""

@@ -16,14 +16,20 @@ On a GPU, every item of every task (the command docs/tasks.md gives):
 
     .venv/bin/python scripts/results/task_table.py --full --device cuda --batch-size 64 --json tasks-full.json
 
-Rows: depth/plan[/heal method]. Plans are the pairs the CLI's defaults chose (docs/quality.md).
+Rows: depth/plan[/heal method]. Plans are the pairs the CLI's defaults chose (docs/quality.md), or
+explicit pair starts joined by dashes (`15/6-12-15`). With `--cache DIR` each model's answers are kept
+there and reused by a later run with the same settings (so rows can be added, or run in parallel jobs).
+The JSON keeps every item's outcome (`answers`: 1 right, 0 wrong, per task in item order), so two rows
+can be compared item by item later (scripts/results/objective_study.py does).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -72,7 +78,7 @@ def build_row(model: str, plans: dict, row: str, work: Path, device: str, heal_o
     """The converted model of one row, exported (and healed) by the CLI into `work`."""
     depth, plan_name, *heal = row.split("/")
     plan_path = work / f"plan-{depth}-{plan_name}.json"
-    plan_for_pairs(resolve_model(model), plans[(int(depth), plan_name)]).save(plan_path)
+    plan_for_pairs(resolve_model(model), row_pairs(plans, row)).save(plan_path)
     out = work / row.replace("/", "-")
     extra = []
     if heal:
@@ -82,6 +88,35 @@ def build_row(model: str, plans: dict, row: str, work: Path, device: str, heal_o
         extra = ["--heal", str(heal_path)]
     lpconvert("export", model, "--plan", str(plan_path), "-o", str(out), *extra)
     return out
+
+
+def row_pairs(plans: dict, row: str) -> list[int]:
+    """The pair starts of a row: explicit (`15/6-12-15`) or a named plan's (`15/search`)."""
+    depth, plan_name = row.split("/")[:2]
+    if re.fullmatch(r"\d+(-\d+)*", plan_name):
+        return [int(p) for p in plan_name.split("-")]
+    return plans[(int(depth), plan_name)]
+
+
+def cached_answers(cache: Path | None, key: dict, make) -> dict:
+    """make() -> answers, kept in `cache` under a hash of everything that decides them."""
+    if cache is None:
+        return make()
+    path = cache / (hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+    if path.exists():
+        log(f"{key['row']}: answers from {path}")
+        return json.loads(path.read_text())["answers"]
+    answers = make()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": key, "answers": answers}))
+    tmp.replace(path)
+    return answers
+
+
+def outcomes(answers: dict, names: list[str]) -> dict:
+    """Each task's per-item outcome, 1 right and 0 wrong, in item order."""
+    return {name: [int(a["correct"]) for a in answers[name]] for name in names}
 
 
 def answers_of(model_source, names, items, settings: TaskSettings, label: str) -> dict:
@@ -177,6 +212,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="how the models answer (bfloat16 is about 4x faster on a CPU with AMX)")
+    parser.add_argument("--cache", type=Path, help="keep each model's answers here, and reuse them")
     parser.add_argument("--json", type=Path, default=ROOT / "docs" / "tasks.json")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "tasks.png")
     parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal (as scripts/results/heal_front.py), "
@@ -192,25 +230,35 @@ def main() -> None:
     started = time.perf_counter()
     names = args.tasks.split(",")
     settings = TaskSettings(tasks=args.tasks, limit=None if args.full else args.limit, seed=args.seed,
-                            batch_size=args.batch_size, device=args.device)
+                            batch_size=args.batch_size, device=args.device, dtype=args.dtype)
     items = item_lists(names, settings)
     chance = chance_levels(names, items)
     source = resolve_model(args.model)
     plans = plans_from(args.plans_from)
-    source_answers = answers_of(source, names, items, settings, "source")
+    key = {"model": args.model, "tasks": names, "limit": settings.limit, "seed": args.seed, "dtype": args.dtype,
+           "batch_size": args.batch_size}
+    source_answers = cached_answers(args.cache, {**key, "row": "source"},
+                                    lambda: answers_of(source, names, items, settings, "source"))
     source_rows = {name: compare_task(name, source_answers[name], source_answers[name])["source"] for name in names}
     result = {"model": args.model, "num_layers": source.config.num_hidden_layers, "command": " ".join(sys.argv),
               "tasks": names, "limit": settings.limit, "seed": args.seed, "items": items,
-              "source": source_rows, "source_average": sum(r["accuracy"] for r in source_rows.values()) / len(names),
+              "dtype": args.dtype, "source": source_rows, "source_answers": outcomes(source_answers, names),
+              "source_average": sum(r["accuracy"] for r in source_rows.values()) / len(names),
               "rows": []}
     work = Path(tempfile.mkdtemp(prefix="task-table-"))
     for row in args.rows.split(","):
         built = time.perf_counter()
-        converted = resolve_model(str(build_row(args.model, plans, row, work, args.device, args.heal_options.split())))
-        answers = answers_of(converted, names, items, settings, row)
+        pairs = row_pairs(plans, row)
+
+        def answer(row=row):
+            converted = resolve_model(str(build_row(args.model, plans, row, work, args.device, args.heal_options.split())))
+            return answers_of(converted, names, items, settings, row)
+
+        answers = cached_answers(args.cache, {**key, "row": row, "pairs": pairs, "heal_options": args.heal_options}, answer)
         rows = [compare_task(name, source_answers[name], answers[name], chance[name]) for name in names]
-        result["rows"].append({"row": row, "depth": converted.config.num_hidden_layers, "tasks": rows,
-                               "average": summarize(rows), "seconds": round(time.perf_counter() - built)})
+        result["rows"].append({"row": row, "pairs": pairs, "depth": source.config.num_hidden_layers - len(pairs),
+                               "tasks": rows, "average": summarize(rows), "answers": outcomes(answers, names),
+                               "seconds": round(time.perf_counter() - built)})
         log(f"{row}: average retained {100 * result['rows'][-1]['average']['retained']:.1f}%")
         result["seconds"] = round(time.perf_counter() - started)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
