@@ -29,7 +29,7 @@ from lpconvert.plan import (
     room,
 )
 from lpconvert.runner import LayerRunner
-from lpconvert.settings import PlanSettings
+from lpconvert.settings import OBJECTIVES, PlanSettings
 from lpconvert.sources import resolve_model
 
 TEXT = " ".join(
@@ -208,6 +208,45 @@ def test_search_grows_a_valid_set(objective, tiny_models, tmp_path):
     assert any("heldout" in e for e in first) and cal.heldout_evaluations >= 1
     wide = plan_search(cal, [2, 1, 3, 0, 4], 3, num_layers=6, allow_edge_layers=True, candidates=5, beam=2)
     assert len(wide.pairs) == 3 and len(wide.front) == 3
+
+
+def test_copy_positions_are_tokens_the_window_already_holds():
+    from lpconvert.plan.objectives import position_masks
+
+    ids = torch.tensor([[5, 7, 5, 9, 7]])  # predicts 7, 5, 9, 7: the 5 and the second 7 are copies
+    reference = (None, None, torch.tensor([[[0.9], [0.2], [0.5], [0.1]]]), None, None)
+    none_common = torch.zeros(16, dtype=torch.bool)
+    masks = position_masks(ids, reference, none_common)
+    assert masks["copy"].tolist() == [[False, True, False, True]]
+    assert masks["local"].tolist() == [[True, False, True, False]]
+    assert masks["confident"].tolist() == [[True, False, True, False]]  # the source's top probability >= 0.5
+    common = none_common.clone()
+    common[5] = True  # a common token is never a copy
+    assert position_masks(ids, reference, common)["copy"].tolist() == [[False, False, False, True]]
+
+
+def test_every_objective_is_measured_in_one_pass(tiny_models):
+    from lpconvert.plan.objectives import OBJECTIVE_TABLE
+
+    cal = random_calibrator(tiny_models["llama"])
+    assert set(OBJECTIVE_TABLE) == set(OBJECTIVES)  # settings names them without importing this module
+    source = cal.base["calib"].values
+    assert source["kl"] == pytest.approx(0, abs=1e-6) and source["top1"] == 0 and source["kl_top16"] == pytest.approx(0, abs=1e-6)
+    passes = cal.forward_passes
+    paired = cal.measure([(1,)])[0]
+    assert set(paired.values) == set(OBJECTIVES) and cal.forward_passes - passes <= 1
+    v = paired.values
+    assert v["kl"] > 0 and 0 < v["top1"] <= 1 and v["kl_top16"] <= v["kl"] + 1e-6  # fewer tokens, less divergence
+    assert min(v["copy_loss"], v["local_loss"]) <= v["loss"] <= max(v["copy_loss"], v["local_loss"])
+    assert paired.value("copy_loss") == v["copy_loss"] and paired.to_json()["top1"] == pytest.approx(v["top1"], abs=1e-6)
+
+
+def test_search_first_measures_every_pair_alone(tiny_models):
+    cal = random_calibrator(tiny_models["qwen3"], windows=4)
+    choice = plan_search(cal, [3], 1, num_layers=cal.num_layers, allow_edge_layers=False, candidates=1, verify=0)
+    singles = {tuple(e["pairs"]): e["kl"] for e in choice.trace[0]["evaluated"]}
+    assert set(singles) == {(p,) for p in range(1, cal.num_layers - 2)}  # every allowed start, not only the ranking's
+    assert choice.pairs == [min(singles, key=singles.get)[0]]
 
 
 def test_search_respects_loss_budget(tiny_models):

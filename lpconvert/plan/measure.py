@@ -147,7 +147,8 @@ class Calibrator:
         torch = self.torch
         counts = torch.bincount(ids.flatten(), minlength=vocab_size)
         common = torch.zeros(max(vocab_size, counts.numel()), dtype=torch.bool)
-        common[counts.topk(min(objectives.COMMON_TOKENS, counts.numel())).indices] = True
+        distinct = int((counts > 0).sum())  # a short text keeps most of its tokens as copies
+        common[counts.topk(min(objectives.COMMON_TOKENS, distinct // 10)).indices] = True
         return common
 
     def _reference(self, split: str) -> Measured:

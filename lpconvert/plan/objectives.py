@@ -20,7 +20,7 @@ benchmark accuracy on two models. Nothing here imports torch at import time.
 from __future__ import annotations
 
 CONFIDENT = 0.5  # the source's top probability that makes a position "confident"
-COMMON_TOKENS = 100  # the commonest tokens of the calibration text never count as copies
+COMMON_TOKENS = 100  # the commonest tokens of the calibration text (at most a tenth of its distinct ones) never count as copies
 KL_NARROW = 16  # kl_top16's k
 
 # objective -> (the per-position quantity, the positions it is averaged over)

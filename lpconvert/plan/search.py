@@ -50,8 +50,9 @@ class _Search:
                  allow_edge_layers: bool, unpairable: Collection[int], candidates: int, beam: int, verify: int,
                  loss_budget: float | None, progress: Progress):
         self.calibrator = calibrator
-        allowed = set(candidate_starts(num_layers, allow_edge_layers, unpairable))
-        self.ranking = [p for p in ranking if p in allowed]  # re-ranked by the first step (ranked_by_first_step)
+        allowed = candidate_starts(num_layers, allow_edge_layers, unpairable)
+        ranked = [p for p in ranking if p in allowed]
+        self.ranking = ranked + [p for p in allowed if p not in ranked]  # re-ranked by the first step (ranked_by_first_step)
         self.pool = list(self.ranking)  # the first step measures every pair that fits
         self.candidates = candidates
         self.k = k
