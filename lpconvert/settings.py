@@ -42,7 +42,7 @@ TEXT_SPLITS = ("calib", "heldout", "all")
 EVAL_SPLITS = ("heldout", "all")  # eval reads the held-out windows of a calibration text, or a whole text
 STRATEGIES = ("contiguous", "greedy", "search")  # how plan chooses pairs (lpconvert/plan/)
 # what plan's measuring minimises: lpconvert/plan/objectives.py defines each (its OBJECTIVE_TABLE, same names)
-OBJECTIVES = ("kl", "loss", "kl_top16", "top1", "confident_loss", "copy_loss", "local_loss")
+OBJECTIVES = ("top1", "kl", "loss", "kl_top16", "confident_loss", "copy_loss", "local_loss")
 MAX_STEPS = 10**6
 HEAL_METHODS = ("lsq", "distill")  # heal: least squares (training-free); lsq then a short KL fine-tune
 HEAL_TRAINED = ("all", "output")  # distill trains every fused projection of a pair, or o_proj and down_proj only
@@ -82,8 +82,10 @@ class PlanSettings:
     strategy: str | None = setting(None, Spec("choice", "search", choices=STRATEGIES, optional=True))
     metric: str | None = setting(None, Spec("choice", "pair_cosine", choices=tuple(PAIR_METRICS), optional=True))
     target: dict = setting({"max_loss_increase": "5%"}, Spec("target", {"depth": 25}))
-    objective: str = setting("kl", Spec("choice", "kl", choices=OBJECTIVES))
-    candidates: int = setting(8, int_spec(8, min=1))  # search: pool of pairs pre-ranked by the metric
+    # top1: how often the paired model's most likely next token differs from the source's; of the objectives
+    # measured, the one that ranked plans by benchmark accuracy best on both models (docs/quality.md)
+    objective: str = setting("top1", Spec("choice", "kl", choices=OBJECTIVES))
+    candidates: int = setting(8, int_spec(8, min=1))  # search: the pairs later steps choose among (the first step measures all)
     beam: int = setting(2, int_spec(2, min=1))  # search: sets kept at each step
     verify: int = setting(3, int_spec(3, min=0))  # search: front-runners re-measured on held-out text; 0: off
     allow_edge_layers: bool = setting(False, Spec("bool", False))

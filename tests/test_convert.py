@@ -110,7 +110,7 @@ def test_failed_gate_exits_1_and_leaves_nothing(tiny_models, tmp_path):
     ("plan: {target: null}", "plan.target", "exactly one of"),
     ("plan: {strategy: serach}", "plan.strategy", "did you mean 'search'"),
     ("plan: {metric: cosine}", "plan.metric", "pair_cosine"),
-    ("plan: {objective: ppl}", "plan.objective", "one of kl, loss"),
+    ("plan: {objective: ppl}", "plan.objective", "one of top1, kl, loss"),
     ("plan: {candidates: 0}", "plan.candidates", "positive integer"),
     ("plan: {beam: 1.5}", "plan.beam", "positive integer"),
     ("plan: {verify: -1}", "plan.verify", "non-negative integer"),

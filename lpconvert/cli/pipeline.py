@@ -160,10 +160,13 @@ def plan(
         "--model", help="The scored model; lets the planner measure pair sets (needed by search).",
         rich_help_panel="Measuring", show_default=False)] = None,
     objective: Annotated[str, typer.Option(
-        help="What measuring minimises: kl (divergence from the source's next-token distribution, resists "
-        "overfitting) or loss (calibration NLL, the paper's perplexity sweep).",
+        help="What measuring minimises: top1 (how often the most likely next token changes; it ranked plans "
+        "by benchmark accuracy best), kl (divergence from the source's next-token distribution), loss "
+        "(calibration NLL, the paper's perplexity sweep), or kl_top16, confident_loss, copy_loss, local_loss "
+        "(docs/quality.md compares them).",
         rich_help_panel="Measuring")] = PLAN_DEFAULTS["objective"],
-    candidates: Annotated[int, typer.Option(help="Search: pool of pairs pre-ranked by --metric.",
+    candidates: Annotated[int, typer.Option(help="Search: the pairs the later steps choose among, the best of the "
+                                            "first step's (which measures every pair alone).",
                                             rich_help_panel="Measuring")] = PLAN_DEFAULTS["candidates"],
     beam: Annotated[int, typer.Option(help="Search: sets kept at each step (2 keeps a runner-up path: a pair "
                                            "that is best alone can block two better ones).",

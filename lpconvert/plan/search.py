@@ -1,10 +1,11 @@
 """The search strategy: grow the set pair by pair, measuring the model with all chosen pairs applied.
 
-The objective defaults to the KL divergence of the paired model's next-token distribution from the
-source model's on the calibration text: it asks "how much did the model change?" at every position
-and over the whole vocabulary, where the NLL of the text only asks "does it still predict these
-tokens?", which a change can improve by chance on a small sample (docs/method.md section 3: choosing
-by calibration loss alone overfits).
+The objective (lpconvert/plan/objectives.py) defaults to top1: how often the paired model's most likely
+next token differs from the source's on the calibration text. Benchmarks score a model by which
+answer it ranks first, and top1 is the objective whose order of plans followed their benchmark
+accuracy best on both real models (docs/quality.md, "Which objective predicts task accuracy"). The
+NLL of the text ranked them worst on Gemma-3-270M: a plan can predict the text's tokens well and
+still change which answer comes first.
 """
 
 from __future__ import annotations

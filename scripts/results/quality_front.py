@@ -147,7 +147,7 @@ def main() -> None:
     # Search settings (default: the CLI's).
     parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     parser.add_argument("--heldout-tokens", type=int, default=DEFAULT_HELDOUT_TOKENS)
-    parser.add_argument("--objective", default="kl")
+    parser.add_argument("--objective", default=PlanSettings.objective)
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES)
     parser.add_argument("--beam", type=int, default=DEFAULT_BEAM)
     parser.add_argument("--verify", type=int, default=DEFAULT_VERIFY)
@@ -178,12 +178,13 @@ def main() -> None:
     started = time.perf_counter()
 
     source = resolve_model(args.model)
-    scores, score_seconds = get_scores(source, args.scores, args.score_tokens, args.calib)
-    num_layers = int(scores["source"]["num_layers"])
+    strategies = [s for s in args.strategies.split(",") if s]  # none: only --extra-sets are measured (no scores)
+    scores, score_seconds = get_scores(source, args.scores, args.score_tokens, args.calib) if strategies else ({}, 0.0)
+    num_layers = source.config.num_hidden_layers
 
     rows = []
     for depth in [int(d) for d in args.depths.split(",")]:
-        for strategy in args.strategies.split(","):
+        for strategy in strategies:
             log(f"planning: {strategy} at depth {depth}")
             row = plan_one(source, scores, strategy, depth, args)
             log(f"  -> {row['pairs']} in {row['planning_seconds']} s, {row['forward_passes']} forward passes")
