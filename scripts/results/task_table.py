@@ -170,6 +170,28 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def versus(result: dict, baseline: str) -> str:
+    """Markdown: each row against `baseline` (another row), item by item on the tasks above chance: the
+    paired difference of the average accuracy, with its standard error."""
+    rows = {row["row"]: row for row in result["rows"]}
+    if baseline not in rows:
+        raise SystemExit(f"--versus {baseline}: no such row (rows: {', '.join(rows)})")
+    base = rows[baseline]
+    names = base["average"].get("above_chance", {}).get("names") or result["tasks"]
+    lines = [f"| row | against {baseline}: above-chance accuracy difference (points, paired) |", "|---|---|"]
+    for label, row in rows.items():
+        if label == baseline or "answers" not in row:
+            continue
+        means, variances = [], []
+        for name in names:
+            diffs = [a - b for a, b in zip(row["answers"][name], base["answers"][name], strict=True)]
+            mean = sum(diffs) / len(diffs)
+            means.append(mean)
+            variances.append(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
+        lines.append(f"| {label} | {100 * sum(means) / len(means):+.1f} ± {100 * sum(variances) ** 0.5 / len(means):.1f} |")
+    return "\n".join(lines)
+
+
 def plot(result: dict, path: Path) -> None:
     """The paired difference per task (converted - source, percentage points, ± one standard error), a
     group of bars per task and one bar per row, then the averages (all tasks, and above chance)."""
@@ -220,11 +242,25 @@ def main() -> None:
     parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal (as scripts/results/heal_front.py), "
                         "e.g. '--tokens 8192 --damping 0.1,0.3,1'")
     parser.add_argument("--redraw", action="store_true", help="only print the table and draw --plot from --json")
+    parser.add_argument("--versus", help="with --redraw: every row against this row, item by item")
+    parser.add_argument("--merge", type=Path, nargs="+", help="with --redraw: add these runs' rows (same model, "
+                        "tasks, items and dtype) to --json's")
     args = parser.parse_args()
     check_plot_path(args.plot)  # before an hour of work
     if args.redraw:
         result = json.loads(args.json.read_text())
+        for other in map(json.loads, map(Path.read_text, args.merge or [])):
+            same = ("model", "tasks", "limit", "seed", "dtype", "items")
+            if any(other.get(k) != result.get(k) for k in same):
+                raise SystemExit(f"--merge: the runs differ in one of {', '.join(same)}")
+            known = {row["row"] for row in result["rows"]}
+            result["rows"] += [row for row in other["rows"] if row["row"] not in known]
+        if args.merge:
+            args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(table(result))
+        if args.versus:
+            print()
+            print(versus(result, args.versus))
         plot(result, args.plot)
         return
     started = time.perf_counter()
