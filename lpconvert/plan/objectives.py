@@ -12,6 +12,8 @@ calibration text per pair set). The positions and quantities:
 * ``copy_loss``: the NLL where the next token already occurred in the window and is not one of the
   text's 100 commonest tokens: a name or noun the context supplies (what LAMBADA asks for).
 * ``local_loss``: the NLL at every other position (what the nearby words decide).
+* ``miss``: how often the paired model's most likely token is not the text's next token.
+* ``copy_miss``: the same at the copy positions (LAMBADA's own measure, on calibration text).
 
 docs/quality.md ("Which objective predicts task accuracy") measures how well each ranks plans by
 benchmark accuracy on two models. Nothing here imports torch at import time.
@@ -32,6 +34,8 @@ OBJECTIVE_TABLE = {
     "confident_loss": ("nll", "confident"),
     "copy_loss": ("nll", "copy"),
     "local_loss": ("nll", "local"),
+    "miss": ("miss", "all"),
+    "copy_miss": ("miss", "copy"),
 }
 
 
@@ -62,10 +66,12 @@ def position_values(logp, targets, reference):
     idx, top, p, rest, _ = reference
     narrow_rest = torch.log(torch.clamp(-torch.expm1(torch.logsumexp(top[..., :KL_NARROW], dim=-1)), min=1e-12))
     narrow = (idx[..., :KL_NARROW], top[..., :KL_NARROW], p[..., :KL_NARROW], narrow_rest, narrow_rest.exp())
+    first = logp.argmax(-1)
     return {"nll": -logp.gather(-1, targets[..., None])[..., 0],
             "kl": kl_to_reference(reference, logp),
             "kl16": kl_to_reference(narrow, logp),
-            "disagree": (logp.argmax(-1) != idx[..., 0]).float()}
+            "disagree": (first != idx[..., 0]).float(),
+            "miss": (first != targets).float()}
 
 
 def accumulate(totals: dict, values: dict, masks: dict) -> None:

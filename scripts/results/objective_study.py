@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from lpconvert.errors import run_script  # noqa: E402
+from lpconvert.formats import PAIR_METRICS  # noqa: E402
 from lpconvert.plan import build_calibrator  # noqa: E402
 from lpconvert.plan.metrics import pair_values  # noqa: E402
 from lpconvert.plan.objectives import OBJECTIVE_TABLE  # noqa: E402
@@ -125,7 +126,7 @@ def study(args) -> dict:
     news, news_source, news_seconds = measure(source, plans, "news", args.mix_tokens, "news (calibration windows)", args.cache)
     share = args.tokens / (args.tokens + args.mix_tokens)
     for plan, w, n in zip(plans, wiki, news, strict=True):
-        plan["objectives"] = {name: w[name] for name in OBJECTIVE_TABLE}
+        plan["objectives"] = {name: w[name] for name in OBJECTIVE_TABLE if name in w}  # a cache may predate some
         plan["objectives"].update({f"mix:{name}": share * w[name] + (1 - share) * n[name]
                                    for name in ("kl", "loss", "copy_loss")})
     objective_names = list(plans[0]["objectives"])
@@ -136,8 +137,9 @@ def study(args) -> dict:
                 values = pair_values(scores, metric)
             except Exception:  # the scores file lacks this metric (loss_increase needs --measure-loss)
                 continue
+            shift = 1.0 if PAIR_METRICS[metric] == "high" else 0.0  # a cosine c counts as 1 - c: zero for no change
             for plan in plans:
-                plan["objectives"][f"scores:{metric}"] = sum(values.get(p, float("inf")) for p in plan["pairs"])
+                plan["objectives"][f"scores:{metric}"] = sum(values.get(p, float("inf")) + shift for p in plan["pairs"])
             objective_names.append(f"scores:{metric}")
     accuracy = [p["accuracy"] for p in plans]
     table = []
