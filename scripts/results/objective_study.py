@@ -12,7 +12,8 @@ plans with the order their task accuracy gives them:
 
 Task accuracy is the average over the tasks the source answers clearly above chance (the task table's
 `above_chance`). Objectives read wiki (calibration windows) and, for the calibration mix, the
-calibration windows of news; never a benchmark item. Each objective costs one pass of its text per
+calibration windows of news (`mix:*`, and `news:*` alone: whether an order holds on a second text); never a
+benchmark item. Each objective costs one pass of its text per
 plan; the per-pair metrics of a scores file (`--scores`, summed over a plan's pairs) cost none per plan.
 
     .venv/bin/python scripts/results/objective_study.py --model smollm2-135m --tasks-json docs/study_tasks_smollm2.json \\
@@ -129,6 +130,8 @@ def study(args) -> dict:
         plan["objectives"] = {name: w[name] for name in OBJECTIVE_TABLE if name in w}  # a cache may predate some
         plan["objectives"].update({f"mix:{name}": share * w[name] + (1 - share) * n[name]
                                    for name in ("kl", "loss", "copy_loss")})
+        # the same objectives on a second text alone: does the order hold beyond one calibration sample?
+        plan["objectives"].update({f"news:{name}": n[name] for name in ("top1", "kl", "loss", "miss") if name in n})
     objective_names = list(plans[0]["objectives"])
     if args.scores:
         scores = json.loads(args.scores.read_text())
@@ -149,7 +152,8 @@ def study(args) -> dict:
         table.append({"objective": name, "spearman": -spearman(values, accuracy), "within_depth_agree": agree,
                       "within_depth_pairs": total,
                       "forward_passes_per_plan": 0 if name.startswith("scores:") else
-                      (round((args.tokens + args.mix_tokens) / 4096, 2) if name.startswith("mix:") else round(args.tokens / 4096, 2))})
+                      (round((args.tokens + args.mix_tokens) / 4096, 2) if name.startswith("mix:") else
+                       round(args.mix_tokens / 4096, 2) if name.startswith("news:") else round(args.tokens / 4096, 2))})
     return {"model": args.model, "command": " ".join(sys.argv), "tasks_json": str(args.tasks_json),
             "task_dtype": tasks.get("dtype", "float32"), "items_per_task": tasks["limit"],
             "wiki_tokens": args.tokens, "news_calibration_tokens": args.mix_tokens,
