@@ -37,6 +37,7 @@ from lpconvert.formats import PAIR_METRICS  # noqa: E402
 from lpconvert.plan import build_calibrator  # noqa: E402
 from lpconvert.plan.metrics import pair_values  # noqa: E402
 from lpconvert.plan.objectives import OBJECTIVE_TABLE  # noqa: E402
+from lpconvert.score import spearman  # noqa: E402
 from lpconvert.settings import PlanSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 
@@ -45,29 +46,6 @@ SCORE_METRICS = ("loss_increase", "pair_cosine", "angular_distance", "pair_rel_l
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            out[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else float("nan")
 
 
 def within_depth_concordance(plans: list[dict], objective: str) -> tuple[int, int]:
