@@ -46,6 +46,7 @@ from lpconvert.accuracy import (  # noqa: E402
     ABOVE_CHANCE_BY,
     CORE,
     TASKS,
+    _mean_stderr,
     answer_tasks,
     chance_levels,
     compare_task,
@@ -182,13 +183,11 @@ def versus(result: dict, baseline: str) -> str:
     for label, row in rows.items():
         if label == baseline or "answers" not in row:
             continue
-        means, variances = [], []
-        for name in names:
-            diffs = [a - b for a, b in zip(row["answers"][name], base["answers"][name], strict=True)]
-            mean = sum(diffs) / len(diffs)
-            means.append(mean)
-            variances.append(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs))
-        lines.append(f"| {label} | {100 * sum(means) / len(means):+.1f} ± {100 * sum(variances) ** 0.5 / len(means):.1f} |")
+        per_task = [_mean_stderr([a - b for a, b in zip(row["answers"][name], base["answers"][name], strict=True)])
+                    for name in names]  # the same paired difference compare_task computes against the source
+        mean = sum(m for m, _ in per_task) / len(per_task)
+        stderr = sum(se ** 2 for _, se in per_task) ** 0.5 / len(per_task)
+        lines.append(f"| {label} | {100 * mean:+.1f} ± {100 * stderr:.1f} |")
     return "\n".join(lines)
 
 
