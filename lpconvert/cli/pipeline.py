@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from ..errors import LPError
-from ..settings import ExportSettings, HealSettings, PlanSettings, ScoreSettings
+from ..settings import OBJECTIVES, ExportSettings, HealSettings, PlanSettings, ScoreSettings
 from .app import (
     EXPORT_DEFAULTS,
     HEAL_DEFAULTS,
@@ -162,7 +162,7 @@ def plan(
     objective: Annotated[str, typer.Option(
         help="What measuring minimises: top1 (how often the most likely next token changes; it ranked plans "
         "by benchmark accuracy best), kl (divergence from the source's next-token distribution), loss "
-        "(calibration NLL, the paper's perplexity sweep), or kl_top16, confident_loss, copy_loss, local_loss, miss, copy_miss "
+        f"(calibration NLL, the paper's perplexity sweep), or {', '.join(OBJECTIVES[3:])} "
         "(docs/quality.md compares them).",
         rich_help_panel="Measuring")] = PLAN_DEFAULTS["objective"],
     candidates: Annotated[int, typer.Option(help="Search: the pairs the later steps choose among, the best of the "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from itertools import combinations, groupby, pairwise
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from lpconvert.archs import unpairable_starts  # noqa: E402
-from lpconvert.errors import run_script  # noqa: E402
+from lpconvert.errors import LPError, run_script  # noqa: E402
+from lpconvert.outputs import write_json_atomically  # noqa: E402
 from lpconvert.plan.layers import candidate_starts  # noqa: E402
 from lpconvert.plan.measure import Calibrator  # noqa: E402
 from lpconvert.plan.objectives import OBJECTIVE_TABLE  # noqa: E402
@@ -64,13 +66,25 @@ def measure_all(calibrator: Calibrator, plans: list[tuple[int, ...]]) -> dict[tu
     return values
 
 
+def parse_pairs(text: str | None) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in (text or "").split(",") if p.strip())
+    except ValueError:
+        raise LPError(f"--versus {text} is not a list of pair starts", "give numbers, e.g. --versus 8,12,14") from None
+
+
 def census(args) -> dict:
     source = resolve_model(args.model)
     num_layers = source.config.num_hidden_layers
+    if not num_layers // 2 <= args.depth < num_layers:
+        raise LPError(f"--depth {args.depth} does not fit {source.name}'s {num_layers} layers",
+                      f"give a depth from {num_layers // 2} to {num_layers - 1}")
     plans = every_plan(num_layers, num_layers - args.depth, unpairable_starts(source.config))
-    versus = tuple(int(p) for p in (args.versus or "").split(",") if p)
+    versus = parse_pairs(args.versus)
     if versus not in plans:
-        raise SystemExit(f"--versus {args.versus} is not a plan of {num_layers - args.depth} pairs that fits")
+        raise LPError(f"--versus {args.versus} is not a plan of {num_layers - args.depth} pairs that fits "
+                      f"{source.name}", f"give pair starts such as {','.join(map(str, plans[0]))}" if plans else
+                      "give a depth with room for pairs")
     log(f"{len(plans)} plans of {num_layers - args.depth} pairs on {source.name}")
     torch.manual_seed(0)
     model = source.load_model(dtype=DTYPES[args.dtype], device="cpu")
@@ -91,11 +105,11 @@ def census(args) -> dict:
         wiki_values = measure_all(on_wiki, plans)
         texts["wiki_calibration"] = {"tokens": int(wiki.input_ids.numel()), "source": on_wiki.base["calib"].values,
                                      "forward_passes": round(on_wiki.forward_passes, 1)}
-    source_ppl = torch.tensor(texts["news"]["source"]["loss"]).exp().item()
-    versus_increase = torch.tensor(news_values[versus]["loss"]).exp().item() - source_ppl
+    source_ppl = math.exp(texts["news"]["source"]["loss"])
+    versus_increase = math.exp(news_values[versus]["loss"]) - source_ppl
     rows = []
     for plan in plans:
-        ppl = torch.tensor(news_values[plan]["loss"]).exp().item()
+        ppl = math.exp(news_values[plan]["loss"])
         rows.append({"pairs": list(plan), "news_perplexity": round(ppl, 3),
                      "damage_vs_versus": round((ppl - source_ppl) / versus_increase, 4),
                      "news": {k: round(v, 6) for k, v in news_values[plan].items()},
@@ -152,9 +166,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--redraw", action="store_true", help="only print the table of --json")
     args = parser.parse_args()
-    result = json.loads(args.json.read_text()) if args.redraw else census(args)
-    if args.json and not args.redraw:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
+    if args.redraw:
+        if args.json is None or not args.json.is_file():
+            raise LPError(f"--redraw needs the JSON of an earlier run, and --json is {args.json}",
+                          "give --json PATH of a plan_census.py run")
+        result = json.loads(args.json.read_text())
+    else:
+        if args.json is not None and not args.json.resolve().parent.is_dir():  # before half an hour of measuring
+            raise LPError(f"the folder of --json {args.json} does not exist", f"create {args.json.parent} first")
+        result = census(args)
+        if args.json is not None:
+            write_json_atomically(args.json, result)
     print(markdown(result, args.shown))
 
 
