@@ -337,10 +337,8 @@ def interrupt_while_writing(script: str, folder: Path, temporary_prefix: str, si
     import sys
     import time
 
-    # A shell that starts jobs in the background (nohup, `&`) makes them ignore SIGINT, and Python then
-    # keeps ignoring it: give the child the default disposition so Ctrl-C reaches it as it would a user's.
-    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT reaches the child as Ctrl-C reaches a user's command (conftest.pytest_configure sees to that)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE)
     deadline = time.time() + 60
     while not any(p.name.startswith(temporary_prefix) for p in folder.iterdir()):
         assert time.time() < deadline and proc.poll() is None, "the export did not start writing"

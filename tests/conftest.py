@@ -7,10 +7,36 @@ test modules import directly.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
 from builders import TINY_ARCHS, save_tiny_models
+
+
+def pytest_configure(config):
+    # Tests interrupt commands as Ctrl-C does. A shell that starts pytest in the background (`nohup ... &`) makes it
+    # ignore SIGINT, every child inherits that, and an interrupted command would then run on until its time-out.
+    # A handler instead of SIG_IGN is reset to the default in each child, as a terminal's commands have it.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compile_caches_of_this_run(tmp_path_factory):
+    """vLLM's and inductor's compile caches, new for each run as on a fresh machine. The tiny exports come back
+    at the same paths with the same configs run after run, and a graph compiled in an earlier run (for an
+    earlier modeling file) once broke vLLM's pipeline-parallel start ("Compiling model again due to a load
+    failure", then "a Tensor with 128 elements cannot be converted to Scalar")."""
+    root = tmp_path_factory.mktemp("compile-caches")
+    names = {"VLLM_CACHE_ROOT": root / "vllm", "TORCHINDUCTOR_CACHE_DIR": root / "inductor"}
+    previous = {name: os.environ.get(name) for name in names}
+    for name, path in names.items():
+        os.environ.setdefault(name, str(path))  # a cache the user chose stays theirs
+    yield
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")
