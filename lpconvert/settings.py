@@ -41,8 +41,9 @@ SCORE_METRICS = (*CHEAP_METRICS, "loss")
 TEXT_SPLITS = ("calib", "heldout", "all")
 EVAL_SPLITS = ("heldout", "all")  # eval reads the held-out windows of a calibration text, or a whole text
 STRATEGIES = ("contiguous", "greedy", "search")  # how plan chooses pairs (lpconvert/plan/)
-# what plan's measuring minimises: lpconvert/plan/objectives.py defines each (its OBJECTIVE_TABLE, same names)
-OBJECTIVES = ("top1", "kl", "loss", "kl_top16", "confident_loss", "copy_loss", "local_loss", "miss", "copy_miss")
+# what plan's measuring minimises: lpconvert/plan/objectives.py defines each (OBJECTIVE_TABLE and COMBINED_TABLE)
+OBJECTIVES = ("top1", "kl", "loss", "kl_top16", "confident_loss", "copy_loss", "local_loss", "miss", "copy_miss",
+              "top1_copy")
 MAX_STEPS = 10**6
 HEAL_METHODS = ("lsq", "distill")  # heal: least squares (training-free); lsq then a short KL fine-tune
 HEAL_TRAINED = ("all", "output")  # distill trains every fused projection of a pair, or o_proj and down_proj only

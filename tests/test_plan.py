@@ -226,10 +226,10 @@ def test_copy_positions_are_tokens_the_window_already_holds():
 
 
 def test_every_objective_is_measured_in_one_pass(tiny_models):
-    from lpconvert.plan.objectives import OBJECTIVE_TABLE
+    from lpconvert.plan.objectives import COMBINED_TABLE, COPY_WEIGHT, OBJECTIVE_TABLE
 
     cal = random_calibrator(tiny_models["llama"])
-    assert set(OBJECTIVE_TABLE) == set(OBJECTIVES)  # settings names them without importing this module
+    assert {*OBJECTIVE_TABLE, *COMBINED_TABLE} == set(OBJECTIVES)  # settings names them without importing this module
     source = cal.base["calib"].values
     assert source["kl"] == pytest.approx(0, abs=1e-6) and source["top1"] == 0 and source["kl_top16"] == pytest.approx(0, abs=1e-6)
     passes = cal.forward_passes
@@ -239,6 +239,7 @@ def test_every_objective_is_measured_in_one_pass(tiny_models):
     assert v["kl"] > 0 and 0 < v["top1"] <= 1 and v["kl_top16"] <= v["kl"] + 1e-6  # fewer tokens, less divergence
     assert min(v["copy_loss"], v["local_loss"]) <= v["loss"] <= max(v["copy_loss"], v["local_loss"])
     assert paired.value("copy_loss") == v["copy_loss"] and paired.to_json()["top1"] == pytest.approx(v["top1"], abs=1e-6)
+    assert v["top1_copy"] == pytest.approx(v["top1"] + COPY_WEIGHT * v["copy_loss"])
 
 
 def test_search_first_measures_every_pair_alone(tiny_models):

@@ -14,6 +14,10 @@ calibration text per pair set). The positions and quantities:
 * ``local_loss``: the NLL at every other position (what the nearby words decide).
 * ``miss``: how often the paired model's most likely token is not the text's next token.
 * ``copy_miss``: the same at the copy positions (LAMBADA's own measure, on calibration text).
+* ``top1_copy``: top1 plus COPY_WEIGHT times copy_loss. top1 alone keeps the text's next-token ranking
+  but missed Gemma-3's LAMBADA loss; copy_loss alone caught that and chose SmolLM2 plans with more
+  perplexity damage. The weight makes the two spread alike over one depth's plans (top1 by about 0.05,
+  copy_loss by about 0.3 nats on both models).
 
 docs/quality.md ("Which objective predicts task accuracy") measures how well each ranks plans by
 benchmark accuracy on two models. Nothing here imports torch at import time.
@@ -24,6 +28,7 @@ from __future__ import annotations
 CONFIDENT = 0.5  # the source's top probability that makes a position "confident"
 COMMON_TOKENS = 100  # the commonest tokens of the calibration text (at most a tenth of its distinct ones) never count as copies
 KL_NARROW = 16  # kl_top16's k
+COPY_WEIGHT = 0.2  # top1_copy's weight on copy_loss (per nat; top1 is a rate)
 
 # objective -> (the per-position quantity, the positions it is averaged over)
 OBJECTIVE_TABLE = {
@@ -37,6 +42,12 @@ OBJECTIVE_TABLE = {
     "miss": ("miss", "all"),
     "copy_miss": ("miss", "copy"),
 }
+
+# objectives that add up others measured in the same pass: objective -> {objective: weight}
+COMBINED_TABLE = {
+    "top1_copy": {"top1": 1.0, "copy_loss": COPY_WEIGHT},
+}
+OBJECTIVE_NAMES = (*OBJECTIVE_TABLE, *COMBINED_TABLE)
 
 
 def position_masks(ids, reference, common):
@@ -84,5 +95,13 @@ def accumulate(totals: dict, values: dict, masks: dict) -> None:
 
 
 def means(totals: dict) -> dict[str, float]:
-    """{objective: mean over its positions} (NaN where a text has no such position)."""
-    return {name: (s / n if n else float("nan")) for name, (s, n) in totals.items()}
+    """{objective: mean over its positions} (NaN where a text has no such position), the combined ones
+    included."""
+    return with_combined({name: (s / n if n else float("nan")) for name, (s, n) in totals.items()})
+
+
+def with_combined(values: dict[str, float]) -> dict[str, float]:
+    """VALUES and the combined objectives made of them (those whose parts VALUES has)."""
+    combined = {name: sum(weight * values[part] for part, weight in weights.items())
+                for name, weights in COMBINED_TABLE.items() if all(part in values for part in weights)}
+    return {**values, **combined}

@@ -36,7 +36,7 @@ from lpconvert.errors import run_script  # noqa: E402
 from lpconvert.formats import PAIR_METRICS  # noqa: E402
 from lpconvert.plan import build_calibrator  # noqa: E402
 from lpconvert.plan.metrics import pair_values  # noqa: E402
-from lpconvert.plan.objectives import OBJECTIVE_TABLE  # noqa: E402
+from lpconvert.plan.objectives import OBJECTIVE_NAMES, with_combined  # noqa: E402
 from lpconvert.score import spearman  # noqa: E402
 from lpconvert.settings import PlanSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
@@ -105,7 +105,8 @@ def study(args) -> dict:
     news, news_source, news_seconds = measure(source, plans, "news", args.mix_tokens, "news (calibration windows)", args.cache)
     share = args.tokens / (args.tokens + args.mix_tokens)
     for plan, w, n in zip(plans, wiki, news, strict=True):
-        plan["objectives"] = {name: w[name] for name in OBJECTIVE_TABLE if name in w}  # a cache may predate some
+        w = with_combined(w)  # a cache may predate the combined objectives, or some others
+        plan["objectives"] = {name: w[name] for name in OBJECTIVE_NAMES if name in w}
         plan["objectives"].update({f"mix:{name}": share * w[name] + (1 - share) * n[name]
                                    for name in ("kl", "loss", "copy_loss")})
         # the same objectives on a second text alone: does the order hold beyond one calibration sample?

@@ -38,7 +38,7 @@ from lpconvert.errors import LPError, run_script  # noqa: E402
 from lpconvert.outputs import write_json_atomically  # noqa: E402
 from lpconvert.plan.layers import candidate_starts  # noqa: E402
 from lpconvert.plan.measure import Calibrator  # noqa: E402
-from lpconvert.plan.objectives import OBJECTIVE_TABLE  # noqa: E402
+from lpconvert.plan.objectives import OBJECTIVE_NAMES  # noqa: E402
 from lpconvert.runtime import text_windows  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 from lpconvert.texts import resolve_text, tokenize_windows  # noqa: E402
@@ -124,7 +124,7 @@ def census(args) -> dict:
 def best_by_objective(result: dict) -> dict[str, dict]:
     """Each objective's best plan on wiki's calibration windows (what an exhaustive search would choose)."""
     rows = [r for r in result["rows"] if "wiki" in r]
-    return {name: min(rows, key=lambda r: r["wiki"][name]) for name in OBJECTIVE_TABLE} if rows else {}
+    return {name: min(rows, key=lambda r: r["wiki"][name]) for name in OBJECTIVE_NAMES} if rows else {}
 
 
 def markdown(result: dict, shown: int) -> str:
