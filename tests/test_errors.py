@@ -646,7 +646,7 @@ def case_plan_unknown_metric(t, p):
 
 
 def case_plan_unknown_objective(t, p):
-    return _plan_llama(t, p, "--pairs", "1", "--objective", "bleu"), "--objective 'bleu' does not exist (use one of top1, kl, loss, kl_top16, confident_loss, copy_loss, local_loss, miss, copy_miss)"
+    return _plan_llama(t, p, "--pairs", "1", "--objective", "bleu"), "--objective 'bleu' does not exist (use one of top1, kl, loss, kl_top16, confident_loss, copy_loss, local_loss, miss, copy_miss, top1_copy)"
 
 
 def case_plan_search_without_model(t, p):
