@@ -311,7 +311,7 @@ def test_cli_search_with_the_model_records_calibration_cost_and_trace(tokenized_
     plan = load_plan(tmp_path / "plan.json")
     assert plan.strategy == "search" and plan.pairs == [1, 3]
     assert plan.calibration["source"] == str(text) and plan.calibration["tokens"] == 256
-    assert plan.calibration["heldout"]["split"] == "heldout" and plan.calibration["objective"] == "top1"
+    assert plan.calibration["heldout"]["split"] == "heldout" and plan.calibration["objective"] == "top1_copy"
     assert plan.details["cost"]["set_evaluations"] >= 2 and len(plan.details["trace"]) == 2
     assert (tmp_path / "front.png").stat().st_size > 1000
     speedup = invoke("plan", scores, "--model", folder, "--calib", text, "--tokens", "256", "--seq-len", "32",

@@ -60,6 +60,7 @@ from lpconvert.settings import TaskSettings  # noqa: E402
 from lpconvert.sources import resolve_model  # noqa: E402
 
 DEFAULT_ROWS = "27/contiguous,27/search,25/contiguous,25/search,25/search/lsq,25/search/distill"
+DEFAULT_JSON, DEFAULT_PLOT = ROOT / "docs" / "tasks.json", ROOT / "docs" / "tasks.png"  # the table of docs/tasks.md
 HEAL_OPTIONS = {"lsq": [], "distill": ["--tokens", "32768"]}  # distill as docs/quality.md recommends
 
 
@@ -236,8 +237,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="how the models answer (bfloat16 is about 4x faster on a CPU with AMX)")
     parser.add_argument("--cache", type=Path, help="keep each model's answers here, and reuse them")
-    parser.add_argument("--json", type=Path, default=ROOT / "docs" / "tasks.json")
-    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "tasks.png")
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--plot", type=Path, help=f"default: {DEFAULT_PLOT.relative_to(ROOT)} with the default --json, "
+                        "else none (a look at another run leaves the docs' figure alone)")
     parser.add_argument("--heal-options", default="", help="extra options for lpconvert heal (as scripts/results/heal_front.py), "
                         "e.g. '--tokens 8192 --damping 0.1,0.3,1'")
     parser.add_argument("--redraw", action="store_true", help="only print the table and draw --plot from --json")
@@ -245,7 +247,10 @@ def main() -> None:
     parser.add_argument("--merge", type=Path, nargs="+", help="with --redraw: add these runs' rows (same model, "
                         "tasks, items and dtype) to --json's")
     args = parser.parse_args()
-    check_plot_path(args.plot)  # before an hour of work
+    if args.plot is None and args.json == DEFAULT_JSON:
+        args.plot = DEFAULT_PLOT
+    if args.plot:
+        check_plot_path(args.plot)  # before an hour of work
     if args.redraw:
         result = json.loads(args.json.read_text())
         for other in map(json.loads, map(Path.read_text, args.merge or [])):
@@ -260,7 +265,8 @@ def main() -> None:
         if args.versus:
             print()
             print(versus(result, args.versus))
-        plot(result, args.plot)
+        if args.plot:
+            plot(result, args.plot)
         return
     started = time.perf_counter()
     names = args.tasks.split(",")
@@ -298,7 +304,8 @@ def main() -> None:
         result["seconds"] = round(time.perf_counter() - started)
         args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
-    plot(result, args.plot)
+    if args.plot:
+        plot(result, args.plot)
 
 
 if __name__ == "__main__":
