@@ -164,7 +164,8 @@ def test_every_stage_that_loads_a_model_checks(tiny_models, tmp_path, monkeypatc
         result = invoke(*args)
         assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.output
         assert message in result.stderr and "--dtype bfloat16 halves the weights" in result.stderr, result.stderr
-    assert "drop --model (plan from the scores alone)" in invoke(*runs["plan would need"]).stderr
+    assert "fewer --tokens or --heldout-tokens; drop --model (plan from the scores alone)" in \
+        invoke(*runs["plan would need"]).stderr
     assert "fewer --tokens or --heldout-tokens" in invoke(*runs["heal would need"]).stderr
     assert "and the converted model a layer at a time (" in invoke(*runs["eval would need"]).stderr
     assert "and the converted model (2 x " in invoke(*runs["eval would need"], "--load", "whole").stderr

@@ -97,6 +97,12 @@ def kept(table: str, row_name: str) -> str:
     return share(row["average"]["above_chance"]["retained"])
 
 
+def kept_of_four(table: str, row_name: str) -> str:
+    """The same share where the table has only the 4 tasks answered above chance (the objective study's)."""
+    row = next(r for r in load(table)["rows"] if r["row"] == row_name)
+    return share(row["average"]["retained"])
+
+
 # --- memory: docs/bench_scale.json (7B shape, streamed, peak RSS), and two rows measured apart in benchmarks.md ---
 
 def scale(stage: str, dtype: str = "float32") -> dict:
@@ -131,6 +137,11 @@ FIGURES = {
     "gemma3_15_lsq_news_ppl": lambda: healed_news_change("heal_front_gemma3.json", 15),
     "gemma3_15_tasks_kept": lambda: kept("tasks_gemma3.json", "15/search"),
     "gemma3_15_lsq_tasks_kept": lambda: kept("tasks_gemma3.json", "15/search/lsq"),
+    # the default plans since issue 35 (top1_copy) and the contiguous rule, on the objective study's items
+    "gemma3_15_default_kept": lambda: kept_of_four("study_tasks_gemma3.json", "15/8-12-15"),
+    "gemma3_15_contiguous_kept": lambda: kept_of_four("study_tasks_gemma3.json", "15/8-12-14"),
+    "smollm2_25_default_kept": lambda: kept_of_four("study_tasks_smollm2.json", "25/3-6-20-24-26"),
+    "smollm2_25_contiguous_kept": lambda: kept_of_four("study_tasks_smollm2.json", "25/18-20-22-24-26"),
     "mem_7b_score": lambda: f"{scale('score')['peak_rss_gib']:.1f}",
     "mem_7b_heal": lambda: f"{scale('heal')['peak_rss_gib']:.1f}",
     "mem_7b_export": lambda: f"{scale('export', 'bfloat16')['peak_rss_gib']:.1f}",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import LPError
-from ..memory import Setter, check_fits, logits_bytes, memory_fixes, option_setter
+from ..memory import Setter, check_fits, logits_bytes, memory_fixes, option_setter, stream_bytes
 from ..settings import PlanSettings
 from .defaults import CACHE_LIMIT, Progress
 from .measure import Calibrator
@@ -51,11 +51,14 @@ def build_calibrator(source, settings: PlanSettings | None = None, progress: Pro
 
 
 def check_plan_memory(source, s: PlanSettings, dtype: str, device: str, setter: Setter = option_setter) -> None:
-    """The model, a batch's logits and the streams the search keeps (CACHE_LIMIT) must fit (memory.py)."""
+    """The model, a batch's logits, the streams the search keeps (CACHE_LIMIT) and the residual stream of every
+    window of a split (measuring runs layer-major: a layer's input and output, and the source's) must fit
+    (memory.py)."""
     working = logits_bytes(source.config, s.batch_size, s.seq_len) + CACHE_LIMIT
+    working += stream_bytes(source.config, max(s.tokens, s.heldout_tokens), dtype, streams=3)
     without = "drop --model (plan from the scores alone)" if setter is option_setter else setter("use_model", "false")
     check_fits(source, stage="plan", dtype=dtype, device=device, working=working, load=s.load,
-               fixes=[*memory_fixes(setter, dtype=dtype), without])
+               fixes=[*memory_fixes(setter, dtype=dtype, tokens=("tokens", "heldout_tokens")), without])
 
 
 def _check_token_counts(tokens: int, heldout_tokens: int, seq_len: int) -> None:

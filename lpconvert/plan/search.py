@@ -1,11 +1,12 @@
 """The search strategy: grow the set pair by pair, measuring the model with all chosen pairs applied.
 
-The objective (lpconvert/plan/objectives.py) defaults to top1: how often the paired model's most likely
-next token differs from the source's on the calibration text. Benchmarks score a model by which
-answer it ranks first, and top1 is the objective whose order of plans followed their benchmark
-accuracy best on both real models (docs/quality.md, "Which objective predicts task accuracy"). The
-NLL of the text ranked them worst on Gemma-3-270M: a plan can predict the text's tokens well and
-still change which answer comes first.
+The objective (lpconvert/plan/objectives.py) defaults to top1_copy. Its first part, top1, is how often
+the paired model's most likely next token differs from the source's on the calibration text:
+benchmarks score a model by which answer it ranks first. Its second part is the loss on words the window
+already holds, which LAMBADA-like tasks ask for. top1 alone chose a Gemma-3-270M plan that lost them.
+The sum ordered plans by benchmark accuracy as well as the best single objective on both real models
+(docs/quality.md, "Which objective predicts task accuracy"). The NLL of the text ranked them worst on
+Gemma-3-270M: a plan can predict the text's tokens well and still change which answer comes first.
 """
 
 from __future__ import annotations

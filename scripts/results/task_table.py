@@ -172,6 +172,12 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def same_model(row: dict) -> tuple:
+    """What makes two rows the same model, whatever they are named (25/contiguous is 25/18-20-22-24-26): the
+    pairs and the healing."""
+    return tuple(row["pairs"]), tuple(row["row"].split("/")[2:])
+
+
 def versus(result: dict, baseline: str) -> str:
     """Markdown: each row against `baseline` (another row), item by item on the tasks above chance: the
     paired difference of the average accuracy, with its standard error."""
@@ -257,8 +263,8 @@ def main() -> None:
             same = ("model", "tasks", "limit", "seed", "dtype", "items")
             if any(other.get(k) != result.get(k) for k in same):
                 raise SystemExit(f"--merge: the runs differ in one of {', '.join(same)}")
-            known = {row["row"] for row in result["rows"]}
-            result["rows"] += [row for row in other["rows"] if row["row"] not in known]
+            known = {same_model(row) for row in result["rows"]}
+            result["rows"] += [row for row in other["rows"] if same_model(row) not in known]
         if args.merge:
             args.json.write_text(json.dumps(result, indent=1) + "\n")
         print(table(result))
