@@ -29,14 +29,11 @@ def _compile_caches_of_this_run(tmp_path_factory):
     earlier modeling file) once broke vLLM's pipeline-parallel start ("Compiling model again due to a load
     failure", then "a Tensor with 128 elements cannot be converted to Scalar")."""
     root = tmp_path_factory.mktemp("compile-caches")
-    names = {"VLLM_CACHE_ROOT": root / "vllm", "TORCHINDUCTOR_CACHE_DIR": root / "inductor"}
-    previous = {name: os.environ.get(name) for name in names}
-    for name, path in names.items():
-        os.environ.setdefault(name, str(path))  # a cache the user chose stays theirs
-    yield
-    for name, value in previous.items():
-        if value is None:
-            os.environ.pop(name, None)
+    with pytest.MonkeyPatch.context() as patch:
+        for name, folder in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor")):
+            if name not in os.environ:  # a cache the user chose stays theirs
+                patch.setenv(name, str(root / folder))
+        yield
 
 
 @pytest.fixture(scope="session")
